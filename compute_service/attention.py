@@ -1,0 +1,99 @@
+"""Decode attention over the paged KV cache: a C++ kernel that reads blocks in place, with a
+pure-PyTorch fallback (gather into a reused buffer, then SDPA) for other devices and dtypes.
+
+The backend is chosen by PAGED_ATTENTION_BACKEND = auto (default) | cpp | torch. The kernel is
+compiled once by `python -m compute_service.attention --build` (run by `make install`) into
+torch's extension cache; if it cannot be built, `auto` warns once and uses the fallback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_ext = None
+_ext_failed = False
+
+
+def load_extension(verbose: bool = False):
+    """Compile (first time) and import the C++ kernel; None if that is impossible here."""
+    global _ext, _ext_failed
+    if _ext is not None or _ext_failed:
+        return _ext
+    try:
+        from torch.utils.cpp_extension import load
+
+        _ext = load(
+            name="paged_attention_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=verbose,
+        )
+    except Exception as exc:  # no compiler, no ninja, unsupported platform...
+        _ext_failed = True
+        log.warning("paged attention C++ kernel unavailable (%s); using the PyTorch fallback", exc)
+    return _ext
+
+
+def _backend() -> str:
+    backend = os.environ.get("PAGED_ATTENTION_BACKEND", "auto")
+    if backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"PAGED_ATTENTION_BACKEND must be auto, cpp or torch, got {backend!r}")
+    return backend
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # (B, nh, hs)
+    k_cache: torch.Tensor,  # (num_blocks, nh, block_size, hs)
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # (B, max_blocks) int32
+    context_lens: torch.Tensor,  # (B,) int32
+    scale: float,
+) -> torch.Tensor:  # (B, nh, hs)
+    backend = _backend()
+    use_cpp = q.device.type == "cpu" and q.dtype == torch.float32 and backend != "torch"
+    if use_cpp and load_extension() is not None:
+        return _ext.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if backend == "cpp":
+        raise RuntimeError("PAGED_ATTENTION_BACKEND=cpp but the C++ kernel cannot run here")
+    return torch_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def torch_paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Reference path: index_select every sequence's blocks, then masked SDPA."""
+    batch, max_blocks = block_tables.shape
+    _, n_head, block_size, head_dim = k_cache.shape
+    flat = block_tables.reshape(-1).long()
+    # (B, max_blocks, nh, bs, hs) -> (B, nh, max_blocks * bs, hs)
+    keys = k_cache.index_select(0, flat).view(batch, max_blocks, n_head, block_size, head_dim)
+    values = v_cache.index_select(0, flat).view(batch, max_blocks, n_head, block_size, head_dim)
+    keys = keys.transpose(1, 2).reshape(batch, n_head, max_blocks * block_size, head_dim)
+    values = values.transpose(1, 2).reshape(batch, n_head, max_blocks * block_size, head_dim)
+    positions = torch.arange(max_blocks * block_size, device=q.device)
+    mask = positions[None, :] < context_lens[:, None].to(q.device)  # (B, T) True = attend
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale
+    )  # (B, nh, 1, hs)
+    return out.squeeze(2)
+
+
+if __name__ == "__main__":
+    if "--build" in sys.argv:
+        logging.basicConfig(level=logging.INFO)
+        ok = load_extension(verbose="-v" in sys.argv) is not None
+        print("paged attention C++ kernel:", "built" if ok else "UNAVAILABLE (PyTorch fallback)")
+        sys.exit(0)

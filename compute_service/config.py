@@ -1,0 +1,69 @@
+"""EngineConfig: every setting of the compute side, in one place.
+
+Services read it from CLI flags and environment variables of the same names
+(`--kv-budget-tokens` / `KV_BUDGET_TOKENS`); see `from_args_and_env`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+DEFAULT_MODEL = "dummy:gpt2"
+MODES = ("paged", "contiguous", "no-cache")
+RESERVE_POLICIES = ("max-model-len", "max-new-tokens")
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    mode: str = "paged"  # paged | contiguous | no-cache
+    block_size: int = 16  # tokens per KV block (paged); contiguous uses one block per request
+    kv_budget_tokens: int = 16384  # token slots in the KV pool, the same for every mode
+    reserve: str = "max-model-len"  # contiguous only: what a request reserves at admission
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.reserve not in RESERVE_POLICIES:
+            raise ValueError(f"reserve must be one of {RESERVE_POLICIES}, got {self.reserve!r}")
+        for name in ("block_size", "kv_budget_tokens", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype name such as float32, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def pool_shape(self, max_model_len: int) -> tuple[int, int]:
+        """(num_blocks, block_size) of the KV pool for this mode and budget."""
+        if self.mode == "contiguous" and self.reserve == "max-model-len":
+            block_size = max_model_len  # one block per request, sized for its maximum length
+        else:
+            block_size = self.block_size
+        num_blocks = self.kv_budget_tokens // block_size
+        if num_blocks == 0:
+            raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} holds no block of {block_size} tokens")
+        return num_blocks, block_size
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, defaulting to the env var of the same name, then the dataclass."""
+        for f in fields(cls):
+            env = os.environ.get(f.name.upper())
+            default = type(f.default)(env) if env is not None else f.default
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "EngineConfig":
+        config = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+        config.validate()
+        return config

@@ -1,0 +1,100 @@
+// Decode attention over a paged KV cache, reading every block in place (no gather copy).
+//
+// q            (B, nh, hs)                    one query token per sequence
+// k/v_cache    (num_blocks, nh, block_size, hs)
+// block_tables (B, max_blocks) int32          logical -> physical block of each sequence
+// context_lens (B,) int32                     tokens each query attends to
+// returns      (B, nh, hs)
+//
+// One task per (sequence, head): scores for the whole context, a max-subtracted softmax, then
+// the weighted sum of values, each block tile (block_size x hs, contiguous) read straight from
+// the pool. float32 only; the Python wrapper falls back to PyTorch for anything else.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens,
+                                     double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "bad ranks");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
+                  v_cache.scalar_type() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
+              "block_tables and context_lens must be int32");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
+                  v_cache.stride(3) == 1 && v_cache.stride(2) == v_cache.size(3),
+              "each block tile must be contiguous");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  context_lens = context_lens.contiguous();
+
+  const int64_t batch = q.size(0), n_head = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(2), max_blocks = block_tables.size(1);
+  const int64_t k_block_stride = k_cache.stride(0), k_head_stride = k_cache.stride(1);
+  const int64_t v_block_stride = v_cache.stride(0), v_head_stride = v_cache.stride(1);
+  auto out = torch::empty_like(q);
+
+  const float* q_ptr = q.data_ptr<float>();
+  const float* k_ptr = k_cache.data_ptr<float>();
+  const float* v_ptr = v_cache.data_ptr<float>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  float* out_ptr = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, batch * n_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> acc(head_dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_head, h = task % n_head;
+      const int64_t ctx = lens[b];
+      TORCH_CHECK(ctx > 0 && ctx <= max_blocks * block_size, "context length out of range");
+      const int32_t* table = tables + b * max_blocks;
+      const float* qv = q_ptr + task * head_dim;
+      scores.resize(ctx);
+
+      float max_score = -INFINITY;
+      for (int64_t start = 0; start < ctx; start += block_size) {
+        const float* kb = k_ptr + table[start / block_size] * k_block_stride + h * k_head_stride;
+        const int64_t n = std::min(block_size, ctx - start);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* kv = kb + j * head_dim;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < head_dim; ++d) s += qv[d] * kv[d];
+          s *= fscale;
+          scores[start + j] = s;
+          max_score = std::max(max_score, s);
+        }
+      }
+      float denom = 0.f;
+      for (int64_t t = 0; t < ctx; ++t) {
+        scores[t] = std::exp(scores[t] - max_score);
+        denom += scores[t];
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float* a = acc.data();
+      for (int64_t start = 0; start < ctx; start += block_size) {
+        const float* vb = v_ptr + table[start / block_size] * v_block_stride + h * v_head_stride;
+        const int64_t n = std::min(block_size, ctx - start);
+        for (int64_t j = 0; j < n; ++j) {
+          const float w = scores[start + j];
+          const float* vv = vb + j * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += w * vv[d];
+        }
+      }
+      float* o = out_ptr + task * head_dim;
+      const float inv = 1.f / denom;
+      for (int64_t d = 0; d < head_dim; ++d) o[d] = a[d] * inv;
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention_decode", &paged_attention_decode, "decode attention over a paged KV cache");
+}

@@ -1,0 +1,264 @@
+"""InferenceEngine: requests in, tokens out, over one shared paged KV pool.
+
+Thin glue (as nano-vllm's LLMEngine): the Scheduler decides who runs, the memory side
+(memory_service.step, in-process here, over gRPC in the services) keeps the block tables, the
+ModelRunner runs the forward, `sample` picks tokens. `step()` advances every running request by
+one token; `generate()` and `stream()` are loops over it.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+
+from compute_service.config import EngineConfig
+from compute_service.kv_cache import KVCache
+from compute_service.model_runner import ModelRunner
+from compute_service.sampling import SamplingParams, sample
+from compute_service.scheduler import Scheduler, SchedulerConfig, StepFn
+from compute_service.sequence import FinishReason, Sequence
+from compute_service.tokenizer import get_tokenizer
+from compute_service.weights import load_model
+from memory_service.block_allocator import BlockAllocator
+from memory_service.step import apply_step
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (new tokens; the rest once it finishes)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    sequence: Sequence | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    queue_seconds: float
+    ttft_seconds: float
+    total_seconds: float
+    num_preemptions: int
+
+
+@dataclass
+class StepStats:
+    """Running totals the benchmarks read: concurrency, preemptions, KV utilization."""
+
+    num_steps: int = 0
+    sum_running: int = 0
+    peak_running: int = 0
+    sum_utilization: float = 0.0
+    num_utilization_samples: int = 0
+
+    @property
+    def mean_running(self) -> float:
+        return self.sum_running / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def mean_utilization(self) -> float:
+        return self.sum_utilization / self.num_utilization_samples if self.num_utilization_samples else 0.0
+
+
+class InferenceEngine:
+    def __init__(self, config: EngineConfig | None = None, step_fn: StepFn | None = None, **overrides) -> None:
+        """`step_fn` replaces the in-process BlockAllocator (the compute service passes its
+        memory-service client here); by default the engine keeps its own allocator."""
+        config = config or EngineConfig(**overrides)
+        config.validate()
+        self.config = config
+        self.tokenizer = get_tokenizer()
+        self.model = load_model(config.model, config.device, config.torch_dtype)
+        self.max_model_len = self.model.config.block_size
+        cfg = self.model.config
+        if config.mode == "no-cache":
+            num_blocks, block_size, kv_cache = 0, 1, None
+        else:
+            num_blocks, block_size = config.pool_shape(self.max_model_len)
+            kv_cache = KVCache(cfg.n_layer, cfg.n_head, cfg.head_dim, num_blocks, block_size,
+                               config.device, config.torch_dtype)
+            if step_fn is None:
+                self.allocator = BlockAllocator(num_blocks, block_size)
+                step_fn = partial(apply_step, self.allocator)
+        self.kv_cache = kv_cache
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=num_blocks, block_size=block_size, max_model_len=self.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+                watermark_blocks=max(1, num_blocks // 100) if config.mode == "paged" else 0,
+                reserve=config.reserve if config.mode == "contiguous" else None,
+            ),
+            step_fn,
+        )
+        self.runner = ModelRunner(self.model, kv_cache, config.device)
+        self.stats = StepStats()
+        self._requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming the field, for anything a client can get wrong."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        params.validate()
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}")
+        if len(prompt_token_ids) + params.max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_new_tokens={params.max_new_tokens} with a {len(prompt_token_ids)}-token prompt "
+                f"exceeds the context of {self.max_model_len} tokens"
+            )
+        sc = self.scheduler.config
+        if self.kv_cache is not None:
+            need = max(len(prompt_token_ids) + params.max_new_tokens,
+                       self.scheduler.reserve_tokens(Sequence("", prompt_token_ids, params, None)))
+            if -(-need // sc.block_size) > sc.num_blocks:
+                raise ValueError(f"request needs {need} KV slots; the pool holds {sc.num_blocks * sc.block_size}")
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        params = params or SamplingParams()
+        prompt_token_ids = self.encode_prompt(prompt)
+        self.validate_request(prompt_token_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_token_ids, params, params.make_generator())
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its blocks are freed in the next step's memory call."""
+        seq = self._requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward over the scheduled batch and append one token to each sequence."""
+        outputs = [self._finished_output(s) for s in list(self._requests.values())
+                   if s.is_finished and s.finish_reason is FinishReason.ABORT]
+        batch = self.scheduler.schedule()
+        if batch is None:
+            self.scheduler.flush_frees()
+            self._forget(outputs)
+            return outputs
+        logits = self.runner.run(batch)
+        tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
+        now = time.perf_counter()
+        self._record_stats(len(batch.seqs))
+        for seq, token in zip(batch.seqs, tokens):
+            seq.num_cached_tokens = seq.num_tokens if self.kv_cache is not None else 0
+            seq.token_ids.append(token)
+            seq.first_token_time = seq.first_token_time or now
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                outputs.append(self._finished_output(seq, [token]))
+            else:
+                outputs.append(RequestOutput(seq.request_id, [token], False))
+        if not self.scheduler.running and not self.scheduler.waiting:
+            self.scheduler.flush_frees()  # idle: give the blocks back now, not at the next step
+        self._forget(outputs)
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        if token == self.tokenizer.eot_token_id and not params.ignore_eos:
+            return FinishReason.EOS
+        if params.stop:
+            text = self.tokenizer.decode(seq.output_token_ids)
+            hits = [text.find(s) for s in params.stop if s in text]
+            if hits:
+                seq.output_text = text[: min(hits)]
+                return FinishReason.STOP
+        if len(seq.output_token_ids) >= params.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finished_output(self, seq: Sequence, new_tokens: list[int] | None = None) -> RequestOutput:
+        if seq.finish_reason is not FinishReason.STOP:
+            ids = seq.output_token_ids
+            if seq.finish_reason is FinishReason.EOS:
+                ids = ids[:-1]
+            seq.output_text = self.tokenizer.decode(ids)
+        return RequestOutput(seq.request_id, new_tokens or [], True, seq.finish_reason.value, seq)
+
+    def _forget(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                self._requests.pop(out.request_id, None)
+
+    def _record_stats(self, num_running: int) -> None:
+        st = self.stats
+        st.num_steps += 1
+        st.sum_running += num_running
+        st.peak_running = max(st.peak_running, num_running)
+        kv = self.scheduler.last_stats
+        if kv is not None and kv.num_used_blocks:
+            st.sum_utilization += kv.utilization
+            st.num_utilization_samples += 1
+
+    # ---- convenience loops ---------------------------------------------------------------
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[GenerationResult]:
+        """Run every prompt to completion (continuously batched); results in prompt order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        done: dict[str, Sequence] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out.sequence
+        return [to_result(done[i]) for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one request's tokens as they are generated (others in the engine advance too)."""
+        request_id = self.add_request(prompt, params)
+        while True:
+            for out in self.step():
+                if out.request_id == request_id:
+                    yield out
+                    if out.finished:
+                        return
+
+
+def to_result(seq: Sequence) -> GenerationResult:
+    return GenerationResult(
+        request_id=seq.request_id,
+        prompt_token_ids=seq.prompt_token_ids,
+        token_ids=seq.output_token_ids,
+        text=seq.output_text,
+        finish_reason=seq.finish_reason.value,
+        queue_seconds=(seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time,
+        ttft_seconds=(seq.first_token_time or seq.finish_time) - seq.arrival_time,
+        total_seconds=seq.finish_time - seq.arrival_time,
+        num_preemptions=seq.num_preemptions,
+    )

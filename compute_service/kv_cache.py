@@ -1,0 +1,58 @@
+"""KVCache: the one preallocated tensor pool every sequence's keys and values live in.
+
+Layout `[n_layer, 2, num_blocks, n_head, block_size, head_dim]`: one block of one head is a
+contiguous `block_size x head_dim` tile, so the decode kernel streams each (sequence, head)
+context block by block without gathering it first (see bench/attention.py for the measurement).
+Which blocks belong to whom is decided elsewhere (memory_service.block_allocator); this class
+only moves tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layer: int,
+        n_head: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # (n_layer, 2, num_blocks, nh, block_size, hs)
+        self.pool = torch.zeros(
+            n_layer, 2, num_blocks, n_head, block_size, head_dim, device=device, dtype=dtype
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache) of one layer, each (num_blocks, nh, block_size, hs)."""
+        return self.pool[layer, 0], self.pool[layer, 1]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store k, v (N, nh, hs) of N new tokens at their slots: one indexed write each."""
+        blocks = torch.div(slot_mapping, self.block_size, rounding_mode="floor")
+        offsets = slot_mapping - blocks * self.block_size
+        k_cache, v_cache = self.layer(layer)
+        k_cache[blocks, :, offsets] = k  # advanced indices around a slice -> (N, nh, hs)
+        v_cache[blocks, :, offsets] = v
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (every layer, k and v) src -> dst."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.pool.device)
+        dst = torch.tensor([d for _, d in copies], device=self.pool.device)
+        self.pool[:, :, dst] = self.pool[:, :, src]

@@ -1,0 +1,162 @@
+"""NanoGPT (the GPT-2 architecture, as nanoGPT's model.py writes it) reading a paged KV cache.
+
+A step runs a *batch* of sequences packed into one token dimension N (no padding):
+- prefill: every prompt token of each sequence (variable lengths, `seq_lens`);
+- decode: one new token per sequence, attending to its cached context through its block table.
+The KV cache is optional: without one the model is plain nanoGPT (the `no-cache` mode).
+Weights use nanoGPT's parameter names; `compute_service.weights` maps Hugging Face names to them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compute_service.attention import paged_decode_attention
+from compute_service.kv_cache import KVCache
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # maximum context length (positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class AttentionMetadata:
+    """How the packed tokens of one step map onto sequences and KV-cache slots."""
+
+    is_prefill: bool
+    seq_lens: list[int]  # tokens of each sequence in this step (all 1 for decode)
+    slot_mapping: torch.Tensor | None = None  # (N,) int64: block_id * block_size + offset
+    block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decode only
+    context_lens: torch.Tensor | None = None  # (B,) int32 tokens to attend to, decode only
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+
+    def forward(
+        self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        n_tokens, n_embd = x.shape  # (N, C)
+        q, k, v = self.c_attn(x).split(n_embd, dim=1)
+        q = q.view(n_tokens, self.n_head, self.head_dim)  # (N, nh, hs)
+        k = k.view(n_tokens, self.n_head, self.head_dim)
+        v = v.view(n_tokens, self.n_head, self.head_dim)
+        if kv_cache is not None and meta.slot_mapping is not None:
+            kv_cache.write(layer, k, v, meta.slot_mapping)
+
+        if meta.is_prefill:
+            y = self._prefill_attention(q, k, v, meta.seq_lens)  # (N, nh, hs)
+        else:
+            assert kv_cache is not None, "decode needs a KV cache"
+            k_cache, v_cache = kv_cache.layer(layer)
+            y = paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, 1.0 / math.sqrt(self.head_dim)
+            )  # (B, nh, hs)
+        return self.c_proj(y.reshape(n_tokens, n_embd))
+
+    @staticmethod
+    def _prefill_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
+    ) -> torch.Tensor:
+        """Causal attention of each sequence over its own tokens (packed, one SDPA per sequence)."""
+        if len(seq_lens) == 1:
+            qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, nh, T, hs)
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1)
+        outputs = []
+        for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens)):
+            qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))  # (1, nh, T, hs)
+            outputs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
+        return torch.cat(outputs, dim=0)  # (N, nh, hs)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), meta, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+
+    def init_weights(self, seed: int) -> None:
+        """nanoGPT's initialisation, seeded: the `dummy:*` models used by tests and benchmarks."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+                torch.nn.init.normal_(p, 0.0, std, generator=gen)
+            elif name.endswith("bias"):
+                torch.nn.init.zeros_(p)
+            elif "ln_" in name:
+                torch.nn.init.ones_(p)
+            else:
+                torch.nn.init.normal_(p, 0.0, 0.02, generator=gen)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (N,) packed token ids of every sequence in the step
+        positions: torch.Tensor,  # (N,) position of each token in its sequence
+        meta: AttentionMetadata,
+        kv_cache: KVCache | None = None,
+        logits_indices: torch.Tensor | None = None,  # (B,) rows whose logits are needed
+    ) -> torch.Tensor:
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, meta, kv_cache, layer)
+        if logits_indices is not None:
+            x = x.index_select(0, logits_indices)  # (B, C): lm_head on the last positions only
+        return self.lm_head(self.transformer.ln_f(x))  # (B, vocab)

@@ -1,0 +1,65 @@
+"""ModelRunner: turns a scheduled batch into tensors, runs one forward, returns next-token logits.
+
+It owns the model and the KV pool (the only tensors in the engine), and builds per step:
+`input_ids` and `positions` packed over all sequences, `slot_mapping` (block_id * block_size +
+offset) for the new tokens, and for decode the padded `block_tables` and `context_lens`.
+"""
+from __future__ import annotations
+
+import torch
+
+from compute_service.kv_cache import KVCache
+from compute_service.model import GPT, AttentionMetadata
+from compute_service.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: GPT, kv_cache: KVCache | None, device: str | torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = torch.device(device)
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits (B, vocab) for the next token of every sequence in the batch."""
+        if self.kv_cache is not None:
+            self.kv_cache.copy_blocks(batch.copies)
+        if batch.is_prefill:
+            input_ids, positions, meta = self._prepare_prefill(batch)
+        else:
+            input_ids, positions, meta = self._prepare_decode(batch)
+        last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1  # (B,)
+        return self.model(input_ids, positions, meta, self.kv_cache, logits_indices=last)
+
+    def _prepare_prefill(self, batch: ScheduledBatch):
+        ids, positions, slots, seq_lens = [], [], [], []
+        for seq in batch.seqs:
+            n = seq.num_tokens
+            pos = torch.arange(n)
+            ids.append(torch.tensor(seq.token_ids))
+            positions.append(pos)
+            seq_lens.append(n)
+            if self.kv_cache is not None:
+                table = torch.tensor(seq.block_table)
+                bs = self.kv_cache.block_size
+                slots.append(table[pos // bs] * bs + pos % bs)
+        slot_mapping = torch.cat(slots).to(self.device) if slots else None
+        meta = AttentionMetadata(is_prefill=True, seq_lens=seq_lens, slot_mapping=slot_mapping)
+        return torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), meta
+
+    def _prepare_decode(self, batch: ScheduledBatch):
+        assert self.kv_cache is not None, "decode needs a KV cache"
+        bs = self.kv_cache.block_size
+        seqs = batch.seqs
+        positions = [seq.num_tokens - 1 for seq in seqs]
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
+        meta = AttentionMetadata(
+            is_prefill=False,
+            seq_lens=[1] * len(seqs),
+            slot_mapping=torch.tensor(slots, device=self.device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=self.device),
+        )
+        input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=self.device)
+        return input_ids, torch.tensor(positions, device=self.device), meta

@@ -1,0 +1,55 @@
+"""GPT-2's BPE through tiktoken, fully offline.
+
+The ranks come from `assets/gpt2.tiktoken` shipped with the project (the MIT-licensed asset of
+the openai-whisper sdist; see assets/LICENSE-gpt2-tiktoken.txt). `tiktoken.get_encoding("gpt2")`
+is not used because it fetches files over the network when its cache is cold.
+"""
+from __future__ import annotations
+
+import base64
+from functools import lru_cache
+from pathlib import Path
+
+import tiktoken
+
+RANKS_FILE = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+EOT_TOKEN = "<|endoftext|>"
+EOT_TOKEN_ID = 50256
+# GPT-2's pre-tokenizer regex (the same pattern tiktoken's own "gpt2" encoding uses).
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _load_ranks(path: Path) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for line in path.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@lru_cache(maxsize=1)
+def get_tokenizer() -> "Tokenizer":
+    return Tokenizer()
+
+
+class Tokenizer:
+    def __init__(self, ranks_file: Path = RANKS_FILE) -> None:
+        self._enc = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=_GPT2_PATTERN,
+            mergeable_ranks=_load_ranks(ranks_file),
+            special_tokens={EOT_TOKEN: EOT_TOKEN_ID},
+        )
+        self.eot_token_id = EOT_TOKEN_ID
+        self.vocab_size = self._enc.n_vocab  # 50257
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; "<|endoftext|>" in user text is encoded as text, not as EOT."""
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._enc.decode(token_ids, errors="replace")
+
+    def decode_bytes(self, token_ids: list[int]) -> bytes:
+        return self._enc.decode_bytes(token_ids)

@@ -1,0 +1,242 @@
+"""BlockAllocator: the PagedAttention block bookkeeping, with no tensors in it.
+
+A sequence's KV cache lives in fixed-size blocks of one shared pool. This module only decides
+*which* physical blocks a sequence owns (its block table); the compute side holds the tensors
+and writes token k/v into `block_id * block_size + offset`.
+
+Invariants (checked by tests/test_block_allocator_state_machine.py after every operation):
+- every block is either free or referenced, never both;
+- a block's ref count equals the number of block tables holding it;
+- a shared block (ref count > 1) is never written: appending into one copies it first
+  (copy-on-write), and the caller must copy the src block's tensors into dst.
+Every public mutation checks before it changes anything, so a failed call changes nothing.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Hashable
+
+SeqId = Hashable
+
+
+class BlockAllocatorError(Exception):
+    """Base class for bookkeeping errors a caller can cause."""
+
+
+class OutOfBlocksError(BlockAllocatorError):
+    """Not enough free blocks; the caller should wait or preempt."""
+
+
+class UnknownSequenceError(BlockAllocatorError, KeyError):
+    """The sequence id has no block table (never allocated, or already freed)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateSequenceError(BlockAllocatorError):
+    """The sequence id already has a block table."""
+
+
+@dataclass
+class AppendResult:
+    """What the compute side must do after `append_slots`."""
+
+    new_blocks: list[int] = field(default_factory=list)
+    # (src, dst) block copies the compute side must perform before writing (copy-on-write).
+    copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    num_blocks: int
+    block_size: int
+    num_free_blocks: int
+    num_used_blocks: int
+    num_tokens_stored: int  # filled token slots over all used blocks (shared blocks once)
+    num_sequences: int
+
+    @property
+    def utilization(self) -> float:
+        """Tokens stored / slots in used blocks: how much of the taken memory holds real state."""
+        slots = self.num_used_blocks * self.block_size
+        return self.num_tokens_stored / slots if slots else 0.0
+
+
+@dataclass
+class _SeqState:
+    block_table: list[int]
+    num_tokens: int
+
+
+class BlockAllocator:
+    """Owns the free list, ref counts and every sequence's block table."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._ref_counts = [0] * num_blocks
+        self._filled = [0] * num_blocks  # token slots written in each block
+        self._tokens_stored = 0
+        self._seqs: dict[SeqId, _SeqState] = {}
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def has_sequence(self, seq_id: SeqId) -> bool:
+        return seq_id in self._seqs
+
+    def block_table(self, seq_id: SeqId) -> list[int]:
+        return list(self._state(seq_id).block_table)
+
+    def num_tokens(self, seq_id: SeqId) -> int:
+        return self._state(seq_id).num_tokens
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[block_id]
+
+    def sequence_ids(self) -> list[SeqId]:
+        return list(self._seqs)
+
+    def stats(self) -> AllocatorStats:
+        return AllocatorStats(
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            num_free_blocks=len(self._free),
+            num_used_blocks=self.num_blocks - len(self._free),
+            num_tokens_stored=self._tokens_stored,
+            num_sequences=len(self._seqs),
+        )
+
+    def can_allocate(self, num_tokens: int, reserve_tokens: int = 0) -> bool:
+        return self.blocks_for_tokens(max(num_tokens, reserve_tokens)) <= len(self._free)
+
+    def blocks_needed_to_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> int:
+        """New blocks `append_slots` would take: fresh blocks past the table plus copy-on-write."""
+        state = self._state(seq_id)
+        first = state.num_tokens
+        last = first + num_new_tokens - 1
+        needed = max(0, self.blocks_for_tokens(last + 1) - len(state.block_table))
+        first_block = first // self.block_size
+        for logical in range(first_block, min(last // self.block_size + 1, len(state.block_table))):
+            if self._ref_counts[state.block_table[logical]] > 1:
+                needed += 1
+        return needed
+
+    def can_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> bool:
+        return self.blocks_needed_to_append(seq_id, num_new_tokens) <= len(self._free)
+
+    # ---- mutations -----------------------------------------------------------------------
+    def allocate(self, seq_id: SeqId, num_tokens: int, reserve_tokens: int = 0) -> list[int]:
+        """Give a new sequence blocks for its `num_tokens` prompt tokens.
+
+        `reserve_tokens` > num_tokens takes blocks for that many tokens up front: the
+        contiguous (pre-vLLM) policy that reserves a request's maximum length at admission.
+        """
+        if seq_id in self._seqs:
+            raise DuplicateSequenceError(f"sequence {seq_id!r} already has a block table")
+        if num_tokens <= 0:
+            raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+        needed = self.blocks_for_tokens(max(num_tokens, reserve_tokens))
+        if needed > len(self._free):
+            raise OutOfBlocksError(
+                f"sequence {seq_id!r} needs {needed} blocks, only {len(self._free)} free"
+            )
+        table = [self._take_block() for _ in range(needed)]
+        self._seqs[seq_id] = _SeqState(block_table=table, num_tokens=0)
+        self._fill(self._seqs[seq_id], num_tokens)
+        return list(table)
+
+    def append_slots(self, seq_id: SeqId, num_new_tokens: int = 1) -> AppendResult:
+        """Make room for `num_new_tokens` more tokens at the end of a sequence.
+
+        Takes a fresh block only at a block boundary; copies a shared block before the first
+        write into it.
+        """
+        if num_new_tokens <= 0:
+            raise ValueError(f"num_new_tokens must be > 0, got {num_new_tokens}")
+        state = self._state(seq_id)
+        needed = self.blocks_needed_to_append(seq_id, num_new_tokens)
+        if needed > len(self._free):
+            raise OutOfBlocksError(
+                f"sequence {seq_id!r} needs {needed} blocks to append, only {len(self._free)} free"
+            )
+        result = AppendResult()
+        last_block = (state.num_tokens + num_new_tokens - 1) // self.block_size
+        for logical in range(state.num_tokens // self.block_size, last_block + 1):
+            if logical == len(state.block_table):
+                block = self._take_block()
+                state.block_table.append(block)
+                result.new_blocks.append(block)
+            elif self._ref_counts[state.block_table[logical]] > 1:
+                src = state.block_table[logical]
+                dst = self._take_block()
+                self._ref_counts[src] -= 1
+                self._filled[dst] = self._filled[src]
+                self._tokens_stored += self._filled[dst]
+                state.block_table[logical] = dst
+                result.copies.append((src, dst))
+        self._fill(state, num_new_tokens)
+        return result
+
+    def fork(self, parent_id: SeqId, child_id: SeqId) -> list[int]:
+        """The child shares every block of the parent (parallel sampling, beam search)."""
+        parent = self._state(parent_id)
+        if child_id in self._seqs:
+            raise DuplicateSequenceError(f"sequence {child_id!r} already has a block table")
+        for block in parent.block_table:
+            self._ref_counts[block] += 1
+        self._seqs[child_id] = _SeqState(list(parent.block_table), parent.num_tokens)
+        return list(parent.block_table)
+
+    def free(self, seq_id: SeqId) -> None:
+        """Drop a sequence's table; blocks nobody else references go back to the free list."""
+        state = self._seqs.pop(seq_id, None)
+        if state is None:
+            raise UnknownSequenceError(
+                f"cannot free sequence {seq_id!r}: it has no block table (double free?)"
+            )
+        for block in state.block_table:
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] == 0:
+                self._tokens_stored -= self._filled[block]
+                self._filled[block] = 0
+                self._free.append(block)
+
+    # ---- internals -----------------------------------------------------------------------
+    def _state(self, seq_id: SeqId) -> _SeqState:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise UnknownSequenceError(f"unknown sequence {seq_id!r}: no block table") from None
+
+    def _take_block(self) -> int:
+        block = self._free.popleft()
+        assert self._ref_counts[block] == 0, f"free block {block} still referenced"
+        self._ref_counts[block] = 1
+        return block
+
+    def _fill(self, state: _SeqState, num_new_tokens: int) -> None:
+        """Mark token slots written; only unshared blocks are ever filled."""
+        pos = state.num_tokens
+        end = pos + num_new_tokens
+        while pos < end:
+            logical, offset = divmod(pos, self.block_size)
+            take = min(end - pos, self.block_size - offset)
+            block = state.block_table[logical]
+            assert self._filled[block] == offset, f"block {block}: non-sequential write"
+            self._filled[block] = offset + take
+            self._tokens_stored += take
+            pos += take
+        state.num_tokens = end
