@@ -3,25 +3,37 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PROTO_STAMP := rpc/.generated
 
 .PHONY: install test run bench proto clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch==2.13.0 first: the CPU build (pip's find-links on this kind of machine, else PyTorch's CPU index).
-	$(PY) -m pip install --quiet torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
-	$(PY) -m pip install --quiet -e '.[test]' ninja==1.13.2
+	# torch==2.13.0 first: the CPU build (pip find-links here; elsewhere add --index-url https://download.pytorch.org/whl/cpu).
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m compute_service.attention --build
 	touch $(STAMP)
 
-install: $(STAMP)
+# The gRPC stubs: generated into the ignored rpc/ package, never edited by hand.
+$(PROTO_STAMP): $(wildcard protos/rpc/v1/*.proto) | $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/rpc/v1/*.proto
+	touch $(PROTO_STAMP)
 
-test: $(STAMP)
+proto: $(PROTO_STAMP)
+
+install: $(STAMP) $(PROTO_STAMP)
+
+test: install
 	$(PY) -m pytest
 
-bench: $(STAMP)
+# The three services as local processes, a demo generation, then serving until Ctrl-C.
+run: install
+	$(PY) -m deploy.run_local
+
+bench: install
 	$(PY) -m bench.benchmark --modes paged,contiguous,no-cache --model dummy:gpt2 --prompt-tokens 32 --new-tokens 500 --block-size 16 --num-blocks 256 --warmup 1 --runs 3
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info rpc

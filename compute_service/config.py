@@ -1,13 +1,11 @@
 """EngineConfig: every setting of the compute side, in one place.
 
 Services read it from CLI flags and environment variables of the same names
-(`--kv-budget-tokens` / `KV_BUDGET_TOKENS`); see `from_args_and_env`.
+(`--kv-budget-tokens` / `KV_BUDGET_TOKENS`) through common.settings.
 """
 from __future__ import annotations
 
-import argparse
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -53,17 +51,3 @@ class EngineConfig:
         if num_blocks == 0:
             raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} holds no block of {block_size} tokens")
         return num_blocks, block_size
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field, defaulting to the env var of the same name, then the dataclass."""
-        for f in fields(cls):
-            env = os.environ.get(f.name.upper())
-            default = type(f.default)(env) if env is not None else f.default
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default)
-
-    @classmethod
-    def from_namespace(cls, ns: argparse.Namespace) -> "EngineConfig":
-        config = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
-        config.validate()
-        return config

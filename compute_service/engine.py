@@ -18,7 +18,8 @@ import torch
 from compute_service.config import EngineConfig
 from compute_service.kv_cache import KVCache
 from compute_service.model_runner import ModelRunner
-from compute_service.sampling import SamplingParams, sample
+from compute_service.sampling import make_generator, sample
+from compute_service.sampling_params import SamplingParams, validate_prompt
 from compute_service.scheduler import Scheduler, SchedulerConfig, StepFn
 from compute_service.sequence import FinishReason, Sequence
 from compute_service.tokenizer import get_tokenizer
@@ -60,6 +61,7 @@ class StepStats:
     peak_running: int = 0
     sum_utilization: float = 0.0
     num_utilization_samples: int = 0
+    peak_used_blocks: int = 0
 
     @property
     def mean_running(self) -> float:
@@ -114,19 +116,7 @@ class InferenceEngine:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError naming the field, for anything a client can get wrong."""
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        params.validate()
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}")
-        if len(prompt_token_ids) + params.max_new_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_new_tokens={params.max_new_tokens} with a {len(prompt_token_ids)}-token prompt "
-                f"exceeds the context of {self.max_model_len} tokens"
-            )
+        validate_prompt(prompt_token_ids, params, self.max_model_len, self.model.config.vocab_size)
         sc = self.scheduler.config
         if self.kv_cache is not None:
             need = max(len(prompt_token_ids) + params.max_new_tokens,
@@ -143,7 +133,7 @@ class InferenceEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_token_ids, params, params.make_generator())
+        seq = Sequence(request_id, prompt_token_ids, params, make_generator(params))
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -222,6 +212,7 @@ class InferenceEngine:
         st.peak_running = max(st.peak_running, num_running)
         kv = self.scheduler.last_stats
         if kv is not None and kv.num_used_blocks:
+            st.peak_used_blocks = max(st.peak_used_blocks, kv.num_used_blocks)
             st.sum_utilization += kv.utilization
             st.num_utilization_samples += 1
 

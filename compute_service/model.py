@@ -145,7 +145,6 @@ class GPT(nn.Module):
             else:
                 torch.nn.init.normal_(p, 0.0, 0.02, generator=gen)
 
-    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,  # (N,) packed token ids of every sequence in the step

@@ -19,6 +19,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = torch.device(device)
 
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits (B, vocab) for the next token of every sequence in the batch."""
         if self.kv_cache is not None:

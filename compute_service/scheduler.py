@@ -45,6 +45,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
+        self.num_steps = 0  # schedule()/flush_frees() rounds that talked to memory
+        self.num_memory_calls = 0
         self.last_stats: AllocatorStats | None = None
         self._num_free_blocks = config.num_blocks
         self._to_free: list[Sequence] = []
@@ -70,6 +72,7 @@ class Scheduler:
     def flush_frees(self) -> None:
         """Hand finished sequences' blocks back now (called when nothing else is left to run)."""
         if self._to_free and self.step_fn is not None:
+            self.num_steps += 1
             self._call(StepRequest(free=[seq.request_id for seq in self._to_free]))
             for seq in self._to_free:
                 seq.block_table = []
@@ -89,6 +92,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         if self.step_fn is None:
             return self._schedule_without_cache()
+        self.num_steps += 1
         free_ids = [seq.request_id for seq in self._to_free]
         free_blocks = self._num_free_blocks + sum(len(seq.block_table) for seq in self._to_free)
         for seq in self._to_free:
@@ -168,6 +172,7 @@ class Scheduler:
 
     def _call(self, request: StepRequest) -> StepResponse:
         response = self.step_fn(request)
+        self.num_memory_calls += 1
         self._num_free_blocks = response.stats.num_free_blocks
         self.last_stats = response.stats
         return response

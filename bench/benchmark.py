@@ -1,0 +1,233 @@
+"""Paged vs contiguous vs no KV cache, measured side by side in one run.
+
+Two shapes of run, one CSV (bench/results/benchmark_results.csv, one row per arm):
+- single stream (the original design's benchmark): one request of --prompt-tokens + --new-tokens,
+  --warmup then --runs timed repetitions per mode; `--roofline` also times the model's linear
+  layers + lm_head alone at batch 1 and prints decode tok/s as a fraction of it.
+- `--workload sharegpt-synth --num-requests N --kv-budget-tokens T`: all N requests arrive at
+  t=0 and run continuously batched over a pool of T token slots (the same T for every engine
+  arm); `--peers` adds Hugging Face transformers on the same weights and requests.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.workloads import WORKLOADS, Request, describe, fixed_length
+from compute_service.engine import InferenceEngine
+from compute_service.sampling_params import SamplingParams
+
+RESULTS = Path(__file__).parent / "results" / "benchmark_results.csv"
+COLUMNS = [
+    "timestamp_utc", "mode", "model", "device", "dtype", "workload", "prompt_tokens", "new_tokens",
+    "block_size", "num_blocks", "kv_budget_tokens", "concurrency", "num_requests", "runs",
+    "avg_seconds", "median_seconds", "min_seconds", "max_seconds", "wall_seconds",
+    "tokens_per_second", "output_tokens_per_second", "speedup_vs_no_cache", "kv_blocks_used",
+    "kv_utilization", "peak_concurrent_seqs", "mean_concurrent_seqs", "preemptions",
+]
+
+
+def make_engine(args: argparse.Namespace, mode: str, kv_budget_tokens: int) -> InferenceEngine:
+    return InferenceEngine(
+        model=args.model, mode=mode, block_size=args.block_size, kv_budget_tokens=kv_budget_tokens,
+        reserve=args.reserve, max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype,
+    )
+
+
+def run_requests(engine: InferenceEngine, requests: list[Request], progress: tqdm | None = None) -> float:
+    """All requests at t=0, greedy, fixed output lengths (ignore_eos); returns wall seconds."""
+    for r in requests:
+        engine.add_request(r.prompt_token_ids, SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True))
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        outputs = engine.step()
+        if progress is not None:
+            progress.update(sum(len(o.new_token_ids) for o in outputs))
+    return time.perf_counter() - start
+
+
+def linear_roofline_tokens_per_second(engine: InferenceEngine, batch: int = 1, repeats: int = 30) -> float:
+    """Tok/s of the model's linear layers + lm_head alone: the decode ceiling at this batch."""
+    model = engine.model
+    x = torch.randn(batch, model.config.n_embd, device=engine.config.device, dtype=engine.config.torch_dtype)
+    hidden = torch.randn(batch, 4 * model.config.n_embd, device=x.device, dtype=x.dtype)
+
+    def once() -> None:
+        for block in model.transformer.h:
+            block.attn.c_attn(x), block.attn.c_proj(x), block.mlp.c_fc(x), block.mlp.c_proj(hidden)
+        model.lm_head(x)
+
+    with torch.inference_mode():
+        once()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            once()
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def single_stream(args: argparse.Namespace) -> list[dict]:
+    request = fixed_length(1, args.prompt_tokens, args.new_tokens, seed=args.seed)
+    rows = []
+    for mode in args.modes:
+        engine = make_engine(args, mode, args.num_blocks * args.block_size)
+        times = []
+        for run in tqdm(range(args.warmup + args.runs), desc=f"{mode:>10}", unit="run"):
+            engine.stats.__init__()
+            seconds = run_requests(engine, request)
+            if run >= args.warmup:
+                times.append(seconds)
+        rows.append(dict(
+            mode=mode, concurrency=1, num_requests=1, runs=args.runs, avg_seconds=statistics.mean(times),
+            median_seconds=statistics.median(times), min_seconds=min(times), max_seconds=max(times),
+            tokens_per_second=args.new_tokens / statistics.median(times),
+            kv_blocks_used=engine.stats.peak_used_blocks, kv_utilization=engine.stats.mean_utilization,
+            num_blocks=engine.scheduler.config.num_blocks, block_size=engine.scheduler.config.block_size,
+        ))
+        if args.roofline and mode == "paged":
+            roofline = linear_roofline_tokens_per_second(engine)
+            print(f"roofline: linear layers + lm_head alone at batch 1 = {roofline:.1f} tok/s; paged decode "
+                  f"= {rows[-1]['tokens_per_second']:.1f} tok/s = {rows[-1]['tokens_per_second'] / roofline:.0%} of it")
+    no_cache = next((r["median_seconds"] for r in rows if r["mode"] == "no-cache"), None)
+    for row in rows:
+        row.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                   speedup_vs_no_cache=no_cache / row["median_seconds"] if no_cache else "")
+    return rows
+
+
+def workload_run(args: argparse.Namespace) -> list[dict]:
+    requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed)
+    print("workload", args.workload, "-", describe(requests))
+    total_out = sum(r.output_len for r in requests)
+    rows = []
+    for mode in args.modes:
+        engine = make_engine(args, mode, args.kv_budget_tokens)
+        run_requests(engine, requests[:2])  # warm-up (kernel load, allocator paths)
+        engine.stats.__init__()
+        engine.scheduler.num_preemptions = 0
+        with tqdm(total=total_out, desc=f"{mode:>10}", unit="tok") as bar:
+            wall = run_requests(engine, requests, bar)
+        st = engine.stats
+        rows.append(dict(
+            mode=mode, wall_seconds=wall, output_tokens_per_second=total_out / wall,
+            peak_concurrent_seqs=st.peak_running, mean_concurrent_seqs=st.mean_running,
+            preemptions=engine.scheduler.num_preemptions, kv_utilization=st.mean_utilization,
+            kv_blocks_used=st.peak_used_blocks, num_blocks=engine.scheduler.config.num_blocks,
+            block_size=engine.scheduler.config.block_size,
+        ))
+    rows += peer_rows(args, requests, total_out, rows)
+    for row in rows:
+        row.update(workload=args.workload, num_requests=len(requests), kv_budget_tokens=args.kv_budget_tokens,
+                   concurrency=row.get("peak_concurrent_seqs", ""), runs=1)
+    return rows
+
+
+def peer_rows(args: argparse.Namespace, requests: list[Request], total_out: int, engine_rows: list[dict]) -> list[dict]:
+    if not args.peers:
+        return []
+    from bench.hf_peers import hf_model_from_spec, run_hf_generate, run_hf_generate_batch
+
+    hf = hf_model_from_spec(args.model)
+    batch_size = next((r["peak_concurrent_seqs"] for r in engine_rows if r["mode"] == "paged"), 16)
+    rows = []
+    for peer in args.peers:
+        with tqdm(total=len(requests), desc=f"{peer:>10}", unit="req") as bar:
+            if peer == "hf-generate":
+                wall = run_hf_generate(hf, requests, batch_size, bar)
+            elif peer == "hf-generate-batch":
+                wall = run_hf_generate_batch(hf, requests, bar)
+            else:
+                raise ValueError(f"unknown peer {peer!r}")
+        rows.append(dict(mode=peer, wall_seconds=wall, output_tokens_per_second=total_out / wall,
+                         peak_concurrent_seqs=batch_size if peer == "hf-generate" else ""))
+    return rows
+
+
+def write_rows(rows: list[dict], args: argparse.Namespace, path: Path = RESULTS) -> None:
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    existing: list[dict] = []
+    if path.exists():
+        with path.open() as f:
+            existing = list(csv.DictReader(f))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(existing)
+        for row in rows:
+            writer.writerow({"timestamp_utc": stamp, "model": args.model, "device": args.device,
+                             "dtype": args.dtype, **row})
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = [k for k in COLUMNS[5:] if any(r.get(k) not in (None, "") for r in rows)]
+    keys = ["mode"] + [k for k in keys if k not in ("workload", "dtype")]
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v if v is not None else "")
+
+    widths = {k: max(len(k), *(len(fmt(r.get(k))) for r in rows)) for k in keys}
+    print(" | ".join(k.ljust(widths[k]) for k in keys))
+    print("-+-".join("-" * widths[k] for k in keys))
+    for r in rows:
+        print(" | ".join(fmt(r.get(k)).ljust(widths[k]) for k in keys))
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    by = {r["mode"]: r for r in rows}
+    lines = []
+    if "paged" in by and "contiguous" in by and "output_tokens_per_second" in by["paged"]:
+        p, c = by["paged"], by["contiguous"]
+        lines.append(f"paged/contiguous: peak concurrency {p['peak_concurrent_seqs'] / c['peak_concurrent_seqs']:.2f}x, "
+                     f"output tok/s {p['output_tokens_per_second'] / c['output_tokens_per_second']:.2f}x")
+        for peer in ("hf-generate", "hf-generate-batch"):
+            if peer in by:
+                lines.append(f"paged/{peer}: output tok/s {p['output_tokens_per_second'] / by[peer]['output_tokens_per_second']:.2f}x")
+    if "paged" in by and by["paged"].get("speedup_vs_no_cache"):
+        lines.append(f"paged speedup over no-cache: {by['paged']['speedup_vs_no_cache']:.2f}x")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default="paged,contiguous,no-cache", type=lambda s: s.split(","))
+    ap.add_argument("--model", default="dummy:gpt2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=500)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-blocks", type=int, default=256, help="single stream: pool = num_blocks x block_size")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--roofline", action="store_true")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--kv-budget-tokens", type=int, default=4096)
+    ap.add_argument("--reserve", default="max-model-len", choices=["max-model-len", "max-new-tokens"])
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--peers", default="", type=lambda s: [p for p in s.split(",") if p])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", type=Path, default=RESULTS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    rows = workload_run(args) if args.workload else single_stream(args)
+    write_rows(rows, args, args.output)
+    print_table(rows)
+    for line in ratio_lines(rows):
+        print(line)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""How prompts of different lengths should share a prefill forward, and what a prefill costs
+next to decode steps (the measurements behind the scheduler's choices in the README).
+
+    python -m bench.prefill --model dummy:gpt2
+Packed = every prompt's real tokens concatenated (what the engine does); padded = every prompt
+padded to the longest, so the linear layers and attention also process the pad tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from compute_service.model import AttentionMetadata
+from compute_service.weights import load_model
+
+
+def forward_ms(model, seq_lens: list[int], repeats: int) -> float:
+    n = sum(seq_lens)
+    ids = torch.randint(0, 50000, (n,))
+    positions = torch.cat([torch.arange(k) for k in seq_lens])
+    last = torch.tensor(seq_lens).cumsum(0) - 1
+    meta = AttentionMetadata(is_prefill=True, seq_lens=seq_lens)
+    times = []
+    with torch.inference_mode():
+        model(ids, positions, meta, logits_indices=last)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(ids, positions, meta, logits_indices=last)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dummy:gpt2")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    model = load_model(args.model)
+    lens = np.random.default_rng(args.seed).integers(20, 300, size=args.num_prompts).tolist()
+    packed = forward_ms(model, lens, args.repeats)
+    padded = forward_ms(model, [max(lens)] * len(lens), args.repeats)
+    print(f"{len(lens)} prompts, lengths {lens} ({sum(lens)} tokens; padded {max(lens) * len(lens)})")
+    print(f"packed prefill: {packed:.1f} ms   padded prefill: {padded:.1f} ms   padded/packed = {padded / packed:.2f}x")
+    one_prompt = forward_ms(model, [300], args.repeats)
+    print(f"one 300-token prefill: {one_prompt:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Serving benchmark: open-loop requests streamed through the gateway, vLLM's metric names.
+
+    python -m bench.serve --request-rate 4 --num-requests 64 --workload sharegpt-synth
+Arrivals are gamma-distributed (shape = --burstiness, 1.0 = Poisson) with mean gap 1/rate;
+`inf` sends everything at t=0. Unless --address names a running gateway, the benchmark starts its
+own stack (memory, compute, gateway on free loopback ports) with --model/--mode/--kv-budget-tokens.
+Metrics (shared/reference/serving-metrics.md): TTFT = first token - send; E2EL = last token -
+send; TPOT = (E2EL - TTFT) / (output tokens - 1); ITL = gaps between streamed chunks; normalized
+latency = E2EL / output tokens. One row per run in bench/results/serving_results.csv.
+--compare-in-process also runs the same workload in-process and prints the split's efficiency.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from bench.workloads import WORKLOADS, Request, describe
+from rpc.v1 import compute_pb2, compute_pb2_grpc, gateway_pb2_grpc, generate_pb2
+
+RESULTS = Path(__file__).parent / "results" / "serving_results.csv"
+
+
+@dataclass
+class RequestRecord:
+    output_tokens: int = 0
+    ttft: float = math.nan
+    e2el: float = math.nan
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = np.random.default_rng(seed)
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
+    return np.cumsum(gaps).tolist()
+
+
+async def one_request(stub, req: Request, record: RequestRecord, progress: tqdm) -> None:
+    message = generate_pb2.GenerateRequest(
+        token_ids=generate_pb2.TokenIds(ids=req.prompt_token_ids),
+        params=generate_pb2.SamplingParams(max_new_tokens=req.output_len, temperature=0, ignore_eos=True),
+    )
+    start = last = time.perf_counter()
+    try:
+        async for response in stub.Generate(message, timeout=3600):
+            if response.HasField("chunk") and response.chunk.token_ids:
+                now = time.perf_counter()
+                if record.output_tokens == 0:
+                    record.ttft = now - start
+                else:
+                    record.itl.append(now - last)
+                last = now
+                record.output_tokens += len(response.chunk.token_ids)
+        record.e2el = last - start
+    except grpc.aio.AioRpcError as exc:
+        record.error = exc.code().name
+    progress.update(1)
+
+
+async def run_load(address: str, requests: list[Request], rate: float, burstiness: float, seed: int):
+    offsets = arrival_offsets(len(requests), rate, burstiness, seed)
+    records = [RequestRecord() for _ in requests]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        with tqdm(total=len(requests), desc=f"rate {rate}", unit="req") as progress:
+            start = time.perf_counter()
+            tasks = []
+            for req, rec, offset in zip(requests, records, offsets):
+                delay = start + offset - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one_request(stub, req, rec, progress)))
+            await asyncio.gather(*tasks)
+            wall = time.perf_counter() - start
+    return records, wall
+
+
+def summarize(records: list[RequestRecord], requests: list[Request], wall: float) -> dict:
+    ok = [r for r in records if not r.error]
+    ms = lambda xs: np.array(xs, dtype=float) * 1000  # noqa: E731
+    ttft, e2el = ms([r.ttft for r in ok]), ms([r.e2el for r in ok])
+    tpot = ms([(r.e2el - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
+    itl = ms([gap for r in ok for gap in r.itl])
+    norm = ms([r.e2el / r.output_tokens for r in ok if r.output_tokens])
+    out_tokens = sum(r.output_tokens for r in ok)
+    row = dict(completed=len(ok), failed=len(records) - len(ok), wall_seconds=wall,
+               request_throughput=len(ok) / wall, output_token_throughput=out_tokens / wall,
+               total_token_throughput=(out_tokens + sum(len(q.prompt_token_ids) for q in requests)) / wall,
+               mean_normalized_latency_ms=float(norm.mean()) if len(norm) else math.nan)
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+        row[f"mean_{name}_ms"] = float(values.mean()) if len(values) else math.nan
+        row[f"median_{name}_ms"] = float(np.median(values)) if len(values) else math.nan
+        row[f"p99_{name}_ms"] = float(np.percentile(values, 99)) if len(values) else math.nan
+    return row
+
+
+def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str) -> tuple[str, str]:
+    """Memory, one compute and the gateway on free ports; returns (gateway, compute) addresses."""
+    from deploy.run_local import running_stack
+    from deploy.services import free_ports, local_services
+
+    memory, compute, gateway, m1, m2 = free_ports(5)
+    env = {"MODEL": args.model, "MODE": mode, "KV_BUDGET_TOKENS": str(args.kv_budget_tokens),
+           "MAX_NUM_SEQS": str(args.max_num_seqs)}
+    stack.enter_context(running_stack(local_services(memory, (compute,), gateway, m1, m2, compute_env=env)))
+    return f"127.0.0.1:{gateway}", f"127.0.0.1:{compute}"
+
+
+def compute_info(address: str) -> compute_pb2.InfoResponse:
+    with grpc.insecure_channel(address) as channel:
+        return compute_pb2_grpc.ComputeServiceStub(channel).Info(compute_pb2.InfoRequest(), timeout=10)
+
+
+def in_process_tokens_per_second(args: argparse.Namespace, mode: str, requests: list[Request]) -> float:
+    from bench.benchmark import run_requests
+    from compute_service.engine import InferenceEngine
+
+    engine = InferenceEngine(model=args.model, mode=mode, kv_budget_tokens=args.kv_budget_tokens,
+                             max_num_seqs=args.max_num_seqs)
+    run_requests(engine, requests[:2])  # warm-up, as the served stack got one
+    with tqdm(total=sum(r.output_len for r in requests), desc="in-process", unit="tok") as bar:
+        wall = run_requests(engine, requests, bar)
+    return sum(r.output_len for r in requests) / wall
+
+
+def write_row(row: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def bench_one(args, mode: str, rate: float, requests: list[Request]) -> dict:
+    with ExitStack() as stack:
+        if args.address:
+            gateway, compute = args.address, None
+        else:
+            gateway, compute = start_stack(stack, args, mode)
+        asyncio.run(run_load(gateway, requests[:2], math.inf, 1.0, args.seed))  # warm-up
+        before = compute_info(compute) if compute else None
+        records, wall = asyncio.run(run_load(gateway, requests, rate, args.burstiness, args.seed))
+        after = compute_info(compute) if compute else None
+    row = dict(timestamp_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=args.model,
+               mode=mode, workload=args.workload, num_requests=len(requests), request_rate=rate,
+               burstiness=args.burstiness, kv_budget_tokens=args.kv_budget_tokens, **summarize(records, requests, wall))
+    if before is not None:
+        steps = after.num_steps - before.num_steps
+        row["memory_calls_per_step"] = (after.num_memory_calls - before.num_memory_calls) / max(steps, 1)
+        row["memory_rpc_p50_ms"] = after.memory_rpc_p50_ms
+    write_row(row, args.output)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--request-rate", type=float, default=math.inf)
+    ap.add_argument("--burstiness", type=float, default=1.0)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--workload", default="sharegpt-synth", choices=sorted(WORKLOADS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--address", default="", help="a running gateway; empty = start a stack")
+    ap.add_argument("--model", default="dummy:gpt2")
+    ap.add_argument("--modes", default="paged", type=lambda s: s.split(","))
+    ap.add_argument("--kv-budget-tokens", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--sweep", default="", help="comma-separated request rates, run for every mode")
+    ap.add_argument("--compare-in-process", action="store_true")
+    ap.add_argument("--output", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed)
+    print("workload", args.workload, "-", describe(requests))
+    rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
+    for mode in args.modes:
+        for rate in rates:
+            row = bench_one(args, mode, rate, requests)
+            print(f"{mode} rate={rate}: " + ", ".join(
+                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                if k not in ("timestamp_utc", "model", "workload", "mode", "request_rate")))
+    if args.compare_in_process:
+        in_process = in_process_tokens_per_second(args, args.modes[0], requests)
+        print(f"in-process: {in_process:.1f} output tok/s; through the services: {row['output_token_throughput']:.1f}")
+        print(f"split_efficiency={row['output_token_throughput'] / in_process:.3f} "
+              f"memory_rpc_p50_ms={row.get('memory_rpc_p50_ms', math.nan):.3f} "
+              f"memory_calls_per_step={row.get('memory_calls_per_step', math.nan):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Runs InferenceEngine.step() on a thread of its own and hands each request's outputs to the
+asyncio side through a queue, so the gRPC event loop (health checks, streams) never waits on a
+forward pass."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from compute_service.engine import InferenceEngine, RequestOutput
+from compute_service.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineFailure:
+    """Put on a request's queue when the engine loop itself failed."""
+
+    message: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: InferenceEngine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._streams)
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """Validate now (ValueError for the caller), queue for the engine thread, return the stream."""
+        if request_id in self._streams:
+            raise KeyError(request_id)
+        self.engine.validate_request(prompt_token_ids, params)
+        out: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), out)
+        self._inbox.put(("add", request_id, prompt_token_ids, params))
+        self._wake.set()
+        return out
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # keep serving: fail the requests in flight, log once
+                log.exception("engine step failed")
+                self._fail_all(f"engine step failed: {exc}")
+                continue
+            for out in outputs:
+                self._deliver(out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "add":
+                _, request_id, prompt, params = item
+                if request_id not in self._streams:
+                    continue  # cancelled before it reached the engine
+                try:
+                    self.engine.add_request(prompt, params, request_id=request_id)
+                except ValueError as exc:
+                    self._deliver_failure(request_id, str(exc))
+            else:
+                if not self.engine.abort(item[1]):
+                    self._streams.pop(item[1], None)  # not in the engine (yet): nothing to free
+
+    def _deliver(self, out: RequestOutput) -> None:
+        target = self._streams.get(out.request_id)
+        if out.finished:
+            self._streams.pop(out.request_id, None)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _deliver_failure(self, request_id: str, message: str) -> None:
+        target = self._streams.pop(request_id, None)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, EngineFailure(message))
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+            self._deliver_failure(request_id, message)

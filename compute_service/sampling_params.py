@@ -1,0 +1,53 @@
+"""What a client may ask of a generation, and the checks every entry point shares.
+
+No torch here: the gateway validates requests with exactly these functions before forwarding
+them, and the engine checks them again on arrival.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if math.isinf(self.temperature):
+            raise ValueError("temperature must be finite")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+
+
+def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> None:
+    """ValueError naming the field, for a prompt and params that cannot run on this model."""
+    if not prompt_token_ids:
+        raise ValueError("prompt must not be empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    params.validate()
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is {max_model_len}")
+    if len(prompt_token_ids) + params.max_new_tokens > max_model_len:
+        raise ValueError(
+            f"max_new_tokens={params.max_new_tokens} with a {len(prompt_token_ids)}-token prompt "
+            f"exceeds the context of {max_model_len} tokens"
+        )

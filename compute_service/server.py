@@ -1,0 +1,154 @@
+"""A compute replica over gRPC: NanoGPT + the KV pool + the scheduler, block tables kept by the
+memory service. The servicer only translates protobuf <-> engine calls.
+Run it with `python -m compute_service.server` (flags/env: ComputeServiceConfig + EngineConfig).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from common import protocol
+from common.grpc_server import bind, make_server, set_serving
+from common.settings import add_arguments, from_namespace
+from compute_service.async_engine import AsyncEngine, EngineFailure
+from compute_service.config import EngineConfig
+from compute_service.engine import InferenceEngine
+from compute_service.memory_client import MemoryClient
+from rpc.v1 import compute_pb2, compute_pb2_grpc, generate_pb2
+
+log = logging.getLogger("compute_service")
+SERVICE = "rpc.v1.ComputeService"
+
+
+@dataclass
+class ComputeServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 50052
+    memory_address: str = "127.0.0.1:50051"  # empty = keep block tables in-process
+    replica: str = ""  # name in stats; default hostname:port
+    max_waiting: int = 256  # queued requests beyond this get RESOURCE_EXHAUSTED
+
+
+def complete_message(out, replica: str) -> generate_pb2.Complete:
+    seq = out.sequence
+    n = len(seq.output_token_ids)
+    e2e = (seq.finish_time - seq.arrival_time) * 1000
+    ttft = ((seq.first_token_time or seq.finish_time) - seq.arrival_time) * 1000
+    return generate_pb2.Complete(
+        request_id=seq.request_id, finish_reason=out.finish_reason, prompt_tokens=seq.prompt_len,
+        completion_tokens=n, num_preemptions=seq.num_preemptions, replica=replica,
+        timings=generate_pb2.Timings(
+            queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
+            ttft_ms=ttft, e2e_ms=e2e, tpot_ms=(e2e - ttft) / (n - 1) if n > 1 else 0.0,
+        ),
+    )
+
+
+class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
+    def __init__(self, engine: AsyncEngine, config: ComputeServiceConfig, memory: MemoryClient | None) -> None:
+        self.engine = engine
+        self.config = config
+        self.memory = memory
+
+    async def Generate(self, request, context):
+        engine = self.engine.engine
+        try:
+            prompt = protocol.prompt_token_ids(request, engine.tokenizer)
+            params = protocol.sampling_params(request.params)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.engine.num_pending >= self.config.max_waiting + engine.config.max_num_seqs:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "compute replica queue is full; retry later")
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            outputs = self.engine.submit(request_id, prompt, params)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except KeyError:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running")
+        text = protocol.IncrementalText(engine.tokenizer, params.stop)
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                if isinstance(out, EngineFailure):
+                    finished = True
+                    await context.abort(grpc.StatusCode.INTERNAL, out.message)
+                if out.new_token_ids:
+                    delta = text.add(out.new_token_ids) if not out.finished else ""
+                    yield generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(token_ids=out.new_token_ids, text=delta))
+                if out.finished:
+                    finished = True
+                    rest = text.finish(out.sequence.output_text)
+                    if rest:
+                        yield generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(text=rest))
+                    yield generate_pb2.GenerateResponse(complete=complete_message(out, self.config.replica))
+        finally:
+            if not finished:  # the caller cancelled or its deadline passed: free the blocks
+                self.engine.abort(request_id)
+
+    async def Info(self, request, context):
+        engine = self.engine.engine
+        sched = engine.scheduler
+        return compute_pb2.InfoResponse(
+            model=engine.config.model, context_length=engine.max_model_len, block_size=sched.config.block_size,
+            num_blocks=sched.config.num_blocks, mode=engine.config.mode, replica=self.config.replica,
+            num_running=len(sched.running), num_waiting=len(sched.waiting), num_preemptions=sched.num_preemptions,
+            vocab_size=engine.model.config.vocab_size, num_steps=sched.num_steps,
+            num_memory_calls=sched.num_memory_calls,
+            memory_rpc_p50_ms=self.memory.p50_ms() if self.memory is not None else 0.0,
+        )
+
+
+def build_engine(engine_config: EngineConfig, config: ComputeServiceConfig) -> tuple[InferenceEngine, MemoryClient | None]:
+    """The engine with its block tables in the memory service (or in-process when no address)."""
+    if not config.memory_address or engine_config.mode == "no-cache":
+        return InferenceEngine(engine_config), None
+    engine = InferenceEngine(engine_config, step_fn=lambda request: client.step(request))
+    sched = engine.scheduler.config
+    client = MemoryClient(config.memory_address, sched.num_blocks, sched.block_size, config.replica)
+    return engine, client
+
+
+async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> None:
+    config.replica = config.replica or f"{socket.gethostname()}:{config.port}"
+    started = time.perf_counter()
+    engine, memory = build_engine(engine_config, config)
+    log.info("loaded %s (%s, %s) in %.1fs: %s mode, %d blocks x %d tokens, memory at %s", engine_config.model,
+             engine_config.device, engine_config.dtype, time.perf_counter() - started, engine_config.mode,
+             engine.scheduler.config.num_blocks, engine.scheduler.config.block_size,
+             f"{config.memory_address} ({memory.pool_id})" if memory else "in-process")
+    async_engine = AsyncEngine(engine, config.max_waiting)
+    async_engine.start()
+    server, health = make_server([SERVICE])
+    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(async_engine, config, memory), server)
+    port = bind(server, config.host, config.port)
+    await server.start()
+    await set_serving(health, [SERVICE])
+    log.info("compute replica %s listening on %s:%d", config.replica, config.host, port)
+    try:
+        await server.wait_for_termination()
+    finally:
+        async_engine.stop()
+        if memory is not None:
+            memory.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser, ComputeServiceConfig)
+    add_arguments(parser, EngineConfig)
+    ns = parser.parse_args(argv)
+    asyncio.run(serve(from_namespace(EngineConfig, ns), from_namespace(ComputeServiceConfig, ns)))
+
+
+if __name__ == "__main__":
+    main()

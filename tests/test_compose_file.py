@@ -1,0 +1,62 @@
+"""docker-compose.yml starts what `make run` starts: same modules, ports, settings and health
+checks, with only the gateway published. (Bringing it up for real: tests/test_compose_up.py.)"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.settings import env_name
+from compute_service.config import EngineConfig
+from compute_service.server import ComputeServiceConfig
+from deploy.services import local_services
+from gateway.server import GatewayConfig
+from memory_service.server import MemoryServiceConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"memory": [MemoryServiceConfig], "compute": [ComputeServiceConfig, EngineConfig], "gateway": [GatewayConfig]}
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def settings_of(name):
+    return {env_name(f.name) for cls in CONFIGS[name] for f in dataclasses.fields(cls)}
+
+
+def test_services_match_the_local_launcher(compose):
+    services = compose["services"]
+    assert set(services) == set(CONFIGS)
+    for spec in local_services():
+        svc = services[spec.name]
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        assert svc["command"] == ["python", "-m", spec.module]
+        assert env["PORT"] == str(spec.port) and env["HOST"] == "0.0.0.0"
+        assert set(spec.env) - {"REPLICA"} <= set(env), f"{spec.name}: launcher settings missing in compose"
+        assert set(env) <= settings_of(spec.name), f"{spec.name}: compose sets an unknown setting"
+        check = svc["healthcheck"]["test"]
+        assert check == ["CMD", "python", "-m", "common.healthcheck", f"127.0.0.1:{spec.port}", spec.health_service]
+
+
+def test_only_the_gateway_is_published_and_startup_is_ordered(compose):
+    services = compose["services"]
+    assert compose["networks"]["internal"]["internal"] is True
+    for name in ("memory", "compute"):
+        assert "ports" not in services[name] and services[name]["networks"] == ["internal"]
+    assert sorted(services["gateway"]["ports"]) == ["50050:50050", "9100:9100"]
+    assert services["compute"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
+    assert services["gateway"]["depends_on"] == {"compute": {"condition": "service_healthy"}}
+    assert services["gateway"]["environment"]["COMPUTE_ADDRESSES"].startswith("dns:///compute:")
+    assert all(s.get("init") is True for s in services.values()), "fast shutdown needs an init process"
+
+
+def test_docker_compose_validates_the_file():
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed (make compose-test installs it)")
+    subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], check=True)

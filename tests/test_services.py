@@ -1,0 +1,185 @@
+"""Integration: memory, two compute replicas and the gateway as real processes on loopback."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from compute_service.engine import InferenceEngine
+from compute_service.sampling_params import SamplingParams
+from deploy.run_local import running_stack
+from deploy.services import free_ports, local_services
+from gateway.client import stream_generate
+from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, memory_pb2, memory_pb2_grpc
+
+COMPUTE_ENV = {"MODEL": "dummy:tiny", "KV_BUDGET_TOKENS": "4096", "MAX_NUM_SEQS": "32"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    memory, c1, c2, gateway, m1, m2 = free_ports(6)
+    services = local_services(memory, (c1, c2), gateway, m1, m2, compute_env=COMPUTE_ENV)
+    services[-1].env["MAX_IN_FLIGHT"] = "20"
+    with running_stack(services, timeout_s=120, log_dir=str(tmp_path_factory.mktemp("logs"))) as procs:
+        yield dict(gateway=f"127.0.0.1:{gateway}", memory=f"127.0.0.1:{memory}", procs=procs)
+
+
+def collect(address, prompt, **params):
+    tokens, text, complete = [], [], None
+    for r in stream_generate(address, prompt, **params):
+        if r.HasField("chunk"):
+            tokens.extend(r.chunk.token_ids)
+            text.append(r.chunk.text)
+        elif r.HasField("complete"):
+            complete = r.complete
+    return tokens, "".join(text), complete
+
+
+def memory_pools(address):
+    with grpc.insecure_channel(address) as ch:
+        return memory_pb2_grpc.MemoryServiceStub(ch).Stats(memory_pb2.StatsRequest(), timeout=5).pools
+
+
+def wait_all_blocks_free(address, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pools = memory_pools(address)
+        if all(p.num_used_blocks == 0 and p.num_sequences == 0 for p in pools):
+            return pools
+        time.sleep(0.1)
+    raise AssertionError(f"blocks still in use: {pools}")
+
+
+def test_16_concurrent_streams_match_the_in_process_engine_and_both_replicas_serve(stack):
+    prompts = [f"Request number {i} says" + " hello" * i for i in range(16)]
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    expected = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096).generate(prompts, params)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: collect(stack["gateway"], p, max_new_tokens=24, temperature=0.0,
+                                                  ignore_eos=True), prompts))
+    for (tokens, text, complete), want in zip(results, expected):
+        assert tokens == want.token_ids
+        assert text == want.text
+        assert complete.finish_reason == "length" and complete.completion_tokens == 24
+        assert complete.timings.ttft_ms > 0 and complete.timings.e2e_ms >= complete.timings.ttft_ms
+    assert {c.replica for _, _, c in results} == {"compute-0", "compute-1"}
+    wait_all_blocks_free(stack["memory"])
+
+
+def test_unary_generate_and_model_info_and_stats(stack):
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        result = stub.GenerateUnary(generate_pb2.GenerateRequest(
+            text=b"Hello", params=generate_pb2.SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)))
+        assert len(result.token_ids) == 5 and result.complete.finish_reason == "length"
+        info = stub.GetModelInfo(gateway_pb2.ModelInfoRequest())
+        assert (info.model, info.context_length, info.block_size, info.replicas) == ("dummy:tiny", 1024, 16, 2)
+        stats = stub.GetStats(memory_pb2.StatsRequest())
+        assert stats.requests_total >= 1 and stats.ttft.p50_ms > 0 and len(stats.pools) == 2
+
+
+BAD_REQUESTS = [
+    (dict(text=b""), "prompt"),
+    (dict(), "prompt"),
+    (dict(text=b"\xff\xfe bad"), "UTF-8"),
+    (dict(token_ids=generate_pb2.TokenIds(ids=[1] * 1024)), "prompt"),
+    (dict(token_ids=generate_pb2.TokenIds(ids=[60000])), "token ids"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(max_new_tokens=0)), "max_new_tokens"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(max_new_tokens=5000)), "max_new_tokens"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(temperature=-1)), "temperature"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(temperature=math.nan)), "temperature"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(top_p=0)), "top_p"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(top_p=1.5)), "top_p"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(stop=[""])), "stop"),
+]
+
+
+@pytest.mark.parametrize("fields, named", BAD_REQUESTS)
+def test_bad_input_gets_invalid_argument_naming_the_field(stack, fields, named):
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(generate_pb2.GenerateRequest(**fields), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in err.value.details()
+
+
+def test_abort_of_unknown_request_is_invalid_argument(stack):
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            gateway_pb2_grpc.GatewayStub(ch).Abort(gateway_pb2.AbortRequest(request_id="nope"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.value.details()
+
+
+def long_request(request_id: str = "") -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(request_id=request_id, text=b"Once upon a time", params=generate_pb2.SamplingParams(
+        max_new_tokens=1000, temperature=0, ignore_eos=True))
+
+
+def test_client_cancel_mid_stream_frees_every_block(stack):
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        call = gateway_pb2_grpc.GatewayStub(ch).Generate(long_request())
+        for i, _ in enumerate(call):
+            if i == 3:
+                break
+        assert any(p.num_used_blocks > 0 for p in memory_pools(stack["memory"]))
+        call.cancel()
+    wait_all_blocks_free(stack["memory"])
+
+
+def test_deadline_passing_frees_every_block(stack):
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            list(gateway_pb2_grpc.GatewayStub(ch).Generate(long_request(), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_all_blocks_free(stack["memory"])
+
+
+def test_abort_rpc_ends_the_stream_with_finish_reason_abort(stack):
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        call = stub.Generate(long_request("to-abort"))
+        responses = []
+        for r in call:
+            responses.append(r)
+            if len(responses) == 2:
+                stub.Abort(gateway_pb2.AbortRequest(request_id="to-abort"))
+    assert responses[-1].complete.finish_reason == "abort"
+    wait_all_blocks_free(stack["memory"])
+
+
+def test_full_gateway_answers_resource_exhausted(stack):
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        calls = [stub.Generate(long_request()) for _ in range(20)]
+        for c in calls:
+            next(c)  # each is in flight
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(long_request(), timeout=10))
+        for c in calls:
+            c.cancel()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    wait_all_blocks_free(stack["memory"])
+
+
+def test_dead_compute_replica_gives_unavailable(tmp_path):
+    memory, compute, gateway, m1, m2 = free_ports(5)
+    services = local_services(memory, (compute,), gateway, m1, m2, compute_env=COMPUTE_ENV)
+    with running_stack(services, timeout_s=120, log_dir=str(tmp_path)) as procs:
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        procs[1].wait()
+        with pytest.raises(grpc.RpcError) as err:
+            collect(f"127.0.0.1:{gateway}", "hi", max_new_tokens=4)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_memory_service_never_imports_torch():
+    code = "import sys, memory_service.server; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
