@@ -101,6 +101,32 @@ def single_stream(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def decode_tokens_per_second(args: argparse.Namespace, batch: int, context: int, steps: int = 24) -> float:
+    """Decode tok/s with `batch` sequences of `context` tokens each (prefill not timed)."""
+    engine = make_engine(args, "paged", batch * (context + steps + args.block_size))
+    for r in fixed_length(batch, context, steps + 1, seed=args.seed):
+        engine.add_request(r.prompt_token_ids, SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True))
+    while any(s.num_tokens == s.prompt_len for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill everyone first
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def decode_scaling(args: argparse.Namespace) -> None:
+    """Batch scaling of decode at a fixed context, next to the linear-layer roofline."""
+    batches = [int(b) for b in args.decode_scaling.split(",")]
+    base = None
+    print(f"decode at {args.decode_context}-token context, {args.model}:")
+    print(f"{'batch':>6} {'tok/s':>8} {'x batch 1':>10} {'linear roofline':>16} {'of roofline':>12}")
+    for batch in batches:
+        tps = decode_tokens_per_second(args, batch, args.decode_context)
+        roofline = linear_roofline_tokens_per_second(make_engine(args, "no-cache", 1), batch)
+        base = base or tps
+        print(f"{batch:>6} {tps:8.1f} {tps / base:10.2f} {roofline:16.1f} {tps / roofline:12.0%}")
+
+
 def workload_run(args: argparse.Namespace) -> list[dict]:
     requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed)
     print("workload", args.workload, "-", describe(requests))
@@ -214,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--peers", default="", type=lambda s: [p for p in s.split(",") if p])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decode-scaling", default="", help="e.g. 1,32: decode tok/s at these batch sizes")
+    ap.add_argument("--decode-context", type=int, default=128)
     ap.add_argument("--output", type=Path, default=RESULTS)
     return ap.parse_args(argv)
 
@@ -221,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.decode_scaling:
+        decode_scaling(args)
+        return []
     rows = workload_run(args) if args.workload else single_stream(args)
     write_rows(rows, args, args.output)
     print_table(rows)

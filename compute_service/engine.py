@@ -99,6 +99,7 @@ class InferenceEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
                 watermark_blocks=max(1, num_blocks // 100) if config.mode == "paged" else 0,
+                headroom_blocks_per_seq=config.headroom_blocks_per_seq if config.mode == "paged" else 0,
                 reserve=config.reserve if config.mode == "contiguous" else None,
             ),
             step_fn,
@@ -147,7 +148,9 @@ class InferenceEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """True while any request runs, waits, has blocks to return, or has an unreported end
+        (an abort before the request was ever scheduled is reported by the next step)."""
+        return bool(self._requests) or self.scheduler.has_work()
 
     # ---- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -27,6 +27,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     watermark_blocks: int = 1  # kept free at admission so running sequences can grow
+    headroom_blocks_per_seq: int = 0  # and this many more per running sequence (fewer recomputes)
     reserve: str | None = None  # None = paged; "max-model-len" or "max-new-tokens" = contiguous
 
 
@@ -126,7 +127,9 @@ class Scheduler:
             if admitted and num_tokens + seq.num_tokens > self.config.max_num_batched_tokens:
                 break
             needed = -(-max(seq.num_tokens, self.reserve_tokens(seq)) // self.config.block_size)
-            if free_blocks - needed < self.config.watermark_blocks and (self.running or admitted):
+            running = len(self.running) + len(admitted) + 1
+            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * running
+            if free_blocks - needed < headroom and (self.running or admitted):
                 break
             if needed > free_blocks:
                 break

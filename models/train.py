@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from compute_service.model import GPT, AttentionMetadata, GPTConfig
 from compute_service.tokenizer import get_tokenizer
-from compute_service.weights import save_checkpoint
+from compute_service.weights import load_model, save_checkpoint
 
 CACHE = Path.home() / ".cache" / "paged-nanogpt" / "shakespeare"
 VALIDATION_WORKS = ("hamlet", "twelfth_night", "sonnets")  # held out whole
+FIXED_SLICE_WINDOW = 256
 _GUTENBERG_START = re.compile(r"\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*", re.S)
 _GUTENBERG_END = re.compile(r"\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", re.S)
 
@@ -78,14 +79,17 @@ def forward_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: np.ndarray, seq: int, device: str, max_batches: int = 40) -> float:
-    """Mean loss over consecutive, non-overlapping windows from the start of `data`."""
+def windowed_loss(model: GPT, token_ids, window: int, max_windows: int | None = None) -> float:
+    """Mean next-token loss over consecutive, non-overlapping windows from the start."""
+    was_training = model.training
     model.eval()
+    data = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
+    count = (len(data) - 1) // window
     losses = []
-    for i in range(min(max_batches, (len(data) - 1) // seq)):
-        chunk = torch.from_numpy(data[i * seq: i * seq + seq + 1].astype(np.int64)).to(device)
+    for i in range(min(count, max_windows or count)):
+        chunk = data[i * window: i * window + window + 1].to(next(model.parameters()).device)
         losses.append(forward_loss(model, chunk[None, :-1], chunk[None, 1:]).item())
-    model.train()
+    model.train(was_training)
     return float(np.mean(losses))
 
 
@@ -152,19 +156,25 @@ def main(argv: list[str] | None = None) -> None:
             total_steps = min(args.max_steps, int(args.max_minutes * 60 / per_step))
             bar.total = total_steps
         if step % args.eval_every == 0 or step == total_steps:
-            val_loss = evaluate(model, val, args.block_size, args.device)
+            val_loss = windowed_loss(model, val, args.block_size, max_windows=40)
             history.append(dict(step=step, train_loss=loss.item(), val_loss=val_loss,
                                 minutes=(time.perf_counter() - start) / 60))
             bar.write(f"step {step}: train {loss.item():.3f}, val {val_loss:.3f}")
             save_checkpoint(model, args.out)
     bar.close()
     minutes = (time.perf_counter() - start) / 60
-    val_loss = evaluate(model, val, args.block_size, args.device, max_batches=10**9)
+    save_checkpoint(model, args.out)
+    served = load_model(str(args.out))  # the fp16 checkpoint, as the engine loads it
+    val_loss = windowed_loss(served, val, args.block_size)
+    slice_text = works[VALIDATION_WORKS[0]][:12000]  # committed beside the model for the test
+    (args.out / "validation_slice.txt").write_text(slice_text)
+    fixed_slice_loss = windowed_loss(served, get_tokenizer().encode(slice_text), FIXED_SLICE_WINDOW)
     summary = dict(
         config=asdict(config), parameters=params, train_tokens=int(len(train)), val_tokens=int(len(val)),
         validation_works=list(VALIDATION_WORKS), works=sorted(works), steps=step,
         tokens_seen=step * args.batch_size * args.block_size, minutes=minutes, device=args.device,
-        val_loss=val_loss, val_perplexity=math.exp(val_loss),
+        val_loss=val_loss, val_perplexity=math.exp(val_loss), fixed_slice_loss=fixed_slice_loss,
+        fixed_slice_window=FIXED_SLICE_WINDOW,
         unigram_val_loss=unigram_loss(train, val, config.vocab_size), history=history,
         command="python -m models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     )

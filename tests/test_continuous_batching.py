@@ -24,7 +24,8 @@ def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_
     prompts = [random_prompt(rng, n) for n in lengths]
     params = [greedy(int(n)) for n in rng.integers(4, 33, size=32)]
 
-    engine = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=32)
+    engine = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=32,
+                             headroom_blocks_per_seq=0)  # pack the pool: preemption must happen
     batched = engine.generate(prompts, params)
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to be too small"
     assert engine.stats.peak_running > 1
@@ -73,7 +74,7 @@ def test_sampled_tokens_do_not_depend_on_batch_company_or_preemption():
     rng = np.random.default_rng(5)
     prompts = [random_prompt(rng, n) for n in (10, 150, 200, 90, 60)]
     alone = InferenceEngine(model="dummy:tiny", kv_budget_tokens=2048).generate([prompts[0]], sampled(11))[0]
-    crowded = InferenceEngine(model="dummy:tiny", kv_budget_tokens=512)
+    crowded = InferenceEngine(model="dummy:tiny", kv_budget_tokens=512, headroom_blocks_per_seq=0)
     results = crowded.generate(prompts, [sampled(11)] + [sampled(i) for i in range(4)])
     assert crowded.scheduler.num_preemptions > 0
     assert results[0].token_ids == alone.token_ids

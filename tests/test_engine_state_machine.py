@@ -16,7 +16,8 @@ from compute_service.sequence import SequenceStatus
 class EngineMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.engine = InferenceEngine(model="dummy:tiny", block_size=4, kv_budget_tokens=96, max_num_seqs=6)
+        self.engine = InferenceEngine(model="dummy:tiny", block_size=4, kv_budget_tokens=96, max_num_seqs=6,
+                                      headroom_blocks_per_seq=0)
         self.submitted: list[str] = []
         self.finished: dict[str, str] = {}
         self.expected_len: dict[str, int] = {}
