@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         decode_scaling(args)
         return []
     rows = workload_run(args) if args.workload else single_stream(args)
-    write_rows(rows, args, args.output)
+    write_rows(rows, args, args.output)  # one timestamp for the run: the notebook groups by it
     print_table(rows)
     for line in ratio_lines(rows):
         print(line)
