@@ -121,7 +121,7 @@ class InferenceEngine:
         sc = self.scheduler.config
         if self.kv_cache is not None:
             need = max(len(prompt_token_ids) + params.max_new_tokens,
-                       self.scheduler.reserve_tokens(Sequence("", prompt_token_ids, params, None)))
+                       self.scheduler.reserve_tokens(len(prompt_token_ids), params.max_new_tokens))
             if -(-need // sc.block_size) > sc.num_blocks:
                 raise ValueError(f"request needs {need} KV slots; the pool holds {sc.num_blocks * sc.block_size}")
 

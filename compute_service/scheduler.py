@@ -82,12 +82,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._to_free)
 
-    def reserve_tokens(self, seq: Sequence) -> int:
+    def reserve_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
+        """KV slots a request takes at admission in contiguous mode (0 = paged, grow as needed)."""
         if self.config.reserve == "max-model-len":
             return self.config.max_model_len
         if self.config.reserve == "max-new-tokens":
-            return seq.prompt_len + seq.params.max_new_tokens
+            return prompt_len + max_new_tokens
         return 0
+
+    def _reserve(self, seq: Sequence) -> int:
+        return self.reserve_tokens(seq.prompt_len, seq.params.max_new_tokens)
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
@@ -102,7 +106,7 @@ class Scheduler:
 
         admitted = self._admit(free_blocks)
         if admitted:
-            allocs = [Allocation(s.request_id, s.num_tokens, self.reserve_tokens(s)) for s in admitted]
+            allocs = [Allocation(s.request_id, s.num_tokens, self._reserve(s)) for s in admitted]
             response = self._call(StepRequest(free=free_ids, allocate=allocs))
             rejected = set(response.rejected)
             for seq in reversed(admitted):
@@ -126,7 +130,7 @@ class Scheduler:
             seq = self.waiting[0]
             if admitted and num_tokens + seq.num_tokens > self.config.max_num_batched_tokens:
                 break
-            needed = -(-max(seq.num_tokens, self.reserve_tokens(seq)) // self.config.block_size)
+            needed = -(-max(seq.num_tokens, self._reserve(seq)) // self.config.block_size)
             running = len(self.running) + len(admitted) + 1
             headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * running
             if free_blocks - needed < headroom and (self.running or admitted):
