@@ -74,10 +74,17 @@ class Scheduler:
         """Hand finished sequences' blocks back now (called when nothing else is left to run)."""
         if self._to_free and self.step_fn is not None:
             self.num_steps += 1
-            self._call(StepRequest(free=[seq.request_id for seq in self._to_free]))
-            for seq in self._to_free:
-                seq.block_table = []
+            self._call(StepRequest(free=self._take_frees()[0]))
         self._to_free = []
+
+    def _take_frees(self) -> tuple[list, int]:
+        """The ids this round's memory call frees, and how many blocks that returns."""
+        ids = [seq.request_id for seq in self._to_free]
+        blocks = sum(len(seq.block_table) for seq in self._to_free)
+        for seq in self._to_free:
+            seq.block_table = []
+        self._to_free = []
+        return ids, blocks
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._to_free)
@@ -98,11 +105,8 @@ class Scheduler:
         if self.step_fn is None:
             return self._schedule_without_cache()
         self.num_steps += 1
-        free_ids = [seq.request_id for seq in self._to_free]
-        free_blocks = self._num_free_blocks + sum(len(seq.block_table) for seq in self._to_free)
-        for seq in self._to_free:
-            seq.block_table = []
-        self._to_free = []
+        free_ids, freed_blocks = self._take_frees()
+        free_blocks = self._num_free_blocks + freed_blocks
 
         admitted = self._admit(free_blocks)
         if admitted:
