@@ -24,8 +24,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 COPY . .
 RUN python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/rpc/v1/*.proto \
-    && python -m compute_service.attention --build \
-    && useradd --create-home --uid 10001 app && chmod -R a+rX /app /opt/torch_extensions
+    && python -m compute_service.attention --build --require \
+    && useradd --create-home --uid 10001 app && chmod -R a+rX /app \
+    && chown -R app /opt/torch_extensions  # torch takes a lock file there when it loads the kernel
 USER app
 
 EXPOSE 50050 50051 50052 9100 9101

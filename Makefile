@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_STAMP := rpc/.generated
 
-.PHONY: install test run bench proto clean
+.PHONY: install test run bench proto clean compose-test
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: install
 # The three services as local processes, a demo generation, then serving until Ctrl-C.
 run: install
 	$(PY) -m deploy.run_local
+
+# docker-compose.yml brought up for real with podman (Debian: apt-get install -y podman podman-compose
+# runc debootstrap docker-compose catatonit). Container storage stays in a temporary folder.
+compose-test: install
+	$(PY) -m deploy.compose_test
 
 bench: install
 	$(PY) -m bench.benchmark --modes paged,contiguous,no-cache --model dummy:gpt2 --prompt-tokens 32 --new-tokens 500 --block-size 16 --num-blocks 256 --warmup 1 --runs 3

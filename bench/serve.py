@@ -167,6 +167,22 @@ def bench_one(args, mode: str, rate: float, requests: list[Request]) -> dict:
     return row
 
 
+def sustainable_rate(rows: list[dict], factor: float = 2.0) -> tuple[float, float]:
+    """(highest swept rate whose mean normalized latency stays under `factor` x the lowest rate's,
+    the rate where the curve crosses that line, interpolated in log-log between swept points)."""
+    rows = sorted(rows, key=lambda r: r["request_rate"])
+    limit = factor * rows[0]["mean_normalized_latency_ms"]
+    best, crossing = rows[0]["request_rate"], math.nan
+    for lo, hi in zip(rows, rows[1:]):
+        if hi["mean_normalized_latency_ms"] >= limit:
+            x0, x1 = math.log(lo["request_rate"]), math.log(hi["request_rate"])
+            y0, y1 = math.log(lo["mean_normalized_latency_ms"]), math.log(hi["mean_normalized_latency_ms"])
+            crossing = math.exp(x0 + (math.log(limit) - y0) * (x1 - x0) / (y1 - y0))
+            break
+        best = hi["request_rate"]
+    return best, crossing
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--request-rate", type=float, default=math.inf)
@@ -186,12 +202,22 @@ def main(argv: list[str] | None = None) -> None:
     requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed)
     print("workload", args.workload, "-", describe(requests))
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
+    by_mode: dict[str, list[dict]] = {}
     for mode in args.modes:
         for rate in rates:
             row = bench_one(args, mode, rate, requests)
+            by_mode.setdefault(mode, []).append(row)
             print(f"{mode} rate={rate}: " + ", ".join(
                 f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                 if k not in ("timestamp_utc", "model", "workload", "mode", "request_rate")))
+    if len(rates) > 1:
+        sustained = {mode: sustainable_rate(rows) for mode, rows in by_mode.items()}
+        for mode, (best, crossing) in sustained.items():
+            print(f"{mode}: normalized latency under 2x its {rates[0]} req/s value up to {best} req/s "
+                  f"(crosses 2x at {crossing:.3f} req/s)")
+        if {"paged", "contiguous"} <= set(sustained):
+            (p_best, p_cross), (c_best, c_cross) = sustained["paged"], sustained["contiguous"]
+            print(f"sustainable_rate_ratio={p_best / c_best:.2f} crossing_ratio={p_cross / c_cross:.2f}")
     if args.compare_in_process:
         in_process = in_process_tokens_per_second(args, args.modes[0], requests)
         print(f"in-process: {in_process:.1f} output tok/s; through the services: {row['output_token_throughput']:.1f}")

@@ -31,6 +31,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._undelivered: list[RequestOutput] = []  # the last step's outputs, handed out next step
 
     def start(self) -> None:
         self._thread.start()
@@ -64,17 +65,21 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._drain_inbox()
             if not engine.has_unfinished():
+                self._deliver_undelivered()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             try:
-                outputs = engine.step()
+                # The event loop turns the last step's tokens into gRPC messages while this step's
+                # forward runs (torch drops the GIL), not while the memory call waits for the GIL.
+                outputs = engine.step(before_forward=self._deliver_undelivered)
             except Exception as exc:  # keep serving: fail the requests in flight, log once
                 log.exception("engine step failed")
+                self._deliver_undelivered()
                 self._fail_all(f"engine step failed: {exc}")
                 continue
-            for out in outputs:
-                self._deliver(out)
+            self._undelivered = outputs
+        self._deliver_undelivered()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -94,13 +99,18 @@ class AsyncEngine:
                 if not self.engine.abort(item[1]):
                     self._streams.pop(item[1], None)  # not in the engine (yet): nothing to free
 
-    def _deliver(self, out: RequestOutput) -> None:
-        target = self._streams.get(out.request_id)
-        if out.finished:
-            self._streams.pop(out.request_id, None)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, out)
+    def _deliver_undelivered(self) -> None:
+        """One wake-up of each event loop per step, however many requests got tokens."""
+        outputs, self._undelivered = self._undelivered, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver_failure(self, request_id: str, message: str) -> None:
         target = self._streams.pop(request_id, None)
@@ -112,3 +122,8 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self.engine.abort(request_id)
             self._deliver_failure(request_id, message)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)

@@ -11,7 +11,7 @@ import itertools
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -153,11 +153,15 @@ class InferenceEngine:
         return bool(self._requests) or self.scheduler.has_work()
 
     # ---- stepping ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one forward over the scheduled batch and append one token to each sequence."""
+    def step(self, before_forward: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Run one forward over the scheduled batch and append one token to each sequence.
+        `before_forward` runs once the memory call is done (the service hands out the previous
+        step's tokens there, so that work overlaps the forward rather than the memory call)."""
         outputs = [self._finished_output(s) for s in list(self._requests.values())
                    if s.is_finished and s.finish_reason is FinishReason.ABORT]
         batch = self.scheduler.schedule()
+        if before_forward is not None:
+            before_forward()
         if batch is None:
             self.scheduler.flush_frees()
             self._forget(outputs)

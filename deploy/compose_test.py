@@ -1,12 +1,16 @@
 """`make compose-test`: bring docker-compose.yml up for real with podman and use it.
 
 Steps: validate the file (`docker-compose config -q`), make a local Debian base image with
-debootstrap (no registry needed), build the project image with the CPU torch wheel from a
-local folder, `podman-compose up -d`, wait until every container's healthcheck passes, stream a
-generation through the published gateway port with the project's client and compare it with
-the in-process engine, scale compute to 2 and check both replicas serve, then `down` and
+debootstrap (no registry needed), build the project image with the CPU torch wheel from a local
+folder, then drive the compose file with Docker's own `docker-compose` (1.29, Debian) talking to
+`podman system service` through DOCKER_HOST: `up -d` (start-up ordered by service_healthy), stream
+a generation through the published gateway port with the project's client and compare it with
+the in-process engine, `up -d --scale compute=2` and check both replicas serve, then `down` and
 delete everything. Container storage lives in a temporary folder, never the machine's default.
-Needs (Debian): podman podman-compose runc debootstrap docker-compose catatonit.
+Podman runs healthchecks from systemd timers, and there is no systemd here: a thread of this
+driver plays the timer (`podman healthcheck run` every 2 s), so `service_healthy` still means
+the service's own grpc.health check passed.
+Needs (Debian): podman runc debootstrap docker-compose catatonit.
 """
 from __future__ import annotations
 
@@ -17,16 +21,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from compute_service.config import DEFAULT_MODEL  # noqa: E402
+
 PROJECT = "pagedcompose"
 IMAGE = "paged-nanogpt:latest"
 BASE = "localbase:bookworm"
-MODEL = "dummy:tiny"
-PROMPT, MAX_NEW = "The meaning of life is", 16
-REQUIRED = ("podman", "podman-compose", "debootstrap", "docker-compose", "runc")
+PROMPT, MAX_NEW = "ROMEO:", 16
+REQUIRED = ("podman", "debootstrap", "docker-compose", "runc")
 
 
 def missing_tools() -> list[str]:
@@ -34,18 +41,24 @@ def missing_tools() -> list[str]:
 
 
 class Podman:
-    """podman and podman-compose confined to one temporary storage folder."""
+    """podman, its Docker-API socket and docker-compose, confined to one temporary storage folder."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
-        (work / "storage").mkdir()
+        (work / "storage").mkdir(exist_ok=True)
         (work / "storage.conf").write_text(
             f'[storage]\ndriver = "vfs"\ngraphroot = "{work}/storage/graph"\nrunroot = "{work}/storage/run"\n')
         (work / "containers.conf").write_text(
             '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n'
             '[engine]\nruntime = "runc"\n')
+        self.socket = work / "podman.sock"
         self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"),
-                    "CONTAINERS_CONF": str(work / "containers.conf"), "MODEL": MODEL, "BASE_IMAGE": BASE}
+                    "CONTAINERS_CONF": str(work / "containers.conf"), "DOCKER_HOST": f"unix://{self.socket}",
+                    "BASE_IMAGE": BASE, "COMPOSE_HTTP_TIMEOUT": "600"}
+        self.env.pop("MODEL", None)  # the compose file's default model is the one under test
+        self._service: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._health_timer, daemon=True)
 
     def run(self, *args: str, check: bool = True, capture: bool = False, timeout: float = 1800) -> str:
         print("+", " ".join(args), flush=True)
@@ -54,12 +67,46 @@ class Podman:
         return result.stdout or ""
 
     def compose(self, *args: str, **kw) -> str:
-        return self.run("podman-compose", "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), *args, **kw)
+        return self.run("docker-compose", "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), *args, **kw)
+
+    def start_api(self) -> None:
+        """The Docker API that docker-compose talks to, and the healthcheck timer."""
+        self._service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{self.socket}"],
+                                         env=self.env)
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if time.monotonic() > deadline or self._service.poll() is not None:
+                raise RuntimeError("podman system service did not start")
+            time.sleep(0.2)
+        self._timer.start()
+
+    def stop_api(self) -> None:
+        self._stop.set()
+        if self._service is not None:
+            self._service.terminate()
+            self._service.wait(timeout=30)
+
+    def container_ids(self, service: str | None = None) -> list[str]:
+        filters = ["--filter", f"label=com.docker.compose.project={PROJECT}"]
+        if service:
+            filters += ["--filter", f"label=com.docker.compose.service={service}"]
+        out = subprocess.run(["podman", "ps", "-q", *filters], env=self.env, capture_output=True, text=True)
+        return out.stdout.split()
+
+    def _health_timer(self) -> None:
+        while not self._stop.wait(2.0):
+            for cid in self.container_ids():
+                subprocess.run(["podman", "healthcheck", "run", cid], env=self.env, capture_output=True)
+
+    def health(self, cid: str) -> str:
+        out = subprocess.run(["podman", "inspect", "--format", "{{.State.Health.Status}}", cid],
+                             env=self.env, capture_output=True, text=True)
+        return out.stdout.strip()
 
 
 def make_base_image(podman: Podman) -> None:
     rootfs = podman.work / "rootfs"
-    podman.run("debootstrap", "--variant=minbase", "--include=python3,python3-pip,python-is-python3,ca-certificates",
+    podman.run("debootstrap", "--variant=minbase", "--include=python3,python3-dev,python3-pip,python-is-python3,ca-certificates",
                "bookworm", str(rootfs))
     # Debian marks its Python as externally managed; the official python image does not.
     for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
@@ -80,42 +127,32 @@ def build_image(podman: Podman) -> None:
             copied.append(target)
     try:
         # This machine's HTTPS goes through a proxy whose CA lives in the host's certificates:
-        # the build borrows them read-only; nothing of them lands in the image.
+        # the build borrows them read-only (Debian's pip reads the system bundle); nothing of
+        # them lands in the image.
         podman.run("podman", "build", "-t", IMAGE, "--build-arg", f"BASE_IMAGE={BASE}",
                    "--build-arg", "TORCH_INDEX_URL=" if local else "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu",
-                   "--volume", "/etc/ssl/certs:/etc/ssl/certs:ro",
-                   "--build-arg", "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", str(ROOT))
+                   "--volume", "/etc/ssl/certs:/etc/ssl/certs:ro", str(ROOT))
     finally:
         for target in copied:
             target.unlink()
 
 
-def container_ids(podman: Podman, service: str) -> list[str]:
-    out = podman.run("podman", "ps", "-q", "--filter", f"label=com.docker.compose.service={service}",
-                     "--filter", f"label=com.docker.compose.project={PROJECT}", capture=True)
-    return out.split()
-
-
-def wait_healthy(podman: Podman, services: list[str], timeout_s: float = 600) -> None:
-    """Run each container's own healthcheck (podman runs none without systemd) until it passes."""
+def wait_healthy(podman: Podman, services: list[str], count: int = 1, timeout_s: float = 600) -> None:
+    """Until `count` containers of each service report healthy (the timer thread runs the checks)."""
     deadline = time.monotonic() + timeout_s
-    pending = {cid for s in services for cid in container_ids(podman, s)}
-    assert pending, "no containers running"
-    while pending and time.monotonic() < deadline:
-        for cid in list(pending):
-            if subprocess.run(["podman", "healthcheck", "run", cid], env=podman.env).returncode == 0:
-                pending.discard(cid)
-        time.sleep(2)
-    if pending:
-        raise TimeoutError(f"containers not healthy after {timeout_s:.0f}s: {pending}")
+    while time.monotonic() < deadline:
+        healthy = {s: [c for c in podman.container_ids(s) if podman.health(c) == "healthy"] for s in services}
+        if all(len(ids) >= count for ids in healthy.values()):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"not healthy after {timeout_s:.0f}s: {healthy}")
 
 
-def generate_through_gateway() -> tuple[list[int], set[str]]:
-    sys.path.insert(0, str(ROOT))
+def generate_through_gateway(times: int = 4) -> tuple[list[int], set[str]]:
     from gateway.client import stream_generate
 
     tokens, replicas = [], set()
-    for _ in range(4):
+    for _ in range(times):
         tokens = []
         for r in stream_generate("127.0.0.1:50050", PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, ignore_eos=True):
             if r.HasField("chunk"):
@@ -129,41 +166,47 @@ def in_process_tokens() -> list[int]:
     from compute_service.engine import InferenceEngine
     from compute_service.sampling_params import SamplingParams
 
-    engine = InferenceEngine(model=MODEL, kv_budget_tokens=1024)
-    return engine.generate([PROMPT], SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True))[0].token_ids
+    engine = InferenceEngine(model=DEFAULT_MODEL, kv_budget_tokens=1024)
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+    return engine.generate([PROMPT], params)[0].token_ids
 
 
 def main() -> int:
     missing = missing_tools()
     if missing:
-        print(f"missing tools: {missing}; on Debian: apt-get install -y podman podman-compose runc "
-              "debootstrap docker-compose catatonit", file=sys.stderr)
+        print(f"missing tools: {missing}; on Debian: apt-get install -y podman runc debootstrap "
+              "docker-compose catatonit", file=sys.stderr)
         return 2
     subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], check=True)
-    work = Path(tempfile.mkdtemp(prefix="compose-test-"))
+    keep = os.environ.get("COMPOSE_TEST_WORKDIR")  # reuse one storage folder between runs (development)
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="compose-test-"))
     podman = Podman(work)
     try:
-        make_base_image(podman)
+        if not podman.run("podman", "images", "-q", BASE, capture=True).strip():
+            make_base_image(podman)
         build_image(podman)
+        podman.start_api()
         podman.compose("up", "-d")
         wait_healthy(podman, ["memory", "compute", "gateway"])
         tokens, replicas = generate_through_gateway()
         expected = in_process_tokens()
         assert tokens == expected, f"gateway tokens {tokens} != in-process {expected}"
-        print(f"one replica: tokens match the in-process engine; served by {replicas}")
+        print(f"one replica ({DEFAULT_MODEL}): tokens match the in-process engine; served by {replicas}")
         podman.compose("up", "-d", "--scale", "compute=2")
-        wait_healthy(podman, ["compute"])
-        podman.compose("restart", "gateway")  # re-resolve `compute` to both replicas
+        wait_healthy(podman, ["compute"], count=2)
+        podman.compose("restart", "-t", "1", "gateway")  # the gateway resolves `compute` again: 2 addresses
         wait_healthy(podman, ["gateway"])
-        _, replicas = generate_through_gateway()
+        _, replicas = generate_through_gateway(times=6)
         assert len(replicas) == 2, f"expected both compute replicas to serve, got {replicas}"
         print(f"scaled: both replicas served: {sorted(replicas)}")
         print(json.dumps({"compose_test": "passed"}))
         return 0
     finally:
-        podman.compose("down", "-t", "1", check=False)
-        podman.run("podman", "system", "reset", "--force", check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        podman.compose("down", "-t", "1", "--remove-orphans", check=False)
+        podman.stop_api()
+        if not keep:
+            podman.run("podman", "system", "reset", "--force", check=False)
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
     ap.add_argument("--warmup-steps", type=int, default=30)
-    ap.add_argument("--max-steps", type=int, default=2000)
-    ap.add_argument("--max-minutes", type=float, default=40.0, help="the schedule is stretched to fit this")
+    ap.add_argument("--max-steps", type=int, default=100_000)
+    ap.add_argument("--max-minutes", type=float, default=40.0, help="training time; the lr schedule spans it")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=1337)
@@ -123,25 +123,29 @@ def main(argv: list[str] | None = None) -> None:
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    # Time one step, then fit the number of steps into --max-minutes.
     def batch():
         starts = rng.integers(0, len(train) - args.block_size - 1, size=args.batch_size)
         rows = np.stack([train[s: s + args.block_size + 1] for s in starts]).astype(np.int64)
         rows = torch.from_numpy(rows).to(args.device)
         return rows[:, :-1], rows[:, 1:]
 
-    def lr_at(step: int, total: int) -> float:
+    budget_s = args.max_minutes * 60
+
+    def lr_at(step: int, elapsed_s: float) -> float:
+        """Linear warm-up, then cosine over the time budget: a busy or slow machine trains for
+        fewer steps but still ends its schedule at min_lr when the time is up."""
         if step < args.warmup_steps:
             return args.lr * (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
-        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+        progress = min(elapsed_s / budget_s, 1.0)
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
     start = time.perf_counter()
-    total_steps, step, history = args.max_steps, 0, []
-    bar = tqdm(total=total_steps, unit="step")
-    while step < total_steps:
+    step, history = 0, []
+    bar = tqdm(total=args.max_steps, unit="step")
+    while step < args.max_steps and time.perf_counter() - start < budget_s:
+        lr = lr_at(step, time.perf_counter() - start)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps)
+            group["lr"] = lr
         x, y = batch()
         loss = forward_loss(model, x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -150,12 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, total_steps):.2e}")
-        if step == 5:  # fit the schedule to the time budget, once the step time is known
-            per_step = (time.perf_counter() - start) / step * 1.08  # evaluations cost a little
-            total_steps = min(args.max_steps, int(args.max_minutes * 60 / per_step))
-            bar.total = total_steps
-        if step % args.eval_every == 0 or step == total_steps:
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        if step % args.eval_every == 0:
             val_loss = windowed_loss(model, val, args.block_size, max_windows=40)
             history.append(dict(step=step, train_loss=loss.item(), val_loss=val_loss,
                                 minutes=(time.perf_counter() - start) / 60))

@@ -58,5 +58,11 @@ def test_only_the_gateway_is_published_and_startup_is_ordered(compose):
 
 def test_docker_compose_validates_the_file():
     if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose is not installed (make compose-test installs it)")
+        pytest.skip("docker-compose is not installed (.ci/run installs it on Debian)")
     subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], check=True)
+
+
+def test_compose_serves_the_engine_default_model(compose):
+    from compute_service.config import DEFAULT_MODEL
+
+    assert compose["services"]["compute"]["environment"]["MODEL"] == f"${{MODEL:-{DEFAULT_MODEL}}}"

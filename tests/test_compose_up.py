@@ -1,0 +1,24 @@
+"""docker-compose.yml brought up for real (podman): `make compose-test` as a test. Slow (image
+build); skipped, with the reason, where podman and friends are not installed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.compose_test import missing_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_up_serves_generate_through_the_published_port():
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (apt-get install -y podman podman-compose runc debootstrap "
+                    "docker-compose catatonit; .ci/run installs them)")
+    result = subprocess.run([sys.executable, "-m", "deploy.compose_test"], cwd=ROOT, timeout=1500,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert '{"compose_test": "passed"}' in result.stdout
