@@ -32,8 +32,8 @@ test: install
 run: install
 	$(PY) -m deploy.run_local
 
-# docker-compose.yml brought up for real with podman (Debian: apt-get install -y podman podman-compose
-# runc debootstrap docker-compose catatonit). Container storage stays in a temporary folder.
+# docker-compose.yml brought up for real with podman (Debian: apt-get install -y podman
+# runc debootstrap docker-compose catatonit; .ci/run does). Container storage stays in a temporary folder.
 compose-test: install
 	$(PY) -m deploy.compose_test
 

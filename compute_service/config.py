@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_MODEL = "dummy:gpt2"
+DEFAULT_MODEL = "shakespeare"
 MODES = ("paged", "contiguous", "no-cache")
 RESERVE_POLICIES = ("max-model-len", "max-new-tokens")
 

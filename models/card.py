@@ -48,6 +48,8 @@ def main(model_dir: str) -> None:
         f"| validation loss | **{t['val_loss']:.3f} nats/token** (perplexity {t['val_perplexity']:.1f}) |",
         f"| unigram baseline | {t['unigram_val_loss']:.3f} nats/token on the same validation tokens "
         f"(train-set unigram, add-one smoothed): the model is {t['unigram_val_loss'] - t['val_loss']:.2f} nats better |",
+        f"| quality goal | validation loss <= unigram - 1.5 = {t['unigram_val_loss'] - 1.5:.3f}: "
+        f"{'met' if t['val_loss'] <= t['unigram_val_loss'] - 1.5 else 'NOT met yet'} |",
         f"| fixed-slice check | {t['fixed_slice_loss']:.4f} nats/token on `validation_slice.txt` (first 12,000 characters of "
         f"{t['validation_works'][0]}, windows of {t['fixed_slice_window']}); tests/test_shakespeare_model.py checks it to 0.05 |",
         "",

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_compose_up_serves_generate_through_the_published_port():
     missing = missing_tools()
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (apt-get install -y podman podman-compose runc debootstrap "
+        pytest.skip(f"needs {', '.join(missing)} (apt-get install -y podman runc debootstrap "
                     "docker-compose catatonit; .ci/run installs them)")
     result = subprocess.run([sys.executable, "-m", "deploy.compose_test"], cwd=ROOT, timeout=1500,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
