@@ -1,9 +1,12 @@
-"""The scheduler's memory call over gRPC: registers this replica's pool, then one unary Step per
-engine step. Converts protobuf <-> memory_service.step objects and records each call's latency."""
+"""The scheduler's memory call over gRPC: registers this replica's pool, then one StepRequest per
+engine step on a long-lived StepStream (a unary Step costs about 0.4 ms more a round trip here).
+Converts protobuf <-> memory_service.step objects and records each call's latency."""
 from __future__ import annotations
 
+import queue
 import time
 from collections import deque
+from typing import Iterator
 
 import grpc
 
@@ -22,6 +25,20 @@ class MemoryClient:
             memory_pb2.RegisterPoolRequest(num_blocks=num_blocks, block_size=block_size, replica=replica)
         ).pool_id
         self.call_seconds: deque[float] = deque(maxlen=100_000)  # recent Step round trips
+        self._requests: queue.SimpleQueue | None = None
+        self._responses: Iterator[memory_pb2.StepResponse] | None = None
+
+    def _round_trip(self, message: memory_pb2.StepRequest) -> memory_pb2.StepResponse:
+        """One request and its answer on the open stream; a broken stream is reopened next call."""
+        if self._responses is None:
+            self._requests = queue.SimpleQueue()
+            self._responses = self.stub.StepStream(iter(self._requests.get, None))
+        self._requests.put(message)
+        try:
+            return next(self._responses)
+        except (grpc.RpcError, StopIteration):
+            self._close_stream()
+            raise
 
     def step(self, request: StepRequest) -> StepResponse:
         message = memory_pb2.StepRequest(
@@ -32,7 +49,7 @@ class MemoryClient:
             append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
         )
         start = time.perf_counter()
-        reply = self.stub.Step(message, timeout=30)
+        reply = self._round_trip(message)
         self.call_seconds.append(time.perf_counter() - start)
         st = reply.stats
         return StepResponse(
@@ -47,7 +64,13 @@ class MemoryClient:
         calls = sorted(self.call_seconds)
         return calls[len(calls) // 2] * 1000 if calls else 0.0
 
+    def _close_stream(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)  # ends the request iterator: the stream closes cleanly
+        self._requests = self._responses = None
+
     def close(self) -> None:
+        self._close_stream()
         try:
             self.stub.ReleasePool(memory_pb2.ReleasePoolRequest(pool_id=self.pool_id), timeout=2)
         except grpc.RpcError:

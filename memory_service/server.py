@@ -63,6 +63,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.RegisterPoolResponse(pool_id=pool_id)
 
     async def Step(self, request, context):
+        return await self._step(request, context)
+
+    async def StepStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self._step(request, context)
+
+    async def _step(self, request, context) -> memory_pb2.StepResponse:
         pool = await self._pool(request.pool_id, context)
         step = StepRequest(
             free=list(request.free),
