@@ -1,7 +1,7 @@
 """Locust load test of the gateway's streaming Generate (closed loop: each user waits for its
 answer before sending the next request).
 
-    locust -f bench/locustfile.py --headless -u 16 -r 4 -t 60s --csv bench/results/locust
+    locust -f bench/locustfile.py --headless -u 16 -r 4 -t 60s --csv bench/results/locust --csv-full-history
     locust -f bench/locustfile.py            # web UI on http://localhost:8089
 
 Each call reports two request types: `Generate TTFT` (time to the first streamed token) and
