@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(rates) > 1:
         sustained = {mode: sustainable_rate(rows) for mode, rows in by_mode.items()}
         for mode, (best, crossing) in sustained.items():
-            print(f"{mode}: normalized latency under 2x its {rates[0]} req/s value up to {best} req/s "
+            print(f"{mode}: normalized latency under 2x its {min(rates)} req/s value up to {best} req/s "
                   f"(crosses 2x at {crossing:.3f} req/s)")
         if {"paged", "contiguous"} <= set(sustained):
             (p_best, p_cross), (c_best, c_cross) = sustained["paged"], sustained["contiguous"]

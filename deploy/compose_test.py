@@ -34,6 +34,7 @@ IMAGE = "paged-nanogpt:latest"
 BASE = "localbase:bookworm"
 PROMPT, MAX_NEW = "ROMEO:", 16
 REQUIRED = ("podman", "debootstrap", "docker-compose", "runc")
+INSTALL_HINT = "on Debian: apt-get install -y podman runc debootstrap docker-compose catatonit (.ci/run does)"
 
 
 def missing_tools() -> list[str]:
@@ -174,8 +175,7 @@ def in_process_tokens() -> list[int]:
 def main() -> int:
     missing = missing_tools()
     if missing:
-        print(f"missing tools: {missing}; on Debian: apt-get install -y podman runc debootstrap "
-              "docker-compose catatonit", file=sys.stderr)
+        print(f"missing tools: {missing}; {INSTALL_HINT}", file=sys.stderr)
         return 2
     subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], check=True)
     keep = os.environ.get("COMPOSE_TEST_WORKDIR")  # reuse one storage folder between runs (development)

@@ -80,7 +80,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             result = apply_step(pool.allocator, step)
         except (BlockAllocatorError, ValueError) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        self._export(request.pool_id)
+        self._export(request.pool_id, result.stats)  # the step already computed them
         return memory_pb2.StepResponse(
             block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t) for s, t in result.block_tables.items()],
             copies=[memory_pb2.BlockCopy(src=s, dst=d) for s, d in result.copies],
@@ -108,9 +108,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"pool_id {pool_id!r} is not registered")
         return pool
 
-    def _export(self, pool_id: str) -> None:
+    def _export(self, pool_id: str, st: AllocatorStats | None = None) -> None:
         pool = self._pools[pool_id]
-        st = pool.allocator.stats()
+        st = pool.allocator.stats() if st is None else st
         FREE_BLOCKS.labels(pool_id, pool.replica).set(st.num_free_blocks)
         USED_BLOCKS.labels(pool_id, pool.replica).set(st.num_used_blocks)
         UTILIZATION.labels(pool_id, pool.replica).set(st.utilization)

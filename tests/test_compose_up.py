@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.compose_test import missing_tools
+from deploy.compose_test import INSTALL_HINT, missing_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_compose_up_serves_generate_through_the_published_port():
     missing = missing_tools()
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (apt-get install -y podman runc debootstrap "
-                    "docker-compose catatonit; .ci/run installs them)")
+        pytest.skip(f"needs {', '.join(missing)}; {INSTALL_HINT}")
     result = subprocess.run([sys.executable, "-m", "deploy.compose_test"], cwd=ROOT, timeout=1500,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert result.returncode == 0, result.stdout[-6000:]
