@@ -124,16 +124,21 @@ def compute_info(address: str) -> compute_pb2.InfoResponse:
         return compute_pb2_grpc.ComputeServiceStub(channel).Info(compute_pb2.InfoRequest(), timeout=10)
 
 
-def in_process_tokens_per_second(args: argparse.Namespace, mode: str, requests: list[Request]) -> float:
+def in_process_run(args: argparse.Namespace, mode: str, requests: list[Request]) -> dict:
+    """The same requests on an InferenceEngine in this process: output tok/s, and the scheduler's
+    steps and preemptions (so the two arms can be checked to have scheduled alike)."""
     from bench.benchmark import run_requests
     from compute_service.engine import InferenceEngine
 
     engine = InferenceEngine(model=args.model, mode=mode, kv_budget_tokens=args.kv_budget_tokens,
                              max_num_seqs=args.max_num_seqs)
     run_requests(engine, requests[:2])  # warm-up, as the served stack got one
+    sched = engine.scheduler
+    steps, preemptions = sched.num_steps, sched.num_preemptions
     with tqdm(total=sum(r.output_len for r in requests), desc="in-process", unit="tok") as bar:
         wall = run_requests(engine, requests, bar)
-    return sum(r.output_len for r in requests) / wall
+    return dict(output_token_throughput=sum(r.output_len for r in requests) / wall,
+                num_steps=sched.num_steps - steps, num_preemptions=sched.num_preemptions - preemptions)
 
 
 def write_row(row: dict, path: Path = RESULTS) -> None:
@@ -163,6 +168,7 @@ def bench_one(args, mode: str, rate: float, requests: list[Request]) -> dict:
         steps = after.num_steps - before.num_steps
         row["memory_calls_per_step"] = (after.num_memory_calls - before.num_memory_calls) / max(steps, 1)
         row["memory_rpc_p50_ms"] = after.memory_rpc_p50_ms
+        print(f"compute replica: {steps} steps, {after.num_preemptions - before.num_preemptions} preemptions")
     write_row(row, args.output)
     return row
 
@@ -219,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
             (p_best, p_cross), (c_best, c_cross) = sustained["paged"], sustained["contiguous"]
             print(f"sustainable_rate_ratio={p_best / c_best:.2f} crossing_ratio={p_cross / c_cross:.2f}")
     if args.compare_in_process:
-        in_process = in_process_tokens_per_second(args, args.modes[0], requests)
-        print(f"in-process: {in_process:.1f} output tok/s; through the services: {row['output_token_throughput']:.1f}")
+        local = in_process_run(args, args.modes[0], requests)
+        in_process = local["output_token_throughput"]
+        print(f"in-process: {in_process:.1f} output tok/s, {local['num_steps']} steps, {local['num_preemptions']} "
+              f"preemptions; through the services: {row['output_token_throughput']:.1f} output tok/s")
         print(f"split_efficiency={row['output_token_throughput'] / in_process:.3f} "
               f"memory_rpc_p50_ms={row.get('memory_rpc_p50_ms', math.nan):.3f} "
               f"memory_calls_per_step={row.get('memory_calls_per_step', math.nan):.2f}")

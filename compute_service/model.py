@@ -153,9 +153,21 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         logits_indices: torch.Tensor | None = None,  # (B,) rows whose logits are needed
     ) -> torch.Tensor:
+        return self.lm_head(self.features(input_ids, positions, meta, kv_cache, logits_indices))  # (B, vocab)
+
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache | None = None,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states (after ln_f) that lm_head turns into logits; training takes
+        them to compute the softmax in chunks."""
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, meta, kv_cache, layer)
         if logits_indices is not None:
             x = x.index_select(0, logits_indices)  # (B, C): lm_head on the last positions only
-        return self.lm_head(self.transformer.ln_f(x))  # (B, vocab)
+        return self.transformer.ln_f(x)  # (B, C)

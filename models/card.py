@@ -44,6 +44,9 @@ def main(model_dir: str) -> None:
         f"training: {t['train_tokens']:,} tokens |",
         f"| training | AdamW, cosine schedule, {t['steps']} steps, {t['tokens_seen']:,} tokens seen, "
         f"{t['minutes']:.1f} minutes on {t['device']} |",
+        *([f"| softmax while training | `--compact-vocab`: over the token ids the training text uses plus one row "
+           "shared by all other ids (`models/compact_vocab.py`); the exported model gives every id exactly the "
+           "probability training gave it |"] if t.get("compact_vocab") else []),
         f"| command | `{t['command']}` |",
         f"| validation loss | **{t['val_loss']:.3f} nats/token** (perplexity {t['val_perplexity']:.1f}) |",
         f"| unigram baseline | {t['unigram_val_loss']:.3f} nats/token on the same validation tokens "

@@ -28,22 +28,24 @@ class CompactVocab:
     def __init__(self, used_ids: np.ndarray, full_vocab_size: int) -> None:
         self.used_ids = np.unique(used_ids).astype(np.int64)  # compact id i <-> full id used_ids[i]
         self.full_vocab_size = full_vocab_size
-        self.other_id = len(self.used_ids)
         self.num_other = full_vocab_size - len(self.used_ids)
+        self.other_id = len(self.used_ids)  # the shared row; absent when every id is used
         self._to_compact = np.full(full_vocab_size, self.other_id, dtype=np.int64)
         self._to_compact[self.used_ids] = np.arange(len(self.used_ids))
 
     @property
     def size(self) -> int:
-        return len(self.used_ids) + 1
+        return len(self.used_ids) + (1 if self.num_other else 0)
 
     def to_compact(self, full_ids: np.ndarray) -> np.ndarray:
         return self._to_compact[np.asarray(full_ids, dtype=np.int64)]
 
-    def logit_offset(self) -> torch.Tensor:
+    def logit_offset(self) -> torch.Tensor | None:
         """(size,) zeros but log(n_other) for `other`: makes the compact softmax the full one."""
+        if not self.num_other:
+            return None  # the full vocabulary: nothing to correct
         offset = torch.zeros(self.size)
-        offset[self.other_id] = math.log(self.num_other) if self.num_other else -math.inf
+        offset[self.other_id] = math.log(self.num_other)
         return offset
 
     def expand(self, compact: GPT) -> GPT:
@@ -52,7 +54,9 @@ class CompactVocab:
         full = GPT(config)
         state = {k: v for k, v in compact.state_dict().items() if not k.endswith(("wte.weight", "lm_head.weight"))}
         wte = compact.transformer.wte.weight.detach()  # (size, C)
-        full_wte = wte[self.other_id].expand(self.full_vocab_size, -1).clone()  # (V, C)
+        full_wte = wte.new_zeros(self.full_vocab_size, wte.shape[1])  # (V, C)
+        if self.num_other:
+            full_wte[:] = wte[self.other_id]
         full_wte[torch.from_numpy(self.used_ids)] = wte[: self.other_id]
         state["transformer.wte.weight"] = full_wte
         full.load_state_dict(state, strict=False)  # lm_head.weight is tied to wte

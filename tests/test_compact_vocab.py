@@ -43,3 +43,11 @@ def test_expanded_embedding_rows():
     assert torch.equal(wte[[2, 5, 9]], compact.transformer.wte.weight[:3])
     for other in (0, 1, 3, 11):
         assert torch.equal(wte[other], compact.transformer.wte.weight[3])
+
+
+def test_a_vocabulary_with_every_id_used_is_the_full_model():
+    vocab = CompactVocab(np.arange(12), 12)
+    assert vocab.size == 12 and vocab.num_other == 0 and vocab.logit_offset() is None
+    compact = _tiny(vocab.size, seed=3)
+    full = vocab.expand(compact)
+    assert torch.equal(full.transformer.wte.weight, compact.transformer.wte.weight)
