@@ -7,7 +7,9 @@ own stack (memory, compute, gateway on free loopback ports) with --model/--mode/
 Metrics (shared/reference/serving-metrics.md): TTFT = first token - send; E2EL = last token -
 send; TPOT = (E2EL - TTFT) / (output tokens - 1); ITL = gaps between streamed chunks; normalized
 latency = E2EL / output tokens. One row per run in bench/results/serving_results.csv.
---compare-in-process also runs the same workload in-process and prints the split's efficiency.
+--compare-in-process also runs the same workload in-process and prints the split's efficiency; the
+arms alternate (services, in-process, in-process, services for --compare-rounds 2) so that drift
+of a shared machine during the run cancels instead of landing on one arm.
 """
 from __future__ import annotations
 
@@ -141,6 +143,30 @@ def in_process_run(args: argparse.Namespace, mode: str, requests: list[Request])
                 num_steps=sched.num_steps - steps, num_preemptions=sched.num_preemptions - preemptions)
 
 
+def compare_split(args: argparse.Namespace, requests: list[Request], rate: float, first: dict) -> None:
+    """Throughput through the services over in-process, arms alternated (S I, then I S, ...) so that
+    a machine that speeds up or slows down during the run favours neither; `first` is the services
+    run already made. Ends with the machine-readable line."""
+    mode = args.modes[0]
+    order = [arm for r in range(args.compare_rounds) for arm in
+             (("services", "in-process") if r % 2 == 0 else ("in-process", "services"))]
+    services, local = [first], []
+    for arm in order[1:]:
+        if arm == "services":
+            services.append(bench_one(args, mode, rate, requests))
+        else:
+            local.append(in_process_run(args, mode, requests))
+            print(f"in-process: {local[-1]['output_token_throughput']:.1f} output tok/s, {local[-1]['num_steps']} "
+                  f"steps, {local[-1]['num_preemptions']} preemptions")
+    mean = lambda rows, key: float(np.mean([r.get(key, math.nan) for r in rows]))  # noqa: E731
+    through, in_process = mean(services, "output_token_throughput"), mean(local, "output_token_throughput")
+    print(f"order {' '.join(order)}: services " + " / ".join(f"{r['output_token_throughput']:.1f}" for r in services)
+          + " tok/s, in-process " + " / ".join(f"{r['output_token_throughput']:.1f}" for r in local) + " tok/s")
+    print(f"split_efficiency={through / in_process:.3f} "
+          f"memory_rpc_p50_ms={mean(services, 'memory_rpc_p50_ms'):.3f} "
+          f"memory_calls_per_step={mean(services, 'memory_calls_per_step'):.2f}")
+
+
 def write_row(row: dict, path: Path = RESULTS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
@@ -203,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--sweep", default="", help="comma-separated request rates, run for every mode")
     ap.add_argument("--compare-in-process", action="store_true")
+    ap.add_argument("--compare-rounds", type=int, default=2,
+                    help="rounds of (services, in-process), alternating which goes first")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed)
@@ -225,14 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             (p_best, p_cross), (c_best, c_cross) = sustained["paged"], sustained["contiguous"]
             print(f"sustainable_rate_ratio={p_best / c_best:.2f} crossing_ratio={p_cross / c_cross:.2f}")
     if args.compare_in_process:
-        local = in_process_run(args, args.modes[0], requests)
-        in_process = local["output_token_throughput"]
-        print(f"in-process: {in_process:.1f} output tok/s, {local['num_steps']} steps, {local['num_preemptions']} "
-              f"preemptions; through the services: {row['output_token_throughput']:.1f} output tok/s")
-        print(f"split_efficiency={row['output_token_throughput'] / in_process:.3f} "
-              f"memory_rpc_p50_ms={row.get('memory_rpc_p50_ms', math.nan):.3f} "
-              f"memory_calls_per_step={row.get('memory_calls_per_step', math.nan):.2f}")
-
+        compare_split(args, requests, rates[-1], row)
 
 if __name__ == "__main__":
     main()
