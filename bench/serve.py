@@ -255,5 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare_in_process:
         compare_split(args, requests, rates[-1], row)
 
+
 if __name__ == "__main__":
     main()

@@ -49,14 +49,15 @@ class CompactVocab:
         return offset
 
     def expand(self, compact: GPT) -> GPT:
-        """The full-vocabulary GPT whose every unused id carries the `other` embedding."""
+        """The full-vocabulary GPT whose every unused id carries the `other` embedding (the model
+        itself when every id is used: it is already the full one)."""
+        if not self.num_other:
+            return compact
         config = GPTConfig(**{**compact.config.__dict__, "vocab_size": self.full_vocab_size})
         full = GPT(config)
         state = {k: v for k, v in compact.state_dict().items() if not k.endswith(("wte.weight", "lm_head.weight"))}
         wte = compact.transformer.wte.weight.detach()  # (size, C)
-        full_wte = wte.new_zeros(self.full_vocab_size, wte.shape[1])  # (V, C)
-        if self.num_other:
-            full_wte[:] = wte[self.other_id]
+        full_wte = wte[self.other_id].expand(self.full_vocab_size, -1).clone()  # (V, C)
         full_wte[torch.from_numpy(self.used_ids)] = wte[: self.other_id]
         state["transformer.wte.weight"] = full_wte
         full.load_state_dict(state, strict=False)  # lm_head.weight is tied to wte

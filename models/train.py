@@ -8,7 +8,7 @@ project's GPT-2 tokenizer; trained with AdamW and a cosine schedule; checkpoints
 `--compact-vocab` trains the softmax over only the ids the training text uses (models/compact_vocab.py:
 exactly the full vocabulary's probabilities, ~1.8x faster steps on CPU); the shipped checkpoint was
 trained without it (its runs reached a lower validation loss, but greedy decoding collapsed into
-repeated whitespace; see the model card's notes).
+repeated whitespace; see the README's Limits).
 """
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     model = GPT(GPTConfig(**{**asdict(config), "vocab_size": vocab.size}))
     model.init_weights(args.seed)
     model.to(args.device).train()
-    params = sum(p.numel() for p in GPT(config).parameters())  # as served
+    unused_rows = (config.vocab_size - vocab.size) * config.n_embd  # the rows `expand` adds back
+    params = sum(p.numel() for p in model.parameters()) + unused_rows  # as served
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def batch():
