@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -20,12 +19,12 @@ from compute_service.kv_cache import KVCache
 from compute_service.model_runner import ModelRunner
 from compute_service.sampling import make_generator, sample
 from compute_service.sampling_params import SamplingParams, validate_prompt
-from compute_service.scheduler import Scheduler, SchedulerConfig, StepFn
-from compute_service.sequence import FinishReason, Sequence
+from compute_service.scheduler import Scheduler, SchedulerConfig
+from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from compute_service.tokenizer import get_tokenizer
 from compute_service.weights import load_model
 from memory_service.block_allocator import BlockAllocator
-from memory_service.step import apply_step
+from memory_service.step import LocalMemory, MemoryConnection
 
 
 @dataclass
@@ -73,9 +72,11 @@ class StepStats:
 
 
 class InferenceEngine:
-    def __init__(self, config: EngineConfig | None = None, step_fn: StepFn | None = None, **overrides) -> None:
-        """`step_fn` replaces the in-process BlockAllocator (the compute service passes its
-        memory-service client here); by default the engine keeps its own allocator."""
+    def __init__(self, config: EngineConfig | None = None,
+                 connect_memory: Callable[[int, int], MemoryConnection] | None = None, **overrides) -> None:
+        """`connect_memory(num_blocks, block_size)` replaces the in-process BlockAllocator (the
+        compute service registers its pool with the memory service there); by default the
+        engine keeps its own allocator."""
         config = config or EngineConfig(**overrides)
         config.validate()
         self.config = config
@@ -83,15 +84,18 @@ class InferenceEngine:
         self.model = load_model(config.model, config.device, config.torch_dtype)
         self.max_model_len = self.model.config.block_size
         cfg = self.model.config
+        memory: MemoryConnection | None = None
         if config.mode == "no-cache":
             num_blocks, block_size, kv_cache = 0, 1, None
         else:
             num_blocks, block_size = config.pool_shape(self.max_model_len)
             kv_cache = KVCache(cfg.n_layer, cfg.n_head, cfg.head_dim, num_blocks, block_size,
                                config.device, config.torch_dtype)
-            if step_fn is None:
+            if connect_memory is None:
                 self.allocator = BlockAllocator(num_blocks, block_size)
-                step_fn = partial(apply_step, self.allocator)
+                memory = LocalMemory(self.allocator)
+            else:
+                memory = connect_memory(num_blocks, block_size)
         self.kv_cache = kv_cache
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -102,7 +106,7 @@ class InferenceEngine:
                 headroom_blocks_per_seq=config.headroom_blocks_per_seq if config.mode == "paged" else 0,
                 reserve=config.reserve if config.mode == "contiguous" else None,
             ),
-            step_fn,
+            memory,
         )
         self.runner = ModelRunner(self.model, kv_cache, config.device)
         self.stats = StepStats()
@@ -166,12 +170,15 @@ class InferenceEngine:
             self.scheduler.flush_frees()
             self._forget(outputs)
             return outputs
-        logits = self.runner.run(batch)
+        prepared = self.runner.prepare(batch)
+        self.scheduler.plan_next(batch)  # the next step's memory call travels during this forward
+        logits = self.runner.execute(prepared)
         tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
         for seq, token in zip(batch.seqs, tokens):
-            seq.num_cached_tokens = seq.num_tokens if self.kv_cache is not None else 0
+            if self.kv_cache is not None and seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
+                seq.num_cached_tokens = seq.num_tokens
             seq.token_ids.append(token)
             seq.first_token_time = seq.first_token_time or now
             reason = self._finish_reason(seq, token)

@@ -1,6 +1,8 @@
 """The scheduler's memory call over gRPC: registers this replica's pool, then one StepRequest per
 engine step on a long-lived StepStream (a unary Step costs about 0.4 ms more a round trip here).
-Converts protobuf <-> memory_service.step objects and records each call's latency."""
+send() queues the request and returns; receive() reads the answer, so the round trip runs while
+the engine's forward does. Converts protobuf <-> memory_service.step objects and records the
+time each call keeps the engine thread."""
 from __future__ import annotations
 
 import queue
@@ -24,41 +26,46 @@ class MemoryClient:
         self.pool_id = self.stub.RegisterPool(
             memory_pb2.RegisterPoolRequest(num_blocks=num_blocks, block_size=block_size, replica=replica)
         ).pool_id
-        self.call_seconds: deque[float] = deque(maxlen=100_000)  # recent Step round trips
+        # Per call, the time the engine thread spent in it: building and queueing the request,
+        # then waiting for and converting the answer (the travel overlaps the forward in between).
+        self.call_seconds: deque[float] = deque(maxlen=100_000)
+        self._send_seconds = 0.0
         self._requests: queue.SimpleQueue | None = None
         self._responses: Iterator[memory_pb2.StepResponse] | None = None
 
-    def _round_trip(self, message: memory_pb2.StepRequest) -> memory_pb2.StepResponse:
-        """One request and its answer on the open stream; a broken stream is reopened next call."""
+    def send(self, request: StepRequest) -> None:
+        """Put the step's request on the open stream (a broken stream is reopened here)."""
+        start = time.perf_counter()
         if self._responses is None:
             self._requests = queue.SimpleQueue()
             self._responses = self.stub.StepStream(iter(self._requests.get, None))
-        self._requests.put(message)
-        try:
-            return next(self._responses)
-        except (grpc.RpcError, StopIteration):
-            self._close_stream()
-            raise
-
-    def step(self, request: StepRequest) -> StepResponse:
-        message = memory_pb2.StepRequest(
+        self._requests.put(memory_pb2.StepRequest(
             pool_id=self.pool_id,
             free=[str(s) for s in request.free],
             allocate=[memory_pb2.Allocation(seq_id=str(a.seq_id), num_tokens=a.num_tokens,
                                             reserve_tokens=a.reserve_tokens) for a in request.allocate],
             append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
-        )
+        ))
+        self._send_seconds = time.perf_counter() - start
+
+    def receive(self) -> StepResponse:
+        """The answer to the last send; usually here already, having travelled during a forward."""
         start = time.perf_counter()
-        reply = self._round_trip(message)
-        self.call_seconds.append(time.perf_counter() - start)
+        try:
+            reply = next(self._responses)
+        except (grpc.RpcError, StopIteration):
+            self._close_stream()
+            raise
         st = reply.stats
-        return StepResponse(
+        response = StepResponse(
             block_tables={t.seq_id: list(t.block_ids) for t in reply.block_tables},
             copies=[(c.src, c.dst) for c in reply.copies],
             rejected=list(reply.rejected),
             stats=AllocatorStats(st.num_blocks, st.block_size, st.num_free_blocks, st.num_used_blocks,
                                  st.num_tokens_stored, st.num_sequences),
         )
+        self.call_seconds.append(self._send_seconds + time.perf_counter() - start)
+        return response
 
     def p50_ms(self) -> float:
         calls = sorted(self.call_seconds)

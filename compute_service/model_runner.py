@@ -6,11 +6,21 @@ offset) for the new tokens, and for decode the padded `block_tables` and `contex
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from compute_service.kv_cache import KVCache
 from compute_service.model import GPT, AttentionMetadata
 from compute_service.scheduler import ScheduledBatch
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor  # (N,) packed over the batch's sequences
+    positions: torch.Tensor  # (N,)
+    meta: AttentionMetadata
+    copies: list[tuple[int, int]]  # copy-on-write block copies to do before the forward
 
 
 class ModelRunner:
@@ -19,17 +29,23 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = torch.device(device)
 
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits (B, vocab) for the next token of every sequence in the batch."""
-        if self.kv_cache is not None:
-            self.kv_cache.copy_blocks(batch.copies)
+    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        """The step's tensors, read from the sequences' block tables before the scheduler
+        plans the next step (which may preempt one of them and drop its table)."""
         if batch.is_prefill:
             input_ids, positions, meta = self._prepare_prefill(batch)
         else:
             input_ids, positions, meta = self._prepare_decode(batch)
+        return PreparedBatch(input_ids, positions, meta, batch.copies)
+
+    @torch.inference_mode()
+    def execute(self, prepared: PreparedBatch) -> torch.Tensor:
+        """Logits (B, vocab) for the next token of every sequence in the batch."""
+        if self.kv_cache is not None:
+            self.kv_cache.copy_blocks(prepared.copies)
+        meta = prepared.meta
         last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1  # (B,)
-        return self.model(input_ids, positions, meta, self.kv_cache, logits_indices=last)
+        return self.model(prepared.input_ids, prepared.positions, meta, self.kv_cache, logits_indices=last)
 
     def _prepare_prefill(self, batch: ScheduledBatch):
         ids, positions, slots, seq_lens = [], [], [], []

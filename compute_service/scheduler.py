@@ -3,20 +3,23 @@
 No tensors here. Each step is either a prefill of newly admitted sequences (prefill first, as
 vLLM v0 and nano-vllm do) or one decode token for every running sequence. The scheduler keeps
 its own count of free blocks (from the memory side's last answer plus what it frees), decides
-admissions and preemptions with it, then makes exactly one batched memory call per step.
+admissions and preemptions with it, and makes exactly one batched memory call per step.
+
+The call is pipelined one step ahead (vLLM's async scheduling): `plan_next(batch)` sends the
+next step's request while `batch`'s forward runs, assuming every sequence in it gets one more
+token; `schedule()` reads the answer. A sequence that ends by EOS or a stop string in between
+had one slot asked for it in vain: its blocks go back one call later. One that ends by length is
+foreseen and asks for nothing.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
 
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from memory_service.block_allocator import AllocatorStats
-from memory_service.step import Allocation, StepRequest, StepResponse
-
-StepFn = Callable[[StepRequest], StepResponse]
+from memory_service.step import Allocation, MemoryConnection, StepRequest
 
 
 @dataclass
@@ -38,11 +41,19 @@ class ScheduledBatch:
     copies: list[tuple[int, int]] = field(default_factory=list)
 
 
+@dataclass
+class _Plan:
+    """The step whose memory request is in flight: what it will run once the answer is in."""
+
+    is_prefill: bool
+    seqs: list[Sequence]
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, step_fn: StepFn | None) -> None:
-        """`step_fn` is the memory call; None means no KV cache (the no-cache mode)."""
+    def __init__(self, config: SchedulerConfig, memory: MemoryConnection | None) -> None:
+        """`memory` takes the step calls; None means no KV cache (the no-cache mode)."""
         self.config = config
-        self.step_fn = step_fn
+        self.memory = memory
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
@@ -50,7 +61,8 @@ class Scheduler:
         self.num_memory_calls = 0
         self.last_stats: AllocatorStats | None = None
         self._num_free_blocks = config.num_blocks
-        self._to_free: list[Sequence] = []
+        self._to_free: dict[str, int] = {}  # seq id -> blocks it returns at the next memory call
+        self._in_flight: _Plan | None = None
 
     # ---- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -65,29 +77,32 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         if seq.block_table:
-            self._to_free.append(seq)
+            self._to_free[seq.request_id] = len(seq.block_table)
+            seq.block_table = []
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()
 
     def flush_frees(self) -> None:
         """Hand finished sequences' blocks back now (called when nothing else is left to run)."""
-        if self._to_free and self.step_fn is not None:
+        if self._in_flight is not None:
+            self._receive()  # only finished sequences can be in it now: they join _to_free
+        if self._to_free and self.memory is not None:
             self.num_steps += 1
-            self._call(StepRequest(free=self._take_frees()[0]))
-        self._to_free = []
+            self._send(StepRequest(free=self._take_frees()), _Plan(False, []))
+            self._receive()
 
-    def _take_frees(self) -> tuple[list, int]:
-        """The ids this round's memory call frees, and how many blocks that returns."""
-        ids = [seq.request_id for seq in self._to_free]
-        blocks = sum(len(seq.block_table) for seq in self._to_free)
-        for seq in self._to_free:
-            seq.block_table = []
-        self._to_free = []
-        return ids, blocks
+    def _take_frees(self) -> list:
+        """The ids this call frees (their blocks were counted as free when it was planned)."""
+        ids, self._to_free = list(self._to_free), {}
+        return ids
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._to_free)
+        return bool(self.waiting or self.running or self._to_free or self._in_flight)
+
+    def in_flight_ids(self) -> set:
+        """Sequences whose next step's slots are asked for but not yet known here."""
+        return {s.request_id for s in self._in_flight.seqs} if self._in_flight else set()
 
     def reserve_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
         """KV slots a request takes at admission in contiguous mode (0 = paged, grow as needed)."""
@@ -102,42 +117,63 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        if self.step_fn is None:
+        """This step's batch: the answer to the request plan_next() sent during the last
+        forward, or (nothing in flight, or all of it finished meanwhile) a call made now."""
+        if self.memory is None:
             return self._schedule_without_cache()
         self.num_steps += 1
-        free_ids, freed_blocks = self._take_frees()
-        free_blocks = self._num_free_blocks + freed_blocks
+        batch = self._receive() if self._in_flight is not None else None
+        if batch is None and self._plan(ahead=set()):
+            batch = self._receive()
+        return batch
 
-        admitted = self._admit(free_blocks)
+    def plan_next(self, batch: ScheduledBatch) -> None:
+        """Send the next step's memory request now, as if `batch` had run: it travels while
+        `batch`'s forward does. Only called with nothing in flight."""
+        if self.memory is not None:
+            self._plan(ahead={s.request_id for s in batch.seqs})
+
+    def _plan(self, ahead: set) -> bool:
+        """Decide the next step and send its request; `ahead` = sequences gaining a token before
+        it runs. False when there is nothing to run (queued frees then wait for the next call)."""
+        free_blocks = self._num_free_blocks + sum(self._to_free.values())
+        going_on = [s for s in self.running if not self._ends_by_length(s, ahead)]
+        admitted = self._admit(free_blocks, len(going_on))
         if admitted:
-            allocs = [Allocation(s.request_id, s.num_tokens, self._reserve(s)) for s in admitted]
-            response = self._call(StepRequest(free=free_ids, allocate=allocs))
-            rejected = set(response.rejected)
-            for seq in reversed(admitted):
-                if seq.request_id in rejected:  # memory disagreed with our count: try later
-                    self.waiting.appendleft(seq)
-            admitted = [s for s in admitted if s.request_id not in rejected]
             for seq in admitted:
-                seq.block_table = response.block_tables[seq.request_id]
                 seq.status = SequenceStatus.RUNNING
-                seq.first_scheduled_time = seq.first_scheduled_time or time.perf_counter()
                 self.running.append(seq)
-            if admitted:
-                return ScheduledBatch(is_prefill=True, seqs=admitted, copies=response.copies)
-            free_ids, free_blocks = [], self._num_free_blocks
-        return self._schedule_decode(free_ids, free_blocks)
+            allocs = [Allocation(s.request_id, s.num_tokens, self._reserve(s)) for s in admitted]
+            self._send(StepRequest(free=self._take_frees(), allocate=allocs), _Plan(True, admitted))
+            return True
+        block_size = self.config.block_size
+        # Slots a sequence holds: its cached tokens, plus the one asked for the step in flight.
+        held = {s.request_id: s.num_tokens if s.request_id in ahead else s.num_cached_tokens for s in going_on}
+        needs = {s.request_id: int(held[s.request_id] == len(s.block_table) * block_size) for s in going_on}
+        while going_on and sum(needs[s.request_id] for s in going_on) > free_blocks:
+            victim = going_on.pop()  # the last admitted; if its forward is in flight, that forward
+            free_blocks += len(victim.block_table)  # still writes these blocks, which no one reads
+            self._preempt(victim)
+        if not going_on:
+            return False
+        append = [(s.request_id, 1) for s in going_on]
+        self._send(StepRequest(free=self._take_frees(), append=append), _Plan(False, going_on))
+        return True
 
-    def _admit(self, free_blocks: int) -> list[Sequence]:
+    def _ends_by_length(self, seq: Sequence, ahead: set) -> bool:
+        return seq.request_id in ahead and len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens
+
+    def _admit(self, free_blocks: int, num_running: int) -> list[Sequence]:
         admitted: list[Sequence] = []
         num_tokens = 0
-        while self.waiting and len(self.running) + len(admitted) < self.config.max_num_seqs:
+        while self.waiting and num_running + len(admitted) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if admitted and num_tokens + seq.num_tokens > self.config.max_num_batched_tokens:
                 break
             needed = -(-max(seq.num_tokens, self._reserve(seq)) // self.config.block_size)
-            running = len(self.running) + len(admitted) + 1
+            running = num_running + len(admitted) + 1
             headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * running
-            if free_blocks - needed < headroom and (self.running or admitted):
+            if free_blocks - needed < headroom and (num_running or admitted):
                 break
             if needed > free_blocks:
                 break
@@ -146,34 +182,10 @@ class Scheduler:
             num_tokens += seq.num_tokens
         return admitted
 
-    def _schedule_decode(self, free_ids: list, free_blocks: int) -> ScheduledBatch | None:
-        block_size = self.config.block_size
-        needs = {s.request_id: int(s.num_cached_tokens == len(s.block_table) * block_size) for s in self.running}
-        while self.running and sum(needs[s.request_id] for s in self.running) > free_blocks:
-            victim = self._preempt_last()
-            free_ids.append(victim.request_id)
-            free_blocks += len(victim.block_table)
-            victim.block_table = []
-        if not self.running:
-            if free_ids:
-                self._call(StepRequest(free=free_ids))
-            return None
-        response = self._call(StepRequest(free=free_ids, append=[(s.request_id, 1) for s in self.running]))
-        for seq_id, table in response.block_tables.items():
-            next(s for s in self.running if s.request_id == seq_id).block_table = table
-        for seq_id in response.rejected:  # memory disagreed with our count: recompute later
-            victim = next(s for s in self.running if s.request_id == seq_id)
-            self._preempt(victim)
-            self._to_free.append(victim)
-        return ScheduledBatch(is_prefill=False, seqs=list(self.running), copies=response.copies)
-
-    def _preempt_last(self) -> Sequence:
-        victim = self.running[-1]
-        self._preempt(victim)
-        return victim
-
     def _preempt(self, seq: Sequence) -> None:
         """All or nothing: drop every cached token; the sequence is recomputed from the front."""
+        self._to_free[seq.request_id] = len(seq.block_table)
+        seq.block_table = []
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_cached_tokens = 0
@@ -181,12 +193,40 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _call(self, request: StepRequest) -> StepResponse:
-        response = self.step_fn(request)
+    # ---- the memory call -----------------------------------------------------------------
+    def _send(self, request: StepRequest, plan: _Plan) -> None:
+        self.memory.send(request)
         self.num_memory_calls += 1
+        self._in_flight = plan
+
+    def _receive(self) -> ScheduledBatch | None:
+        """Apply the answer to the request in flight; the batch it lets run (None if none)."""
+        plan, self._in_flight = self._in_flight, None
+        response = self.memory.receive()
         self._num_free_blocks = response.stats.num_free_blocks
         self.last_stats = response.stats
-        return response
+        by_id = {s.request_id: s for s in plan.seqs}
+        for seq_id, table in response.block_tables.items():
+            if by_id[seq_id].is_finished:  # ended while its request was in flight
+                self._to_free[seq_id] = len(table)
+            else:
+                by_id[seq_id].block_table = table
+        rejected = set(response.rejected)
+        for seq in reversed(plan.seqs):
+            if seq.request_id in rejected and seq.status is SequenceStatus.RUNNING:
+                # memory disagreed with our count: admit later, or recompute later
+                if plan.is_prefill:
+                    self.running.remove(seq)
+                    seq.status = SequenceStatus.WAITING
+                    self.waiting.appendleft(seq)
+                else:
+                    self._preempt(seq)
+        seqs = [s for s in plan.seqs if s.status is SequenceStatus.RUNNING]
+        if plan.is_prefill:
+            now = time.perf_counter()
+            for seq in seqs:
+                seq.first_scheduled_time = seq.first_scheduled_time or now
+        return ScheduledBatch(plan.is_prefill, seqs, response.copies) if seqs else None
 
     def _schedule_without_cache(self) -> ScheduledBatch | None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:

@@ -111,10 +111,9 @@ def build_engine(engine_config: EngineConfig, config: ComputeServiceConfig) -> t
     """The engine with its block tables in the memory service (or in-process when no address)."""
     if not config.memory_address or engine_config.mode == "no-cache":
         return InferenceEngine(engine_config), None
-    engine = InferenceEngine(engine_config, step_fn=lambda request: client.step(request))
-    sched = engine.scheduler.config
-    client = MemoryClient(config.memory_address, sched.num_blocks, sched.block_size, config.replica)
-    return engine, client
+    engine = InferenceEngine(engine_config, connect_memory=lambda num_blocks, block_size: MemoryClient(
+        config.memory_address, num_blocks, block_size, config.replica))
+    return engine, engine.scheduler.memory
 
 
 async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> None:

@@ -5,10 +5,13 @@ sequences that grow) and gets back the block tables that changed, the copy-on-wr
 perform, and which sequences found no space (nothing changed for those: the scheduler preempts
 or requeues them). In-process this is a function call; the memory service serves it over gRPC.
 Order inside a step: frees, then allocations, then appends, so freed blocks are reusable at once.
+The call is split into send and receive so the compute side can send the next step's request
+before its forward runs and read the answer after it (the round trip hides behind the forward).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from memory_service.block_allocator import AllocatorStats, BlockAllocator, OutOfBlocksError, SeqId
 
@@ -57,3 +60,28 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
             tables[seq_id] = allocator.block_table(seq_id)
             copies.extend(result.copies)
     return StepResponse(block_tables=tables, copies=copies, rejected=rejected, stats=allocator.stats())
+
+
+class MemoryConnection(Protocol):
+    """The compute side's end of the memory call: at most one request in flight."""
+
+    def send(self, request: StepRequest) -> None: ...
+
+    def receive(self) -> StepResponse: ...
+
+
+class LocalMemory:
+    """The memory side in the same process (the in-process engine): applied at send."""
+
+    def __init__(self, allocator: BlockAllocator) -> None:
+        self.allocator = allocator
+        self._response: StepResponse | None = None
+
+    def send(self, request: StepRequest) -> None:
+        assert self._response is None, "one request in flight at a time"
+        self._response = apply_step(self.allocator, request)
+
+    def receive(self) -> StepResponse:
+        response, self._response = self._response, None
+        assert response is not None, "receive() without send()"
+        return response

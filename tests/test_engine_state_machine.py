@@ -50,10 +50,17 @@ class EngineMachine(RuleBasedStateMachine):
         holders = Counter(b for s in alloc.sequence_ids() for b in alloc.block_table(s))
         assert alloc.num_free_blocks + len(holders) == alloc.num_blocks
         assert all(alloc.ref_count(b) == n for b, n in holders.items())
+        in_flight = sched.in_flight_ids()  # asked for the next step: one slot (maybe a block) ahead
         for seq in sched.running:
             assert seq.status is SequenceStatus.RUNNING
-            assert alloc.block_table(seq.request_id) == seq.block_table
-            assert alloc.num_tokens(seq.request_id) == seq.num_cached_tokens
+            table = alloc.block_table(seq.request_id)
+            if seq.request_id in in_flight:
+                assert alloc.num_tokens(seq.request_id) == seq.num_tokens
+                assert table[: len(seq.block_table)] == seq.block_table
+                assert len(table) - len(seq.block_table) <= (1 if seq.block_table else len(table))  # admitted
+            else:
+                assert table == seq.block_table
+                assert alloc.num_tokens(seq.request_id) == seq.num_cached_tokens
         for seq in sched.waiting:
             assert seq.status is SequenceStatus.WAITING and not seq.block_table
 

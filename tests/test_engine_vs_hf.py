@@ -15,8 +15,8 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 def capture_logits(engine: InferenceEngine) -> list[torch.Tensor]:
     """Record the logits every step computes (the runner's output, before sampling)."""
     seen: list[torch.Tensor] = []
-    run = engine.runner.run
-    engine.runner.run = lambda batch: seen.append(run(batch)) or seen[-1]
+    execute = engine.runner.execute
+    engine.runner.execute = lambda prepared: seen.append(execute(prepared)) or seen[-1]
     return seen
 
 
