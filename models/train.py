@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--dropout", type=float, default=0.0,
                     help="dropout on each attention and MLP output while training (the served model has none)")
+    ap.add_argument("--aligned-fraction", type=float, default=0.0,
+                    help="share of each batch's windows that start right after a blank line (a speaker tag, "
+                         "a stage direction), so a prompt like 'ROMEO:' with no context before it is familiar")
     ap.add_argument("--compact-vocab", action="store_true",
                     help="softmax over the ids the training text uses (+1 shared row): 1.8x faster steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,8 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     params = sum(p.numel() for p in model.parameters()) + unused_rows  # as served
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
+    last_start = len(train) - args.block_size - 1
+    newline = get_tokenizer().encode("\n")[0]
+    paragraph_starts = np.nonzero((train[:-2] == newline) & (train[1:-1] == newline))[0] + 2
+    paragraph_starts = paragraph_starts[paragraph_starts < last_start]
+    num_aligned = round(args.aligned_fraction * args.batch_size)
+
     def batch():
-        starts = rng.integers(0, len(compact_train) - args.block_size - 1, size=args.batch_size)
+        starts = rng.integers(0, last_start, size=args.batch_size - num_aligned)
+        if num_aligned:
+            starts = np.concatenate([rng.choice(paragraph_starts, size=num_aligned), starts])
         rows = np.stack([compact_train[s: s + args.block_size + 1] for s in starts])
         rows = torch.from_numpy(rows).to(args.device)
         return rows[:, :-1], rows[:, 1:]
@@ -220,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = dict(
         config=asdict(config), parameters=params, train_tokens=int(len(train)), val_tokens=int(len(val)),
         validation_works=list(VALIDATION_WORKS), works=sorted(works), steps=step,
-        tokens_seen=step * args.batch_size * args.block_size, compact_vocab=args.compact_vocab, dropout=args.dropout, minutes=minutes, device=args.device,
+        tokens_seen=step * args.batch_size * args.block_size, compact_vocab=args.compact_vocab,
+        dropout=args.dropout, aligned_fraction=args.aligned_fraction, speaker_tags="NAME:", minutes=minutes, device=args.device,
         val_loss=val_loss, val_perplexity=math.exp(val_loss), fixed_slice_loss=fixed_slice_loss,
         fixed_slice_window=FIXED_SLICE_WINDOW,
         unigram_val_loss=unigram_loss(train, val, config.vocab_size), history=history,

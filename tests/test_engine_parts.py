@@ -54,3 +54,23 @@ def test_stream_yields_the_tokens_generate_returns():
     assert outputs[-1].finished and outputs[-1].finish_reason == "length"
     assert all(not o.finished for o in outputs[:-1])
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+
+
+def test_the_next_steps_memory_call_travels_during_each_forward():
+    """Async scheduling: the request for step N+1 is sent before step N's forward and read after
+    it, one call per step; the last forward (everyone ends by length) has nothing in flight."""
+    engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=1024)
+    events: list[str] = []
+    memory, execute = engine.scheduler.memory, engine.runner.execute
+    send, receive = memory.send, memory.receive
+    memory.send = lambda request: events.append("send") or send(request)
+    memory.receive = lambda: events.append("receive") or receive()
+    engine.runner.execute = lambda prepared: events.append("forward") or execute(prepared)
+    engine.generate(["a b c", "d e f g"], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+    forwards = [i for i, e in enumerate(events) if e == "forward"]
+    assert len(forwards) == 8  # one prefill of both, then seven decode steps
+    for i in forwards[:-1]:
+        assert events[i - 1] == "send" and events[i + 1] == "receive"
+    assert events[forwards[-1] - 1] == "receive"
+    assert events.count("send") == events.count("receive") == len(forwards) + 1  # + the final free
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
