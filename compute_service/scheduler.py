@@ -146,19 +146,24 @@ class Scheduler:
             allocs = [Allocation(s.request_id, s.num_tokens, self._reserve(s)) for s in admitted]
             self._send(StepRequest(free=self._take_frees(), allocate=allocs), _Plan(True, admitted))
             return True
-        block_size = self.config.block_size
-        # Slots a sequence holds: its cached tokens, plus the one asked for the step in flight.
-        held = {s.request_id: s.num_tokens if s.request_id in ahead else s.num_cached_tokens for s in going_on}
-        needs = {s.request_id: int(held[s.request_id] == len(s.block_table) * block_size) for s in going_on}
-        while going_on and sum(needs[s.request_id] for s in going_on) > free_blocks:
+        needs = {s.request_id: self._needs_new_block(s, ahead) for s in going_on}
+        new_blocks = sum(needs.values())
+        while going_on and new_blocks > free_blocks:
             victim = going_on.pop()  # the last admitted; if its forward is in flight, that forward
             free_blocks += len(victim.block_table)  # still writes these blocks, which no one reads
+            new_blocks -= needs[victim.request_id]
             self._preempt(victim)
         if not going_on:
             return False
         append = [(s.request_id, 1) for s in going_on]
         self._send(StepRequest(free=self._take_frees(), append=append), _Plan(False, going_on))
         return True
+
+    def _needs_new_block(self, seq: Sequence, ahead: set) -> int:
+        """1 if the sequence's next slot starts a block. The slots it holds: its cached tokens,
+        plus the one already asked for if it is in the step whose forward is in flight."""
+        held = seq.num_tokens if seq.request_id in ahead else seq.num_cached_tokens
+        return int(held == len(seq.block_table) * self.config.block_size)
 
     def _ends_by_length(self, seq: Sequence, ahead: set) -> bool:
         return seq.request_id in ahead and len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens
@@ -186,11 +191,15 @@ class Scheduler:
         """All or nothing: drop every cached token; the sequence is recomputed from the front."""
         self._to_free[seq.request_id] = len(seq.block_table)
         seq.block_table = []
-        self.running.remove(seq)
-        seq.status = SequenceStatus.WAITING
         seq.num_cached_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Back to the front of the queue: it is the next to be admitted."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
     # ---- the memory call -----------------------------------------------------------------
@@ -216,9 +225,7 @@ class Scheduler:
             if seq.request_id in rejected and seq.status is SequenceStatus.RUNNING:
                 # memory disagreed with our count: admit later, or recompute later
                 if plan.is_prefill:
-                    self.running.remove(seq)
-                    seq.status = SequenceStatus.WAITING
-                    self.waiting.appendleft(seq)
+                    self._requeue(seq)  # nothing was allocated for it
                 else:
                     self._preempt(seq)
         seqs = [s for s in plan.seqs if s.status is SequenceStatus.RUNNING]

@@ -62,8 +62,8 @@ def fetch_texts(cache: Path = CACHE) -> dict[str, str]:
 
 def normalise_speakers(text: str) -> str:
     """One speaker-tag format for every play, the one prompts use: "ROMEO:" on its own line.
-    The Gutenberg texts mix "Romeo." and "MACBETH."; without this a "ROMEO:" prompt is off the
-    training distribution and greedy decoding drifts into whitespace."""
+    The Gutenberg texts mix "Romeo." and "MACBETH."; without this a "ROMEO:" prompt is in a
+    format the model never saw."""
     return _SPEAKER_TAG.sub(lambda m: m.group(1).upper() + ":\n", text)
 
 
