@@ -23,7 +23,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install --find-links /wheels -r /tmp/requirements.txt
 
 COPY . .
-RUN python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/rpc/v1/*.proto \
+RUN protos/generate.sh \
     && python -m compute_service.attention --build --require \
     && useradd --create-home --uid 10001 app && chmod -R a+rX /app \
     && chown -R app /opt/torch_extensions  # torch takes a lock file there when it loads the kernel

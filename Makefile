@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The gRPC stubs: generated into the ignored rpc/ package, never edited by hand.
-$(PROTO_STAMP): $(wildcard protos/rpc/v1/*.proto) | $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/rpc/v1/*.proto
+$(PROTO_STAMP): $(wildcard protos/rpc/*/*.proto protos/rpc/*/*/*.proto) protos/generate.sh | $(STAMP)
+	PYTHON=$(PY) protos/generate.sh
 	touch $(PROTO_STAMP)
 
 proto: $(PROTO_STAMP)

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.workloads import WORKLOADS, Request, describe, fixed_length
+from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results" / "benchmark_results.csv"
 COLUMNS = [
@@ -128,12 +128,15 @@ def decode_scaling(args: argparse.Namespace) -> None:
 
 
 def workload_run(args: argparse.Namespace) -> list[dict]:
-    requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed)
-    print("workload", args.workload, "-", describe(requests))
-    total_out = sum(r.output_len for r in requests)
+    requests: list[Request] = []
     rows = []
     for mode in args.modes:
         engine = make_engine(args, mode, args.kv_budget_tokens)
+        if not requests:  # drawn to fit the model the engine loaded
+            limits = ModelLimits(engine.max_model_len, engine.model.config.vocab_size)
+            requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed, limits=limits)
+            print("workload", args.workload, "-", describe(requests))
+            total_out = sum(r.output_len for r in requests)
         run_requests(engine, requests[:2])  # warm-up (kernel load, allocator paths)
         engine.stats.__init__()
         engine.scheduler.num_preemptions = 0

@@ -18,7 +18,7 @@ def hf_model_from_spec(spec: str):
     ours = load_model(spec)
     cfg = ours.config
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.context_length,
         vocab_size=cfg.vocab_size, layer_norm_epsilon=cfg.layer_norm_epsilon,
     ))
     missing, unexpected = hf.load_state_dict(nanogpt_to_hf_state_dict(ours), strict=False)

@@ -6,10 +6,12 @@ answer before sending the next request).
 
 Each call reports two request types: `Generate TTFT` (time to the first streamed token) and
 `Generate` (the whole stream; its response length is the number of output tokens). Failures
-carry the gRPC status. Settings (env vars): GATEWAY_ADDRESS (default 127.0.0.1:50050, or
---host), WORKLOAD (sharegpt-synth), WORKLOAD_SEED (0), WORKLOAD_SIZE (1000 requests drawn),
-MAX_NEW_TOKENS (cap on the drawn output lengths; default none), API_KEY (sent as `x-api-key`
-metadata when set; the gateway has no authentication yet).
+carry the gRPC status. The requests are drawn to fit the served model: the first user asks the
+gateway (GetModelInfo) for its context length and vocabulary (bench/workloads.py). Settings (env
+vars): GATEWAY_ADDRESS (default 127.0.0.1:50050, or --host), WORKLOAD (sharegpt-synth),
+WORKLOAD_SEED (0), WORKLOAD_SIZE (1000 requests drawn), MAX_NEW_TOKENS (cap on the drawn output
+lengths; default none), API_KEY (sent as `x-api-key` metadata when set; the gateway has no
+authentication yet).
 """
 from __future__ import annotations
 
@@ -22,15 +24,27 @@ import os  # noqa: E402
 import time  # noqa: E402
 
 import grpc  # noqa: E402
+from gevent.lock import Semaphore  # noqa: E402
 from locust import User, constant, task  # noqa: E402
 
-from bench.workloads import WORKLOADS  # noqa: E402
+from bench.workloads import WORKLOADS, Request, served_model_limits  # noqa: E402
 from rpc.v1 import gateway_pb2_grpc, generate_pb2  # noqa: E402
 
-_requests = WORKLOADS[os.environ.get("WORKLOAD", "sharegpt-synth")](
-    int(os.environ.get("WORKLOAD_SIZE", "1000")), seed=int(os.environ.get("WORKLOAD_SEED", "0")))
-_next_request = itertools.cycle(_requests).__next__
 _MAX_NEW = int(os.environ["MAX_NEW_TOKENS"]) if os.environ.get("MAX_NEW_TOKENS") else None
+_workload_lock = Semaphore()
+_next_request = None
+
+
+def next_request(gateway_address: str) -> Request:
+    """The workload's next request (drawn once, for the model this gateway serves), round robin."""
+    global _next_request
+    with _workload_lock:
+        if _next_request is None:
+            requests = WORKLOADS[os.environ.get("WORKLOAD", "sharegpt-synth")](
+                int(os.environ.get("WORKLOAD_SIZE", "1000")), seed=int(os.environ.get("WORKLOAD_SEED", "0")),
+                limits=served_model_limits(gateway_address))
+            _next_request = itertools.cycle(requests).__next__
+    return _next_request()
 
 
 class GatewayUser(User):
@@ -54,7 +68,7 @@ class GatewayUser(User):
 
     @task
     def generate(self) -> None:
-        req = _next_request()
+        req = next_request(self.host)
         max_new = min(req.output_len, _MAX_NEW) if _MAX_NEW else req.output_len
         message = generate_pb2.GenerateRequest(
             token_ids=generate_pb2.TokenIds(ids=req.prompt_token_ids),

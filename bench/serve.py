@@ -4,7 +4,9 @@
 Arrivals are gamma-distributed (shape = --burstiness, 1.0 = Poisson) with mean gap 1/rate;
 `inf` sends everything at t=0. Unless --address names a running gateway, the benchmark starts its
 own stack (memory, compute, gateway on free loopback ports) with --model/--mode/--kv-budget-tokens.
-Metrics (shared/reference/serving-metrics.md): TTFT = first token - send; E2EL = last token -
+The workload is drawn to fit the served model: its context length and vocabulary come from the
+gateway's GetModelInfo (bench/workloads.py says how requests are fitted).
+Metrics (vLLM's serving benchmark definitions): TTFT = first token - send; E2EL = last token -
 send; TPOT = (E2EL - TTFT) / (output tokens - 1); ITL = gaps between streamed chunks; normalized
 latency = E2EL / output tokens. One row per run in bench/results/serving_results.csv.
 --compare-in-process also runs the same workload in-process and prints the split's efficiency; the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import functools
 import math
 import time
 from contextlib import ExitStack
@@ -27,8 +30,9 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from bench.workloads import WORKLOADS, Request, describe
-from rpc.v1 import compute_pb2, compute_pb2_grpc, gateway_pb2_grpc, generate_pb2
+from bench.workloads import WORKLOADS, ModelLimits, Request, describe, served_model_limits
+from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
+from rpc.v1 import gateway_pb2_grpc, generate_pb2
 
 RESULTS = Path(__file__).parent / "results" / "serving_results.csv"
 
@@ -115,9 +119,9 @@ def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str) -> tuple[
     from deploy.services import free_ports, local_services
 
     memory, compute, gateway, m1, m2 = free_ports(5)
-    env = {"MODEL": args.model, "MODE": mode, "KV_BUDGET_TOKENS": str(args.kv_budget_tokens),
-           "MAX_NUM_SEQS": str(args.max_num_seqs)}
-    stack.enter_context(running_stack(local_services(memory, (compute,), gateway, m1, m2, compute_env=env)))
+    settings = {"model": args.model, "mode": mode, "kv_budget_tokens": str(args.kv_budget_tokens),
+                "max_num_seqs": str(args.max_num_seqs)}
+    stack.enter_context(running_stack(local_services(memory, (compute,), gateway, m1, m2, compute_settings=settings)))
     return f"127.0.0.1:{gateway}", f"127.0.0.1:{compute}"
 
 
@@ -136,11 +140,11 @@ def in_process_run(args: argparse.Namespace, mode: str, requests: list[Request])
                              max_num_seqs=args.max_num_seqs)
     run_requests(engine, requests[:2])  # warm-up, as the served stack got one
     sched = engine.scheduler
-    steps, preemptions = sched.num_steps, sched.num_preemptions
+    steps, preemptions = sched.num_schedule_rounds, sched.num_preemptions
     with tqdm(total=sum(r.output_len for r in requests), desc="in-process", unit="tok") as bar:
         wall = run_requests(engine, requests, bar)
     return dict(output_token_throughput=sum(r.output_len for r in requests) / wall,
-                num_steps=sched.num_steps - steps, num_preemptions=sched.num_preemptions - preemptions)
+                num_steps=sched.num_schedule_rounds - steps, num_preemptions=sched.num_preemptions - preemptions)
 
 
 def compare_split(args: argparse.Namespace, requests: list[Request], rate: float, first: dict) -> None:
@@ -153,7 +157,7 @@ def compare_split(args: argparse.Namespace, requests: list[Request], rate: float
     services, local = [first], []
     for arm in order[1:]:
         if arm == "services":
-            services.append(bench_one(args, mode, rate, requests))
+            services.append(bench_one(args, mode, rate)[0])
         else:
             local.append(in_process_run(args, mode, requests))
             print(f"in-process: {local[-1]['output_token_throughput']:.1f} output tok/s, {local[-1]['num_steps']} "
@@ -177,12 +181,21 @@ def write_row(row: dict, path: Path = RESULTS) -> None:
         writer.writerow(row)
 
 
-def bench_one(args, mode: str, rate: float, requests: list[Request]) -> dict:
+@functools.lru_cache(maxsize=4)
+def draw_requests(workload: str, num_requests: int, seed: int, limits: ModelLimits) -> list[Request]:
+    requests = WORKLOADS[workload](num_requests, seed=seed, limits=limits)
+    print(f"workload {workload} for context {limits.context_length} - {describe(requests)}")
+    return requests
+
+
+def bench_one(args, mode: str, rate: float) -> tuple[dict, list[Request]]:
+    """One run through the gateway; returns its row and the requests it sent."""
     with ExitStack() as stack:
         if args.address:
             gateway, compute = args.address, None
         else:
             gateway, compute = start_stack(stack, args, mode)
+        requests = draw_requests(args.workload, args.num_requests, args.seed, served_model_limits(gateway))
         asyncio.run(run_load(gateway, requests[:2], math.inf, 1.0, args.seed))  # warm-up
         before = compute_info(compute) if compute else None
         records, wall = asyncio.run(run_load(gateway, requests, rate, args.burstiness, args.seed))
@@ -191,12 +204,12 @@ def bench_one(args, mode: str, rate: float, requests: list[Request]) -> dict:
                mode=mode, workload=args.workload, num_requests=len(requests), request_rate=rate,
                burstiness=args.burstiness, kv_budget_tokens=args.kv_budget_tokens, **summarize(records, requests, wall))
     if before is not None:
-        steps = after.num_steps - before.num_steps
+        steps = after.num_schedule_rounds - before.num_schedule_rounds
         row["memory_calls_per_step"] = (after.num_memory_calls - before.num_memory_calls) / max(steps, 1)
         row["memory_rpc_p50_ms"] = after.memory_rpc_p50_ms
         print(f"compute replica: {steps} steps, {after.num_preemptions - before.num_preemptions} preemptions")
     write_row(row, args.output)
-    return row
+    return row, requests
 
 
 def sustainable_rate(rows: list[dict], factor: float = 2.0) -> tuple[float, float]:
@@ -233,13 +246,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="rounds of (services, in-process), alternating which goes first")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed)
-    print("workload", args.workload, "-", describe(requests))
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
     by_mode: dict[str, list[dict]] = {}
     for mode in args.modes:
         for rate in rates:
-            row = bench_one(args, mode, rate, requests)
+            row, requests = bench_one(args, mode, rate)
             by_mode.setdefault(mode, []).append(row)
             print(f"{mode} rate={rate}: " + ", ".join(
                 f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()

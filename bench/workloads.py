@@ -6,12 +6,19 @@ lognormal with sigma 0.8 (a long tail), each at least 4 tokens, prompt + output 
 context). The lognormal means (163, 376) are calibrated so that the means *after* that clipping
 are 161 and 338 over a large sample (20,000 requests: 161.6 and 338.7). Fixed once chosen: the
 numbers in the README are measured on exactly this distribution.
+
+Served models with a shorter context (the default Shakespeare model has 512) get requests that
+fit it, drawn from the same generator: a prompt that leaves fewer than 4 tokens of room is
+redrawn (prompt and output length drawn again), and the output length is clipped to the room
+left. For a 1024-token context nothing is redrawn or clipped further, so seed 0 draws exactly
+the requests the README's numbers were measured on.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 LOGNORMAL_INPUT_MEAN, LOGNORMAL_OUTPUT_MEAN, SIGMA = 163, 376, 0.8
@@ -24,17 +31,31 @@ class Request:
     output_len: int
 
 
-def sharegpt_synth(num_requests: int, seed: int = 0, vocab_size: int = 50257) -> list[Request]:
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a workload must respect to be served: the model's context and vocabulary."""
+
+    context_length: int = MAX_TOTAL_LEN
+    vocab_size: int = 50257
+
+
+def sharegpt_synth(num_requests: int, seed: int = 0, limits: ModelLimits = ModelLimits()) -> list[Request]:
+    if limits.context_length < 2 * MIN_LEN:
+        raise ValueError(f"context_length {limits.context_length} leaves no room for a {MIN_LEN}-token prompt and output")
     rng = np.random.default_rng(seed)
     mu_shift = -SIGMA**2 / 2  # lognormal mean = exp(mu + sigma^2 / 2)
+    total = min(MAX_TOTAL_LEN, limits.context_length)
     requests = []
     for _ in range(num_requests):
-        prompt_len = int(rng.lognormal(math.log(LOGNORMAL_INPUT_MEAN) + mu_shift, SIGMA))
-        output_len = int(rng.lognormal(math.log(LOGNORMAL_OUTPUT_MEAN) + mu_shift, SIGMA))
-        prompt_len = min(max(prompt_len, MIN_LEN), MAX_TOTAL_LEN - MIN_LEN)
-        output_len = min(max(output_len, MIN_LEN), MAX_TOTAL_LEN - prompt_len)
-        # Token ids avoid 50256 so no prompt contains the end-of-text marker.
-        prompt = rng.integers(0, vocab_size - 1, size=prompt_len).tolist()
+        while True:
+            prompt_len = int(rng.lognormal(math.log(LOGNORMAL_INPUT_MEAN) + mu_shift, SIGMA))
+            output_len = int(rng.lognormal(math.log(LOGNORMAL_OUTPUT_MEAN) + mu_shift, SIGMA))
+            prompt_len = min(max(prompt_len, MIN_LEN), MAX_TOTAL_LEN - MIN_LEN)
+            if prompt_len <= total - MIN_LEN:
+                break  # else: the prompt does not fit this model; draw again
+        output_len = min(max(output_len, MIN_LEN), total - prompt_len)
+        # Token ids avoid the last id (50256 in GPT-2, end-of-text) so no prompt contains it.
+        prompt = rng.integers(0, limits.vocab_size - 1, size=prompt_len).tolist()
         requests.append(Request(prompt, output_len))
     return requests
 
@@ -45,6 +66,16 @@ def fixed_length(num_requests: int, prompt_tokens: int, new_tokens: int, seed: i
 
 
 WORKLOADS = {"sharegpt-synth": sharegpt_synth}
+
+
+def served_model_limits(gateway_address: str, timeout_s: float = 30.0) -> ModelLimits:
+    """Ask a running gateway (GetModelInfo) what its model can take."""
+    from rpc.v1 import gateway_pb2, gateway_pb2_grpc
+
+    with grpc.insecure_channel(gateway_address) as channel:
+        info = gateway_pb2_grpc.GatewayStub(channel).GetModelInfo(gateway_pb2.ModelInfoRequest(), timeout=timeout_s,
+                                                                   wait_for_ready=True)
+    return ModelLimits(info.context_length, info.vocab_size)
 
 
 def describe(requests: list[Request]) -> str:

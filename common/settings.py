@@ -1,5 +1,8 @@
-"""Service settings: one dataclass per service, exposed as CLI flags and environment variables
-of the same names (field `kv_budget_tokens` = flag `--kv-budget-tokens` = env `KV_BUDGET_TOKENS`).
+"""Service settings: one dataclass per service, exposed as CLI flags and environment variables.
+
+A field `kv_budget_tokens` of a config whose `env_prefix` is "COMPUTE" is the flag
+`--kv-budget-tokens` and the environment variable `COMPUTE_KV_BUDGET_TOKENS`. The prefix keeps
+services' variables apart in a shared environment (`GATEWAY_PORT` vs `COMPUTE_PORT`).
 Precedence: flag, then env var, then the dataclass default. No torch here (the memory service uses it).
 """
 from __future__ import annotations
@@ -16,8 +19,9 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def env_name(field: str) -> str:
-    return field.upper()
+def env_name(prefix: str, field: str) -> str:
+    """The environment variable of one setting: `<SERVICE>_<FIELD>` (prefix = a config's env_prefix)."""
+    return f"{prefix}_{field.upper()}"
 
 
 def _parse(value: str, default: Any) -> Any:
@@ -29,14 +33,10 @@ def _parse(value: str, default: Any) -> Any:
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        env = os.environ.get(env_name(f.name))
-        value = _parse(env, default) if env is not None else default
-        if isinstance(default, bool):
-            parser.add_argument(flag_name(f.name), type=lambda s, d=default: _parse(s, d), default=value,
-                                help=f"(env {env_name(f.name)}, default {default})")
-        else:
-            parser.add_argument(flag_name(f.name), type=type(default), default=value,
-                                help=f"(env {env_name(f.name)}, default {default})")
+        env = env_name(cls.env_prefix, f.name)
+        value = _parse(os.environ[env], default) if env in os.environ else default
+        parse = (lambda s, d=default: _parse(s, d)) if isinstance(default, bool) else type(default)
+        parser.add_argument(flag_name(f.name), type=parse, default=value, help=f"(env {env}, default {default})")
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 
 from compute_service.engine import InferenceEngine, RequestOutput
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ class AsyncEngine:
                 if request_id not in self._streams:
                     continue  # cancelled before it reached the engine
                 try:
-                    self.engine.add_request(prompt, params, request_id=request_id)
-                except ValueError as exc:
+                    self.engine.enqueue_validated(prompt, params, request_id=request_id)
+                except ValueError as exc:  # the id is still in the engine (its stream just ended)
                     self._deliver_failure(request_id, str(exc))
             else:
                 if not self.engine.abort(item[1]):

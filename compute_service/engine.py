@@ -18,10 +18,11 @@ from compute_service.config import EngineConfig
 from compute_service.kv_cache import KVCache
 from compute_service.model_runner import ModelRunner
 from compute_service.sampling import make_generator, sample
-from compute_service.sampling_params import SamplingParams, validate_prompt
+from common.blocks import blocks_to_admit
+from common.sampling_params import SamplingParams, validate_request
 from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
-from compute_service.tokenizer import get_tokenizer
+from common.tokenizer import get_tokenizer
 from compute_service.weights import load_model
 from memory_service.block_allocator import BlockAllocator
 from memory_service.step import LocalMemory, MemoryConnection
@@ -55,7 +56,7 @@ class GenerationResult:
 class StepStats:
     """Running totals the benchmarks read: concurrency, preemptions, KV utilization."""
 
-    num_steps: int = 0
+    num_forwards: int = 0
     sum_running: int = 0
     peak_running: int = 0
     sum_utilization: float = 0.0
@@ -64,7 +65,7 @@ class StepStats:
 
     @property
     def mean_running(self) -> float:
-        return self.sum_running / self.num_steps if self.num_steps else 0.0
+        return self.sum_running / self.num_forwards if self.num_forwards else 0.0
 
     @property
     def mean_utilization(self) -> float:
@@ -82,7 +83,7 @@ class InferenceEngine:
         self.config = config
         self.tokenizer = get_tokenizer()
         self.model = load_model(config.model, config.device, config.torch_dtype)
-        self.max_model_len = self.model.config.block_size
+        self.max_model_len = self.model.config.context_length
         cfg = self.model.config
         memory: MemoryConnection | None = None
         if config.mode == "no-cache":
@@ -120,21 +121,31 @@ class InferenceEngine:
         return list(prompt)
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """ValueError naming the field, for anything a client can get wrong."""
-        validate_prompt(prompt_token_ids, params, self.max_model_len, self.model.config.vocab_size)
+        """ValueError naming the field, for anything a client can get wrong: the shared request
+        rules, then whether this replica's pool can ever hold the request."""
+        validate_request(prompt_token_ids, params, self.max_model_len, self.model.config.vocab_size)
         sc = self.scheduler.config
         if self.kv_cache is not None:
-            need = max(len(prompt_token_ids) + params.max_new_tokens,
-                       self.scheduler.reserve_tokens(len(prompt_token_ids), params.max_new_tokens))
-            if -(-need // sc.block_size) > sc.num_blocks:
-                raise ValueError(f"request needs {need} KV slots; the pool holds {sc.num_blocks * sc.block_size}")
+            longest = len(prompt_token_ids) + params.max_new_tokens
+            reserve = self.scheduler.reserve_tokens(len(prompt_token_ids), params.max_new_tokens)
+            if blocks_to_admit(longest, reserve, sc.block_size) > sc.num_blocks:
+                raise ValueError(f"request needs {max(longest, reserve)} KV slots; "
+                                 f"the pool holds {sc.num_blocks * sc.block_size}")
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
+        """Validate and queue a request; returns its id."""
         params = params or SamplingParams()
         prompt_token_ids = self.encode_prompt(prompt)
         self.validate_request(prompt_token_ids, params)
+        return self.enqueue_validated(prompt_token_ids, params, request_id)
+
+    def enqueue_validated(self, prompt_token_ids: list[int], params: SamplingParams,
+                          request_id: str | None = None) -> str:
+        """Queue a request that `validate_request` has already accepted (the service validates
+        on arrival, before it reaches the engine thread; checking again would be a second rule
+        set to keep in step)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -221,7 +232,7 @@ class InferenceEngine:
 
     def _record_stats(self, num_running: int) -> None:
         st = self.stats
-        st.num_steps += 1
+        st.num_forwards += 1
         st.sum_running += num_running
         st.peak_running = max(st.peak_running, num_running)
         kv = self.scheduler.last_stats

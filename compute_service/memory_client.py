@@ -15,7 +15,7 @@ import grpc
 from common.grpc_server import CHANNEL_OPTIONS
 from memory_service.block_allocator import AllocatorStats
 from memory_service.step import StepRequest, StepResponse
-from rpc.v1 import memory_pb2, memory_pb2_grpc
+from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 
 class MemoryClient:

@@ -21,7 +21,7 @@ from compute_service.kv_cache import KVCache
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # maximum context length (positions)
+    context_length: int = 1024  # maximum sequence length (positions); nanoGPT calls it block_size
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
@@ -123,7 +123,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                wpe=nn.Embedding(config.context_length, config.n_embd),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator:

@@ -2,8 +2,12 @@
 
 No tensors here. Each step is either a prefill of newly admitted sequences (prefill first, as
 vLLM v0 and nano-vllm do) or one decode token for every running sequence. The scheduler keeps
-its own count of free blocks (from the memory side's last answer plus what it frees), decides
-admissions and preemptions with it, and makes exactly one batched memory call per step.
+its own count of free blocks (the memory side's count in its last answer, plus the blocks this
+call frees), decides admissions and preemptions with it, and makes exactly one batched memory
+call per step. The count is an estimate made with the allocator's own arithmetic
+(common.blocks) so that a step is rarely wasted; it is never the authority. It is conservative
+in that a plan never asks for more new blocks than the count holds; the memory side's answer is
+the truth, and what it rejects is requeued (an admission) or preempted (an append) here.
 
 The call is pipelined one step ahead (vLLM's async scheduling): `plan_next(batch)` sends the
 next step's request while `batch`'s forward runs, assuming every sequence in it gets one more
@@ -17,6 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from common.blocks import blocks_to_admit, new_blocks_to_append
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from memory_service.block_allocator import AllocatorStats
 from memory_service.step import Allocation, MemoryConnection, StepRequest
@@ -57,7 +62,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
-        self.num_steps = 0  # schedule()/flush_frees() rounds that talked to memory
+        self.num_schedule_rounds = 0  # schedule()/flush_frees() rounds that talked to memory
         self.num_memory_calls = 0
         self.last_stats: AllocatorStats | None = None
         self._num_free_blocks = config.num_blocks
@@ -88,7 +93,7 @@ class Scheduler:
         if self._in_flight is not None:
             self._receive()  # only finished sequences can be in it now: they join _to_free
         if self._to_free and self.memory is not None:
-            self.num_steps += 1
+            self.num_schedule_rounds += 1
             self._send(StepRequest(free=self._take_frees()), _Plan(False, []))
             self._receive()
 
@@ -121,7 +126,7 @@ class Scheduler:
         forward, or (nothing in flight, or all of it finished meanwhile) a call made now."""
         if self.memory is None:
             return self._schedule_without_cache()
-        self.num_steps += 1
+        self.num_schedule_rounds += 1
         batch = self._receive() if self._in_flight is not None else None
         if batch is None and self._plan(ahead=set()):
             batch = self._receive()
@@ -160,10 +165,10 @@ class Scheduler:
         return True
 
     def _needs_new_block(self, seq: Sequence, ahead: set) -> int:
-        """1 if the sequence's next slot starts a block. The slots it holds: its cached tokens,
+        """Blocks the sequence's next slot takes (0 or 1). The slots it holds: its cached tokens,
         plus the one already asked for if it is in the step whose forward is in flight."""
         held = seq.num_tokens if seq.request_id in ahead else seq.num_cached_tokens
-        return int(held == len(seq.block_table) * self.config.block_size)
+        return new_blocks_to_append(held, len(seq.block_table), 1, self.config.block_size)
 
     def _ends_by_length(self, seq: Sequence, ahead: set) -> bool:
         return seq.request_id in ahead and len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens
@@ -175,7 +180,7 @@ class Scheduler:
             seq = self.waiting[0]
             if admitted and num_tokens + seq.num_tokens > self.config.max_num_batched_tokens:
                 break
-            needed = -(-max(seq.num_tokens, self._reserve(seq)) // self.config.block_size)
+            needed = blocks_to_admit(seq.num_tokens, self._reserve(seq), self.config.block_size)
             running = num_running + len(admitted) + 1
             headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * running
             if free_blocks - needed < headroom and (num_running or admitted):

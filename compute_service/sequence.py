@@ -7,7 +7,7 @@ from enum import Enum
 
 import torch
 
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):

@@ -1,5 +1,5 @@
 """A compute replica over gRPC: NanoGPT + the KV pool + the scheduler, block tables kept by the
-memory service. The servicer only translates protobuf <-> engine calls.
+memory service. The servicer only translates the internal protobuf <-> engine calls.
 Run it with `python -m compute_service.server` (flags/env: ComputeServiceConfig + EngineConfig).
 """
 from __future__ import annotations
@@ -9,45 +9,29 @@ import asyncio
 import logging
 import socket
 import time
-import uuid
-from dataclasses import dataclass
 
 import grpc
 
-from common import protocol
 from common.grpc_server import bind, make_server, set_serving
+from common.protocol import sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
+from common.text_stream import IncrementalText
 from compute_service.async_engine import AsyncEngine, EngineFailure
-from compute_service.config import EngineConfig
-from compute_service.engine import InferenceEngine
+from compute_service.config import ComputeServiceConfig, EngineConfig
+from compute_service.engine import InferenceEngine, RequestOutput
 from compute_service.memory_client import MemoryClient
-from rpc.v1 import compute_pb2, compute_pb2_grpc, generate_pb2
+from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
 
 log = logging.getLogger("compute_service")
-SERVICE = "rpc.v1.ComputeService"
+SERVICE = "rpc.internal.v1.ComputeService"
 
 
-@dataclass
-class ComputeServiceConfig:
-    host: str = "127.0.0.1"
-    port: int = 50052
-    memory_address: str = "127.0.0.1:50051"  # empty = keep block tables in-process
-    replica: str = ""  # name in stats; default hostname:port
-    max_waiting: int = 256  # queued requests beyond this get RESOURCE_EXHAUSTED
-
-
-def complete_message(out, replica: str) -> generate_pb2.Complete:
+def complete_message(out: RequestOutput, replica: str) -> compute_pb2.Complete:
     seq = out.sequence
-    n = len(seq.output_token_ids)
-    e2e = (seq.finish_time - seq.arrival_time) * 1000
-    ttft = ((seq.first_token_time or seq.finish_time) - seq.arrival_time) * 1000
-    return generate_pb2.Complete(
-        request_id=seq.request_id, finish_reason=out.finish_reason, prompt_tokens=seq.prompt_len,
-        completion_tokens=n, num_preemptions=seq.num_preemptions, replica=replica,
-        timings=generate_pb2.Timings(
-            queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
-            ttft_ms=ttft, e2e_ms=e2e, tpot_ms=(e2e - ttft) / (n - 1) if n > 1 else 0.0,
-        ),
+    return compute_pb2.Complete(
+        finish_reason=out.finish_reason, prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids),
+        num_preemptions=seq.num_preemptions, replica=replica,
+        queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
     )
 
 
@@ -59,21 +43,18 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
 
     async def Generate(self, request, context):
         engine = self.engine.engine
-        try:
-            prompt = protocol.prompt_token_ids(request, engine.tokenizer)
-            params = protocol.sampling_params(request.params)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        prompt, params = list(request.prompt_token_ids), sampling_params_from_proto(request.params)
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must be set")
         if self.engine.num_pending >= self.config.max_waiting + engine.config.max_num_seqs:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "compute replica queue is full; retry later")
-        request_id = request.request_id or uuid.uuid4().hex
         try:
-            outputs = self.engine.submit(request_id, prompt, params)
+            outputs = self.engine.submit(request.request_id, prompt, params)  # validates, once
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KeyError:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running")
-        text = protocol.IncrementalText(engine.tokenizer, params.stop)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request.request_id!r} is already running")
+        text = IncrementalText(engine.tokenizer, params.stop)
         finished = False
         try:
             while not finished:
@@ -83,16 +64,16 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, out.message)
                 if out.new_token_ids:
                     delta = text.add(out.new_token_ids) if not out.finished else ""
-                    yield generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(token_ids=out.new_token_ids, text=delta))
+                    yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(token_ids=out.new_token_ids, text=delta))
                 if out.finished:
                     finished = True
                     rest = text.finish(out.sequence.output_text)
                     if rest:
-                        yield generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(text=rest))
-                    yield generate_pb2.GenerateResponse(complete=complete_message(out, self.config.replica))
+                        yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(text=rest))
+                    yield compute_pb2.GenerateResponse(complete=complete_message(out, self.config.replica))
         finally:
             if not finished:  # the caller cancelled or its deadline passed: free the blocks
-                self.engine.abort(request_id)
+                self.engine.abort(request.request_id)
 
     async def Info(self, request, context):
         engine = self.engine.engine
@@ -101,7 +82,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             model=engine.config.model, context_length=engine.max_model_len, block_size=sched.config.block_size,
             num_blocks=sched.config.num_blocks, mode=engine.config.mode, replica=self.config.replica,
             num_running=len(sched.running), num_waiting=len(sched.waiting), num_preemptions=sched.num_preemptions,
-            vocab_size=engine.model.config.vocab_size, num_steps=sched.num_steps,
+            vocab_size=engine.model.config.vocab_size, num_schedule_rounds=sched.num_schedule_rounds,
             num_memory_calls=sched.num_memory_calls,
             memory_rpc_p50_ms=self.memory.p50_ms() if self.memory is not None else 0.0,
         )

@@ -65,12 +65,14 @@ def _model_from_dir(path: Path) -> GPT:
     tensors = load_file(str(path / "model.safetensors"))
     if raw.get("model_type") == "gpt2":
         config = GPTConfig(
-            block_size=raw["n_positions"], vocab_size=raw["vocab_size"], n_layer=raw["n_layer"],
+            context_length=raw["n_positions"], vocab_size=raw["vocab_size"], n_layer=raw["n_layer"],
             n_head=raw["n_head"], n_embd=raw["n_embd"],
             layer_norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
         )
         tensors = hf_to_nanogpt_state_dict(tensors)
     else:
+        if "block_size" in raw:  # checkpoints written before the rename used nanoGPT's name
+            raw["context_length"] = raw.pop("block_size")
         known = {f.name for f in fields(GPTConfig)}
         config = GPTConfig(**{k: v for k, v in raw.items() if k in known})
         tensors.setdefault("lm_head.weight", tensors["transformer.wte.weight"])  # tied, saved once

@@ -165,7 +165,7 @@ def generate_through_gateway(times: int = 4) -> tuple[list[int], set[str]]:
 
 def in_process_tokens() -> list[int]:
     from compute_service.engine import InferenceEngine
-    from compute_service.sampling_params import SamplingParams
+    from common.sampling_params import SamplingParams
 
     engine = InferenceEngine(model=DEFAULT_MODEL, kv_budget_tokens=1024)
     params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)

@@ -43,7 +43,7 @@ def running_stack(services: list[ServiceSpec], timeout_s: float = 600, log_dir: 
     procs: list[subprocess.Popen] = []
     try:
         for spec in services:
-            env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(spec.port), **spec.env, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, **spec.environment(host="127.0.0.1"), "PYTHONUNBUFFERED": "1"}
             out = open(os.path.join(log_dir, f"{spec.name}.log"), "w") if log_dir else None
             procs.append(subprocess.Popen([sys.executable, "-m", spec.module], env=env, stdout=out,
                                           stderr=subprocess.STDOUT if out else None, start_new_session=True))

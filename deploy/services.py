@@ -1,35 +1,51 @@
-"""The three services as `make run` starts them: module, port settings, and how they find each
+"""The three services as `make run` starts them: module, port, settings, and how they find each
 other. docker-compose.yml starts the same modules with the same settings (as env vars); a test
-(tests/test_compose_file.py) checks that the two agree."""
+(tests/test_compose_file.py) checks that the two agree.
+
+Settings are named by their config field (`kv_budget_tokens`); `environment()` turns them into
+the service's variables (`COMPUTE_KV_BUDGET_TOKENS`) through common.settings.
+"""
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
 
+from common.settings import env_name
+
+# The env prefix of each service's settings (the configs' `env_prefix`: kept here as plain strings
+# so that importing this module loads no service, and torch least of all).
+ENV_PREFIXES = {"memory": "MEMORY", "compute": "COMPUTE", "gateway": "GATEWAY"}
+
 
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
+    role: str  # memory | compute | gateway
     module: str  # run as `python -m <module>`
     port: int
     health_service: str
-    env: dict[str, str] = field(default_factory=dict)  # settings beyond HOST/PORT
+    settings: dict[str, str] = field(default_factory=dict)  # config field -> value, beyond host and port
+
+    def environment(self, host: str) -> dict[str, str]:
+        """The service's settings as its environment variables."""
+        values = {"host": host, "port": str(self.port), **self.settings}
+        return {env_name(ENV_PREFIXES[self.role], name): value for name, value in values.items()}
 
 
 def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (50052,), gateway_port: int = 50050,
                    gateway_metrics_port: int = 9100, memory_metrics_port: int = 9101,
-                   compute_env: dict[str, str] | None = None) -> list[ServiceSpec]:
+                   compute_settings: dict[str, str] | None = None) -> list[ServiceSpec]:
     """Memory, then one compute per port, then the gateway, all on loopback."""
     memory_address = f"127.0.0.1:{memory_port}"
-    services = [ServiceSpec("memory", "memory_service.server", memory_port, "rpc.v1.MemoryService",
-                            {"METRICS_PORT": str(memory_metrics_port)})]
+    services = [ServiceSpec("memory", "memory", "memory_service.server", memory_port, "rpc.internal.v1.MemoryService",
+                            {"metrics_port": str(memory_metrics_port)})]
     for i, port in enumerate(compute_ports):
-        services.append(ServiceSpec(f"compute-{i}" if len(compute_ports) > 1 else "compute", "compute_service.server",
-                                    port, "rpc.v1.ComputeService",
-                                    {"MEMORY_ADDRESS": memory_address, "REPLICA": f"compute-{i}", **(compute_env or {})}))
-    services.append(ServiceSpec("gateway", "gateway.server", gateway_port, "rpc.v1.Gateway", {
-        "COMPUTE_ADDRESSES": ",".join(f"127.0.0.1:{p}" for p in compute_ports),
-        "MEMORY_ADDRESS": memory_address, "METRICS_PORT": str(gateway_metrics_port),
+        services.append(ServiceSpec(f"compute-{i}" if len(compute_ports) > 1 else "compute", "compute",
+                                    "compute_service.server", port, "rpc.internal.v1.ComputeService",
+                                    {"memory_address": memory_address, "replica": f"compute-{i}", **(compute_settings or {})}))
+    services.append(ServiceSpec("gateway", "gateway", "gateway.server", gateway_port, "rpc.v1.Gateway", {
+        "compute_addresses": ",".join(f"127.0.0.1:{p}" for p in compute_ports),
+        "memory_address": memory_address, "metrics_port": str(gateway_metrics_port),
     }))
     return services
 

@@ -1,4 +1,4 @@
-"""Per-request latency and throughput, by vLLM's definitions (shared/reference/serving-metrics.md):
+"""Per-request latency and throughput, by the definitions of vLLM's serving benchmark:
 TTFT = first token - request received; E2E = last token - received; TPOT = (E2E - TTFT) /
 (output tokens - 1); ITL = every gap between consecutive streamed chunks; queue = the engine's
 arrival -> first scheduled step. Exported to Prometheus and summarised for GetStats."""

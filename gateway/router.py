@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.grpc_server import CHANNEL_OPTIONS
-from rpc.v1 import compute_pb2, compute_pb2_grpc
+from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
 
 
 @dataclass

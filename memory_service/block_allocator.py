@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable
 
+from common.blocks import blocks_to_admit, new_blocks_to_append
+
 SeqId = Hashable
 
 
@@ -91,9 +93,6 @@ class BlockAllocator:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
-    def blocks_for_tokens(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def has_sequence(self, seq_id: SeqId) -> bool:
         return seq_id in self._seqs
 
@@ -120,16 +119,14 @@ class BlockAllocator:
         )
 
     def can_allocate(self, num_tokens: int, reserve_tokens: int = 0) -> bool:
-        return self.blocks_for_tokens(max(num_tokens, reserve_tokens)) <= len(self._free)
+        return blocks_to_admit(num_tokens, reserve_tokens, self.block_size) <= len(self._free)
 
     def blocks_needed_to_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> int:
         """New blocks `append_slots` would take: fresh blocks past the table plus copy-on-write."""
         state = self._state(seq_id)
-        first = state.num_tokens
-        last = first + num_new_tokens - 1
-        needed = max(0, self.blocks_for_tokens(last + 1) - len(state.block_table))
-        first_block = first // self.block_size
-        for logical in range(first_block, min(last // self.block_size + 1, len(state.block_table))):
+        needed = new_blocks_to_append(state.num_tokens, len(state.block_table), num_new_tokens, self.block_size)
+        last = state.num_tokens + num_new_tokens - 1
+        for logical in range(state.num_tokens // self.block_size, min(last // self.block_size + 1, len(state.block_table))):
             if self._ref_counts[state.block_table[logical]] > 1:
                 needed += 1
         return needed
@@ -148,7 +145,7 @@ class BlockAllocator:
             raise DuplicateSequenceError(f"sequence {seq_id!r} already has a block table")
         if num_tokens <= 0:
             raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
-        needed = self.blocks_for_tokens(max(num_tokens, reserve_tokens))
+        needed = blocks_to_admit(num_tokens, reserve_tokens, self.block_size)
         if needed > len(self._free):
             raise OutOfBlocksError(
                 f"sequence {seq_id!r} needs {needed} blocks, only {len(self._free)} free"

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import grpc
 from prometheus_client import Gauge, start_http_server
@@ -17,10 +18,10 @@ from common.grpc_server import bind, make_server, set_serving
 from common.settings import parse_config
 from memory_service.block_allocator import AllocatorStats, BlockAllocator, BlockAllocatorError
 from memory_service.step import Allocation, StepRequest, apply_step
-from rpc.v1 import memory_pb2, memory_pb2_grpc
+from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("memory_service")
-SERVICE = "rpc.v1.MemoryService"
+SERVICE = "rpc.internal.v1.MemoryService"
 FREE_BLOCKS = Gauge("memory_free_blocks", "Free KV blocks", ["pool", "replica"])
 USED_BLOCKS = Gauge("memory_used_blocks", "Used KV blocks", ["pool", "replica"])
 UTILIZATION = Gauge("memory_kv_utilization", "Tokens stored / slots in used blocks", ["pool", "replica"])
@@ -28,6 +29,7 @@ UTILIZATION = Gauge("memory_kv_utilization", "Tokens stored / slots in used bloc
 
 @dataclass
 class MemoryServiceConfig:
+    env_prefix: ClassVar[str] = "MEMORY"
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9101  # 0 = no Prometheus endpoint
@@ -62,9 +64,6 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self._export(pool_id)
         return memory_pb2.RegisterPoolResponse(pool_id=pool_id)
 
-    async def Step(self, request, context):
-        return await self._step(request, context)
-
     async def StepStream(self, request_iterator, context):
         async for request in request_iterator:
             yield await self._step(request, context)
@@ -78,7 +77,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         )
         try:
             result = apply_step(pool.allocator, step)
-        except (BlockAllocatorError, ValueError) as exc:
+        except (BlockAllocatorError, ValueError) as exc:  # a malformed step: nothing of it was applied
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         self._export(request.pool_id, result.stats)  # the step already computed them
         return memory_pb2.StepResponse(

@@ -5,6 +5,9 @@ sequences that grow) and gets back the block tables that changed, the copy-on-wr
 perform, and which sequences found no space (nothing changed for those: the scheduler preempts
 or requeues them). In-process this is a function call; the memory service serves it over gRPC.
 Order inside a step: frees, then allocations, then appends, so freed blocks are reusable at once.
+A step is atomic: the whole request is checked before any of it is applied, so a malformed one
+(an unknown or repeated id) raises and changes nothing. Running out of blocks is not an error:
+those allocations and appends are answered as rejected, and they alone change nothing.
 The call is split into send and receive so the compute side can send the next step's request
 before its forward runs and read the answer after it (the round trip hides behind the forward).
 """
@@ -13,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from memory_service.block_allocator import AllocatorStats, BlockAllocator, OutOfBlocksError, SeqId
+from memory_service.block_allocator import (AllocatorStats, BlockAllocator, DuplicateSequenceError, OutOfBlocksError,
+                                            SeqId, UnknownSequenceError)
 
 
 @dataclass
@@ -38,8 +42,34 @@ class StepResponse:
     stats: AllocatorStats
 
 
+def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
+    """Raise (BlockAllocatorError or ValueError) if any part of the step is malformed: ids follow
+    the step's order (freed ids must exist and go away, allocated ids must be new, appended ids
+    must exist after both), each id at most once per list, token counts positive."""
+    live = set(allocator.sequence_ids())
+    for seq_id in request.free:
+        if seq_id not in live:
+            raise UnknownSequenceError(f"cannot free sequence {seq_id!r}: it has no block table (double free?)")
+        live.discard(seq_id)
+    for alloc in request.allocate:
+        if alloc.seq_id in live:
+            raise DuplicateSequenceError(f"sequence {alloc.seq_id!r} already has a block table")
+        if alloc.num_tokens <= 0 or alloc.reserve_tokens < 0:
+            raise ValueError(f"allocation of {alloc.seq_id!r}: num_tokens must be > 0 and reserve_tokens >= 0")
+        live.add(alloc.seq_id)
+    appended: set[SeqId] = set()
+    for seq_id, num_new in request.append:
+        if seq_id not in live or seq_id in appended:
+            raise UnknownSequenceError(f"cannot append to sequence {seq_id!r}: unknown, or appended twice")
+        if num_new <= 0:
+            raise ValueError(f"append to {seq_id!r}: num_new_tokens must be > 0, got {num_new}")
+        appended.add(seq_id)
+
+
 def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
-    """Apply one step's frees, allocations and appends. Unknown ids in `free` raise."""
+    """Apply one step's frees, allocations and appends, or (malformed request) raise having
+    changed nothing."""
+    check_step(allocator, request)
     for seq_id in request.free:
         allocator.free(seq_id)
     tables: dict[SeqId, list[int]] = {}

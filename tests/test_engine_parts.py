@@ -7,7 +7,7 @@ import torch
 from compute_service.engine import InferenceEngine
 from compute_service.kv_cache import KVCache
 from compute_service.model import AttentionMetadata
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from compute_service.weights import load_model, save_checkpoint
 
 

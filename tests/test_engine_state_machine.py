@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from compute_service.sequence import SequenceStatus
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, random_prompt
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from compute_service import attention
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, random_prompt
 
 

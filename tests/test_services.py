@@ -13,20 +13,21 @@ import grpc
 import pytest
 
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
-from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, memory_pb2, memory_pb2_grpc
+from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
+from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 
-COMPUTE_ENV = {"MODEL": "dummy:tiny", "KV_BUDGET_TOKENS": "4096", "MAX_NUM_SEQS": "32"}
+COMPUTE_SETTINGS = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "32"}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     memory, c1, c2, gateway, m1, m2 = free_ports(6)
-    services = local_services(memory, (c1, c2), gateway, m1, m2, compute_env=COMPUTE_ENV)
-    services[-1].env["MAX_IN_FLIGHT"] = "20"
+    services = local_services(memory, (c1, c2), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS)
+    services[-1].settings["max_in_flight"] = "20"
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path_factory.mktemp("logs"))) as procs:
         yield dict(gateway=f"127.0.0.1:{gateway}", memory=f"127.0.0.1:{memory}", procs=procs)
 
@@ -80,8 +81,9 @@ def test_unary_generate_and_model_info_and_stats(stack):
             text=b"Hello", params=generate_pb2.SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)))
         assert len(result.token_ids) == 5 and result.complete.finish_reason == "length"
         info = stub.GetModelInfo(gateway_pb2.ModelInfoRequest())
-        assert (info.model, info.context_length, info.block_size, info.replicas) == ("dummy:tiny", 1024, 16, 2)
-        stats = stub.GetStats(memory_pb2.StatsRequest())
+        assert (info.model, info.context_length, info.block_size, info.replicas, info.vocab_size) == \
+            ("dummy:tiny", 1024, 16, 2, 50257)
+        stats = stub.GetStats(gateway_pb2.StatsRequest())
         assert stats.requests_total >= 1 and stats.ttft.p50_ms > 0 and len(stats.pools) == 2
 
 
@@ -98,6 +100,8 @@ BAD_REQUESTS = [
     (dict(text=b"hi", params=generate_pb2.SamplingParams(top_p=0)), "top_p"),
     (dict(text=b"hi", params=generate_pb2.SamplingParams(top_p=1.5)), "top_p"),
     (dict(text=b"hi", params=generate_pb2.SamplingParams(stop=[""])), "stop"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(stop=["a", "b", "c", "d", "e"])), "stop"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(stop=["x" * 65])), "stop"),
 ]
 
 
@@ -136,8 +140,11 @@ def test_client_cancel_mid_stream_frees_every_block(stack):
 
 def test_deadline_passing_frees_every_block(stack):
     with grpc.insecure_channel(stack["gateway"]) as ch:
+        call = gateway_pb2_grpc.GatewayStub(ch).Generate(long_request(), timeout=1.0)
+        next(call)  # a first token: the request was admitted, so it holds blocks now
+        assert any(p.num_used_blocks > 0 for p in memory_pools(stack["memory"]))
         with pytest.raises(grpc.RpcError) as err:
-            list(gateway_pb2_grpc.GatewayStub(ch).Generate(long_request(), timeout=0.5))
+            list(call)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_all_blocks_free(stack["memory"])
 
@@ -171,7 +178,7 @@ def test_full_gateway_answers_resource_exhausted(stack):
 
 def test_dead_compute_replica_gives_unavailable(tmp_path):
     memory, compute, gateway, m1, m2 = free_ports(5)
-    services = local_services(memory, (compute,), gateway, m1, m2, compute_env=COMPUTE_ENV)
+    services = local_services(memory, (compute,), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS)
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)) as procs:
         os.killpg(procs[1].pid, signal.SIGKILL)
         procs[1].wait()
@@ -180,6 +187,18 @@ def test_dead_compute_replica_gives_unavailable(tmp_path):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_memory_service_never_imports_torch():
-    code = "import sys, memory_service.server; assert 'torch' not in sys.modules, 'torch imported'"
+SERVICES = ("compute_service", "memory_service", "gateway")
+TORCH_FREE = [("memory_service.server", ("torch", "compute_service", "gateway")),
+              ("gateway.server", ("torch", "compute_service", "memory_service"))]
+TORCH_FREE += [(f"common.{name}", ("torch", *SERVICES))
+               for name in ("protocol", "sampling_params", "text_stream", "blocks", "tokenizer", "settings")]
+
+
+@pytest.mark.parametrize("module, forbidden", TORCH_FREE)
+def test_torch_free_modules_import_neither_torch_nor_another_service(module, forbidden):
+    """The memory service and the gateway run without torch (small images, fast starts), and
+    common/ stays below every service: it imports none of them."""
+    code = (f"import sys, {module}\n"
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
+            "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,8 @@ import pytest
 
 from compute_service.config import DEFAULT_MODEL, EngineConfig
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
-from compute_service.tokenizer import get_tokenizer
+from common.sampling_params import SamplingParams
+from common.tokenizer import get_tokenizer
 from compute_service.weights import load_model
 from tests.conftest import hf_greedy
 

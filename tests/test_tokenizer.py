@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compute_service.tokenizer import get_tokenizer
+from common.tokenizer import get_tokenizer
 
 
 def test_known_ids():

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from compute_service.engine import InferenceEngine
-from compute_service.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,19 @@
-"""What a client may ask of a generation, and the checks every entry point shares.
+"""What a client may ask of a generation, and the one set of rules every entry point applies.
 
-No torch here: the gateway validates requests with exactly these functions before forwarding
-them, and the engine checks them again on arrival.
+No torch here: the gateway validates a request with exactly these functions before forwarding
+it, and a compute replica validates what arrives with them once more (each process boundary
+checks once). Every ValueError names the request field at fault.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+# Stop strings are searched in the decoded output at every decode step and held back from the
+# stream until they can no longer match, so both their number and their length are bounded
+# (OpenAI allows 4 stop sequences).
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
 
 
 @dataclass
@@ -33,21 +40,25 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
 
 
-def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> None:
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, context_length: int, vocab_size: int) -> None:
     """ValueError naming the field, for a prompt and params that cannot run on this model."""
     if not prompt_token_ids:
         raise ValueError("prompt must not be empty")
     if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
         raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
     params.validate()
-    if len(prompt_token_ids) >= max_model_len:
-        raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is {max_model_len}")
-    if len(prompt_token_ids) + params.max_new_tokens > max_model_len:
+    if len(prompt_token_ids) >= context_length:
+        raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is {context_length}")
+    if len(prompt_token_ids) + params.max_new_tokens > context_length:
         raise ValueError(
             f"max_new_tokens={params.max_new_tokens} with a {len(prompt_token_ids)}-token prompt "
-            f"exceeds the context of {max_model_len} tokens"
+            f"exceeds the context of {context_length} tokens"
         )

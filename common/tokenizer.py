@@ -50,6 +50,3 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._enc.decode(token_ids, errors="replace")
-
-    def decode_bytes(self, token_ids: list[int]) -> bytes:
-        return self._enc.decode_bytes(token_ids)
