@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_STAMP := rpc/.generated
+KERNEL_STAMP := $(VENV)/.kernel-built
 
 .PHONY: install test run bench proto clean compose-test
 
@@ -13,8 +14,12 @@ $(STAMP): pyproject.toml
 	# torch==2.13.0 first: the CPU build (pip find-links here; elsewhere add --index-url https://download.pytorch.org/whl/cpu).
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m compute_service.attention --build
 	touch $(STAMP)
+
+# The C++ decode kernel: where a C++ compiler is installed, a kernel that does not build fails here.
+$(KERNEL_STAMP): compute_service/csrc/paged_attention.cpp compute_service/attention.py | $(STAMP)
+	$(PY) -m compute_service.attention --build
+	touch $(KERNEL_STAMP)
 
 # The gRPC stubs: generated into the ignored rpc/ package, never edited by hand.
 $(PROTO_STAMP): $(wildcard protos/rpc/*/*.proto protos/rpc/*/*/*.proto) protos/generate.sh | $(STAMP)
@@ -23,7 +28,7 @@ $(PROTO_STAMP): $(wildcard protos/rpc/*/*.proto protos/rpc/*/*/*.proto) protos/g
 
 proto: $(PROTO_STAMP)
 
-install: $(STAMP) $(PROTO_STAMP)
+install: $(STAMP) $(PROTO_STAMP) $(KERNEL_STAMP)
 
 test: install
 	$(PY) -m pytest

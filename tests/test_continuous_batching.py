@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.blocks import blocks_for_tokens, blocks_to_admit
 from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, random_prompt
@@ -93,13 +94,26 @@ def test_stop_strings_and_eos_finish_one_sequence_only():
     assert_all_blocks_free(engine)
 
 
-@pytest.mark.parametrize("reserve, expected_peak", [("max-model-len", 2), ("max-new-tokens", 8)])
-def test_contiguous_reservation_admits_fewer_sequences(reserve, expected_peak):
-    prompts = [[7] * 100] * 8
-    paged = InferenceEngine(model="dummy:tiny", kv_budget_tokens=2048)
-    paged.generate(prompts, greedy(20))
-    contiguous = InferenceEngine(model="dummy:tiny", mode="contiguous", reserve=reserve, kv_budget_tokens=2048)
-    contiguous.generate(prompts, greedy(20))
-    assert contiguous.stats.peak_running == expected_peak
-    assert paged.stats.peak_running == 8
-    assert paged.stats.mean_utilization > 0.9 > contiguous.stats.mean_utilization
+def test_contiguous_reservation_admits_fewer_sequences_than_paging():
+    """Peak concurrency follows from the budget and the request sizes, with the allocator's own
+    arithmetic: paging admits as many 100-token prompts as their blocks fit (growth comes later,
+    by preemption if need be), reserving prompt + max_new_tokens (Orca-Oracle) fewer, reserving
+    the whole context (Orca-Max) fewest. 24 prompts, so no arm is capped by the request count."""
+    prompts, new_tokens, budget = [[7] * 100] * 24, 20, 2048
+    paged = InferenceEngine(model="dummy:tiny", kv_budget_tokens=budget, headroom_blocks_per_seq=0)
+    paged.generate(prompts, greedy(new_tokens))
+    sc = paged.scheduler.config
+    paged_peak = (sc.num_blocks - sc.watermark_blocks) // blocks_for_tokens(100, sc.block_size)
+    assert paged.stats.peak_running == paged_peak == 18
+
+    peaks = {}
+    for reserve in ("max-new-tokens", "max-model-len"):
+        contiguous = InferenceEngine(model="dummy:tiny", mode="contiguous", reserve=reserve, kv_budget_tokens=budget)
+        contiguous.generate(prompts, greedy(new_tokens))
+        cc = contiguous.scheduler.config
+        per_request = blocks_to_admit(100, contiguous.scheduler.reserve_tokens(100, new_tokens), cc.block_size)
+        assert contiguous.stats.peak_running == cc.num_blocks // per_request
+        assert paged.stats.mean_utilization > contiguous.stats.mean_utilization
+        peaks[reserve] = contiguous.stats.peak_running
+    assert paged_peak > peaks["max-new-tokens"] == 16 > peaks["max-model-len"] == 2
+    assert paged.stats.mean_utilization > 0.9

@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from common.blocks import blocks_for_tokens
 from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
 from compute_service.sequence import SequenceStatus
@@ -50,14 +51,23 @@ class EngineMachine(RuleBasedStateMachine):
         holders = Counter(b for s in alloc.sequence_ids() for b in alloc.block_table(s))
         assert alloc.num_free_blocks + len(holders) == alloc.num_blocks
         assert all(alloc.ref_count(b) == n for b, n in holders.items())
-        in_flight = sched.in_flight_ids()  # asked for the next step: one slot (maybe a block) ahead
+        in_flight = sched.in_flight_ids()  # asked for the next step, answer not read yet
         for seq in sched.running:
             assert seq.status is SequenceStatus.RUNNING
             table = alloc.block_table(seq.request_id)
             if seq.request_id in in_flight:
+                # Memory already holds a slot for every token the sequence has, the one the next
+                # forward writes included, and exactly the blocks those slots take. Admitted in
+                # that request: the whole table is news (the sequence knows none of it yet).
+                # Decoding: the table it knows, plus at most the one block that slot opened.
                 assert alloc.num_tokens(seq.request_id) == seq.num_tokens
-                assert table[: len(seq.block_table)] == seq.block_table
-                assert len(table) - len(seq.block_table) <= (1 if seq.block_table else len(table))  # admitted
+                assert len(table) == blocks_for_tokens(seq.num_tokens, alloc.block_size)
+                if not seq.block_table:  # admitted (or readmitted after preemption) in that request
+                    assert seq.num_cached_tokens == 0
+                else:  # decoding: one token not yet in the cache, at most one block opened for it
+                    assert seq.num_cached_tokens == seq.num_tokens - 1
+                    assert table[: len(seq.block_table)] == seq.block_table
+                    assert len(table) - len(seq.block_table) <= 1
             else:
                 assert table == seq.block_table
                 assert alloc.num_tokens(seq.request_id) == seq.num_cached_tokens

@@ -9,12 +9,63 @@
 // One task per (sequence, head): scores for the whole context, a max-subtracted softmax, then
 // the weighted sum of values, each block tile (block_size x hs, contiguous) read straight from
 // the pool. float32 only; the Python wrapper falls back to PyTorch for anything else.
+//
+// Build policy (README, "Native kernels"): compiled for the baseline of the architecture, never
+// -march=native, so a binary built on one machine runs on any other of the same architecture.
+// On x86-64 the per-task function is compiled three times (AVX-512, AVX2, baseline) and the
+// loader picks the widest one this CPU has, once, at load time (GCC/Clang target_clones).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PICK_ISA_AT_LOAD __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PICK_ISA_AT_LOAD
+#endif
+
+// Attention of one query head over one sequence's context, blocks read in place.
+PICK_ISA_AT_LOAD
+static void attend_one_head(const float* qv, const float* k_ptr, const float* v_ptr, const int32_t* table,
+                            int64_t ctx, int64_t block_size, int64_t head_dim, int64_t k_block_stride,
+                            int64_t v_block_stride, int64_t k_head_offset, int64_t v_head_offset, float scale,
+                            float* scores, float* acc, float* out) {
+  float max_score = -INFINITY;
+  for (int64_t start = 0; start < ctx; start += block_size) {
+    const float* kb = k_ptr + table[start / block_size] * k_block_stride + k_head_offset;
+    const int64_t n = std::min(block_size, ctx - start);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* kv = kb + j * head_dim;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < head_dim; ++d) s += qv[d] * kv[d];
+      s *= scale;
+      scores[start + j] = s;
+      max_score = std::max(max_score, s);
+    }
+  }
+  float denom = 0.f;
+  for (int64_t t = 0; t < ctx; ++t) {
+    scores[t] = std::exp(scores[t] - max_score);
+    denom += scores[t];
+  }
+  std::fill(acc, acc + head_dim, 0.f);
+  for (int64_t start = 0; start < ctx; start += block_size) {
+    const float* vb = v_ptr + table[start / block_size] * v_block_stride + v_head_offset;
+    const int64_t n = std::min(block_size, ctx - start);
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = scores[start + j];
+      const float* vv = vb + j * head_dim;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) acc[d] += w * vv[d];
+    }
+  }
+  const float inv = 1.f / denom;
+  for (int64_t d = 0; d < head_dim; ++d) out[d] = acc[d] * inv;
+}
 
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
@@ -52,44 +103,10 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
       const int64_t b = task / n_head, h = task % n_head;
       const int64_t ctx = lens[b];
       TORCH_CHECK(ctx > 0 && ctx <= max_blocks * block_size, "context length out of range");
-      const int32_t* table = tables + b * max_blocks;
-      const float* qv = q_ptr + task * head_dim;
       scores.resize(ctx);
-
-      float max_score = -INFINITY;
-      for (int64_t start = 0; start < ctx; start += block_size) {
-        const float* kb = k_ptr + table[start / block_size] * k_block_stride + h * k_head_stride;
-        const int64_t n = std::min(block_size, ctx - start);
-        for (int64_t j = 0; j < n; ++j) {
-          const float* kv = kb + j * head_dim;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < head_dim; ++d) s += qv[d] * kv[d];
-          s *= fscale;
-          scores[start + j] = s;
-          max_score = std::max(max_score, s);
-        }
-      }
-      float denom = 0.f;
-      for (int64_t t = 0; t < ctx; ++t) {
-        scores[t] = std::exp(scores[t] - max_score);
-        denom += scores[t];
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float* a = acc.data();
-      for (int64_t start = 0; start < ctx; start += block_size) {
-        const float* vb = v_ptr + table[start / block_size] * v_block_stride + h * v_head_stride;
-        const int64_t n = std::min(block_size, ctx - start);
-        for (int64_t j = 0; j < n; ++j) {
-          const float w = scores[start + j];
-          const float* vv = vb + j * head_dim;
-#pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += w * vv[d];
-        }
-      }
-      float* o = out_ptr + task * head_dim;
-      const float inv = 1.f / denom;
-      for (int64_t d = 0; d < head_dim; ++d) o[d] = a[d] * inv;
+      attend_one_head(q_ptr + task * head_dim, k_ptr, v_ptr, tables + b * max_blocks, ctx, block_size, head_dim,
+                      k_block_stride, v_block_stride, h * k_head_stride, h * v_head_stride, fscale, scores.data(),
+                      acc.data(), out_ptr + task * head_dim);
     }
   });
   return out;
