@@ -29,14 +29,6 @@ class KVCache:
             n_layer, 2, num_blocks, n_head, block_size, head_dim, device=device, dtype=dtype
         )
 
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
-    def nbytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
-
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, each (num_blocks, nh, block_size, hs)."""
         return self.pool[layer, 0], self.pool[layer, 1]

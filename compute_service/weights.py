@@ -71,7 +71,7 @@ def _model_from_dir(path: Path) -> GPT:
         )
         tensors = hf_to_nanogpt_state_dict(tensors)
     else:
-        if "block_size" in raw:  # checkpoints written before the rename used nanoGPT's name
+        if "block_size" in raw:  # nanoGPT's name for the context length, in older checkpoints
             raw["context_length"] = raw.pop("block_size")
         known = {f.name for f in fields(GPTConfig)}
         config = GPTConfig(**{k: v for k, v in raw.items() if k in known})

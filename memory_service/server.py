@@ -115,7 +115,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         UTILIZATION.labels(pool_id, pool.replica).set(st.utilization)
 
 
-async def serve(config: MemoryServiceConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(config: MemoryServiceConfig) -> None:
     server, health = make_server([SERVICE])
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(), server)
     port = bind(server, config.host, config.port)

@@ -77,3 +77,11 @@ def test_compose_serves_the_engine_default_model(compose):
     from compute_service.config import DEFAULT_MODEL
 
     assert compose["services"]["compute"]["environment"]["COMPUTE_MODEL"] == f"${{MODEL:-{DEFAULT_MODEL}}}"
+
+
+def test_the_readme_settings_table_names_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    table = {line.split("|")[3].strip() for line in readme.splitlines() if line.startswith("| ") and "`--" in line}
+    listed = {name.strip(" `") for cell in table for name in cell.split(",")}
+    every = set().union(*(settings_of(role) for role in CONFIGS))
+    assert listed == every, f"missing from the README: {every - listed}; not a setting: {listed - every}"
