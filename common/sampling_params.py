@@ -7,6 +7,7 @@ checks once). Every ValueError names the request field at fault.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 
 # Stop strings are searched in the decoded output at every decode step and held back from the
@@ -38,14 +39,36 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
+
+
+_MASK64 = (1 << 64) - 1
+MAX_SEED = (1 << 63) - 1
+
+
+def new_seed() -> int:
+    """A seed for a request that brought none (the gateway reports it back, so it can be replayed)."""
+    return secrets.randbits(63)
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of the draw that picks the token at `position` (its index in prompt + output).
+
+    Every random draw of a sequence is a function of its seed and the position alone (splitmix64
+    of the two), never of how many draws came before on which machine: a request continued on
+    another replica as prompt + tokens so far samples exactly what the first one would have.
+    """
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & MAX_SEED
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, context_length: int, vocab_size: int) -> None:

@@ -17,9 +17,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineFailure:
-    """Put on a request's queue when the engine loop itself failed."""
+    """Put on a request's queue when the engine cannot finish it; `status` is the gRPC status
+    the servicer ends the call with (INTERNAL: the engine loop failed; UNAVAILABLE: this replica
+    gives the request up, e.g. draining, and the gateway continues it elsewhere)."""
 
     message: str
+    status: str = "INTERNAL"
 
 
 class AsyncEngine:
@@ -45,14 +48,15 @@ class AsyncEngine:
     def num_pending(self) -> int:
         return len(self._streams)
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               output_token_ids: list[int] = ()) -> asyncio.Queue:
         """Validate now (ValueError for the caller), queue for the engine thread, return the stream."""
         if request_id in self._streams:
             raise KeyError(request_id)
-        self.engine.validate_request(prompt_token_ids, params)
+        self.engine.validate_request(prompt_token_ids, params, output_token_ids)
         out: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out)
-        self._inbox.put(("add", request_id, prompt_token_ids, params))
+        self._inbox.put(("add", request_id, prompt_token_ids, params, output_token_ids))
         self._wake.set()
         return out
 
@@ -88,11 +92,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if item[0] == "add":
-                _, request_id, prompt, params = item
+                _, request_id, prompt, params, outputs_before = item
                 if request_id not in self._streams:
                     continue  # cancelled before it reached the engine
                 try:
-                    self.engine.enqueue_validated(prompt, params, request_id=request_id)
+                    self.engine.enqueue_validated(prompt, params, request_id, outputs_before)
                 except ValueError as exc:  # the id is still in the engine (its stream just ended)
                     self._deliver_failure(request_id, str(exc))
             else:

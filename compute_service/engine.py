@@ -17,9 +17,9 @@ import torch
 from compute_service.config import EngineConfig
 from compute_service.kv_cache import KVCache
 from compute_service.model_runner import ModelRunner
-from compute_service.sampling import make_generator, sample
+from compute_service.sampling import sample
 from common.blocks import blocks_to_admit
-from common.sampling_params import SamplingParams, validate_request
+from common.sampling_params import SamplingParams, new_seed, validate_request
 from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from common.tokenizer import get_tokenizer
@@ -120,10 +120,17 @@ class InferenceEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                         output_token_ids: list[int] = ()) -> None:
         """ValueError naming the field, for anything a client can get wrong: the shared request
-        rules, then whether this replica's pool can ever hold the request."""
-        validate_request(prompt_token_ids, params, self.max_model_len, self.model.config.vocab_size)
+        rules, then whether this replica's pool can ever hold the request. `output_token_ids`
+        are tokens already generated for it (elsewhere: a request continued after a fault)."""
+        vocab_size = self.model.config.vocab_size
+        validate_request(prompt_token_ids, params, self.max_model_len, vocab_size)
+        if len(output_token_ids) > params.max_new_tokens:
+            raise ValueError(f"output_token_ids has {len(output_token_ids)} tokens, more than max_new_tokens")
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in output_token_ids):
+            raise ValueError(f"output token ids must be integers in [0, {vocab_size})")
         sc = self.scheduler.config
         if self.kv_cache is not None:
             longest = len(prompt_token_ids) + params.max_new_tokens
@@ -142,16 +149,23 @@ class InferenceEngine:
         return self.enqueue_validated(prompt_token_ids, params, request_id)
 
     def enqueue_validated(self, prompt_token_ids: list[int], params: SamplingParams,
-                          request_id: str | None = None) -> str:
+                          request_id: str | None = None, output_token_ids: list[int] = ()) -> str:
         """Queue a request that `validate_request` has already accepted (the service validates
         on arrival, before it reaches the engine thread; checking again would be a second rule
-        set to keep in step)."""
+        set to keep in step). With `output_token_ids` the request continues where another
+        replica stopped: they are recomputed with the prompt, count towards max_new_tokens and
+        stop strings, and are not generated again; if they already end the request (EOS, a stop
+        string, the length), it ends at once with no new token."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_token_ids, params, make_generator(params))
+        seed = params.seed if params.seed is not None else new_seed()
+        seq = Sequence(request_id, prompt_token_ids, params, seed, token_ids=[*prompt_token_ids, *output_token_ids])
         self._requests[request_id] = seq
         self.scheduler.add(seq)
+        reason = self._finish_reason(seq, output_token_ids[-1]) if output_token_ids else None
+        if reason is not None:
+            self.scheduler.finish(seq, reason)  # reported by the next step
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -164,7 +178,7 @@ class InferenceEngine:
 
     def has_unfinished(self) -> bool:
         """True while any request runs, waits, has blocks to return, or has an unreported end
-        (an abort before the request was ever scheduled is reported by the next step)."""
+        (a request that ended outside a step, by abort or on arrival, is reported by the next)."""
         return bool(self._requests) or self.scheduler.has_work()
 
     # ---- stepping ------------------------------------------------------------------------
@@ -172,8 +186,7 @@ class InferenceEngine:
         """Run one forward over the scheduled batch and append one token to each sequence.
         `before_forward` runs once the memory call is done (the service hands out the previous
         step's tokens there, so that work overlaps the forward rather than the memory call)."""
-        outputs = [self._finished_output(s) for s in list(self._requests.values())
-                   if s.is_finished and s.finish_reason is FinishReason.ABORT]
+        outputs = [self._finished_output(s) for s in list(self._requests.values()) if s.is_finished]
         batch = self.scheduler.schedule()
         if before_forward is not None:
             before_forward()
@@ -184,7 +197,8 @@ class InferenceEngine:
         prepared = self.runner.prepare(batch)
         self.scheduler.plan_next(batch)  # the next step's memory call travels during this forward
         logits = self.runner.execute(prepared)
-        tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
+        tokens = sample(logits, [s.params for s in batch.seqs], [s.seed for s in batch.seqs],
+                        [s.num_tokens for s in batch.seqs])
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
         for seq, token in zip(batch.seqs, tokens):

@@ -1,22 +1,15 @@
 """Per-request sampling parameters applied to one batch of logits.
 
-Each sequence samples with its own seeded torch.Generator, so its tokens do not depend on which
-other sequences share the batch, on preemption, or on the order requests arrived in.
+Each draw is seeded by the sequence's seed and the position of the token it picks
+(common.sampling_params.position_seed), so a sequence's tokens do not depend on which other
+sequences share the batch, on preemption, on the order requests arrived in, or on which replica
+computed the tokens before this one.
 """
 from __future__ import annotations
 
 import torch
 
-from common.sampling_params import SamplingParams
-
-
-def make_generator(params: SamplingParams) -> torch.Generator:
-    gen = torch.Generator()
-    if params.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(params.seed)
-    return gen
+from common.sampling_params import SamplingParams, position_seed
 
 
 def filtered_logits(row_logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -34,13 +27,16 @@ def filtered_logits(row_logits: torch.Tensor, params: SamplingParams) -> torch.T
     return row_logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One next token per row of logits (B, vocab), each row under its own params."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> list[int]:
+    """One next token per row of logits (B, vocab), each row under its own params; row i's draw
+    is seeded by (seeds[i], positions[i])."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1).tolist()  # greedy for every row, overwritten where sampling
-    for row, (p, gen) in enumerate(zip(params, generators)):
+    generator = torch.Generator()
+    for row, (p, seed, position) in enumerate(zip(params, seeds, positions)):
         if p.temperature == 0:
             continue
         probs = filtered_logits(logits[row], p).softmax(-1)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+        generator.manual_seed(position_seed(seed, position))
+        tokens[row] = int(torch.multinomial(probs, 1, generator=generator).item())
     return tokens

@@ -5,8 +5,6 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
 from common.sampling_params import SamplingParams
 
 
@@ -28,8 +26,8 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
-    token_ids: list[int] = field(default_factory=list)  # prompt + generated
+    seed: int  # with the position, seeds each draw (params.seed, or one the engine chose)
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated (here or on another replica)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # as the memory service last reported it
     num_cached_tokens: int = 0  # tokens whose k/v are in the cache

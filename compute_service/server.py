@@ -15,7 +15,6 @@ import grpc
 from common.grpc_server import bind, make_server, set_serving
 from common.protocol import sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
-from common.text_stream import IncrementalText
 from compute_service.async_engine import AsyncEngine, EngineFailure
 from compute_service.config import ComputeServiceConfig, EngineConfig
 from compute_service.engine import InferenceEngine, RequestOutput
@@ -30,8 +29,8 @@ def complete_message(out: RequestOutput, replica: str) -> compute_pb2.Complete:
     seq = out.sequence
     return compute_pb2.Complete(
         finish_reason=out.finish_reason, prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids),
-        num_preemptions=seq.num_preemptions, replica=replica,
-        queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
+        num_preemptions=seq.num_preemptions, replica=replica, token_ids=out.new_token_ids,
+        output_text=seq.output_text, queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
     )
 
 
@@ -44,33 +43,29 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
     async def Generate(self, request, context):
         engine = self.engine.engine
         prompt, params = list(request.prompt_token_ids), sampling_params_from_proto(request.params)
+        outputs_before = list(request.output_token_ids)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must be set")
         if self.engine.num_pending >= self.config.max_waiting + engine.config.max_num_seqs:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "compute replica queue is full; retry later")
         try:
-            outputs = self.engine.submit(request.request_id, prompt, params)  # validates, once
+            outputs = self.engine.submit(request.request_id, prompt, params, outputs_before)  # validates, once
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KeyError:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request.request_id!r} is already running")
-        text = IncrementalText(engine.tokenizer, params.stop)
         finished = False
         try:
             while not finished:
                 out = await outputs.get()
                 if isinstance(out, EngineFailure):
                     finished = True
-                    await context.abort(grpc.StatusCode.INTERNAL, out.message)
-                if out.new_token_ids:
-                    delta = text.add(out.new_token_ids) if not out.finished else ""
-                    yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(token_ids=out.new_token_ids, text=delta))
+                    await context.abort(grpc.StatusCode[out.status], out.message)
                 if out.finished:
                     finished = True
-                    rest = text.finish(out.sequence.output_text)
-                    if rest:
-                        yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(text=rest))
                     yield compute_pb2.GenerateResponse(complete=complete_message(out, self.config.replica))
+                elif out.new_token_ids:
+                    yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(token_ids=out.new_token_ids))
         finally:
             if not finished:  # the caller cancelled or its deadline passed: free the blocks
                 self.engine.abort(request.request_id)

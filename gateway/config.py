@@ -16,3 +16,8 @@ class GatewayConfig:
     memory_address: str = "127.0.0.1:50051"  # for GetStats; empty = none
     max_in_flight: int = 512  # more concurrent requests get RESOURCE_EXHAUSTED
     startup_timeout_s: float = 600.0
+    replica_wait_s: float = 30.0  # how long a request waits for a SERVING replica before UNAVAILABLE
+    max_migrations: int = 8  # times one request may be continued on another replica after faults
+    health_poll_s: float = 0.5  # how often each replica's grpc.health.v1 status is read
+    replica_down_after_s: float = 2.0  # no health answer for this long = down: its streams move
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight streams may still finish

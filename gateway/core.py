@@ -3,31 +3,38 @@ metrics of every request, whatever front (gRPC today) a client came through.
 
 A front turns its own request into a `ClientRequest`, iterates `generate()` for `TokenChunk`s and
 one final `Completion`, and maps a `GatewayError`'s status (a gRPC status name) onto its own
-protocol. The core talks to compute replicas over the internal API (rpc.internal.v1).
+protocol. The core talks to compute replicas over the internal API (rpc.internal.v1) and turns
+their token ids into text, so a request continued on another replica streams on seamlessly.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 import grpc
 
 from common.grpc_server import CHANNEL_OPTIONS
 from common.protocol import sampling_params_to_proto
-from common.sampling_params import SamplingParams, validate_request
+from common.sampling_params import SamplingParams, new_seed, validate_request
+from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
 from gateway.config import GatewayConfig
-from gateway.metrics import IN_FLIGHT, GatewayMetrics, RequestTimer
-from gateway.router import ReplicaRouter
+from gateway.metrics import IN_FLIGHT, MIGRATIONS, GatewayMetrics, RequestTimer
+from gateway.router import Replica, ReplicaRouter
 from rpc.internal.v1 import compute_pb2, memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("gateway")
-# Replica statuses a client may see as they are; any other failure is the replica's, not the
-# client's, and becomes UNAVAILABLE.
-_PASS_THROUGH = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "ALREADY_EXISTS", "DEADLINE_EXCEEDED"}
+# Replica statuses that are about the request itself: the client sees them as they are. Any other
+# failure is the replica's, and the request continues on another one.
+_CLIENT_ERRORS = {"INVALID_ARGUMENT", "ALREADY_EXISTS", "DEADLINE_EXCEEDED"}
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
 class GatewayError(Exception):
@@ -61,6 +68,8 @@ class Completion:
     completion_tokens: int
     num_preemptions: int
     replica: str
+    seed: int  # what it sampled with: the request's, or one the gateway chose
+    num_migrations: int  # times it was continued on another replica
     timings: dict[str, float]  # queue_ms (the engine's), ttft_ms, tpot_ms, e2e_ms (the gateway's clock)
 
 
@@ -74,6 +83,26 @@ class ModelInfo:
     replicas: int
 
 
+@dataclass
+class _Stream:
+    """One client request as the gateway follows it across replicas: every token streamed so far
+    (what a continuation resubmits), and the text the client has been sent."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    text: IncrementalText
+    generated: list[int] = field(default_factory=list)
+    migrations: int = 0
+
+    def forward(self) -> compute_pb2.GenerateRequest:
+        """The replica's request: prompt + the tokens so far, the same seed, the same budget. Each
+        attempt has its own id, so a replica still cleaning up an earlier one never collides."""
+        return compute_pb2.GenerateRequest(
+            request_id=f"{self.request_id}/{self.migrations}", prompt_token_ids=self.prompt,
+            output_token_ids=self.generated, params=sampling_params_to_proto(self.params, compute_pb2.SamplingParams))
+
+
 class GatewayCore:
     def __init__(self, config: GatewayConfig, router: ReplicaRouter) -> None:
         self.config = config
@@ -81,18 +110,21 @@ class GatewayCore:
         self.tokenizer = get_tokenizer()
         self.metrics = GatewayMetrics()
         self._model_info: ModelInfo | None = None
-        self._calls: dict[str, grpc.aio.UnaryStreamCall] = {}
-        self._aborted: set[str] = set()
+        self._calls: dict[str, tuple[grpc.aio.UnaryStreamCall, Replica]] = {}
+        self._aborted: set[str] = set()  # by the client's Abort
+        self._evicted: set[str] = set()  # cancelled by the gateway: their replica is down
         self._memory = None
         if config.memory_address:
             channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
             self._memory = memory_pb2_grpc.MemoryServiceStub(channel)
 
     async def start(self) -> ModelInfo:
-        """Wait for a compute replica to tell the model's facts (requests fail UNAVAILABLE until then)."""
+        """Wait for a compute replica to tell the model's facts (requests fail UNAVAILABLE until
+        then), then watch every replica's health."""
         info = await self.router.info(self.config.startup_timeout_s)
         self._model_info = ModelInfo(info.model, info.context_length, info.block_size, info.mode, info.vocab_size,
                                      len(self.router.replicas))
+        self.router.start_watching(self._replica_down)
         return self._model_info
 
     @property
@@ -105,89 +137,146 @@ class GatewayCore:
     def num_in_flight(self) -> int:
         return len(self._calls)
 
-    def _forward_request(self, request: ClientRequest) -> compute_pb2.GenerateRequest:
-        """The request as a replica gets it (token ids, every parameter explicit, an id), after
-        the one validation this process applies; ValueError names the field at fault."""
+    def _stream(self, request: ClientRequest) -> _Stream:
+        """The request as the gateway follows it, after the one validation this process applies
+        (ValueError names the field at fault). A request without a seed gets one here."""
         info = self.model_info
         prompt = self.tokenizer.encode(request.prompt) if isinstance(request.prompt, str) else list(request.prompt)
         validate_request(prompt, request.params, info.context_length, info.vocab_size)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._calls:
             raise ValueError(f"request_id {request_id!r} is already in flight")
-        return compute_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                           params=sampling_params_to_proto(request.params, compute_pb2.SamplingParams))
+        params = request.params if request.params.seed is not None else replace(request.params, seed=new_seed())
+        return _Stream(request_id, prompt, params, IncrementalText(self.tokenizer, params.stop))
 
     async def generate(self, request: ClientRequest,
                        timeout_s: float | None = None) -> AsyncIterator[TokenChunk | Completion]:
-        """Stream one request from a compute replica: TokenChunks, then one Completion. Raises
+        """Stream one request: TokenChunks, then one Completion. If the replica serving it fails
+        (its stream breaks, it stops answering health checks, it gives the request up while
+        draining), the request continues on another replica from the tokens already streamed,
+        and the client's stream goes on with the same tokens a fault-free run gives. Raises
         GatewayError; a front that stops iterating must close the generator (aclosing) so the
         replica's call is cancelled and its blocks freed."""
         timer = RequestTimer()
         try:
-            forward = self._forward_request(request)
+            stream = self._stream(request)
         except ValueError as exc:
             self.metrics.record_request("INVALID_ARGUMENT", timer, None)
             raise GatewayError("INVALID_ARGUMENT", str(exc)) from None
         if len(self._calls) >= self.config.max_in_flight:
             self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
             raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
-        request_id, status, queue_ms, tried = forward.request_id, None, None, set()
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        request_id, status, queue_ms = stream.request_id, None, None
+        failed: set[str] = set()  # replicas that failed this request: another is preferred
+        full: set[str] = set()  # replicas that answered RESOURCE_EXHAUSTED
         IN_FLIGHT.inc()
         try:
             while True:
-                replica = self.router.pick(exclude=tried)
-                if replica is None:
-                    status = "UNAVAILABLE"
-                    raise GatewayError(status, "no compute replica is reachable")
-                tried.add(replica.address)
-                call = replica.stub.Generate(forward, timeout=timeout_s)
-                self._calls[request_id] = call
+                replica = await self._wait_for_replica(failed, full, deadline)
+                call = replica.stub.Generate(stream.forward(), timeout=_remaining(deadline))
+                self._calls[request_id] = (call, replica)
                 replica.in_flight += 1
                 try:
                     async for response in call:
                         if response.HasField("chunk"):
-                            if response.chunk.token_ids:
-                                timer.on_tokens(len(response.chunk.token_ids))
-                                self.metrics.record_tokens(len(response.chunk.token_ids))
-                            yield TokenChunk(list(response.chunk.token_ids), response.chunk.text)
+                            ids = list(response.chunk.token_ids)
+                            self._count(ids, stream, timer)
+                            yield TokenChunk(ids, stream.text.add(ids))
                         elif response.HasField("complete"):
                             done = response.complete
-                            queue_ms = done.queue_ms
-                            status = "OK"
+                            ids = list(done.token_ids)
+                            self._count(ids, stream, timer)
+                            rest = stream.text.finish(done.output_text)
+                            if ids or rest:
+                                yield TokenChunk(ids, rest)
+                            queue_ms, status = done.queue_ms, "OK"
                             yield Completion(request_id, done.finish_reason, done.prompt_tokens, done.completion_tokens,
-                                             done.num_preemptions, done.replica, dict(queue_ms=queue_ms, **timer.timings()))
+                                             done.num_preemptions, done.replica, stream.params.seed, stream.migrations,
+                                             dict(queue_ms=queue_ms, **timer.timings()))
                     return
                 except asyncio.CancelledError:
+                    if request_id in self._evicted:  # the replica is down: continue elsewhere
+                        self._evicted.discard(request_id)
+                        failed.add(replica.address)
+                        self._migrate(stream, replica, "its replica stopped answering")
+                        continue
                     if request_id not in self._aborted:
                         status = "CANCELLED"
                         raise  # the client went away; `finally` cancels the upstream call
                     status = "OK"
-                    yield Completion(request_id, "abort", len(forward.prompt_token_ids), timer.num_tokens, 0,
-                                     replica.address, dict(queue_ms=0.0, **timer.timings()))
+                    yield Completion(request_id, "abort", len(stream.prompt), len(stream.generated), 0, replica.address,
+                                     stream.params.seed, stream.migrations, dict(queue_ms=0.0, **timer.timings()))
                     return
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE and timer.first is None:
-                        log.warning("compute replica %s unavailable, trying another", replica.address)
-                        continue  # nothing streamed yet: another replica may serve it
-                    status = exc.code().name
-                    raise GatewayError(status if status in _PASS_THROUGH else "UNAVAILABLE",
-                                       f"compute replica {replica.address}: {exc.details()}") from None
+                    code = exc.code().name
+                    if code in _CLIENT_ERRORS:
+                        status = code
+                        raise GatewayError(code, f"compute replica {replica.address}: {exc.details()}") from None
+                    if code == "RESOURCE_EXHAUSTED":
+                        full.add(replica.address)  # try one with room; at once RESOURCE_EXHAUSTED if none
+                        continue
+                    failed.add(replica.address)
+                    self._migrate(stream, replica, f"{code}: {exc.details()}")
                 finally:
                     replica.in_flight -= 1
                     call.cancel()
+        except GatewayError as exc:
+            status = status or exc.status
+            raise
         finally:
             IN_FLIGHT.dec()
             self._calls.pop(request_id, None)
             self._aborted.discard(request_id)
+            self._evicted.discard(request_id)
             self.metrics.record_request(status or "CANCELLED", timer, queue_ms)
+
+    def _count(self, ids: list[int], stream: _Stream, timer: RequestTimer) -> None:
+        if ids:
+            stream.generated.extend(ids)
+            timer.on_tokens(len(ids))
+            self.metrics.record_tokens(len(ids))
+
+    def _migrate(self, stream: _Stream, replica: Replica, why: str) -> None:
+        """Count one more continuation of `stream`, or give up (UNAVAILABLE) past the budget."""
+        if stream.migrations >= self.config.max_migrations:
+            raise GatewayError("UNAVAILABLE", f"request failed on {stream.migrations + 1} replicas; last: {why}")
+        stream.migrations += 1
+        MIGRATIONS.inc()
+        log.warning("request %s: replica %s failed (%s); continuing elsewhere after %d tokens", stream.request_id,
+                    replica.address, why, len(stream.generated))
+
+    async def _wait_for_replica(self, failed: set[str], full: set[str], deadline: float | None) -> Replica:
+        """A SERVING replica for the next attempt: one that has not failed this request if there
+        is one, never one that said it is full. With none SERVING (all restarting, or their
+        memory service is down) wait up to replica_wait_s (and the client's deadline)."""
+        give_up = time.monotonic() + self.config.replica_wait_s
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        while True:
+            replica = self.router.pick(exclude=failed | full) or self.router.pick(exclude=full)
+            if replica is not None:
+                return replica
+            serving = [r for r in self.router.replicas if r.serving]
+            if full and serving and all(r.address in full for r in serving):
+                raise GatewayError("RESOURCE_EXHAUSTED", "every compute replica's queue is full; retry later")
+            if time.monotonic() >= give_up:
+                raise GatewayError("UNAVAILABLE", "no compute replica is serving")
+            await asyncio.sleep(0.05)
+
+    def _replica_down(self, replica: Replica) -> None:
+        """The router lost a replica: cancel its calls, which continue elsewhere."""
+        for request_id, (call, at) in list(self._calls.items()):
+            if at is replica:
+                self._evicted.add(request_id)
+                call.cancel()
 
     def abort(self, request_id: str) -> None:
         """End a request in flight; its stream finishes with finish_reason abort."""
-        call = self._calls.get(request_id)
-        if call is None:
+        if request_id not in self._calls:
             raise GatewayError("INVALID_ARGUMENT", f"request_id {request_id!r} is not in flight")
         self._aborted.add(request_id)
-        call.cancel()  # compute sees the cancel, aborts, and frees the blocks at its next step
+        self._calls[request_id][0].cancel()  # compute sees the cancel, aborts, and frees the blocks at its next step
 
     async def pool_stats(self, pool_id: str = "") -> list[dict]:
         """Every pool's block counts from the memory service (empty when it is not configured or

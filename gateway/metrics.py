@@ -15,6 +15,7 @@ _BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30
 REQUESTS = Counter("gateway_requests_total", "Generate requests by final gRPC status", ["status"])
 OUTPUT_TOKENS = Counter("gateway_output_tokens_total", "Tokens streamed to clients")
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served")
+MIGRATIONS = Counter("gateway_migrations_total", "Requests continued on another replica after a fault")
 TOKENS_PER_SECOND = Gauge("gateway_output_tokens_per_second", "Output tokens/s over the last 10 s")
 HISTOGRAMS = {
     name: Histogram(f"gateway_{name}_ms", help_text, buckets=_BUCKETS_MS)

@@ -42,7 +42,7 @@ def complete_message(done: Completion) -> generate_pb2.Complete:
     return generate_pb2.Complete(
         request_id=done.request_id, finish_reason=done.finish_reason, prompt_tokens=done.prompt_tokens,
         completion_tokens=done.completion_tokens, timings=generate_pb2.Timings(**done.timings),
-        num_preemptions=done.num_preemptions, replica=done.replica,
+        num_preemptions=done.num_preemptions, replica=done.replica, seed=done.seed, num_migrations=done.num_migrations,
     )
 
 
@@ -103,7 +103,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 async def serve(config: GatewayConfig) -> None:
-    core = GatewayCore(config, ReplicaRouter(config.compute_addresses))
+    core = GatewayCore(config, ReplicaRouter(config.compute_addresses, config.health_poll_s,
+                                             config.replica_down_after_s))
     server, health = make_server([SERVICE])
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
     port = bind(server, config.host, config.port)
