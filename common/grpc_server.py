@@ -2,7 +2,9 @@
 limits, and an interceptor that logs unexpected exceptions once and answers INTERNAL."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,9 +50,20 @@ def make_server(service_names: list[str]) -> tuple[grpc.aio.Server, health.aio.H
     return server, health_servicer
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, service_names: list[str]) -> None:
+async def set_serving(health_servicer: health.aio.HealthServicer, service_names: list[str],
+                      serving: bool = True) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, status)
+
+
+async def until_stop_signal() -> None:
+    """Return on the first SIGTERM or SIGINT (a service then drains and exits 0)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:

@@ -1,6 +1,12 @@
 """Runs InferenceEngine.step() on a thread of its own and hands each request's outputs to the
 asyncio side through a queue, so the gRPC event loop (health checks, streams) never waits on a
-forward pass."""
+forward pass.
+
+It also keeps the replica's link to the memory service: when the memory side loses the pool
+(MemoryLost), the loop reports not-serving, registers again until it can (aborts still come
+through meanwhile), drops the sequences whose streams are gone, and recomputes the others in
+the new pool: their clients see a stall, never an error or a changed token.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,9 +14,11 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
-from compute_service.engine import InferenceEngine, RequestOutput
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine, RequestOutput
+from compute_service.memory_client import MemoryClient, MemoryLost
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +34,24 @@ class EngineFailure:
 
 
 class AsyncEngine:
-    def __init__(self, engine: InferenceEngine, max_waiting: int = 256) -> None:
+    def __init__(self, engine: InferenceEngine, max_waiting: int = 256, memory: MemoryClient | None = None,
+                 on_serving_change: Callable[[bool], None] | None = None) -> None:
+        """`on_serving_change(serving)` is called from the engine thread when the memory link
+        is lost or back (the server flips its health status there)."""
         self.engine = engine
         self.max_waiting = max_waiting
+        self.memory = memory
+        self.on_serving_change = on_serving_change
+        self.memory_ok = True
+
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._undelivered: list[RequestOutput] = []  # the last step's outputs, handed out next step
+        if memory is not None:
+            memory.on_lost = self._wake.set  # an idle loop wakes up to register again
 
     def start(self) -> None:
         self._thread.start()
@@ -68,6 +85,9 @@ class AsyncEngine:
         engine = self.engine
         while not self._stop.is_set():
             self._drain_inbox()
+            if self.memory is not None and self.memory.lost.is_set():
+                self._recover_memory("the memory heartbeat failed")
+                continue
             if not engine.has_unfinished():
                 self._deliver_undelivered()
                 self._wake.wait(timeout=0.5)
@@ -77,6 +97,10 @@ class AsyncEngine:
                 # The event loop turns the last step's tokens into gRPC messages while this step's
                 # forward runs (torch drops the GIL), not while the memory call waits for the GIL.
                 outputs = engine.step(before_forward=self._deliver_undelivered)
+            except MemoryLost as exc:
+                self._deliver_undelivered()
+                self._recover_memory(str(exc))
+                continue
             except Exception as exc:  # keep serving: fail the requests in flight, log once
                 log.exception("engine step failed")
                 self._deliver_undelivered()
@@ -84,6 +108,38 @@ class AsyncEngine:
                 continue
             self._undelivered = outputs
         self._deliver_undelivered()
+
+    def _recover_memory(self, why: str) -> None:
+        """Not serving until the pool is registered again; then every sequence still streamed is
+        recomputed there, and the ones nobody waits for any more (cancelled meanwhile) are dropped."""
+        log.warning("memory link lost (%s): not serving; %d sequence(s) will be recomputed", why,
+                    self.engine.scheduler.forget_memory())
+        self._set_serving(False)
+        while not self._stop.is_set():
+            try:
+                self.memory.reconnect()
+                break
+            except MemoryLost as exc:
+                log.info("%s; retrying", exc)
+                self._drain_inbox()  # aborts still arrive while we wait
+                self._stop.wait(0.5)
+        self._drain_inbox()
+        for request_id in self.engine.unfinished_ids():
+            if request_id not in self._streams:
+                self.engine.abort(request_id)
+        self._set_serving(True)
+
+    def _set_serving(self, serving: bool) -> None:
+        self.memory_ok = serving
+        if self.on_serving_change is not None:
+            self.on_serving_change(serving)
+
+    def give_up_all(self, message: str) -> None:
+        """End every stream with UNAVAILABLE (the gateway continues them elsewhere): a drain whose
+        time ran out. Called from the event loop; the engine thread frees their blocks."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+            self._deliver_failure(request_id, message, "UNAVAILABLE")
 
     def _drain_inbox(self) -> None:
         while True:
@@ -116,11 +172,11 @@ class AsyncEngine:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    def _deliver_failure(self, request_id: str, message: str) -> None:
+    def _deliver_failure(self, request_id: str, message: str, status: str = "INTERNAL") -> None:
         target = self._streams.pop(request_id, None)
         if target is not None:
             loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, EngineFailure(message))
+            loop.call_soon_threadsafe(q.put_nowait, EngineFailure(message, status))
 
     def _fail_all(self, message: str) -> None:
         for request_id in list(self._streams):

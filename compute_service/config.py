@@ -24,6 +24,7 @@ class ComputeServiceConfig:
     memory_address: str = "127.0.0.1:50051"  # empty = keep block tables in-process
     replica: str = ""  # name in stats; default hostname:port
     max_waiting: int = 256  # queued requests beyond this get RESOURCE_EXHAUSTED
+    drain_timeout_s: float = 30.0  # on SIGTERM: time for in-flight requests to finish before they move
 
 
 @dataclass

@@ -176,6 +176,9 @@ class InferenceEngine:
         self.scheduler.finish(seq, FinishReason.ABORT)
         return True
 
+    def unfinished_ids(self) -> list[str]:
+        return [rid for rid, seq in self._requests.items() if not seq.is_finished]
+
     def has_unfinished(self) -> bool:
         """True while any request runs, waits, has blocks to return, or has an unreported end
         (a request that ended outside a step, by abort or on arrival, is reported by the next)."""

@@ -192,6 +192,24 @@ class Scheduler:
             num_tokens += seq.num_tokens
         return admitted
 
+    def forget_memory(self) -> int:
+        """The memory side lost this pool (it restarted, or the lease ran out): every block table
+        is void, and so is the request in flight. Every running sequence goes back to the front of
+        the queue, in admission order, to be recomputed in the new pool, as after a preemption (its
+        tokens do not change). Returns how many were running."""
+        self._in_flight = None
+        self._to_free.clear()
+        self._num_free_blocks = self.config.num_blocks
+        self.last_stats = None
+        running, self.running = self.running, []
+        for seq in reversed(running):
+            seq.block_table = []
+            seq.num_cached_tokens = 0
+            seq.num_preemptions += 1
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+        return len(running)
+
     def _preempt(self, seq: Sequence) -> None:
         """All or nothing: drop every cached token; the sequence is recomputed from the front."""
         self._to_free[seq.request_id] = len(seq.block_table)

@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from common.grpc_server import bind, make_server, set_serving
+from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.protocol import sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
 from compute_service.async_engine import AsyncEngine, EngineFailure
@@ -39,9 +39,13 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         self.engine = engine
         self.config = config
         self.memory = memory
+        self.draining = False
 
     async def Generate(self, request, context):
         engine = self.engine.engine
+        if self.draining or not self.engine.memory_ok:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "compute replica is not serving: "
+                                + ("draining" if self.draining else "its memory service is unreachable"))
         prompt, params = list(request.prompt_token_ids), sampling_params_from_proto(request.params)
         outputs_before = list(request.output_token_ids)
         if not request.request_id:
@@ -100,20 +104,46 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
              engine_config.device, engine_config.dtype, time.perf_counter() - started, engine_config.mode,
              engine.scheduler.config.num_blocks, engine.scheduler.config.block_size,
              f"{config.memory_address} ({memory.pool_id})" if memory else "in-process")
-    async_engine = AsyncEngine(engine, config.max_waiting)
-    async_engine.start()
+    loop = asyncio.get_running_loop()
     server, health = make_server([SERVICE])
-    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(async_engine, config, memory), server)
+
+    def on_serving_change(serving: bool) -> None:  # from the engine thread: the memory link
+        asyncio.run_coroutine_threadsafe(set_serving(health, [SERVICE], serving), loop)
+
+    async_engine = AsyncEngine(engine, config.max_waiting, memory, on_serving_change)
+    async_engine.start()
+    servicer = ComputeServicer(async_engine, config, memory)
+    compute_pb2_grpc.add_ComputeServiceServicer_to_server(servicer, server)
     port = bind(server, config.host, config.port)
     await server.start()
     await set_serving(health, [SERVICE])
     log.info("compute replica %s listening on %s:%d", config.replica, config.host, port)
     try:
-        await server.wait_for_termination()
+        await until_stop_signal()
+        await drain(servicer, health, config.drain_timeout_s)
+        await server.stop(grace=1.0)
     finally:
         async_engine.stop()
         if memory is not None:
-            memory.close()
+            memory.close()  # the pool's blocks are free at once, not when the lease runs out
+    log.info("compute replica %s stopped", config.replica)
+
+
+async def drain(servicer: ComputeServicer, health, timeout_s: float) -> None:
+    """Leave the rotation (NOT_SERVING, new requests UNAVAILABLE), let in-flight requests finish
+    for up to `timeout_s`, then end the rest with UNAVAILABLE: the gateway continues them on
+    another replica from the tokens already streamed."""
+    servicer.draining = True
+    await set_serving(health, [SERVICE], serving=False)
+    engine = servicer.engine
+    log.info("draining: %d request(s) in flight, up to %.0f s", engine.num_pending, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while engine.num_pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine.num_pending:
+        log.warning("drain timeout: handing %d request(s) back to the gateway", engine.num_pending)
+        engine.give_up_all("compute replica is draining; continue elsewhere")
+        await asyncio.sleep(0.2)  # let the streams end before the server stops
 
 
 def main(argv: list[str] | None = None) -> None:

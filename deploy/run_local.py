@@ -1,8 +1,10 @@
 """`make run`: memory, compute and gateway as separate local processes on loopback.
 
 Starts them in dependency order, waits until each answers SERVING on grpc.health.v1, streams a
-demo generation through `python -m gateway.client`, then keeps serving until Ctrl-C. Any
-failure, or Ctrl-C, stops every process it started (no orphans).
+demo generation through `python -m gateway.client`, then keeps serving until Ctrl-C or SIGTERM.
+Any failure, Ctrl-C or SIGTERM stops every process it started, gateway first (each drains and
+exits 0); if the launcher is killed outright, the services get SIGTERM from the kernel
+(deploy/with_parent.py): no orphans either way.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from contextlib import contextmanager
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.services import ServiceSpec, local_services
+from deploy.services import ServiceSpec, free_ports, local_services
 
 
 def wait_serving(port: int, service: str, timeout_s: float, proc: subprocess.Popen) -> None:
@@ -37,44 +39,68 @@ def wait_serving(port: int, service: str, timeout_s: float, proc: subprocess.Pop
     raise TimeoutError(f"{service} on port {port} not SERVING after {timeout_s:.0f}s")
 
 
+def start_service(spec: ServiceSpec, log_dir: str | None = None) -> subprocess.Popen:
+    """One service as a child process in its own session, tied to this process's life."""
+    env = {**os.environ, **spec.environment(host="127.0.0.1"), "PYTHONUNBUFFERED": "1",
+           "LAUNCHER_PID": str(os.getpid())}
+    out = open(os.path.join(log_dir, f"{spec.name}.log"), "a") if log_dir else None
+    return subprocess.Popen([sys.executable, "-m", "deploy.with_parent", spec.module], env=env, stdout=out,
+                            stderr=subprocess.STDOUT if out else None, start_new_session=True)
+
+
+def stop_service(proc: subprocess.Popen, timeout_s: float = 45) -> None:
+    """SIGTERM (the service drains and exits), SIGKILL if it has not exited in `timeout_s`."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextmanager
 def running_stack(services: list[ServiceSpec], timeout_s: float = 600, log_dir: str | None = None):
     """Start every service, wait for SERVING, yield the processes; always stops them all."""
     procs: list[subprocess.Popen] = []
     try:
         for spec in services:
-            env = {**os.environ, **spec.environment(host="127.0.0.1"), "PYTHONUNBUFFERED": "1"}
-            out = open(os.path.join(log_dir, f"{spec.name}.log"), "w") if log_dir else None
-            procs.append(subprocess.Popen([sys.executable, "-m", spec.module], env=env, stdout=out,
-                                          stderr=subprocess.STDOUT if out else None, start_new_session=True))
+            procs.append(start_service(spec, log_dir))
             wait_serving(spec.port, spec.health_service, timeout_s, procs[-1])
             print(f"[run] {spec.name} SERVING on 127.0.0.1:{spec.port}", file=sys.stderr)
         yield procs
     finally:
-        for proc in reversed(procs):
+        for proc in reversed(procs):  # gateway first: no new requests reach a stopping replica
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        for proc in reversed(procs):
+            stop_service(proc)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--demo-prompt", default="ROMEO:")
+    ap.add_argument("--demo-prompt", default="ROMEO:", help="empty = no demo generation")
     ap.add_argument("--no-wait", action="store_true", help="stop after the demo instead of serving until Ctrl-C")
+    ap.add_argument("--free-ports", action="store_true", help="any free loopback ports instead of 50050-50052")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    def interrupt(*_):  # SIGINT and SIGTERM alike (a background job starts with SIGINT ignored)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    services = local_services_on_free_ports() if args.free_ports else local_services()
+    gateway = next(s for s in services if s.role == "gateway")
     try:
-        with running_stack(local_services()):
-            print("[run] all services SERVING; demo generation:", file=sys.stderr)
-            subprocess.run([sys.executable, "-m", "gateway.client", args.demo_prompt, "--max-new-tokens", "48",
-                            "--temperature", "0.8", "--seed", "1"], check=True)
+        with running_stack(services):
+            print("[run] all services SERVING", file=sys.stderr)
+            if args.demo_prompt:
+                subprocess.run([sys.executable, "-m", "gateway.client", args.demo_prompt, "--max-new-tokens", "48",
+                                "--temperature", "0.8", "--seed", "1", "--address", f"127.0.0.1:{gateway.port}"],
+                               check=True)
             if not args.no_wait:
-                print("\n[run] gateway on 127.0.0.1:50050 (metrics :9100). Ctrl-C stops everything.", file=sys.stderr)
+                print(f"\n[run] gateway on 127.0.0.1:{gateway.port} (metrics :{gateway.settings['metrics_port']}). "
+                      "Ctrl-C stops everything.", file=sys.stderr)
                 while True:
                     time.sleep(3600)
     except KeyboardInterrupt:
@@ -83,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run] failed: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def local_services_on_free_ports() -> list[ServiceSpec]:
+    memory, compute, gateway, gateway_metrics, memory_metrics = free_ports(5)
+    return local_services(memory, (compute,), gateway, gateway_metrics, memory_metrics)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import logging
 import grpc
 from prometheus_client import start_http_server
 
-from common.grpc_server import bind, make_server, set_serving
+from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.protocol import sampling_params_from_proto
 from common.settings import parse_config
 from gateway.config import GatewayConfig
@@ -116,7 +116,12 @@ async def serve(config: GatewayConfig) -> None:
     await set_serving(health, [SERVICE])
     log.info("gateway serving %s (context %d, %s mode) via %d replica(s); metrics on :%s", info.model,
              info.context_length, info.mode, info.replicas, config.metrics_port or "off")
-    await server.wait_for_termination()
+    await until_stop_signal()
+    # Drain: leave the load balancer's rotation, refuse new calls, let streams finish.
+    await set_serving(health, [SERVICE], serving=False)
+    log.info("stopping: %d stream(s) in flight get up to %.0f s", core.num_in_flight, config.drain_timeout_s)
+    await server.stop(grace=config.drain_timeout_s)
+    await core.router.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,22 +1,24 @@
-"""The memory service: one BlockAllocator per registered compute pool, served over gRPC.
+"""The memory service: one BlockAllocator per registered compute pool, each under a lease
+(memory_service.pools), served over gRPC.
 
-The servicer only translates protobuf <-> memory_service.step objects. Run it with
-`python -m memory_service.server` (flags/env: see MemoryServiceConfig).
+The servicer only translates protobuf <-> memory_service objects; a background task expires
+pools whose lease ran out. Run it with `python -m memory_service.server` (flags/env:
+MemoryServiceConfig).
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
 import grpc
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import Counter, Gauge, start_http_server
 
-from common.grpc_server import bind, make_server, set_serving
+from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
-from memory_service.block_allocator import AllocatorStats, BlockAllocator, BlockAllocatorError
+from memory_service.block_allocator import AllocatorStats, BlockAllocatorError
+from memory_service.pools import FencedPoolError, Pool, PoolRegistry, UnknownPoolError
 from memory_service.step import Allocation, StepRequest, apply_step
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -25,6 +27,8 @@ SERVICE = "rpc.internal.v1.MemoryService"
 FREE_BLOCKS = Gauge("memory_free_blocks", "Free KV blocks", ["pool", "replica"])
 USED_BLOCKS = Gauge("memory_used_blocks", "Used KV blocks", ["pool", "replica"])
 UTILIZATION = Gauge("memory_kv_utilization", "Tokens stored / slots in used blocks", ["pool", "replica"])
+EXPIRED = Counter("memory_pools_expired_total", "Pools freed because their lease ran out")
+POOLS = Gauge("memory_pools", "Registered pools")
 
 
 @dataclass
@@ -33,12 +37,7 @@ class MemoryServiceConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9101  # 0 = no Prometheus endpoint
-
-
-@dataclass
-class _Pool:
-    allocator: BlockAllocator
-    replica: str
+    lease_ttl_s: float = 5.0  # a pool not heard from for this long is freed and fenced
 
 
 def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2.PoolStats:
@@ -50,19 +49,21 @@ def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self) -> None:
-        self._pools: dict[str, _Pool] = {}
-        self._ids = itertools.count()
+    def __init__(self, registry: PoolRegistry) -> None:
+        self.registry = registry
 
     async def RegisterPool(self, request, context):
         if request.num_blocks == 0 or request.block_size == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be > 0")
-        pool_id = f"pool-{next(self._ids)}"
-        self._pools[pool_id] = _Pool(BlockAllocator(request.num_blocks, request.block_size), request.replica)
+        pool_id = self.registry.register(request.num_blocks, request.block_size, request.replica)
         log.info("registered %s for replica %r: %d blocks x %d tokens", pool_id, request.replica,
                  request.num_blocks, request.block_size)
-        self._export(pool_id)
-        return memory_pb2.RegisterPoolResponse(pool_id=pool_id)
+        self._export(pool_id, self.registry.pools[pool_id])
+        return memory_pb2.RegisterPoolResponse(pool_id=pool_id, lease_ttl_s=self.registry.lease_ttl_s)
+
+    async def Heartbeat(self, request, context):
+        await self._pool(request.pool_id, context)
+        return memory_pb2.HeartbeatResponse()
 
     async def StepStream(self, request_iterator, context):
         async for request in request_iterator:
@@ -79,7 +80,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             result = apply_step(pool.allocator, step)
         except (BlockAllocatorError, ValueError) as exc:  # a malformed step: nothing of it was applied
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        self._export(request.pool_id, result.stats)  # the step already computed them
+        self._export(request.pool_id, pool, result.stats)  # the step already computed them
         return memory_pb2.StepResponse(
             block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t) for s, t in result.block_tables.items()],
             copies=[memory_pb2.BlockCopy(src=s, dst=d) for s, d in result.copies],
@@ -89,42 +90,74 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def ReleasePool(self, request, context):
         await self._pool(request.pool_id, context)
-        del self._pools[request.pool_id]
-        log.info("released %s", request.pool_id)
+        pool = self.registry.release(request.pool_id)
+        log.info("released %s (replica %r)", request.pool_id, pool.replica)
+        self._unexport(request.pool_id, pool)
         return memory_pb2.ReleasePoolResponse()
 
     async def Stats(self, request, context):
-        ids = [request.pool_id] if request.pool_id else list(self._pools)
+        ids = [request.pool_id] if request.pool_id else list(self.registry.pools)
         pools = []
         for pool_id in ids:
-            pool = await self._pool(pool_id, context)
+            pool = self.registry.pools.get(pool_id)
+            if pool is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"pool_id {pool_id!r} is not registered")
             pools.append(stats_to_proto(pool_id, pool.replica, pool.allocator.stats()))
         return memory_pb2.StatsResponse(pools=pools)
 
-    async def _pool(self, pool_id: str, context) -> _Pool:
-        pool = self._pools.get(pool_id)
-        if pool is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"pool_id {pool_id!r} is not registered")
-        return pool
+    def expire_leases(self) -> None:
+        for pool_id, pool in self.registry.expire():
+            st = pool.allocator.stats()
+            log.warning("lease of %s (replica %r) ran out: freed %d blocks of %d sequences; the id is fenced",
+                        pool_id, pool.replica, st.num_used_blocks, st.num_sequences)
+            EXPIRED.inc()
+            self._unexport(pool_id, pool)
 
-    def _export(self, pool_id: str, st: AllocatorStats | None = None) -> None:
-        pool = self._pools[pool_id]
+    async def _pool(self, pool_id: str, context) -> Pool:
+        try:
+            return self.registry.pool(pool_id)
+        except FencedPoolError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except UnknownPoolError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+
+    def _export(self, pool_id: str, pool: Pool, st: AllocatorStats | None = None) -> None:
         st = pool.allocator.stats() if st is None else st
         FREE_BLOCKS.labels(pool_id, pool.replica).set(st.num_free_blocks)
         USED_BLOCKS.labels(pool_id, pool.replica).set(st.num_used_blocks)
         UTILIZATION.labels(pool_id, pool.replica).set(st.utilization)
+        POOLS.set(len(self.registry.pools))
+
+    def _unexport(self, pool_id: str, pool: Pool) -> None:
+        for gauge in (FREE_BLOCKS, USED_BLOCKS, UTILIZATION):
+            gauge.remove(pool_id, pool.replica)
+        POOLS.set(len(self.registry.pools))
+
+
+async def _expire_leases_forever(servicer: MemoryServicer, period_s: float) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        servicer.expire_leases()
 
 
 async def serve(config: MemoryServiceConfig) -> None:
     server, health = make_server([SERVICE])
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(), server)
+    registry = PoolRegistry(config.lease_ttl_s)
+    servicer = MemoryServicer(registry)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     port = bind(server, config.host, config.port)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     await server.start()
     await set_serving(health, [SERVICE])
-    log.info("memory service listening on %s:%d (metrics on :%s)", config.host, port, config.metrics_port or "off")
-    await server.wait_for_termination()
+    expiry = asyncio.create_task(_expire_leases_forever(servicer, min(0.5, config.lease_ttl_s / 4)))
+    log.info("memory service %s listening on %s:%d (lease %.1f s, metrics on :%s)", registry.epoch, config.host, port,
+             config.lease_ttl_s, config.metrics_port or "off")
+    try:
+        await until_stop_signal()
+        await server.stop(grace=1.0)
+    finally:
+        expiry.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:

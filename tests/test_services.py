@@ -179,6 +179,7 @@ def test_full_gateway_answers_resource_exhausted(stack):
 def test_dead_compute_replica_gives_unavailable(tmp_path):
     memory, compute, gateway, m1, m2 = free_ports(5)
     services = local_services(memory, (compute,), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS)
+    services[-1].settings["replica_wait_s"] = "2"  # how long a request waits for a replica to come back
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)) as procs:
         os.killpg(procs[1].pid, signal.SIGKILL)
         procs[1].wait()

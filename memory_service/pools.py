@@ -1,0 +1,88 @@
+"""Every compute replica's pool, held under a lease: the memory service's book of pools.
+
+No gRPC and no torch here (the server translates; tests drive this directly with a fake clock).
+- Pool ids are "<epoch>-<n>", the epoch drawn when this instance starts: ids never repeat across
+  restarts, so a step meant for an old incarnation can never land on a new pool.
+- A pool's lease is renewed by each step and each heartbeat. When it runs out, `expire()` drops
+  the pool with every block and table in it and fences its id: a late step or heartbeat from a
+  replica that was paused rather than dead is refused (`FencedPoolError`), never applied.
+"""
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from memory_service.block_allocator import BlockAllocator
+
+MAX_FENCED = 10_000  # ids remembered as expired (the oldest are forgotten: then NOT_FOUND)
+
+
+class UnknownPoolError(KeyError):
+    """No such pool here: never registered, released, or from another memory-service instance."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class FencedPoolError(Exception):
+    """The pool's lease ran out and its blocks were freed: its replica must register again."""
+
+
+@dataclass
+class Pool:
+    allocator: BlockAllocator
+    replica: str
+    lease_until: float
+
+
+class PoolRegistry:
+    def __init__(self, lease_ttl_s: float, clock: Callable[[], float] = time.monotonic, epoch: str | None = None) -> None:
+        if lease_ttl_s <= 0:
+            raise ValueError(f"lease_ttl_s must be > 0, got {lease_ttl_s}")
+        self.lease_ttl_s = lease_ttl_s
+        self.clock = clock
+        self.epoch = epoch or secrets.token_hex(4)
+        self.pools: dict[str, Pool] = {}
+        self._fenced: OrderedDict[str, None] = OrderedDict()
+        self._ids = itertools.count()
+
+    def register(self, num_blocks: int, block_size: int, replica: str) -> str:
+        pool_id = f"{self.epoch}-{next(self._ids)}"
+        self.pools[pool_id] = Pool(BlockAllocator(num_blocks, block_size), replica, self.clock() + self.lease_ttl_s)
+        return pool_id
+
+    def pool(self, pool_id: str) -> Pool:
+        """The live pool, its lease renewed (every call that names a pool is a sign of life)."""
+        if pool_id in self._fenced:
+            raise FencedPoolError(f"pool_id {pool_id!r} expired: its lease ran out and its blocks were freed; "
+                                  "register again")
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            other = not pool_id.startswith(f"{self.epoch}-")
+            raise UnknownPoolError(f"pool_id {pool_id!r} is not registered"
+                                   + (" (it is from another memory-service instance: restarted?)" if other else ""))
+        pool.lease_until = self.clock() + self.lease_ttl_s
+        return pool
+
+    def heartbeat(self, pool_id: str) -> None:
+        self.pool(pool_id)
+
+    def release(self, pool_id: str) -> Pool:
+        pool = self.pool(pool_id)
+        del self.pools[pool_id]
+        return pool
+
+    def expire(self) -> list[tuple[str, Pool]]:
+        """Drop and fence every pool whose lease has run out; returns them."""
+        now = self.clock()
+        expired = [(pool_id, pool) for pool_id, pool in self.pools.items() if pool.lease_until < now]
+        for pool_id, _ in expired:
+            del self.pools[pool_id]
+            self._fenced[pool_id] = None
+            while len(self._fenced) > MAX_FENCED:
+                self._fenced.popitem(last=False)
+        return expired
