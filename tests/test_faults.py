@@ -1,0 +1,192 @@
+"""Faults change no token a client receives: a compute replica killed or paused mid-stream, the
+memory service killed and restarted, a replica drained. Real processes on loopback (memory, two
+compute replicas, gateway); every stream is compared with the in-process engine's tokens and text
+for the same requests (greedy, seeded sampling, a stop string)."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
+from deploy.run_local import running_stack, start_service, stop_service, wait_serving
+from deploy.services import free_ports, local_services
+from gateway.client import stream_generate
+from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
+
+LEASE_S = 1.5
+COMPUTE = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "32"}
+GATEWAY = {"health_poll_s": "0.2", "replica_down_after_s": "1.0", "replica_wait_s": "30"}
+PARAMS = [dict(max_new_tokens=500, temperature=0, ignore_eos=True),
+          dict(max_new_tokens=500, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
+          dict(max_new_tokens=500, temperature=1.0, seed=3, ignore_eos=True)]
+PROMPTS = [f"Fault number {i} tells" for i in range(6)]
+
+
+def requests():
+    return [(p, PARAMS[i % len(PARAMS)]) for i, p in enumerate(PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096)
+    results = engine.generate([p for p, _ in requests()], [SamplingParams(**kw) for _, kw in requests()])
+    return [(r.token_ids, r.text) for r in results]
+
+
+@contextmanager
+def fault_stack(tmp_path, compute=COMPUTE, memory_settings=None):
+    ports = free_ports(7)
+    services = local_services(ports[0], (ports[1], ports[2]), ports[3], ports[4], ports[5], compute_settings=compute)
+    services[0].settings.update({"lease_ttl_s": str(LEASE_S), **(memory_settings or {})})
+    services[-1].settings.update(GATEWAY)
+    with running_stack(services, timeout_s=120, log_dir=str(tmp_path)) as procs:
+        yield dict(services=services, procs=procs, gateway=f"127.0.0.1:{ports[3]}",
+                   memory=f"127.0.0.1:{ports[0]}", computes=[f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}"],
+                   log_dir=str(tmp_path))
+
+
+class Streams:
+    """The requests streamed concurrently through the gateway, each recording what it received."""
+
+    def __init__(self, gateway: str) -> None:
+        self.tokens = [[] for _ in PROMPTS]
+        self.text = ["" for _ in PROMPTS]
+        self.complete = [None] * len(PROMPTS)
+        self.pool = ThreadPoolExecutor(len(PROMPTS))
+        self.futures = [self.pool.submit(self._one, i, gateway) for i in range(len(PROMPTS))]
+
+    def _one(self, i: int, gateway: str) -> None:
+        prompt, params = requests()[i]
+        for response in stream_generate(gateway, prompt, timeout_s=120, **params):
+            if response.HasField("chunk"):
+                self.tokens[i].extend(response.chunk.token_ids)
+                self.text[i] += response.chunk.text
+            else:
+                self.complete[i] = response.complete
+
+    def wait_for_tokens(self, n: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while min(len(t) for t in self.tokens) < n:
+            assert time.monotonic() < deadline, "streams did not start"
+            time.sleep(0.01)
+
+    def results(self) -> list:
+        for future in self.futures:
+            future.result(timeout=120)  # raises what a client saw
+        self.pool.shutdown()
+        return list(zip(self.tokens, self.text))
+
+
+def pools(memory: str) -> list:
+    with grpc.insecure_channel(memory) as channel:
+        return list(memory_pb2_grpc.MemoryServiceStub(channel).Stats(memory_pb2.StatsRequest(), timeout=5).pools)
+
+
+def health(address: str, service: str = "rpc.internal.v1.ComputeService") -> str:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def eventually(condition, timeout_s: float = 20, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def all_blocks_free(memory: str, num_pools: int) -> bool:
+    found = pools(memory)
+    return len(found) == num_pools and all(p.num_used_blocks == 0 and p.num_sequences == 0 for p in found)
+
+
+def test_a_replica_killed_mid_stream_changes_no_token_and_its_blocks_come_back(tmp_path, expected):
+    with fault_stack(tmp_path) as stack:
+        streams = Streams(stack["gateway"])
+        streams.wait_for_tokens(30)
+        os.killpg(stack["procs"][1].pid, signal.SIGKILL)
+        assert streams.results() == expected
+        migrated = [c for c in streams.complete if c.num_migrations]
+        assert migrated and all(c.replica == "compute-1" for c in migrated)
+        # The dead replica's pool held blocks; its lease runs out and they are freed.
+        eventually(lambda: all_blocks_free(stack["memory"], 1), what="the dead replica's pool to expire")
+
+
+def test_the_memory_service_killed_and_restarted_changes_no_token(tmp_path, expected):
+    with fault_stack(tmp_path) as stack:
+        streams = Streams(stack["gateway"])
+        streams.wait_for_tokens(30)
+        memory_proc = stack["procs"][0]
+        os.killpg(memory_proc.pid, signal.SIGKILL)
+        memory_proc.wait()
+        eventually(lambda: all(health(c) == "NOT_SERVING" for c in stack["computes"]), 10,
+                   "the replicas to report NOT_SERVING")
+        time.sleep(0.5)
+        stack["procs"][0] = start_service(stack["services"][0], stack["log_dir"])
+        wait_serving(stack["services"][0].port, stack["services"][0].health_service, 30, stack["procs"][0])
+        assert streams.results() == expected
+        eventually(lambda: all(health(c) == "SERVING" for c in stack["computes"]), 10, "SERVING again")
+        eventually(lambda: all_blocks_free(stack["memory"], 2), what="both replicas registered, nothing held")
+
+
+def test_a_replica_paused_past_its_lease_is_fenced_and_its_streams_continue_elsewhere(tmp_path, expected):
+    with fault_stack(tmp_path) as stack:
+        streams = Streams(stack["gateway"])
+        streams.wait_for_tokens(30)
+        paused = stack["procs"][1]
+        os.killpg(paused.pid, signal.SIGSTOP)
+        try:
+            eventually(lambda: [p.replica for p in pools(stack["memory"])] == ["compute-1"], 10,
+                       "the paused replica's lease to run out")
+            time.sleep(LEASE_S)
+        finally:
+            os.killpg(paused.pid, signal.SIGCONT)
+        assert streams.results() == expected
+        # Back from the pause, its late step was refused: it registered a new pool and serves again.
+        eventually(lambda: sorted(p.replica for p in pools(stack["memory"])) == ["compute-0", "compute-1"],
+                   what="the paused replica to register again")
+        eventually(lambda: health(stack["computes"][0]) == "SERVING", what="the paused replica to serve again")
+        log = open(os.path.join(stack["log_dir"], "compute-0.log")).read()
+        assert "expired" in log and "registered again" in log
+        eventually(lambda: all_blocks_free(stack["memory"], 2), what="nothing held")
+
+
+@pytest.mark.parametrize("drain_timeout_s, moved", [("30", False), ("0.5", True)])
+def test_a_drained_replica_finishes_or_hands_over_its_streams_and_exits_0(tmp_path, expected, drain_timeout_s, moved):
+    compute = {**COMPUTE, "drain_timeout_s": drain_timeout_s}
+    with fault_stack(tmp_path, compute=compute) as stack:
+        streams = Streams(stack["gateway"])
+        streams.wait_for_tokens(30)
+        drained = stack["procs"][1]
+        os.killpg(drained.pid, signal.SIGTERM)
+        assert streams.results() == expected
+        assert drained.wait(timeout=60) == 0
+        assert any(c.num_migrations for c in streams.complete) == moved
+        assert [p.replica for p in pools(stack["memory"])] == ["compute-1"]  # released, not left to expire
+
+
+def test_the_lease_is_renewed_off_the_engine_thread_during_a_long_prefill(tmp_path):
+    """Lease 1 s; one prefill step of four 1000-token prompts on GPT-2-small takes seconds here."""
+    compute = {"model": "dummy:gpt2", "kv_budget_tokens": "8192", "max_num_batched_tokens": "4096"}
+    with fault_stack(tmp_path, compute=compute, memory_settings={"lease_ttl_s": "1.0"}) as stack:
+        before = sorted(p.pool_id for p in pools(stack["memory"]))
+        prompts = [[(7 * i + j) % 50000 for j in range(1000)] for i in range(8)]
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            done = list(pool.map(lambda p: list(stream_generate(stack["gateway"], p, max_new_tokens=2,
+                                                                temperature=0)), prompts))
+        assert time.monotonic() - started > 2.0, "the prefill was meant to outlast the lease"
+        assert all(d[-1].complete.finish_reason == "length" and not d[-1].complete.num_preemptions for d in done)
+        assert sorted(p.pool_id for p in pools(stack["memory"])) == before  # no pool expired or re-registered
