@@ -40,7 +40,9 @@ def wait_serving(port: int, service: str, timeout_s: float, proc: subprocess.Pop
 
 
 def start_service(spec: ServiceSpec, log_dir: str | None = None) -> subprocess.Popen:
-    """One service as a child process in its own session, tied to this process's life."""
+    """One service as a child process in its own session, tied to the life of the thread that
+    starts it (Linux's parent-death signal follows the creating thread: start services from a
+    thread that lives as long as they should)."""
     env = {**os.environ, **spec.environment(host="127.0.0.1"), "PYTHONUNBUFFERED": "1",
            "LAUNCHER_PID": str(os.getpid())}
     out = open(os.path.join(log_dir, f"{spec.name}.log"), "a") if log_dir else None

@@ -199,6 +199,7 @@ class GatewayCore:
                     if request_id in self._evicted:  # the replica is down: continue elsewhere
                         self._evicted.discard(request_id)
                         failed.add(replica.address)
+                        self.router.suspect(replica)
                         self._migrate(stream, replica, "its replica stopped answering")
                         continue
                     if request_id not in self._aborted:
@@ -217,6 +218,7 @@ class GatewayCore:
                         full.add(replica.address)  # try one with room; at once RESOURCE_EXHAUSTED if none
                         continue
                     failed.add(replica.address)
+                    self.router.suspect(replica)
                     self._migrate(stream, replica, f"{code}: {exc.details()}")
                 finally:
                     replica.in_flight -= 1

@@ -61,8 +61,11 @@ class ReplicaRouter:
         candidates = [r for r in self.replicas if r.serving and r.address not in exclude]
         return min(candidates, key=lambda r: r.in_flight) if candidates else None
 
-    def any_serving(self) -> bool:
-        return any(r.serving for r in self.replicas)
+    def suspect(self, replica: Replica) -> None:
+        """A call to it just failed: route nothing more to it until its health check says
+        SERVING again (a dns:/// target is never watched, so it is never benched)."""
+        if replica.watched:
+            replica.serving = False
 
     async def info(self, timeout_s: float) -> compute_pb2.InfoResponse:
         """Model facts from the first replica that answers (waits for one to come up)."""
