@@ -85,3 +85,11 @@ def test_the_readme_settings_table_names_every_setting():
     listed = {name.strip(" `") for cell in table for name in cell.split(",")}
     every = set().union(*(settings_of(role) for role in CONFIGS))
     assert listed == every, f"missing from the README: {every - listed}; not a setting: {listed - every}"
+
+
+def test_stop_grace_period_covers_the_drain_timeouts(compose):
+    """`docker compose stop` must not SIGKILL a replica that is still draining."""
+    grace = {name: svc.get("stop_grace_period", "10s") for name, svc in compose["services"].items()}
+    drain = {"compute": ComputeServiceConfig.drain_timeout_s, "gateway": GatewayConfig.drain_timeout_s}
+    for name, timeout_s in drain.items():
+        assert grace[name].endswith("s") and float(grace[name][:-1]) > timeout_s, (name, grace[name])

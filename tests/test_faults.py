@@ -20,7 +20,8 @@ from compute_service.engine import InferenceEngine
 from deploy.run_local import running_stack, start_service, stop_service, wait_serving
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
-from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
+from rpc.internal.v1 import compute_pb2, compute_pb2_grpc, memory_pb2, memory_pb2_grpc
+from rpc.v1 import gateway_pb2_grpc, generate_pb2
 
 LEASE_S = 1.5
 COMPUTE = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "32"}
@@ -107,6 +108,12 @@ def eventually(condition, timeout_s: float = 20, what: str = "") -> None:
         time.sleep(0.1)
 
 
+def replica_load(address: str) -> tuple[int, int]:
+    with grpc.insecure_channel(address) as channel:
+        info = compute_pb2_grpc.ComputeServiceStub(channel).Info(compute_pb2.InfoRequest(), timeout=5)
+    return info.num_running, info.num_waiting
+
+
 def all_blocks_free(memory: str, num_pools: int) -> bool:
     found = pools(memory)
     return len(found) == num_pools and all(p.num_used_blocks == 0 and p.num_sequences == 0 for p in found)
@@ -133,10 +140,14 @@ def test_the_memory_service_killed_and_restarted_changes_no_token(tmp_path, expe
         memory_proc.wait()
         eventually(lambda: all(health(c) == "NOT_SERVING" for c in stack["computes"]), 10,
                    "the replicas to report NOT_SERVING")
+        # A request that arrives during the outage waits for a SERVING replica (replica_wait_s).
+        late = ThreadPoolExecutor(1).submit(lambda: [r for r in stream_generate(
+            stack["gateway"], PROMPTS[0], timeout_s=60, **PARAMS[0]) if r.HasField("complete")][0].complete)
         time.sleep(0.5)
         stack["procs"][0] = start_service(stack["services"][0], stack["log_dir"])
         wait_serving(stack["services"][0].port, stack["services"][0].health_service, 30, stack["procs"][0])
         assert streams.results() == expected
+        assert late.result(timeout=60).completion_tokens == 500
         eventually(lambda: all(health(c) == "SERVING" for c in stack["computes"]), 10, "SERVING again")
         eventually(lambda: all_blocks_free(stack["memory"], 2), what="both replicas registered, nothing held")
 
@@ -190,3 +201,31 @@ def test_the_lease_is_renewed_off_the_engine_thread_during_a_long_prefill(tmp_pa
         assert time.monotonic() - started > 2.0, "the prefill was meant to outlast the lease"
         assert all(d[-1].complete.finish_reason == "length" and not d[-1].complete.num_preemptions for d in done)
         assert sorted(p.pool_id for p in pools(stack["memory"])) == before  # no pool expired or re-registered
+
+
+def test_overload_tries_a_replica_with_room_then_answers_resource_exhausted_at_once(tmp_path):
+    """Each replica takes 2 running + 1 waiting requests. compute-0 is filled behind the gateway's
+    back; the gateway, which would pick compute-0 first, must place 3 requests on compute-1 (trying
+    the other replica when one says it is full); a 7th finds both full: RESOURCE_EXHAUSTED at once."""
+    compute = {**COMPUTE, "max_num_seqs": "2", "max_waiting": "1"}
+    params = dict(max_new_tokens=1000, temperature=0, ignore_eos=True)  # about 2 s of decoding here
+    internal_params = compute_pb2.SamplingParams(**params)
+    public = generate_pb2.GenerateRequest(text=b"busy", params=generate_pb2.SamplingParams(**params))
+    with fault_stack(tmp_path, compute=compute) as stack, grpc.insecure_channel(stack["gateway"]) as channel, \
+            grpc.insecure_channel(stack["computes"][0]) as direct:
+        filler = compute_pb2_grpc.ComputeServiceStub(direct)
+        calls = [filler.Generate(compute_pb2.GenerateRequest(request_id=f"fill-{i}", prompt_token_ids=[1, 2, 3],
+                                                             params=internal_params), timeout=60) for i in range(3)]
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        try:
+            eventually(lambda: replica_load(stack["computes"][0]) == (2, 1), 10, "compute-0 to be full")
+            calls += [stub.Generate(public, timeout=60) for _ in range(3)]
+            eventually(lambda: replica_load(stack["computes"][1]) == (2, 1), 10, "compute-1 to take all three")
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(public, timeout=60))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - started < 1.0, "an overloaded stack must say so at once"
+        finally:
+            for call in calls:
+                call.cancel()
