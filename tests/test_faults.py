@@ -229,3 +229,14 @@ def test_overload_tries_a_replica_with_room_then_answers_resource_exhausted_at_o
         finally:
             for call in calls:
                 call.cancel()
+
+
+def test_a_drained_gateway_lets_its_streams_finish_and_exits_0(tmp_path, expected):
+    with fault_stack(tmp_path) as stack:
+        streams = Streams(stack["gateway"])
+        streams.wait_for_tokens(30)
+        gateway = stack["procs"][-1]
+        os.killpg(gateway.pid, signal.SIGTERM)
+        eventually(lambda: health(stack["gateway"], "rpc.v1.Gateway") != "SERVING", 5, "the gateway to leave rotation")
+        assert streams.results() == expected
+        assert gateway.wait(timeout=30) == 0
