@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from bench.workloads import served_model_limits
-from deploy.run_local import running_stack, start_service, wait_serving
+from deploy.run_local import running_stack, start_serving, wait_serving
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
@@ -117,9 +117,7 @@ class FaultSchedule(threading.Thread):
         return self.stack["procs"][index]
 
     def _restart(self, index: int) -> None:
-        spec = self.stack["services"][index]
-        self.stack["procs"][index] = start_service(spec, self.stack["log_dir"])
-        wait_serving(spec.port, spec.health_service, 120, self.stack["procs"][index])
+        self.stack["procs"][index] = start_serving(self.stack["services"][index], self.stack["log_dir"], 120)
 
     def _kill(self) -> None:
         index = self.rng.choice([1, 2])

@@ -50,6 +50,13 @@ def start_service(spec: ServiceSpec, log_dir: str | None = None) -> subprocess.P
                             stderr=subprocess.STDOUT if out else None, start_new_session=True)
 
 
+def start_serving(spec: ServiceSpec, log_dir: str | None = None, timeout_s: float = 600) -> subprocess.Popen:
+    """start_service, then wait until it answers SERVING."""
+    proc = start_service(spec, log_dir)
+    wait_serving(spec.port, spec.health_service, timeout_s, proc)
+    return proc
+
+
 def stop_service(proc: subprocess.Popen, timeout_s: float = 45) -> None:
     """SIGTERM (the service drains and exits), SIGKILL if it has not exited in `timeout_s`."""
     if proc.poll() is None:
@@ -67,8 +74,7 @@ def running_stack(services: list[ServiceSpec], timeout_s: float = 600, log_dir: 
     procs: list[subprocess.Popen] = []
     try:
         for spec in services:
-            procs.append(start_service(spec, log_dir))
-            wait_serving(spec.port, spec.health_service, timeout_s, procs[-1])
+            procs.append(start_serving(spec, log_dir, timeout_s))
             print(f"[run] {spec.name} SERVING on 127.0.0.1:{spec.port}", file=sys.stderr)
         yield procs
     finally:

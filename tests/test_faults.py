@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.sampling_params import SamplingParams
 from compute_service.engine import InferenceEngine
-from deploy.run_local import running_stack, start_service, stop_service, wait_serving
+from deploy.run_local import running_stack, start_serving
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc, memory_pb2, memory_pb2_grpc
@@ -144,8 +144,7 @@ def test_the_memory_service_killed_and_restarted_changes_no_token(tmp_path, expe
         late = ThreadPoolExecutor(1).submit(lambda: [r for r in stream_generate(
             stack["gateway"], PROMPTS[0], timeout_s=60, **PARAMS[0]) if r.HasField("complete")][0].complete)
         time.sleep(0.5)
-        stack["procs"][0] = start_service(stack["services"][0], stack["log_dir"])
-        wait_serving(stack["services"][0].port, stack["services"][0].health_service, 30, stack["procs"][0])
+        stack["procs"][0] = start_serving(stack["services"][0], stack["log_dir"], 30)
         assert streams.results() == expected
         assert late.result(timeout=60).completion_tokens == 500
         eventually(lambda: all(health(c) == "SERVING" for c in stack["computes"]), 10, "SERVING again")
