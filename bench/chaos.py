@@ -5,7 +5,7 @@
 
 Starts memory + 2 compute replicas + gateway on loopback (the default model unless --model),
 runs a fixed seeded workload (greedy and seeded-sampling requests of mixed lengths that fit the
-model's context, a quarter with stop strings) once without faults to record every request's
+model's context, half with stop strings, a third free to end by EOS) once without faults to record every request's
 tokens, then again while a seeded schedule SIGKILLs compute replicas (each restarted at once),
 SIGSTOPs one past its lease (then SIGCONT), and SIGKILLs and restarts the memory service, spread
 over the run. It never takes both replicas down at once: the next fault waits until every
@@ -53,12 +53,12 @@ def workload(n: int, seed: int, context_length: int) -> list[tuple[list[int], di
     for i in range(n):
         prompt_len = rng.randint(4, 96)
         max_new = min(rng.randint(32, 320), context_length - prompt_len)
-        params = dict(max_new_tokens=max_new, ignore_eos=True)
+        params = dict(max_new_tokens=max_new, ignore_eos=i % 3 != 0)  # a third may end by EOS
         if i % 2:
             params.update(temperature=0.8, top_k=40, seed=rng.randrange(2**31))
         else:
             params.update(temperature=0.0)
-        if i % 4 == 1 or i % 4 == 2:
+        if i % 4 in (1, 2):
             params["stop"] = [rng.choice(STOPS)]
         requests.append(([rng.randrange(50000) for _ in range(prompt_len)], params))
     return requests

@@ -1,5 +1,5 @@
 """Exit 0 when a gRPC service reports SERVING (container healthchecks):
-    python -m common.healthcheck 127.0.0.1:50051 rpc.v1.MemoryService"""
+    python -m common.healthcheck 127.0.0.1:50051 rpc.internal.v1.MemoryService"""
 from __future__ import annotations
 
 import sys

@@ -18,7 +18,8 @@ from typing import Callable
 
 from common.sampling_params import SamplingParams
 from compute_service.engine import InferenceEngine, RequestOutput
-from compute_service.memory_client import MemoryClient, MemoryLost
+from compute_service.memory_client import MemoryClient
+from memory_service.step import MemoryLost
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._drain_inbox()
             if self.memory is not None and self.memory.lost.is_set():
-                self._recover_memory("the memory heartbeat failed")
+                self._deliver_undelivered()  # what the last step produced goes out before the wait
+                self._recover_memory("the memory link failed")
                 continue
             if not engine.has_unfinished():
                 self._deliver_undelivered()
@@ -115,7 +117,9 @@ class AsyncEngine:
         log.warning("memory link lost (%s): not serving; %d sequence(s) will be recomputed", why,
                     self.engine.scheduler.forget_memory())
         self._set_serving(False)
-        while not self._stop.is_set():
+        while True:
+            if self._stop.is_set():
+                return  # stopping: stay not-serving
             try:
                 self.memory.reconnect()
                 break

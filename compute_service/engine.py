@@ -25,7 +25,7 @@ from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from common.tokenizer import get_tokenizer
 from compute_service.weights import load_model
 from memory_service.block_allocator import BlockAllocator
-from memory_service.step import LocalMemory, MemoryConnection
+from memory_service.step import LocalMemory, MemoryConnection, MemoryLost
 
 
 @dataclass
@@ -194,7 +194,7 @@ class InferenceEngine:
         if before_forward is not None:
             before_forward()
         if batch is None:
-            self.scheduler.flush_frees()
+            self._flush_frees()
             self._forget(outputs)
             return outputs
         prepared = self.runner.prepare(batch)
@@ -216,9 +216,18 @@ class InferenceEngine:
             else:
                 outputs.append(RequestOutput(seq.request_id, [token], False))
         if not self.scheduler.running and not self.scheduler.waiting:
-            self.scheduler.flush_frees()  # idle: give the blocks back now, not at the next step
+            self._flush_frees()  # idle: give the blocks back now, not at the next step
         self._forget(outputs)
         return outputs
+
+    def _flush_frees(self) -> None:
+        """Return finished sequences' blocks now. If the memory side is lost meanwhile, so are
+        those blocks (with the whole pool): this step's outputs still go out, and the connection
+        reports the loss to whoever owns it (it is flagged `lost`)."""
+        try:
+            self.scheduler.flush_frees()
+        except MemoryLost:
+            pass
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params

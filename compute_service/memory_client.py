@@ -23,14 +23,10 @@ import grpc
 
 from common.grpc_server import CHANNEL_OPTIONS
 from memory_service.block_allocator import AllocatorStats
-from memory_service.step import StepRequest, StepResponse
+from memory_service.step import MemoryLost, StepRequest, StepResponse
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-class MemoryLost(Exception):
-    """The memory service does not hold this replica's pool any more (or cannot be reached)."""
 
 
 class MemoryClient:
@@ -108,18 +104,24 @@ class MemoryClient:
         return response
 
     def _heartbeat_forever(self) -> None:
-        """Renew the lease every quarter of its TTL; a refused or failed heartbeat sets `lost`."""
+        """Renew the lease every quarter of its TTL. A refused or failed heartbeat sets `lost` and
+        cancels the open step stream, so an engine thread waiting on a hung memory service wakes
+        up with MemoryLost instead of waiting forever."""
         while not self._closed.wait(max(self.lease_ttl_s / 4, 0.1)):
             if self.lost.is_set():
                 continue  # the engine loop is registering again
+            pool_id = self.pool_id
             try:
-                self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=self.pool_id),
+                self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=pool_id),
                                     timeout=max(self.lease_ttl_s / 2, 0.5))
             except grpc.RpcError as exc:
-                if self._closed.is_set():
-                    return
-                log.warning("memory heartbeat for %s failed: %s %s", self.pool_id, exc.code().name, exc.details())
+                if self._closed.is_set() or pool_id != self.pool_id:
+                    continue  # closing, or the engine registered a new pool meanwhile: not about it
+                log.warning("memory heartbeat for %s failed: %s %s", pool_id, exc.code().name, exc.details())
                 self.lost.set()
+                responses = self._responses
+                if responses is not None:
+                    responses.cancel()
                 if self.on_lost is not None:
                     self.on_lost()
 

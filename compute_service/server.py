@@ -108,11 +108,11 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
     server, health = make_server([SERVICE])
 
     def on_serving_change(serving: bool) -> None:  # from the engine thread: the memory link
-        asyncio.run_coroutine_threadsafe(set_serving(health, [SERVICE], serving), loop)
+        asyncio.run_coroutine_threadsafe(set_serving(health, [SERVICE], serving and not servicer.draining), loop)
 
     async_engine = AsyncEngine(engine, config.max_waiting, memory, on_serving_change)
-    async_engine.start()
     servicer = ComputeServicer(async_engine, config, memory)
+    async_engine.start()
     compute_pb2_grpc.add_ComputeServiceServicer_to_server(servicer, server)
     port = bind(server, config.host, config.port)
     await server.start()

@@ -78,10 +78,7 @@ def running_stack(services: list[ServiceSpec], timeout_s: float = 600, log_dir: 
             print(f"[run] {spec.name} SERVING on 127.0.0.1:{spec.port}", file=sys.stderr)
         yield procs
     finally:
-        for proc in reversed(procs):  # gateway first: no new requests reach a stopping replica
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
+        for proc in reversed(procs):  # one at a time, gateway first: a replica drains while memory still serves
             stop_service(proc)
 
 

@@ -49,7 +49,7 @@ class GatewayError(Exception):
 
 @dataclass
 class ClientRequest:
-    prompt: str | list[int]  # text is tokenized here
+    prompt: str | bytes | list[int] | None  # text (bytes: checked to be UTF-8) is tokenized here
     params: SamplingParams
     request_id: str = ""  # empty = the gateway makes one
 
@@ -110,9 +110,10 @@ class GatewayCore:
         self.tokenizer = get_tokenizer()
         self.metrics = GatewayMetrics()
         self._model_info: ModelInfo | None = None
-        self._calls: dict[str, tuple[grpc.aio.UnaryStreamCall, Replica]] = {}
+        self._requests: set[str] = set()  # accepted and not finished (running or waiting for a replica)
+        self._calls: dict[str, tuple[grpc.aio.UnaryStreamCall, Replica]] = {}  # the attempt running now
         self._aborted: set[str] = set()  # by the client's Abort
-        self._evicted: set[str] = set()  # cancelled by the gateway: their replica is down
+        self._evicted: set[str] = set()  # attempt cancelled by the gateway: its replica is down
         self._memory = None
         if config.memory_address:
             channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
@@ -135,16 +136,24 @@ class GatewayCore:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._calls)
+        return len(self._requests)
 
     def _stream(self, request: ClientRequest) -> _Stream:
         """The request as the gateway follows it, after the one validation this process applies
         (ValueError names the field at fault). A request without a seed gets one here."""
         info = self.model_info
-        prompt = self.tokenizer.encode(request.prompt) if isinstance(request.prompt, str) else list(request.prompt)
+        prompt = request.prompt
+        if prompt is None:
+            raise ValueError("prompt must be set: give prompt text or prompt token_ids")
+        if isinstance(prompt, bytes):
+            try:
+                prompt = prompt.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"prompt.text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        prompt = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         validate_request(prompt, request.params, info.context_length, info.vocab_size)
         request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self._calls:
+        if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         params = request.params if request.params.seed is not None else replace(request.params, seed=new_seed())
         return _Stream(request_id, prompt, params, IncrementalText(self.tokenizer, params.stop))
@@ -163,17 +172,23 @@ class GatewayCore:
         except ValueError as exc:
             self.metrics.record_request("INVALID_ARGUMENT", timer, None)
             raise GatewayError("INVALID_ARGUMENT", str(exc)) from None
-        if len(self._calls) >= self.config.max_in_flight:
+        if len(self._requests) >= self.config.max_in_flight:
             self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
             raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         request_id, status, queue_ms = stream.request_id, None, None
         failed: set[str] = set()  # replicas that failed this request: another is preferred
         full: set[str] = set()  # replicas that answered RESOURCE_EXHAUSTED
+        self._requests.add(request_id)
         IN_FLIGHT.inc()
         try:
             while True:
-                replica = await self._wait_for_replica(failed, full, deadline)
+                self._evicted.discard(request_id)
+                replica = await self._wait_for_replica(request_id, failed, full, deadline)
+                if replica is None:  # aborted while it waited for a replica
+                    status = "OK"
+                    yield self._aborted_completion(stream, timer, "")
+                    return
                 call = replica.stub.Generate(stream.forward(), timeout=_remaining(deadline))
                 self._calls[request_id] = (call, replica)
                 replica.in_flight += 1
@@ -194,21 +209,21 @@ class GatewayCore:
                             yield Completion(request_id, done.finish_reason, done.prompt_tokens, done.completion_tokens,
                                              done.num_preemptions, done.replica, stream.params.seed, stream.migrations,
                                              dict(queue_ms=queue_ms, **timer.timings()))
-                    return
+                            return  # done: whatever happens to the call from here on is not the client's
+                    failed.add(replica.address)  # the stream ended with no result: the replica's fault
+                    self._migrate(stream, replica, "the stream ended without a result")
                 except asyncio.CancelledError:
+                    if request_id in self._aborted:
+                        status = "OK"
+                        yield self._aborted_completion(stream, timer, replica.address)
+                        return
                     if request_id in self._evicted:  # the replica is down: continue elsewhere
-                        self._evicted.discard(request_id)
                         failed.add(replica.address)
                         self.router.suspect(replica)
                         self._migrate(stream, replica, "its replica stopped answering")
                         continue
-                    if request_id not in self._aborted:
-                        status = "CANCELLED"
-                        raise  # the client went away; `finally` cancels the upstream call
-                    status = "OK"
-                    yield Completion(request_id, "abort", len(stream.prompt), len(stream.generated), 0, replica.address,
-                                     stream.params.seed, stream.migrations, dict(queue_ms=0.0, **timer.timings()))
-                    return
+                    status = "CANCELLED"
+                    raise  # the client went away; `finally` cancels the upstream call
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code().name
                     if code in _CLIENT_ERRORS:
@@ -223,15 +238,23 @@ class GatewayCore:
                 finally:
                     replica.in_flight -= 1
                     call.cancel()
+                    self._calls.pop(request_id, None)
         except GatewayError as exc:
             status = status or exc.status
             raise
+        except Exception:
+            status = status or "INTERNAL"
+            raise
         finally:
             IN_FLIGHT.dec()
-            self._calls.pop(request_id, None)
+            self._requests.discard(request_id)
             self._aborted.discard(request_id)
             self._evicted.discard(request_id)
             self.metrics.record_request(status or "CANCELLED", timer, queue_ms)
+
+    def _aborted_completion(self, stream: _Stream, timer: RequestTimer, replica: str) -> Completion:
+        return Completion(stream.request_id, "abort", len(stream.prompt), len(stream.generated), 0, replica,
+                          stream.params.seed, stream.migrations, dict(queue_ms=0.0, **timer.timings()))
 
     def _count(self, ids: list[int], stream: _Stream, timer: RequestTimer) -> None:
         if ids:
@@ -248,14 +271,16 @@ class GatewayCore:
         log.warning("request %s: replica %s failed (%s); continuing elsewhere after %d tokens", stream.request_id,
                     replica.address, why, len(stream.generated))
 
-    async def _wait_for_replica(self, failed: set[str], full: set[str], deadline: float | None) -> Replica:
+    async def _wait_for_replica(self, request_id: str, failed: set[str], full: set[str],
+                                deadline: float | None) -> Replica | None:
         """A SERVING replica for the next attempt: one that has not failed this request if there
         is one, never one that said it is full. With none SERVING (all restarting, or their
-        memory service is down) wait up to replica_wait_s (and the client's deadline)."""
+        memory service is down) wait up to replica_wait_s (and the client's deadline). None if
+        the request is aborted meanwhile."""
         give_up = time.monotonic() + self.config.replica_wait_s
         if deadline is not None:
             give_up = min(give_up, deadline)
-        while True:
+        while request_id not in self._aborted:
             replica = self.router.pick(exclude=failed | full) or self.router.pick(exclude=full)
             if replica is not None:
                 return replica
@@ -265,6 +290,7 @@ class GatewayCore:
             if time.monotonic() >= give_up:
                 raise GatewayError("UNAVAILABLE", "no compute replica is serving")
             await asyncio.sleep(0.05)
+        return None
 
     def _replica_down(self, replica: Replica) -> None:
         """The router lost a replica: cancel its calls, which continue elsewhere."""
@@ -275,10 +301,11 @@ class GatewayCore:
 
     def abort(self, request_id: str) -> None:
         """End a request in flight; its stream finishes with finish_reason abort."""
-        if request_id not in self._calls:
+        if request_id not in self._requests:
             raise GatewayError("INVALID_ARGUMENT", f"request_id {request_id!r} is not in flight")
         self._aborted.add(request_id)
-        self._calls[request_id][0].cancel()  # compute sees the cancel, aborts, and frees the blocks at its next step
+        if request_id in self._calls:  # else it is waiting for a replica, and stops waiting
+            self._calls[request_id][0].cancel()  # compute sees the cancel, aborts, and frees the blocks at its next step
 
     async def pool_stats(self, pool_id: str = "") -> list[dict]:
         """Every pool's block counts from the memory service (empty when it is not configured or

@@ -45,7 +45,9 @@ class StepResponse:
 def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
     """Raise (BlockAllocatorError or ValueError) if any part of the step is malformed: ids follow
     the step's order (freed ids must exist and go away, allocated ids must be new, appended ids
-    must exist after both), each id at most once per list, token counts positive."""
+    must exist and not be freed or allocated in this step: an allocation may be rejected for lack
+    of space, and an append to it would then fail half-way), each id at most once per list, token
+    counts positive."""
     live = set(allocator.sequence_ids())
     for seq_id in request.free:
         if seq_id not in live:
@@ -56,7 +58,8 @@ def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
             raise DuplicateSequenceError(f"sequence {alloc.seq_id!r} already has a block table")
         if alloc.num_tokens <= 0 or alloc.reserve_tokens < 0:
             raise ValueError(f"allocation of {alloc.seq_id!r}: num_tokens must be > 0 and reserve_tokens >= 0")
-        live.add(alloc.seq_id)
+    if len({a.seq_id for a in request.allocate}) < len(request.allocate):
+        raise DuplicateSequenceError("a sequence is allocated twice in one step")
     appended: set[SeqId] = set()
     for seq_id, num_new in request.append:
         if seq_id not in live or seq_id in appended:
@@ -92,8 +95,14 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
     return StepResponse(block_tables=tables, copies=copies, rejected=rejected, stats=allocator.stats())
 
 
+class MemoryLost(Exception):
+    """The memory side does not hold the caller's pool any more, or cannot be reached: send() or
+    receive() raised it, and the caller must register a new pool (compute_service.async_engine)."""
+
+
 class MemoryConnection(Protocol):
-    """The compute side's end of the memory call: at most one request in flight."""
+    """The compute side's end of the memory call: at most one request in flight. send() and
+    receive() raise MemoryLost when the pool is gone."""
 
     def send(self, request: StepRequest) -> None: ...
 

@@ -47,8 +47,7 @@ def expected_malformed(alloc: BlockAllocator, request: StepRequest) -> bool:
     if len(set(new)) < len(new) or set(new) & live or any(a.num_tokens <= 0 or a.reserve_tokens < 0
                                                           for a in request.allocate):
         return True
-    live |= set(new)
-    grown = [s for s, _ in request.append]
+    grown = [s for s, _ in request.append]  # only sequences that existed before this step's allocations
     return len(set(grown)) < len(grown) or not set(grown) <= live or any(n <= 0 for _, n in request.append)
 
 
