@@ -198,16 +198,12 @@ class Scheduler:
         the queue, in admission order, to be recomputed in the new pool, as after a preemption (its
         tokens do not change). Returns how many were running."""
         self._in_flight = None
-        self._to_free.clear()
+        running = list(self.running)
+        for seq in reversed(running):  # the last admitted first: they end up at the front in order
+            self._preempt(seq)
+        self._to_free.clear()  # the old pool is gone, and its blocks with it: nothing to free
         self._num_free_blocks = self.config.num_blocks
         self.last_stats = None
-        running, self.running = self.running, []
-        for seq in reversed(running):
-            seq.block_table = []
-            seq.num_cached_tokens = 0
-            seq.num_preemptions += 1
-            seq.status = SequenceStatus.WAITING
-            self.waiting.appendleft(seq)
         return len(running)
 
     def _preempt(self, seq: Sequence) -> None:
