@@ -24,7 +24,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 COPY . .
 RUN protos/generate.sh \
-    && python -m compute_service.attention --build --require \
+    && python -m compute_service.native --build --require \
     && useradd --create-home --uid 10001 app && chmod -R a+rX /app \
     && chown -R app /opt/torch_extensions  # torch takes a lock file there when it loads the kernel
 USER app

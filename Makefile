@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The C++ decode kernel: where a C++ compiler is installed, a kernel that does not build fails here.
-$(KERNEL_STAMP): compute_service/csrc/paged_attention.cpp compute_service/attention.py | $(STAMP)
-	$(PY) -m compute_service.attention --build
+$(KERNEL_STAMP): $(wildcard compute_service/csrc/*.cpp compute_service/csrc/*.h) compute_service/native.py | $(STAMP)
+	$(PY) -m compute_service.native --build
 	touch $(KERNEL_STAMP)
 
 # The gRPC stubs: generated into the ignored rpc/ package, never edited by hand.

@@ -14,7 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from compute_service.attention import load_extension, torch_paged_decode_attention
+from compute_service.attention import torch_paged_decode_attention
+from compute_service.native import load_extension
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -38,6 +38,7 @@ def make_engine(args: argparse.Namespace, mode: str, kv_budget_tokens: int) -> I
     return InferenceEngine(
         model=args.model, mode=mode, block_size=args.block_size, kv_budget_tokens=kv_budget_tokens,
         reserve=args.reserve, max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype,
+        quantize=args.quantize,
     )
 
 
@@ -228,7 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--modes", default="paged,contiguous,no-cache", type=lambda s: s.split(","))
     ap.add_argument("--model", default="dummy:gpt2")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (CPU: the weights decode reads)")
+    ap.add_argument("--quantize", default="none", help="none | int8 (weight-only, decode)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--block-size", type=int, default=16)

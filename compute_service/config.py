@@ -14,6 +14,8 @@ import torch
 DEFAULT_MODEL = "shakespeare"
 MODES = ("paged", "contiguous", "no-cache")
 RESERVE_POLICIES = ("max-model-len", "max-new-tokens")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("none", "int8")
 
 
 @dataclass
@@ -43,7 +45,11 @@ class EngineConfig:
     headroom_blocks_per_seq: int = 3
     max_num_batched_tokens: int = 4096
     device: str = "cpu"
+    # Precision of the weights. On CPU: float32 (token-exact with HF) or bfloat16, the copy of the
+    # weights decode's few-row products read; activations, the KV cache and prefill stay float32
+    # (compute_service.linear). Elsewhere: the dtype of the whole model and KV cache.
     dtype: str = "float32"
+    quantize: str = "none"  # none | int8: weight-only int8 (per-output-row scales) for decode, CPU only
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -53,12 +59,28 @@ class EngineConfig:
         for name in ("block_size", "kv_budget_tokens", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
-            raise ValueError(f"dtype must be a torch dtype name such as float32, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.quantize != "none" and (self.dtype != "float32" or not self.on_cpu):
+            raise ValueError("quantize=int8 needs dtype=float32 on the CPU (the scales apply to float32 products)")
+        if self.on_cpu and self.dtype == "float16":
+            raise ValueError("dtype=float16 is not supported on the CPU; use bfloat16")
+
+    @property
+    def on_cpu(self) -> bool:
+        return torch.device(self.device).type == "cpu"
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        """The dtype the model's parameters and the KV pool are held in (float32 on the CPU)."""
+        return torch.float32 if self.on_cpu else getattr(torch, self.dtype)
+
+    @property
+    def weight_format(self) -> str:
+        """What decode's linear layers read on the CPU: float32, bfloat16 or int8."""
+        return "int8" if self.quantize == "int8" else self.dtype
 
     def pool_shape(self, max_model_len: int) -> tuple[int, int]:
         """(num_blocks, block_size) of the KV pool for this mode and budget."""

@@ -83,6 +83,8 @@ class InferenceEngine:
         self.config = config
         self.tokenizer = get_tokenizer()
         self.model = load_model(config.model, config.device, config.torch_dtype)
+        if config.on_cpu:
+            self.model.set_weight_format(config.weight_format)
         self.max_model_len = self.model.config.context_length
         cfg = self.model.config
         memory: MemoryConnection | None = None

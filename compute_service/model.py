@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from compute_service.attention import paged_decode_attention
 from compute_service.kv_cache import KVCache
+from compute_service.linear import Linear
 
 
 @dataclass
@@ -49,8 +50,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.n_head = config.n_head
         self.head_dim = config.head_dim
 
@@ -93,8 +94,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
@@ -128,8 +129,14 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+
+    def set_weight_format(self, weight_format: str) -> None:
+        """float32 | bfloat16 | int8: the copy of the weights decode reads (compute_service.linear)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.set_weight_format(weight_format)
 
     def init_weights(self, seed: int) -> None:
         """nanoGPT's initialisation, seeded: the `dummy:*` models used by tests and benchmarks."""

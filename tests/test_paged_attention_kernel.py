@@ -1,18 +1,14 @@
 """The C++ kernel, the PyTorch fallback and plain attention over the same tokens agree; where a
-compiler is installed the kernel builds (never silently replaced by the fallback) and follows the
-native-kernel build policy: baseline code, wider instructions only in the load-time variants."""
+compiler is installed the kernel builds (never silently replaced by the fallback). The build
+policy is checked in test_native_kernels.py."""
 import math
-import platform
-import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from compute_service import attention
+from compute_service import attention, native
 from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, random_prompt
@@ -54,35 +50,9 @@ def test_kernel_and_fallback_match_dense_attention(block_size):
 
 def built_kernel():
     """The kernel; a build failure where a compiler exists fails the test (it is a bug, not a skip)."""
-    if not attention.compiler_available():
+    if not native.compiler_available():
         pytest.skip("no C++ compiler on this machine: the engine runs the PyTorch fallback here")
-    return attention.build_extension()
-
-
-def test_the_kernel_is_built_for_the_baseline_and_picks_wider_instructions_at_load_time():
-    """An image built on an AVX-512 host must run on an older x86-64 node: no -march=native, and
-    every AVX/AVX-512 instruction in the binary sits in the variant the loader picks only on a CPU
-    that has it."""
-    assert not any("native" in flag for flag in attention.EXTRA_CFLAGS)
-    library = built_kernel().__file__
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the load-time variants are x86-64's")
-    assert shutil.which("objdump"), "binutils (objdump) come with the C++ compiler"
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True,
-                             check=True).stdout
-    wide: dict[str, set[str]] = {}  # function -> register kinds its instructions use
-    function = ""
-    for line in listing.splitlines():
-        if m := re.match(r"^[0-9a-f]+ <(.+)>:$", line):
-            function = m.group(1)
-        for kind in re.findall(r"%(ymm|zmm)", line):
-            wide.setdefault(function, set()).add(kind)
-    assert wide, "no vector variant was compiled"
-    for function, kinds in wide.items():
-        variant = function.rsplit(".", 1)[-1]
-        assert variant in ("avx2", "avx512f"), f"{function} uses {kinds} outside a load-time variant"
-        assert variant == "avx512f" or "zmm" not in kinds, f"{function}: AVX-512 registers in the AVX2 variant"
-    assert {f.rsplit(".", 1)[-1] for f in wide} == {"avx2", "avx512f"}
+    return native.build_extension()
 
 
 def test_engine_with_the_torch_fallback_still_matches_hf(hf_gpt2_dir, hf_model, monkeypatch):
