@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_STAMP := rpc/.generated
 KERNEL_STAMP := $(VENV)/.kernel-built
 
-.PHONY: install test run bench proto clean compose-test
+.PHONY: install test run bench proto clean compose-test peers
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info rpc
+
+# Benchmark peers (llama.cpp compiled from its sdist: a few minutes; never part of `make test`).
+peers: install
+	$(PY) -m pip install --quiet -e '.[peers]'

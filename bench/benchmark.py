@@ -2,8 +2,9 @@
 
 Two shapes of run, one CSV (bench/results/benchmark_results.csv, one row per arm):
 - single stream (the original design's benchmark): one request of --prompt-tokens + --new-tokens,
-  --warmup then --runs timed repetitions per mode; `--roofline` also times the model's linear
-  layers + lm_head alone at batch 1 and prints decode tok/s as a fraction of it.
+  --warmup then --runs timed repetitions per mode; `--roofline` prints paged decode as a fraction
+  of the hardware roofline and `--peers llama-cpp-f32,...` runs llama.cpp on the same weights
+  (bench.decode_speed); `--decode-scaling 1,4,...` does both per batch size.
 - `--workload sharegpt-synth --num-requests N --kv-budget-tokens T`: all N requests arrive at
   t=0 and run continuously batched over a pool of T token slots (the same T for every engine
   arm); `--peers` adds Hugging Face transformers on the same weights and requests.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench.decode_speed import decode_scaling, llama_peer_names, single_stream_comparison
 from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length
 from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
@@ -54,28 +56,9 @@ def run_requests(engine: InferenceEngine, requests: list[Request], progress: tqd
     return time.perf_counter() - start
 
 
-def linear_roofline_tokens_per_second(engine: InferenceEngine, batch: int = 1, repeats: int = 30) -> float:
-    """Tok/s of the model's linear layers + lm_head alone: the decode ceiling at this batch."""
-    model = engine.model
-    x = torch.randn(batch, model.config.n_embd, device=engine.config.device, dtype=engine.config.torch_dtype)
-    hidden = torch.randn(batch, 4 * model.config.n_embd, device=x.device, dtype=x.dtype)
-
-    def once() -> None:
-        for block in model.transformer.h:
-            block.attn.c_attn(x), block.attn.c_proj(x), block.mlp.c_fc(x), block.mlp.c_proj(hidden)
-        model.lm_head(x)
-
-    with torch.inference_mode():
-        once()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            once()
-    return batch * repeats / (time.perf_counter() - start)
-
-
 def single_stream(args: argparse.Namespace) -> list[dict]:
     request = fixed_length(1, args.prompt_tokens, args.new_tokens, seed=args.seed)
-    rows = []
+    rows, comparisons = [], []
     for mode in args.modes:
         engine = make_engine(args, mode, args.num_blocks * args.block_size)
         times = []
@@ -91,41 +74,15 @@ def single_stream(args: argparse.Namespace) -> list[dict]:
             kv_blocks_used=engine.stats.peak_used_blocks, kv_utilization=engine.stats.mean_utilization,
             num_blocks=engine.scheduler.config.num_blocks, block_size=engine.scheduler.config.block_size,
         ))
-        if args.roofline and mode == "paged":
-            roofline = linear_roofline_tokens_per_second(engine)
-            print(f"roofline: linear layers + lm_head alone at batch 1 = {roofline:.1f} tok/s; paged decode "
-                  f"= {rows[-1]['tokens_per_second']:.1f} tok/s = {rows[-1]['tokens_per_second'] / roofline:.0%} of it")
+        if mode == "paged" and (args.roofline or llama_peer_names(args.peers)):
+            comparisons.append((engine, rows[-1]["tokens_per_second"]))
+    for engine, tok_s in comparisons:  # after every mode ran: peers never share the CPU with us
+        single_stream_comparison(args, engine, tok_s)
     no_cache = next((r["median_seconds"] for r in rows if r["mode"] == "no-cache"), None)
     for row in rows:
         row.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                    speedup_vs_no_cache=no_cache / row["median_seconds"] if no_cache else "")
     return rows
-
-
-def decode_tokens_per_second(args: argparse.Namespace, batch: int, context: int, steps: int = 24) -> float:
-    """Decode tok/s with `batch` sequences of `context` tokens each (prefill not timed)."""
-    engine = make_engine(args, "paged", batch * (context + steps + args.block_size))
-    for r in fixed_length(batch, context, steps + 1, seed=args.seed):
-        engine.add_request(r.prompt_token_ids, SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True))
-    while any(s.num_tokens == s.prompt_len for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()  # prefill everyone first
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    return batch * steps / (time.perf_counter() - start)
-
-
-def decode_scaling(args: argparse.Namespace) -> None:
-    """Batch scaling of decode at a fixed context, next to the linear-layer roofline."""
-    batches = [int(b) for b in args.decode_scaling.split(",")]
-    base = None
-    print(f"decode at {args.decode_context}-token context, {args.model}:")
-    print(f"{'batch':>6} {'tok/s':>8} {'x batch 1':>10} {'linear roofline':>16} {'of roofline':>12}")
-    for batch in batches:
-        tps = decode_tokens_per_second(args, batch, args.decode_context)
-        roofline = linear_roofline_tokens_per_second(make_engine(args, "no-cache", 1), batch)
-        base = base or tps
-        print(f"{batch:>6} {tps:8.1f} {tps / base:10.2f} {roofline:16.1f} {tps / roofline:12.0%}")
 
 
 def workload_run(args: argparse.Namespace) -> list[dict]:
@@ -166,7 +123,7 @@ def peer_rows(args: argparse.Namespace, requests: list[Request], total_out: int,
     hf = hf_model_from_spec(args.model)
     batch_size = next((r["peak_concurrent_seqs"] for r in engine_rows if r["mode"] == "paged"), 16)
     rows = []
-    for peer in args.peers:
+    for peer in [p for p in args.peers if p not in llama_peer_names(args.peers)]:
         with tqdm(total=len(requests), desc=f"{peer:>10}", unit="req") as bar:
             if peer == "hf-generate":
                 wall = run_hf_generate(hf, requests, batch_size, bar)
@@ -237,13 +194,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-blocks", type=int, default=256, help="single stream: pool = num_blocks x block_size")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--roofline", action="store_true")
+    ap.add_argument("--roofline", action="store_true", help="single stream: decode as a fraction of bytes/bandwidth")
     ap.add_argument("--workload", choices=sorted(WORKLOADS))
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--kv-budget-tokens", type=int, default=4096)
     ap.add_argument("--reserve", default="max-model-len", choices=["max-model-len", "max-new-tokens"])
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--peers", default="", type=lambda s: [p for p in s.split(",") if p])
+    ap.add_argument("--peers", default="", type=lambda s: [p for p in s.split(",") if p],
+                    help="workload: hf-generate,hf-generate-batch; single stream and --decode-scaling: "
+                         "llama-cpp-f32,llama-cpp-f16,llama-cpp-q8_0 (`make peers`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--decode-scaling", default="", help="e.g. 1,32: decode tok/s at these batch sizes")
     ap.add_argument("--decode-context", type=int, default=128)

@@ -23,6 +23,7 @@ from common.sampling_params import SamplingParams, new_seed, validate_request
 from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from common.tokenizer import get_tokenizer
+from compute_service.hugepages import move_to_hugepages
 from compute_service.weights import load_model
 from memory_service.block_allocator import BlockAllocator
 from memory_service.step import LocalMemory, MemoryConnection, MemoryLost
@@ -85,6 +86,7 @@ class InferenceEngine:
         self.model = load_model(config.model, config.device, config.torch_dtype)
         if config.on_cpu:
             self.model.set_weight_format(config.weight_format)
+            move_to_hugepages(self.model)
         self.max_model_len = self.model.config.context_length
         cfg = self.model.config
         memory: MemoryConnection | None = None

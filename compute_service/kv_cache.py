@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from compute_service.hugepages import hugepage_zeros
+
 
 class KVCache:
     def __init__(
@@ -24,10 +26,11 @@ class KVCache:
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # (n_layer, 2, num_blocks, nh, block_size, hs)
-        self.pool = torch.zeros(
-            n_layer, 2, num_blocks, n_head, block_size, head_dim, device=device, dtype=dtype
-        )
+        shape = (n_layer, 2, num_blocks, n_head, block_size, head_dim)
+        if torch.device(device).type == "cpu":  # decode streams it: huge pages save the page walks
+            self.pool = hugepage_zeros(shape, dtype)
+        else:
+            self.pool = torch.zeros(shape, device=device, dtype=dtype)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, each (num_blocks, nh, block_size, hs)."""

@@ -1,0 +1,59 @@
+"""The hardware roofline of decode: bytes a step must read / the machine's read bandwidth.
+
+A decode step reads every weight matrix once (whatever the batch: rows of x share each weight
+row) and each sequence's keys and values; at small batch it does little else, so
+`tok/s <= batch * bandwidth / bytes_per_step`. The bandwidth is measured in the same run by
+streaming a buffer of at least 1 GiB with the engine's threads (csrc/read_probe.cpp), best of
+several tries: a probe slower than some program's implied bandwidth would be measuring itself.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from compute_service.hugepages import hugepage_zeros
+from compute_service.linear import Linear
+from compute_service.model import GPT
+from compute_service.native import load_extension
+
+
+def read_bandwidth_gb_per_s(gib: float = 1.0, tries: int = 7) -> float:
+    """Best read bandwidth (GB/s, 1e9 bytes) over `tries` passes of a fresh `gib` GiB buffer."""
+    numel = int(gib * 2**30) // 4 // 4096 * 4096
+    buffer = hugepage_zeros((numel,), torch.float32).fill_(1.0)  # huge pages, as the engine's weights
+    ext = load_extension()
+    read = ext.stream_read_sum if ext is not None else (lambda b: float(b.sum()))
+    read(buffer)  # one untimed pass
+    best = 0.0
+    for _ in range(tries):
+        start = time.perf_counter()
+        read(buffer)
+        best = max(best, buffer.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def weight_bytes_per_step(model: GPT) -> int:
+    """Bytes of every linear layer's weights as decode reads them (float32, bfloat16 or int8 +
+    scales), biases included, lm_head (tied to the embedding) counted once as a matrix."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            weight = module.decode_weight if module.decode_weight is not None else module.weight
+            total += weight.numel() * weight.element_size()
+            if module.decode_scale is not None:
+                total += module.decode_scale.numel() * 4
+            if module.bias is not None:
+                total += module.bias.numel() * module.bias.element_size()
+    return total
+
+
+def kv_bytes_per_step(model: GPT, context_lens: list[int], element_size: int = 4) -> int:
+    """Keys and values every sequence's attention reads, all layers."""
+    cfg = model.config
+    return 2 * cfg.n_layer * cfg.n_embd * element_size * sum(context_lens)
+
+
+def roofline_tokens_per_second(model: GPT, batch: int, context: int, bandwidth_gb_per_s: float) -> float:
+    step_bytes = weight_bytes_per_step(model) + kv_bytes_per_step(model, [context] * batch)
+    return batch * bandwidth_gb_per_s * 1e9 / step_bytes
