@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="one prompt of this length vs --peers")
+    ap.add_argument("--peers", default="", type=lambda s: [p for p in s.split(",") if p],
+                    help="llama-cpp-f32,... : prefill tok/s of the same prompt on the same weights")
     args = ap.parse_args(argv)
     model = load_model(args.model)
     lens = np.random.default_rng(args.seed).integers(20, 300, size=args.num_prompts).tolist()
@@ -49,6 +52,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"packed prefill: {packed:.1f} ms   padded prefill: {padded:.1f} ms   padded/packed = {padded / packed:.2f}x")
     one_prompt = forward_ms(model, [300], args.repeats)
     print(f"one 300-token prefill: {one_prompt:.1f} ms")
+    if args.peers:
+        compare_with_llama_cpp(args, model)
+
+
+def compare_with_llama_cpp(args: argparse.Namespace, model) -> None:
+    """One --prompt-tokens prompt: our prefill tok/s (best of --repeats) vs each llama.cpp peer's."""
+    from bench.decode_speed import llama_peer_names, load_llama_peer
+    from bench.workloads import fixed_length
+
+    n = args.prompt_tokens
+    ours = n / (min(forward_ms(model, [n], 1) for _ in range(args.repeats)) / 1000)
+    prompt = fixed_length(1, n, 1, seed=args.seed)[0].prompt_token_ids
+    ratios = []
+    for name in llama_peer_names(args.peers):
+        peer = load_llama_peer(name, args.model, model, n_ctx=max(1024, n + 16))
+        theirs = peer.prefill_tok_per_s(prompt, repeats=args.repeats)
+        peer.close()
+        ratios.append(ours / theirs)
+        print(f"prefill of {n} tokens: ours {ours:.0f} tok/s, {name} {theirs:.0f} tok/s, ours/{name} = {ratios[-1]:.2f}x")
+    if ratios:
+        print(f"prefill_vs_llama_cpp={ratios[0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ At decode a linear layer multiplies a few rows (one per running sequence) by a l
 its time is the time to read the matrix. torch's F.linear (MKL) does that at a third of the
 machine's read bandwidth on the AMD CPUs we measured; `skinny_linear` (csrc/skinny_linear.cpp)
 reads each weight row once for all rows at close to the bandwidth (README, "Decode speed").
-Above SKINNY_MAX_ROWS rows (prefill) MKL's blocked GEMM is faster and F.linear runs.
+Above SKINNY_MAX_ROWS rows (prefill) a blocked GEMM is faster: oneDNN's where torch has it
+(measured 2.2x MKL's sgemm at 512 rows on the AMD build machine), else F.linear.
 
 Weight formats (EngineConfig.dtype / quantize): float32 (default, token-exact with HF), bfloat16
 (half the bytes) or int8 with one float32 scale per output row (a quarter). The low-precision
@@ -27,21 +28,24 @@ from compute_service.native import load_extension
 SKINNY_MAX_ROWS = 16
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 _EMPTY = torch.empty(0)
+# Many-row products (prefill) through oneDNN: 2.2x MKL's sgemm at 512 rows on the AMD build
+# machine (MKL takes its AVX2 path there; README, "Decode speed"). Inference only: no autograd.
+_onednn_linear = (torch.ops.mkldnn._linear_pointwise.default
+                  if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") else None)
 _kernel = None
 _kernel_checked = False
 
 
 def skinny_kernel():
     """The extension module if its skinny_linear can run on this CPU (AVX2+FMA or AVX-512) and
-    LINEAR_BACKEND is not `torch`; else None (F.linear everywhere)."""
+    LINEAR_BACKEND is not `torch`; else None (F.linear everywhere). Decided once per process:
+    it is asked 49 times a decode step."""
     global _kernel, _kernel_checked
-    backend = os.environ.get("LINEAR_BACKEND", "auto")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"LINEAR_BACKEND must be auto or torch, got {backend!r}")
-    if backend == "torch":
-        return None
     if not _kernel_checked:
-        ext = load_extension()
+        backend = os.environ.get("LINEAR_BACKEND", "auto")
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"LINEAR_BACKEND must be auto or torch, got {backend!r}")
+        ext = load_extension() if backend == "auto" else None
         _kernel = ext if ext is not None and ext.skinny_linear_isa() else None
         _kernel_checked = True
     return _kernel
@@ -85,4 +89,7 @@ class Linear(nn.Linear):
             scale = _EMPTY if self.decode_scale is None else self.decode_scale
             bias = _EMPTY if self.bias is None else self.bias
             return kernel.skinny_linear(x, weight.detach(), scale, bias.detach())
+        if _onednn_linear is not None and not torch.is_grad_enabled() and x.dim() == 2 and x.device.type == "cpu" \
+                and x.dtype == torch.float32:
+            return _onednn_linear(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
