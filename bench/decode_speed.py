@@ -77,18 +77,24 @@ def single_stream_comparison(args: argparse.Namespace, engine: InferenceEngine, 
 
 def decode_tokens_per_second(args: argparse.Namespace, batch: int, context: int, steps: int = 24) -> float:
     """Our decode tok/s with `batch` sequences of `context` tokens each (prefill not timed)."""
+    blocks_per_seq = -(-(context + steps + 2) // args.block_size) + 1
     engine = InferenceEngine(model=args.model, mode="paged", block_size=args.block_size,
-                             kv_budget_tokens=batch * (context + steps + 2 * args.block_size),
-                             max_num_seqs=max(batch, 1), dtype=args.dtype, quantize=args.quantize)
+                             kv_budget_tokens=(batch * blocks_per_seq + 2) * args.block_size,
+                             headroom_blocks_per_seq=0, max_num_seqs=max(batch, 1), dtype=args.dtype,
+                             quantize=args.quantize)
     for r in fixed_length(batch, context, steps + 2, seed=args.seed):
         engine.add_request(r.prompt_token_ids, SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True))
     while any(s.num_tokens == s.prompt_len for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill everyone first
     engine.step()  # one untimed decode step
+    if len(engine.scheduler.running) != batch or engine.scheduler.waiting:
+        raise RuntimeError(f"only {len(engine.scheduler.running)} of {batch} sequences running: pool too small")
     start = time.perf_counter()
+    stepped = 0
     for _ in range(steps):
+        stepped += len(engine.scheduler.running)
         engine.step()
-    return batch * steps / (time.perf_counter() - start)
+    return stepped / (time.perf_counter() - start)
 
 
 def decode_scaling(args: argparse.Namespace) -> None:

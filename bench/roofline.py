@@ -13,7 +13,7 @@ import time
 import torch
 
 from compute_service.hugepages import hugepage_zeros
-from compute_service.linear import Linear
+from compute_service.linear import SKINNY_MAX_ROWS, Linear, skinny_kernel
 from compute_service.model import GPT
 from compute_service.native import load_extension
 
@@ -33,15 +33,18 @@ def read_bandwidth_gb_per_s(gib: float = 1.0, tries: int = 7) -> float:
     return best
 
 
-def weight_bytes_per_step(model: GPT) -> int:
-    """Bytes of every linear layer's weights as decode reads them (float32, bfloat16 or int8 +
-    scales), biases included, lm_head (tied to the embedding) counted once as a matrix."""
+def weight_bytes_per_step(model: GPT, batch: int = 1) -> int:
+    """Bytes of every linear layer's weights as a decode step of `batch` rows reads them (the
+    bfloat16/int8 copy only where the skinny kernel runs: <= SKINNY_MAX_ROWS rows), biases
+    included, lm_head (tied to the embedding) counted once as a matrix."""
+    low_precision_read = batch <= SKINNY_MAX_ROWS and skinny_kernel() is not None
     total = 0
     for module in model.modules():
         if isinstance(module, Linear):
-            weight = module.decode_weight if module.decode_weight is not None else module.weight
+            use_copy = module.decode_weight is not None and low_precision_read
+            weight = module.decode_weight if use_copy else module.weight
             total += weight.numel() * weight.element_size()
-            if module.decode_scale is not None:
+            if use_copy and module.decode_scale is not None:
                 total += module.decode_scale.numel() * 4
             if module.bias is not None:
                 total += module.bias.numel() * module.bias.element_size()
@@ -55,5 +58,5 @@ def kv_bytes_per_step(model: GPT, context_lens: list[int], element_size: int = 4
 
 
 def roofline_tokens_per_second(model: GPT, batch: int, context: int, bandwidth_gb_per_s: float) -> float:
-    step_bytes = weight_bytes_per_step(model) + kv_bytes_per_step(model, [context] * batch)
+    step_bytes = weight_bytes_per_step(model, batch) + kv_bytes_per_step(model, [context] * batch)
     return batch * bandwidth_gb_per_s * 1e9 / step_bytes

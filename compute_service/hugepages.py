@@ -26,7 +26,10 @@ def hugepage_bytes(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 tensor of `nbytes` starting on a huge-page boundary, in a mapping advised
     to use huge pages. The tensor keeps the mapping alive (torch.frombuffer holds it)."""
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without THP, or a filter refusing madvise: ordinary pages then
+        pass
     whole = torch.frombuffer(mapping, dtype=torch.uint8)
     start = (-whole.data_ptr()) % HUGE_PAGE
     return whole[start:start + nbytes]

@@ -82,8 +82,10 @@ class Linear(nn.Linear):
             self.decode_weight, self.decode_scale = quantize_int8(w.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The fast paths are inference only (no autograd), as the engine runs. The decode copy is
+        # made once by set_weight_format: loading new weights afterwards needs another call.
         kernel = skinny_kernel()
-        if (kernel is not None and not (torch.is_grad_enabled() and self.weight.requires_grad) and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu"
+        if (kernel is not None and not torch.is_grad_enabled() and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu"
                 and x.dtype == torch.float32 and self.in_features % 16 == 0):
             weight = self.weight if self.decode_weight is None else self.decode_weight
             scale = _EMPTY if self.decode_scale is None else self.decode_scale
