@@ -9,6 +9,7 @@ effect from mmap-ing its model file). Elsewhere (no MADV_HUGEPAGE) tensors stay 
 """
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -39,11 +40,8 @@ def hugepage_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """torch.zeros(shape, dtype=dtype) in huge pages (or plain, where unavailable)."""
     if not available():
         return torch.zeros(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return hugepage_bytes(numel * itemsize).view(dtype).view(shape)
+    return hugepage_bytes(math.prod(shape) * itemsize).view(dtype).view(shape)
 
 
 def move_to_hugepages(model: nn.Module) -> None:

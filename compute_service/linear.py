@@ -84,14 +84,14 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The fast paths are inference only (no autograd), as the engine runs. The decode copy is
         # made once by set_weight_format: loading new weights afterwards needs another call.
+        if torch.is_grad_enabled() or x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
         kernel = skinny_kernel()
-        if (kernel is not None and not torch.is_grad_enabled() and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.in_features % 16 == 0):
+        if kernel is not None and x.shape[0] <= SKINNY_MAX_ROWS and self.in_features % 16 == 0:
             weight = self.weight if self.decode_weight is None else self.decode_weight
             scale = _EMPTY if self.decode_scale is None else self.decode_scale
             bias = _EMPTY if self.bias is None else self.bias
-            return kernel.skinny_linear(x, weight.detach(), scale, bias.detach())
-        if _onednn_linear is not None and not torch.is_grad_enabled() and x.dim() == 2 and x.device.type == "cpu" \
-                and x.dtype == torch.float32:
+            return kernel.skinny_linear(x, weight, scale, bias)
+        if _onednn_linear is not None:
             return _onednn_linear(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
