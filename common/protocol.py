@@ -11,19 +11,21 @@ from typing import TypeVar
 from common.sampling_params import SamplingParams
 
 M = TypeVar("M")
-_OPTIONAL = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+_OPTIONAL = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "n")
 
 
 def sampling_params_from_proto(message) -> SamplingParams:
     """Unset optional fields take the SamplingParams defaults (seed: None)."""
     values = {name: getattr(message, name) for name in _OPTIONAL if message.HasField(name)}
-    return SamplingParams(**values, stop=list(message.stop), ignore_eos=message.ignore_eos)
+    return SamplingParams(**values, stop=list(message.stop), ignore_eos=message.ignore_eos,
+                          cache_salt=message.cache_salt)
 
 
 def sampling_params_to_proto(params: SamplingParams, message_cls: type[M]) -> M:
     """Every field set explicitly, so the receiver applies no defaults of its own."""
     message = message_cls(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
-                          top_p=params.top_p, stop=params.stop, ignore_eos=params.ignore_eos)
+                          top_p=params.top_p, stop=params.stop, ignore_eos=params.ignore_eos, n=params.n,
+                          cache_salt=params.cache_salt)
     if params.seed is not None:
         message.seed = params.seed
     return message

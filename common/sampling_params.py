@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 # (OpenAI allows 4 stop sequences).
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
+MAX_N = 16  # samples per request: each holds its own blocks once they diverge
+MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclass
@@ -26,6 +28,10 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    n: int = 1  # samples of the prompt: prefilled once, its blocks shared until they diverge
+    # Prefix-cache namespace: blocks are shared only between requests with the same salt (tenants).
+    # Not a sampling parameter, but it travels with them to every process that hashes blocks.
+    cache_salt: str = ""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -47,6 +53,10 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if not isinstance(self.cache_salt, str) or len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ValueError(f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters")
 
 
 _MASK64 = (1 << 64) - 1
@@ -69,6 +79,15 @@ def position_seed(seed: int, position: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & MAX_SEED
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request with `seed` and n > 1. Sample 0 uses the request's
+    own seed (so n = 1 and sample 0 of n draw the same tokens); sample i > 0 a splitmix64 mix of
+    the seed and i, at a "position" no real token has (-1 - i). So sample i of a seeded request is
+    reproducible, and equals a request with n = 1 and seed `sample_seed(seed, i)`: that is how a
+    sample continues on another replica after a fault."""
+    return seed if index == 0 else position_seed(seed, -1 - index)
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, context_length: int, vocab_size: int) -> None:

@@ -50,6 +50,9 @@ class EngineConfig:
     # (compute_service.linear). Elsewhere: the dtype of the whole model and KV cache.
     dtype: str = "float32"
     quantize: str = "none"  # none | int8: weight-only int8 (per-output-row scales) for decode, CPU only
+    # Automatic prefix caching (paged mode): full blocks are kept, keyed by a hash of their
+    # tokens and everything before them, and a prompt that starts the same way reuses them.
+    prefix_caching: str = "on"  # on | off
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +68,8 @@ class EngineConfig:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.quantize != "none" and (self.dtype != "float32" or not self.on_cpu):
             raise ValueError("quantize=int8 needs dtype=float32 on the CPU (the scales apply to float32 products)")
+        if self.prefix_caching not in ("on", "off"):
+            raise ValueError(f"prefix_caching must be on or off, got {self.prefix_caching!r}")
         if self.on_cpu and self.dtype == "float16":
             raise ValueError("dtype=float16 is not supported on the CPU; use bfloat16")
 
@@ -76,6 +81,17 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         """The dtype the model's parameters and the KV pool are held in (float32 on the CPU)."""
         return torch.float32 if self.on_cpu else getattr(torch, self.dtype)
+
+    @property
+    def caches_prefixes(self) -> bool:
+        """Prefix caching runs in paged mode only (contiguous mode is the pre-vLLM baseline)."""
+        return self.prefix_caching == "on" and self.mode == "paged"
+
+    @property
+    def cache_namespace(self) -> str:
+        """What a cached block's k/v depend on besides the tokens: the model and the precision
+        its weights are read in (hashed into every block, common.block_hash)."""
+        return f"{self.model}|{self.dtype}|{self.weight_format}"
 
     @property
     def weight_format(self) -> str:

@@ -19,7 +19,7 @@ from compute_service.kv_cache import KVCache
 from compute_service.model_runner import ModelRunner
 from compute_service.sampling import sample
 from common.blocks import blocks_to_admit
-from common.sampling_params import SamplingParams, new_seed, validate_request
+from common.sampling_params import SamplingParams, new_seed, sample_seed, validate_request
 from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from common.tokenizer import get_tokenizer
@@ -33,11 +33,13 @@ from memory_service.step import LocalMemory, MemoryConnection, MemoryLost
 class RequestOutput:
     """What one step produced for one request (new tokens; the rest once it finishes)."""
 
-    request_id: str
+    request_id: str  # the sequence's: the request's id for sample 0, "<id>#<i>" for sample i
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
     sequence: Sequence | None = None
+    group_id: str = ""  # the request's id (every sample's outputs go to its stream)
+    index: int = 0  # which sample
 
 
 @dataclass
@@ -51,6 +53,9 @@ class GenerationResult:
     ttft_seconds: float
     total_seconds: float
     num_preemptions: int
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    index: int = 0
+    samples: list[GenerationResult] | None = None  # n > 1: every sample, by index (this one first)
 
 
 @dataclass
@@ -110,12 +115,14 @@ class InferenceEngine:
                 watermark_blocks=max(1, num_blocks // 100) if config.mode == "paged" else 0,
                 headroom_blocks_per_seq=config.headroom_blocks_per_seq if config.mode == "paged" else 0,
                 reserve=config.reserve if config.mode == "contiguous" else None,
+                prefix_caching=config.caches_prefixes, cache_namespace=config.cache_namespace,
             ),
             memory,
         )
         self.runner = ModelRunner(self.model, kv_cache, config.device)
         self.stats = StepStats()
-        self._requests: dict[str, Sequence] = {}
+        self._requests: dict[str, Sequence] = {}  # every unreported sequence, by its id
+        self._groups: dict[str, list[Sequence]] = {}  # a request's samples, by the request's id
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------
@@ -135,7 +142,12 @@ class InferenceEngine:
             raise ValueError(f"output_token_ids has {len(output_token_ids)} tokens, more than max_new_tokens")
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in output_token_ids):
             raise ValueError(f"output token ids must be integers in [0, {vocab_size})")
+        if params.n > 1 and output_token_ids:
+            raise ValueError("n > 1 cannot continue from output_token_ids: continue each sample as n = 1 "
+                             "with its own seed (common.sampling_params.sample_seed)")
         sc = self.scheduler.config
+        if params.n > sc.max_num_seqs:
+            raise ValueError(f"n={params.n} is more than this replica runs at once (max_num_seqs={sc.max_num_seqs})")
         if self.kv_cache is not None:
             longest = len(prompt_token_ids) + params.max_new_tokens
             reserve = self.scheduler.reserve_tokens(len(prompt_token_ids), params.max_new_tokens)
@@ -161,27 +173,36 @@ class InferenceEngine:
         stop strings, and are not generated again; if they already end the request (EOS, a stop
         string, the length), it ends at once with no new token."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
+        if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else new_seed()
         seq = Sequence(request_id, prompt_token_ids, params, seed, token_ids=[*prompt_token_ids, *output_token_ids])
-        self._requests[request_id] = seq
+        samples = [seq] + [Sequence(f"{request_id}#{i}", prompt_token_ids, params, sample_seed(seed, i),
+                                    group_id=request_id, index=i) for i in range(1, params.n)]
+        self._groups[request_id] = samples
+        for sample in samples:
+            self._requests[sample.request_id] = sample
         self.scheduler.add(seq)
+        if self.kv_cache is None:  # nothing to share: each sample computes its own prompt
+            for sample in samples[1:]:
+                self.scheduler.add(sample)
+        else:  # forked off sample 0 when it is admitted, they draw their first token from its logits
+            seq.forks = samples[1:]
         reason = self._finish_reason(seq, output_token_ids[-1]) if output_token_ids else None
         if reason is not None:
             self.scheduler.finish(seq, reason)  # reported by the next step
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request; its blocks are freed in the next step's memory call."""
-        seq = self._requests.get(request_id)
-        if seq is None or seq.is_finished:
-            return False
-        self.scheduler.finish(seq, FinishReason.ABORT)
-        return True
+        """Stop a request (every sample of it); its blocks are freed in the next step's memory call."""
+        running = [s for s in self._groups.get(request_id, ()) if not s.is_finished]
+        for seq in running:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        return bool(running)
 
     def unfinished_ids(self) -> list[str]:
-        return [rid for rid, seq in self._requests.items() if not seq.is_finished]
+        """Ids of the requests with a sample still running or waiting."""
+        return [rid for rid, seqs in self._groups.items() if any(not s.is_finished for s in seqs)]
 
     def has_unfinished(self) -> bool:
         """True while any request runs, waits, has blocks to return, or has an unreported end
@@ -204,11 +225,11 @@ class InferenceEngine:
         prepared = self.runner.prepare(batch)
         self.scheduler.plan_next(batch)  # the next step's memory call travels during this forward
         logits = self.runner.execute(prepared)
-        tokens = sample(logits, [s.params for s in batch.seqs], [s.seed for s in batch.seqs],
-                        [s.num_tokens for s in batch.seqs])
+        seqs, logits = self._with_forked_samples(batch.seqs, logits)
+        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [s.num_tokens for s in seqs])
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
-        for seq, token in zip(batch.seqs, tokens):
+        for seq, token in zip(seqs, tokens):
             if self.kv_cache is not None and seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
                 seq.num_cached_tokens = seq.num_tokens
             seq.token_ids.append(token)
@@ -218,11 +239,25 @@ class InferenceEngine:
                 self.scheduler.finish(seq, reason)
                 outputs.append(self._finished_output(seq, [token]))
             else:
-                outputs.append(RequestOutput(seq.request_id, [token], False))
+                outputs.append(RequestOutput(seq.request_id, [token], False, group_id=seq.group_id, index=seq.index))
         if not self.scheduler.running and not self.scheduler.waiting:
             self._flush_frees()  # idle: give the blocks back now, not at the next step
         self._forget(outputs)
         return outputs
+
+    @staticmethod
+    def _with_forked_samples(seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """The batch's sequences plus the samples forked off the ones just prefilled, each with
+        its parent's logits row: every sample draws its first token from the prompt's logits,
+        with its own seed."""
+        rows = []
+        for row, seq in enumerate(seqs):
+            rows += [(row, child) for child in seq.forks if not child.is_finished]
+            seq.forks = []
+        if not rows:
+            return seqs, logits
+        index = torch.tensor(list(range(len(seqs))) + [row for row, _ in rows], device=logits.device)
+        return [*seqs, *(child for _, child in rows)], logits.index_select(0, index)
 
     def _flush_frees(self) -> None:
         """Return finished sequences' blocks now. If the memory side is lost meanwhile, so are
@@ -253,12 +288,16 @@ class InferenceEngine:
             if seq.finish_reason is FinishReason.EOS:
                 ids = ids[:-1]
             seq.output_text = self.tokenizer.decode(ids)
-        return RequestOutput(seq.request_id, new_tokens or [], True, seq.finish_reason.value, seq)
+        return RequestOutput(seq.request_id, new_tokens or [], True, seq.finish_reason.value, seq,
+                             group_id=seq.group_id, index=seq.index)
 
     def _forget(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             if out.finished:
                 self._requests.pop(out.request_id, None)
+                group = self._groups.get(out.group_id, ())
+                if all(s.request_id not in self._requests for s in group):
+                    self._groups.pop(out.group_id, None)
 
     def _record_stats(self, num_running: int) -> None:
         st = self.stats
@@ -278,22 +317,29 @@ class InferenceEngine:
         """Run every prompt to completion (continuously batched); results in prompt order."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
-        done: dict[str, Sequence] = {}
+        done: dict[str, list[Sequence]] = {}
         while self.has_unfinished():
             for out in self.step():
                 if out.finished:
-                    done[out.request_id] = out.sequence
-        return [to_result(done[i]) for i in ids]
+                    done.setdefault(out.group_id, []).append(out.sequence)
+        results = []
+        for request_id in ids:
+            samples = [to_result(s) for s in sorted(done[request_id], key=lambda s: s.index)]
+            results.append(samples[0])
+            if len(samples) > 1:
+                samples[0].samples = samples
+        return results
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield one request's tokens as they are generated (others in the engine advance too)."""
+        """Yield one request's tokens as they are generated, every sample's (others in the
+        engine advance too); ends when all its samples have finished."""
         request_id = self.add_request(prompt, params)
-        while True:
+        remaining = (params or SamplingParams()).n
+        while remaining:
             for out in self.step():
-                if out.request_id == request_id:
+                if out.group_id == request_id:
                     yield out
-                    if out.finished:
-                        return
+                    remaining -= out.finished
 
 
 def to_result(seq: Sequence) -> GenerationResult:
@@ -307,4 +353,6 @@ def to_result(seq: Sequence) -> GenerationResult:
         ttft_seconds=(seq.first_token_time or seq.finish_time) - seq.arrival_time,
         total_seconds=seq.finish_time - seq.arrival_time,
         num_preemptions=seq.num_preemptions,
+        cached_tokens=seq.num_hit_tokens,
+        index=seq.index,
     )

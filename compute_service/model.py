@@ -44,6 +44,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # (N,) int64: block_id * block_size + offset
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decode only
     context_lens: torch.Tensor | None = None  # (B,) int32 tokens to attend to, decode only
+    # Prefill after a prefix-cache hit: tokens of each sequence already in the pool (None: none
+    # anywhere in the batch), and the block tables (int64) of the sequences that have some.
+    prefix_lens: list[int] | None = None
+    prefix_tables: list[torch.Tensor | None] | None = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -66,7 +70,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None and meta.slot_mapping is not None:
             kv_cache.write(layer, k, v, meta.slot_mapping)
 
-        if meta.is_prefill:
+        if meta.is_prefill and meta.prefix_lens is not None:
+            y = self._prefill_after_prefix(q, k, v, meta, kv_cache.layer(layer))  # (N, nh, hs)
+        elif meta.is_prefill:
             y = self._prefill_attention(q, k, v, meta.seq_lens)  # (N, nh, hs)
         else:
             assert kv_cache is not None, "decode needs a KV cache"
@@ -88,6 +94,34 @@ class CausalSelfAttention(nn.Module):
         for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens)):
             qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))  # (1, nh, T, hs)
             outputs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
+        return torch.cat(outputs, dim=0)  # (N, nh, hs)
+
+
+    @classmethod
+    def _prefill_after_prefix(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        kv_layer: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Prefill where some sequences start past a cached prefix: their T new tokens attend to
+        the prefix's P tokens, read from the pool through the block table (the new tokens' k/v
+        were just written there too), and causally to themselves."""
+        k_cache, v_cache = kv_layer  # (num_blocks, nh, bs, hs)
+        block_size = k_cache.shape[2]
+        outputs = []
+        splits = zip(q.split(meta.seq_lens), k.split(meta.seq_lens), v.split(meta.seq_lens),
+                     meta.prefix_lens, meta.prefix_tables)
+        for qi, ki, vi, prefix, table in splits:
+            if prefix == 0:
+                outputs.append(cls._prefill_attention(qi, ki, vi, [qi.shape[0]]))
+                continue
+            new, total = qi.shape[0], prefix + qi.shape[0]
+            blocks = table[: -(-total // block_size)]
+            # (nb, nh, bs, hs) -> (1, nh, nb * bs, hs), cut to the P + T tokens
+            keys, values = (c.index_select(0, blocks).transpose(0, 1).flatten(1, 2)[None, :, :total]
+                            for c in (k_cache, v_cache))
+            allowed = torch.arange(total, device=q.device)[None, :] <= prefix + torch.arange(new, device=q.device)[:, None]
+            out = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], keys, values, attn_mask=allowed)  # (1, nh, T, hs)
+            outputs.append(out[0].transpose(0, 1))
         return torch.cat(outputs, dim=0)  # (N, nh, hs)
 
 

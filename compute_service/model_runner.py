@@ -3,6 +3,8 @@
 It owns the model and the KV pool (the only tensors in the engine), and builds per step:
 `input_ids` and `positions` packed over all sequences, `slot_mapping` (block_id * block_size +
 offset) for the new tokens, and for decode the padded `block_tables` and `context_lens`.
+A prefill computes only the tokens past a sequence's cached prefix (`num_cached_tokens`: found
+in the prefix cache at admission); those attend to the prefix through its block table.
 """
 from __future__ import annotations
 
@@ -48,19 +50,23 @@ class ModelRunner:
         return self.model(prepared.input_ids, prepared.positions, meta, self.kv_cache, logits_indices=last)
 
     def _prepare_prefill(self, batch: ScheduledBatch):
-        ids, positions, slots, seq_lens = [], [], [], []
+        ids, positions, slots, seq_lens, prefix_lens, tables = [], [], [], [], [], []
         for seq in batch.seqs:
-            n = seq.num_tokens
-            pos = torch.arange(n)
-            ids.append(torch.tensor(seq.token_ids))
+            start = seq.num_cached_tokens if self.kv_cache is not None else 0  # the cached prefix is not recomputed
+            pos = torch.arange(start, seq.num_tokens)
+            ids.append(torch.tensor(seq.token_ids[start:]))
             positions.append(pos)
-            seq_lens.append(n)
+            seq_lens.append(seq.num_tokens - start)
+            prefix_lens.append(start)
             if self.kv_cache is not None:
                 table = torch.tensor(seq.block_table)
                 bs = self.kv_cache.block_size
                 slots.append(table[pos // bs] * bs + pos % bs)
+                tables.append(table.to(self.device) if start else None)
         slot_mapping = torch.cat(slots).to(self.device) if slots else None
-        meta = AttentionMetadata(is_prefill=True, seq_lens=seq_lens, slot_mapping=slot_mapping)
+        meta = AttentionMetadata(is_prefill=True, seq_lens=seq_lens, slot_mapping=slot_mapping,
+                                 prefix_lens=prefix_lens if any(prefix_lens) else None,
+                                 prefix_tables=tables if any(prefix_lens) else None)
         return torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), meta
 
     def _prepare_decode(self, batch: ScheduledBatch):

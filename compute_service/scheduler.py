@@ -21,10 +21,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from common.block_hash import extend_block_hashes, root_hash
 from common.blocks import blocks_to_admit, new_blocks_to_append
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from memory_service.block_allocator import AllocatorStats
-from memory_service.step import Allocation, MemoryConnection, StepRequest
+from memory_service.step import Allocation, Commit, MemoryConnection, StepRequest
+
+MAX_HELD_SCAN = 256  # waiting prompts looked past (held for a prefix being computed) per admission
 
 
 @dataclass
@@ -37,6 +40,8 @@ class SchedulerConfig:
     watermark_blocks: int = 1  # kept free at admission so running sequences can grow
     headroom_blocks_per_seq: int = 0  # and this many more per running sequence (fewer recomputes)
     reserve: str | None = None  # None = paged; "max-model-len" or "max-new-tokens" = contiguous
+    prefix_caching: bool = False
+    cache_namespace: str = ""  # the model and weights the KV was computed with (hashed into every block)
 
 
 @dataclass
@@ -52,6 +57,7 @@ class _Plan:
 
     is_prefill: bool
     seqs: list[Sequence]
+    forks: list[Sequence] = field(default_factory=list)  # samples forked off the admitted ones
 
 
 class Scheduler:
@@ -67,11 +73,52 @@ class Scheduler:
         self.last_stats: AllocatorStats | None = None
         self._num_free_blocks = config.num_blocks
         self._to_free: dict[str, int] = {}  # seq id -> blocks it returns at the next memory call
+        self._commits: list[Commit] = []  # blocks of sequences that left, cached before they are freed
         self._in_flight: _Plan | None = None
+        self._roots: dict[str, bytes] = {}  # cache_salt -> root hash
 
     # ---- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        if self.config.prefix_caching:
+            self._block_hashes(seq)
         self.waiting.append(seq)
+
+    def _block_hashes(self, seq: Sequence) -> list[bytes]:
+        """The sequence's full-block hashes, extended to its tokens so far."""
+        salt = seq.params.cache_salt
+        root = self._roots.get(salt)
+        if root is None:
+            root = self._roots[salt] = root_hash(self.config.cache_namespace, salt)
+        return extend_block_hashes(seq.block_hashes, seq.token_ids, self.config.block_size, root)
+
+    def _commit(self, seq: Sequence) -> Commit | None:
+        """The sequence's full blocks written by forwards that have run and not matchable yet."""
+        if not self.config.prefix_caching or not seq.block_table:
+            return None
+        end = min(seq.num_cached_tokens // self.config.block_size, len(seq.block_table))
+        if end <= seq.num_committed_blocks:
+            return None
+        hashes = self._block_hashes(seq)
+        commit = Commit(seq.request_id, seq.num_committed_blocks, hashes[seq.num_committed_blocks:end])
+        seq.num_committed_blocks = end
+        return commit
+
+    def _take_commits(self) -> list[Commit]:
+        """Commits of the sequences that left since the last call, and of every running one."""
+        commits, self._commits = self._commits, []
+        if self.config.prefix_caching:
+            commits += [c for c in map(self._commit, self.running) if c is not None]
+        return commits
+
+    def _release(self, seq: Sequence) -> None:
+        """The sequence gives its blocks back at the next call (what it wrote is cached first)."""
+        commit = self._commit(seq)
+        if commit is not None:
+            self._commits.append(commit)
+        self._to_free[seq.request_id] = len(seq.block_table)
+        seq.block_table = []
+        seq.num_committed_blocks = 0
+        seq.shares_last_block = False
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire a sequence now; its blocks go back in the next memory call."""
@@ -79,11 +126,10 @@ class Scheduler:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        else:
+        elif seq in self.waiting:  # (a sample not forked yet is in neither list)
             self.waiting.remove(seq)
         if seq.block_table:
-            self._to_free[seq.request_id] = len(seq.block_table)
-            seq.block_table = []
+            self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()
@@ -94,7 +140,7 @@ class Scheduler:
             self._receive()  # only finished sequences can be in it now: they join _to_free
         if self._to_free and self.memory is not None:
             self.num_schedule_rounds += 1
-            self._send(StepRequest(free=self._take_frees()), _Plan(False, []))
+            self._send(StepRequest(commit=self._take_commits(), free=self._take_frees()), _Plan(False, []))
             self._receive()
 
     def _take_frees(self) -> list:
@@ -136,7 +182,7 @@ class Scheduler:
         """Send the next step's memory request now, as if `batch` had run: it travels while
         `batch`'s forward does. Only called with nothing in flight."""
         if self.memory is not None:
-            self._plan(ahead={s.request_id for s in batch.seqs})
+            self._plan(ahead={s.request_id for s in batch.seqs} | {f.request_id for s in batch.seqs for f in s.forks})
 
     def _plan(self, ahead: set) -> bool:
         """Decide the next step and send its request; `ahead` = sequences gaining a token before
@@ -145,11 +191,21 @@ class Scheduler:
         going_on = [s for s in self.running if not self._ends_by_length(s, ahead)]
         admitted = self._admit(free_blocks, len(going_on))
         if admitted:
+            forks: list[tuple[Sequence, Sequence]] = []
             for seq in admitted:
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
-            allocs = [Allocation(s.request_id, s.num_tokens, self._reserve(s)) for s in admitted]
-            self._send(StepRequest(free=self._take_frees(), allocate=allocs), _Plan(True, admitted))
+                for child in seq.forks:  # n > 1: the other samples share its blocks from the start
+                    if not child.is_finished:
+                        child.status = SequenceStatus.RUNNING
+                        self.running.append(child)
+                        forks.append((seq, child))
+            caching = self.config.prefix_caching
+            allocs = [Allocation(s.request_id, s.num_tokens, self._reserve(s), list(s.block_hashes) if caching else [])
+                      for s in admitted]
+            request = StepRequest(commit=self._take_commits(), free=self._take_frees(), allocate=allocs,
+                                  fork=[(parent.request_id, child.request_id) for parent, child in forks])
+            self._send(request, _Plan(True, admitted, [child for _, child in forks]))
             return True
         needs = {s.request_id: self._needs_new_block(s, ahead) for s in going_on}
         new_blocks = sum(needs.values())
@@ -161,12 +217,16 @@ class Scheduler:
         if not going_on:
             return False
         append = [(s.request_id, 1) for s in going_on]
-        self._send(StepRequest(free=self._take_frees(), append=append), _Plan(False, going_on))
+        self._send(StepRequest(commit=self._take_commits(), free=self._take_frees(), append=append),
+                   _Plan(False, going_on))
         return True
 
     def _needs_new_block(self, seq: Sequence, ahead: set) -> int:
         """Blocks the sequence's next slot takes (0 or 1). The slots it holds: its cached tokens,
-        plus the one already asked for if it is in the step whose forward is in flight."""
+        plus the one already asked for if it is in the step whose forward is in flight. A sample
+        that still shares its last block with the others takes one either way (copy or new)."""
+        if seq.shares_last_block:
+            return 1
         held = seq.num_tokens if seq.request_id in ahead else seq.num_cached_tokens
         return new_blocks_to_append(held, len(seq.block_table), 1, self.config.block_size)
 
@@ -174,15 +234,26 @@ class Scheduler:
         return seq.request_id in ahead and len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens
 
     def _admit(self, free_blocks: int, num_running: int) -> list[Sequence]:
+        """Waiting sequences to admit now, in queue order, past the ones held for a prefix that
+        is being computed (they keep their place)."""
         admitted: list[Sequence] = []
+        held: list[Sequence] = []
         num_tokens = 0
-        while self.waiting and num_running + len(admitted) < self.config.max_num_seqs:
+        caching = self.config.prefix_caching
+        computing = self._prefixes_being_computed() if caching and self.waiting else set()
+        while self.waiting and len(held) < MAX_HELD_SCAN:
             seq = self.waiting[0]
+            lookup = self._block_hashes(seq)[: (seq.num_tokens - 1) // self.config.block_size] if caching else []
+            if any(h in computing for h in lookup):
+                held.append(self.waiting.popleft())  # admitted once that prefix is committed: a hit
+                continue
+            samples = 1 + sum(1 for c in seq.forks if not c.is_finished)
+            if num_running + samples > self.config.max_num_seqs:
+                break
             if admitted and num_tokens + seq.num_tokens > self.config.max_num_batched_tokens:
                 break
             needed = blocks_to_admit(seq.num_tokens, self._reserve(seq), self.config.block_size)
-            running = num_running + len(admitted) + 1
-            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * running
+            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + samples)
             if free_blocks - needed < headroom and (num_running or admitted):
                 break
             if needed > free_blocks:
@@ -190,7 +261,18 @@ class Scheduler:
             admitted.append(self.waiting.popleft())
             free_blocks -= needed
             num_tokens += seq.num_tokens
+            num_running += samples
+            computing.update(lookup)
+        self.waiting.extendleft(reversed(held))
         return admitted
+
+    def _prefixes_being_computed(self) -> set[bytes]:
+        """Hashes of blocks running sequences hold and have not committed yet (their forward is
+        in flight or was just planned): a prompt that starts with one of them waits for it."""
+        computing: set[bytes] = set()
+        for seq in self.running:
+            computing.update(seq.block_hashes[seq.num_committed_blocks:])
+        return computing
 
     def forget_memory(self) -> int:
         """The memory side lost this pool (it restarted, or the lease ran out): every block table
@@ -198,22 +280,36 @@ class Scheduler:
         the queue, in admission order, to be recomputed in the new pool, as after a preemption (its
         tokens do not change). Returns how many were running."""
         self._in_flight = None
+        for seq in list(self.running):
+            for child in seq.forks:  # forked in the lost pool before its prefill ran: fork it again
+                self._unfork(child)
         running = list(self.running)
         for seq in reversed(running):  # the last admitted first: they end up at the front in order
             self._preempt(seq)
         self._to_free.clear()  # the old pool is gone, and its blocks with it: nothing to free
+        self._commits.clear()
         self._num_free_blocks = self.config.num_blocks
         self.last_stats = None
         return len(running)
 
     def _preempt(self, seq: Sequence) -> None:
-        """All or nothing: drop every cached token; the sequence is recomputed from the front."""
-        self._to_free[seq.request_id] = len(seq.block_table)
-        seq.block_table = []
+        """All or nothing: drop every cached token; the sequence is recomputed from the front
+        (with prefix caching, its committed blocks stay cached until evicted: it may hit them)."""
+        self._release(seq)
         seq.num_cached_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._requeue(seq)
+
+    def _unfork(self, child: Sequence) -> None:
+        """A sample whose fork did not happen (its parent's admission was refused or lost): it
+        waits, attached to the parent, to be forked at the parent's next admission."""
+        if child.status is SequenceStatus.RUNNING:
+            self.running.remove(child)
+            child.status = SequenceStatus.WAITING
+        child.block_table = []
+        child.num_committed_blocks = 0
+        child.shares_last_block = False
 
     def _requeue(self, seq: Sequence) -> None:
         """Back to the front of the queue: it is the next to be admitted."""
@@ -233,24 +329,39 @@ class Scheduler:
         response = self.memory.receive()
         self._num_free_blocks = response.stats.num_free_blocks
         self.last_stats = response.stats
-        by_id = {s.request_id: s for s in plan.seqs}
+        by_id = {s.request_id: s for s in (*plan.seqs, *plan.forks)}
         for seq_id, table in response.block_tables.items():
-            if by_id[seq_id].is_finished:  # ended while its request was in flight
+            seq = by_id[seq_id]
+            if seq.is_finished:  # ended while its request was in flight
                 self._to_free[seq_id] = len(table)
-            else:
-                by_id[seq_id].block_table = table
+                continue
+            seq.block_table = table
+            if plan.is_prefill:  # admitted: the prompt's cached prefix is not computed again
+                seq.num_hit_tokens = response.hit_tokens.get(seq_id, 0)
+                seq.num_cached_tokens = seq.num_hit_tokens
+                seq.num_committed_blocks = seq.num_hit_tokens // self.config.block_size
         rejected = set(response.rejected)
         for seq in reversed(plan.seqs):
             if seq.request_id in rejected and seq.status is SequenceStatus.RUNNING:
                 # memory disagreed with our count: admit later, or recompute later
                 if plan.is_prefill:
+                    for child in seq.forks:
+                        self._unfork(child)
                     self._requeue(seq)  # nothing was allocated for it
                 else:
                     self._preempt(seq)
+            elif seq.status is SequenceStatus.RUNNING:
+                seq.shares_last_block = False  # its append copied the shared block, if it was one
+        for child in plan.forks:
+            parent = next(p for p in plan.seqs if child in p.forks)
+            if child.status is SequenceStatus.RUNNING:  # forked: it holds what its parent holds
+                child.num_hit_tokens, child.num_committed_blocks = parent.num_hit_tokens, parent.num_committed_blocks
+                child.block_hashes = list(parent.block_hashes)
+                child.shares_last_block = parent.shares_last_block = True
         seqs = [s for s in plan.seqs if s.status is SequenceStatus.RUNNING]
         if plan.is_prefill:
             now = time.perf_counter()
-            for seq in seqs:
+            for seq in (*seqs, *plan.forks):
                 seq.first_scheduled_time = seq.first_scheduled_time or now
         return ScheduledBatch(plan.is_prefill, seqs, response.copies) if seqs else None
 

@@ -1,4 +1,9 @@
-"""A request as the engine tracks it: its tokens, its block table mirror, its state and timings."""
+"""A request as the engine tracks it: its tokens, its block table mirror, its state and timings.
+
+A request with n > 1 samples is n Sequences: sample 0 carries the request's id and is the one
+admitted and prefilled; samples 1..n-1 (`forks`) are forked off its blocks in the same memory
+call and draw their first token from its prompt's logits.
+"""
 from __future__ import annotations
 
 import time
@@ -31,6 +36,16 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # as the memory service last reported it
     num_cached_tokens: int = 0  # tokens whose k/v are in the cache
+    group_id: str = ""  # the client request's id (samples of one request share it); default request_id
+    index: int = 0  # which of the request's n samples
+    forks: list[Sequence] = field(default_factory=list)  # samples 1..n-1, until they are forked off this one
+    shares_last_block: bool = False  # forked and not yet appended: the next append copies the block first
+    # Prefix caching: hashes of the full blocks of token_ids (common.block_hash), and how many
+    # leading blocks the memory side can match already (found cached, or committed after the
+    # forward that wrote them).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed_blocks: int = 0
+    num_hit_tokens: int = 0  # prompt tokens found cached at its last admission (OpenAI's cached_tokens)
     finish_reason: FinishReason | None = None
     output_text: str = ""  # set when stop strings are checked or the sequence finishes
     num_preemptions: int = 0
@@ -42,6 +57,7 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        self.group_id = self.group_id or self.request_id
 
     @property
     def num_tokens(self) -> int:

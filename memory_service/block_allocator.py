@@ -4,11 +4,17 @@ A sequence's KV cache lives in fixed-size blocks of one shared pool. This module
 *which* physical blocks a sequence owns (its block table); the compute side holds the tensors
 and writes token k/v into `block_id * block_size + offset`.
 
+Blocks are shared two ways: `fork` (n samples of one prompt share its blocks) and the prefix
+cache (memory_service.prefix_cache): a full block whose content hash the compute side committed
+can be matched by a later admission with the same prefix, and when nobody references it any more
+it is parked, not freed, until a new block is needed and it is the least recently released.
+
 Invariants (checked by tests/test_block_allocator_state_machine.py after every operation):
-- every block is either free or referenced, never both;
+- every block is either free (never cached, or parked in the cache) or referenced, never both;
 - a block's ref count equals the number of block tables holding it;
 - a shared block (ref count > 1) is never written: appending into one copies it first
-  (copy-on-write), and the caller must copy the src block's tensors into dst.
+  (copy-on-write), and the caller must copy the src block's tensors into dst;
+- a cached (hashed) block is full and never written; it loses its hash only when evicted.
 Every public mutation checks before it changes anything, so a failed call changes nothing.
 """
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 from common.blocks import blocks_to_admit, new_blocks_to_append
+from memory_service.prefix_cache import PrefixCache
 
 SeqId = Hashable
 
@@ -58,6 +65,9 @@ class AllocatorStats:
     num_used_blocks: int
     num_tokens_stored: int  # filled token slots over all used blocks (shared blocks once)
     num_sequences: int
+    num_cached_blocks: int = 0  # free blocks still holding cached content (evicted when needed)
+    prefix_query_tokens: int = 0  # prompt tokens admissions looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, found cached (their prefill was skipped)
 
     @property
     def utilization(self) -> float:
@@ -65,11 +75,16 @@ class AllocatorStats:
         slots = self.num_used_blocks * self.block_size
         return self.num_tokens_stored / slots if slots else 0.0
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
 
 @dataclass
 class _SeqState:
     block_table: list[int]
     num_tokens: int
+    num_hit_tokens: int = 0  # tokens found in the prefix cache at admission
 
 
 class BlockAllocator:
@@ -82,16 +97,22 @@ class BlockAllocator:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(range(num_blocks))  # free and holding nothing cached
         self._ref_counts = [0] * num_blocks
         self._filled = [0] * num_blocks  # token slots written in each block
         self._tokens_stored = 0
         self._seqs: dict[SeqId, _SeqState] = {}
+        self.cache = PrefixCache()
 
     # ---- queries -------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: never-cached ones, then parked cached ones (evicted)."""
+        return len(self._free) + self.cache.num_parked
+
+    def hit_tokens(self, seq_id: SeqId) -> int:
+        """Tokens of the sequence's prompt that its admission found in the prefix cache."""
+        return self._state(seq_id).num_hit_tokens
 
     def has_sequence(self, seq_id: SeqId) -> bool:
         return seq_id in self._seqs
@@ -109,17 +130,21 @@ class BlockAllocator:
         return list(self._seqs)
 
     def stats(self) -> AllocatorStats:
+        free = self.num_free_blocks
         return AllocatorStats(
             num_blocks=self.num_blocks,
             block_size=self.block_size,
-            num_free_blocks=len(self._free),
-            num_used_blocks=self.num_blocks - len(self._free),
+            num_free_blocks=free,
+            num_used_blocks=self.num_blocks - free,
             num_tokens_stored=self._tokens_stored,
             num_sequences=len(self._seqs),
+            num_cached_blocks=self.cache.num_parked,
+            prefix_query_tokens=self.cache.query_tokens,
+            prefix_hit_tokens=self.cache.hit_tokens,
         )
 
     def can_allocate(self, num_tokens: int, reserve_tokens: int = 0) -> bool:
-        return blocks_to_admit(num_tokens, reserve_tokens, self.block_size) <= len(self._free)
+        return blocks_to_admit(num_tokens, reserve_tokens, self.block_size) <= self.num_free_blocks
 
     def blocks_needed_to_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> int:
         """New blocks `append_slots` would take: fresh blocks past the table plus copy-on-write."""
@@ -132,12 +157,17 @@ class BlockAllocator:
         return needed
 
     def can_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> bool:
-        return self.blocks_needed_to_append(seq_id, num_new_tokens) <= len(self._free)
+        return self.blocks_needed_to_append(seq_id, num_new_tokens) <= self.num_free_blocks
 
     # ---- mutations -----------------------------------------------------------------------
-    def allocate(self, seq_id: SeqId, num_tokens: int, reserve_tokens: int = 0) -> list[int]:
+    def allocate(self, seq_id: SeqId, num_tokens: int, reserve_tokens: int = 0,
+                 block_hashes: list[bytes] = ()) -> list[int]:
         """Give a new sequence blocks for its `num_tokens` prompt tokens.
 
+        `block_hashes` (the prompt's full blocks, common.block_hash) are looked up in the prefix
+        cache: the table starts with the blocks of the longest cached prefix, shared, and
+        `hit_tokens(seq_id)` says how many tokens they hold. The last token is never matched
+        (its logits must be computed), so at most (num_tokens - 1) // block_size blocks are.
         `reserve_tokens` > num_tokens takes blocks for that many tokens up front: the
         contiguous (pre-vLLM) policy that reserves a request's maximum length at admission.
         """
@@ -145,15 +175,38 @@ class BlockAllocator:
             raise DuplicateSequenceError(f"sequence {seq_id!r} already has a block table")
         if num_tokens <= 0:
             raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
-        needed = blocks_to_admit(num_tokens, reserve_tokens, self.block_size)
-        if needed > len(self._free):
+        hits = self.cache.match(list(block_hashes)[: (num_tokens - 1) // self.block_size])
+        total = blocks_to_admit(num_tokens, reserve_tokens, self.block_size)
+        needed = total - sum(1 for b in hits if self._ref_counts[b] > 0)  # a parked hit is taken from the free count
+        if needed > self.num_free_blocks:
             raise OutOfBlocksError(
-                f"sequence {seq_id!r} needs {needed} blocks, only {len(self._free)} free"
+                f"sequence {seq_id!r} needs {needed} blocks, only {self.num_free_blocks} free"
             )
-        table = [self._take_block() for _ in range(needed)]
-        self._seqs[seq_id] = _SeqState(block_table=table, num_tokens=0)
-        self._fill(self._seqs[seq_id], num_tokens)
+        for block in hits:  # claimed before any new block is taken, so none of them is evicted
+            self._reference(block)
+        table = hits + [self._take_block() for _ in range(total - len(hits))]
+        hit_tokens = len(hits) * self.block_size
+        if block_hashes:
+            self.cache.record_query(num_tokens, hit_tokens)
+        state = _SeqState(block_table=table, num_tokens=hit_tokens, num_hit_tokens=hit_tokens)
+        self._seqs[seq_id] = state
+        self._fill(state, num_tokens - hit_tokens)
         return list(table)
+
+    def commit(self, seq_id: SeqId, first_block: int, block_hashes: list[bytes]) -> None:
+        """The forward that wrote these full blocks of the sequence (logical indices from
+        `first_block`) has run: make them matchable under their hashes. Blocks already cached
+        (a hit, or an earlier commit) and contents another block already holds are skipped."""
+        table = self.check_commit(seq_id, first_block, len(block_hashes))
+        for logical, block_hash in enumerate(block_hashes, first_block):
+            self.cache.register(table[logical], block_hash)
+
+    def check_commit(self, seq_id: SeqId, first_block: int, count: int) -> list[int]:
+        state = self._state(seq_id)
+        if first_block < 0 or first_block + count > state.num_tokens // self.block_size:
+            raise ValueError(f"commit of {seq_id!r}: blocks [{first_block}, {first_block + count}) are not all "
+                             f"full (it holds {state.num_tokens} tokens)")
+        return state.block_table
 
     def append_slots(self, seq_id: SeqId, num_new_tokens: int = 1) -> AppendResult:
         """Make room for `num_new_tokens` more tokens at the end of a sequence.
@@ -165,9 +218,9 @@ class BlockAllocator:
             raise ValueError(f"num_new_tokens must be > 0, got {num_new_tokens}")
         state = self._state(seq_id)
         needed = self.blocks_needed_to_append(seq_id, num_new_tokens)
-        if needed > len(self._free):
+        if needed > self.num_free_blocks:
             raise OutOfBlocksError(
-                f"sequence {seq_id!r} needs {needed} blocks to append, only {len(self._free)} free"
+                f"sequence {seq_id!r} needs {needed} blocks to append, only {self.num_free_blocks} free"
             )
         result = AppendResult()
         last_block = (state.num_tokens + num_new_tokens - 1) // self.block_size
@@ -180,7 +233,7 @@ class BlockAllocator:
                 src = state.block_table[logical]
                 dst = self._take_block()
                 self._ref_counts[src] -= 1
-                self._filled[dst] = self._filled[src]
+                self._filled[dst] = min(max(state.num_tokens - logical * self.block_size, 0), self.block_size)  # its own slots
                 self._tokens_stored += self._filled[dst]
                 state.block_table[logical] = dst
                 result.copies.append((src, dst))
@@ -208,8 +261,9 @@ class BlockAllocator:
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
                 self._tokens_stored -= self._filled[block]
-                self._filled[block] = 0
-                self._free.append(block)
+                if not self.cache.park(block):  # a cached block keeps its content until evicted
+                    self._filled[block] = 0
+                    self._free.append(block)
 
     # ---- internals -----------------------------------------------------------------------
     def _state(self, seq_id: SeqId) -> _SeqState:
@@ -219,10 +273,23 @@ class BlockAllocator:
             raise UnknownSequenceError(f"unknown sequence {seq_id!r}: no block table") from None
 
     def _take_block(self) -> int:
-        block = self._free.popleft()
+        """A block for new content: a never-cached free one first, else the least recently
+        released cached one (its hash is forgotten)."""
+        if self._free:
+            block = self._free.popleft()
+        else:
+            block = self.cache.evict()
+            self._filled[block] = 0
         assert self._ref_counts[block] == 0, f"free block {block} still referenced"
         self._ref_counts[block] = 1
         return block
+
+    def _reference(self, block: int) -> None:
+        """One more table points at a cached block (a prefix-cache hit)."""
+        if self._ref_counts[block] == 0:
+            self.cache.unpark(block)
+            self._tokens_stored += self._filled[block]
+        self._ref_counts[block] += 1
 
     def _fill(self, state: _SeqState, num_new_tokens: int) -> None:
         """Mark token slots written; only unshared blocks are ever filled."""

@@ -1,10 +1,14 @@
 """One engine step's block bookkeeping, as a single batched request.
 
-The compute side sends everything a step needs at once (sequences to free, prompts to admit,
-sequences that grow) and gets back the block tables that changed, the copy-on-write copies to
-perform, and which sequences found no space (nothing changed for those: the scheduler preempts
-or requeues them). In-process this is a function call; the memory service serves it over gRPC.
-Order inside a step: frees, then allocations, then appends, so freed blocks are reusable at once.
+The compute side sends everything a step needs at once (full blocks whose forward has run, to
+cache; sequences to free; prompts to admit, with their block hashes; forks; sequences that grow)
+and gets back the block tables that changed, how many prompt tokens each admission found cached,
+the copy-on-write copies to perform, and which sequences found no space (nothing changed for
+those: the scheduler preempts or requeues them). In-process this is a function call; the memory
+service serves it over gRPC.
+Order inside a step: commits, frees, allocations, forks, appends: a finished sequence's blocks
+are cached before they are released, freed blocks are reusable at once, and a prompt admitted in
+this step can be forked in it (n samples) before every sample appends its first token.
 A step is atomic: the whole request is checked before any of it is applied, so a malformed one
 (an unknown or repeated id) raises and changes nothing. Running out of blocks is not an error:
 those allocations and appends are answered as rejected, and they alone change nothing.
@@ -25,30 +29,48 @@ class Allocation:
     seq_id: SeqId
     num_tokens: int
     reserve_tokens: int = 0  # > num_tokens reserves up front (contiguous mode)
+    block_hashes: list[bytes] = field(default_factory=list)  # its full blocks' hashes: looked up in the cache
+
+
+@dataclass
+class Commit:
+    """Full blocks of a sequence (logical indices first_block, ...) that a finished forward wrote."""
+
+    seq_id: SeqId
+    first_block: int
+    block_hashes: list[bytes]
 
 
 @dataclass
 class StepRequest:
+    """Applied in the order commit, free, allocate, fork, append (the module docstring says why)."""
+
     free: list[SeqId] = field(default_factory=list)
     allocate: list[Allocation] = field(default_factory=list)
     append: list[tuple[SeqId, int]] = field(default_factory=list)  # (seq_id, num_new_tokens)
+    commit: list[Commit] = field(default_factory=list)
+    fork: list[tuple[SeqId, SeqId]] = field(default_factory=list)  # (parent, child): child shares every block
 
 
 @dataclass
 class StepResponse:
     block_tables: dict[SeqId, list[int]]  # full table of every sequence whose table changed
     copies: list[tuple[int, int]]  # (src, dst) blocks to copy before this step's writes
-    rejected: list[SeqId]  # allocations/appends that found no space
+    rejected: list[SeqId]  # allocations/appends that found no space, forks of a rejected parent
     stats: AllocatorStats
+    hit_tokens: dict[SeqId, int] = field(default_factory=dict)  # per admission: prompt tokens found cached
 
 
 def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
     """Raise (BlockAllocatorError or ValueError) if any part of the step is malformed: ids follow
-    the step's order (freed ids must exist and go away, allocated ids must be new, appended ids
-    must exist and not be freed or allocated in this step: an allocation may be rejected for lack
-    of space, and an append to it would then fail half-way), each id at most once per list, token
-    counts positive."""
+    the step's order (committed blocks must be full blocks of a live sequence, freed ids must
+    exist and go away, allocated and forked ids must be new (a fork's parent may be allocated in
+    this step), appended ids must exist and not be freed, allocated or forked in this step: an
+    allocation may be rejected for lack of space, and an append to it would then fail half-way),
+    each id at most once per list, token counts positive."""
     live = set(allocator.sequence_ids())
+    for commit in request.commit:
+        allocator.check_commit(commit.seq_id, commit.first_block, len(commit.block_hashes))
     for seq_id in request.free:
         if seq_id not in live:
             raise UnknownSequenceError(f"cannot free sequence {seq_id!r}: it has no block table (double free?)")
@@ -60,6 +82,13 @@ def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
             raise ValueError(f"allocation of {alloc.seq_id!r}: num_tokens must be > 0 and reserve_tokens >= 0")
     if len({a.seq_id for a in request.allocate}) < len(request.allocate):
         raise DuplicateSequenceError("a sequence is allocated twice in one step")
+    allocated = {a.seq_id for a in request.allocate}
+    for parent, child in request.fork:
+        if parent not in live and parent not in allocated:
+            raise UnknownSequenceError(f"cannot fork {parent!r}: unknown sequence")
+        if child in live or child in allocated:
+            raise DuplicateSequenceError(f"fork child {child!r} already has a block table")
+        allocated.add(child)
     appended: set[SeqId] = set()
     for seq_id, num_new in request.append:
         if seq_id not in live or seq_id in appended:
@@ -70,19 +99,29 @@ def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
 
 
 def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
-    """Apply one step's frees, allocations and appends, or (malformed request) raise having
-    changed nothing."""
+    """Apply one step's commits, frees, allocations, forks and appends, or (malformed request)
+    raise having changed nothing."""
     check_step(allocator, request)
+    for commit in request.commit:
+        allocator.commit(commit.seq_id, commit.first_block, commit.block_hashes)
     for seq_id in request.free:
         allocator.free(seq_id)
     tables: dict[SeqId, list[int]] = {}
     copies: list[tuple[int, int]] = []
     rejected: list[SeqId] = []
+    hit_tokens: dict[SeqId, int] = {}
     for alloc in request.allocate:
         try:
-            tables[alloc.seq_id] = allocator.allocate(alloc.seq_id, alloc.num_tokens, alloc.reserve_tokens)
+            tables[alloc.seq_id] = allocator.allocate(alloc.seq_id, alloc.num_tokens, alloc.reserve_tokens,
+                                                      alloc.block_hashes)
+            hit_tokens[alloc.seq_id] = allocator.hit_tokens(alloc.seq_id)
         except OutOfBlocksError:
             rejected.append(alloc.seq_id)
+    for parent, child in request.fork:
+        if allocator.has_sequence(parent):  # else its admission was rejected, and so is the fork
+            tables[child] = allocator.fork(parent, child)
+        else:
+            rejected.append(child)
     for seq_id, num_new in request.append:
         try:
             result = allocator.append_slots(seq_id, num_new)
@@ -92,7 +131,8 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
         if result.new_blocks or result.copies:
             tables[seq_id] = allocator.block_table(seq_id)
             copies.extend(result.copies)
-    return StepResponse(block_tables=tables, copies=copies, rejected=rejected, stats=allocator.stats())
+    return StepResponse(block_tables=tables, copies=copies, rejected=rejected, stats=allocator.stats(),
+                        hit_tokens=hit_tokens)
 
 
 class MemoryLost(Exception):

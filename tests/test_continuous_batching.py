@@ -98,9 +98,11 @@ def test_contiguous_reservation_admits_fewer_sequences_than_paging():
     """Peak concurrency follows from the budget and the request sizes, with the allocator's own
     arithmetic: paging admits as many 100-token prompts as their blocks fit (growth comes later,
     by preemption if need be), reserving prompt + max_new_tokens (Orca-Oracle) fewer, reserving
-    the whole context (Orca-Max) fewest. 24 prompts, so no arm is capped by the request count."""
+    the whole context (Orca-Max) fewest. 24 prompts, so no arm is capped by the request count.
+    Packing alone is measured: the identical prompts would share blocks with prefix caching on."""
     prompts, new_tokens, budget = [[7] * 100] * 24, 20, 2048
-    paged = InferenceEngine(model="dummy:tiny", kv_budget_tokens=budget, headroom_blocks_per_seq=0)
+    paged = InferenceEngine(model="dummy:tiny", kv_budget_tokens=budget, headroom_blocks_per_seq=0,
+                            prefix_caching="off")
     paged.generate(prompts, greedy(new_tokens))
     sc = paged.scheduler.config
     paged_peak = (sc.num_blocks - sc.watermark_blocks) // blocks_for_tokens(100, sc.block_size)
