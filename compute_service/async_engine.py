@@ -67,14 +67,15 @@ class AsyncEngine:
         return len(self._streams)
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               output_token_ids: list[int] = ()) -> asyncio.Queue:
-        """Validate now (ValueError for the caller), queue for the engine thread, return the stream."""
+               output_token_ids: list[int] = (), sample_outputs: dict[int, list[int]] | None = None) -> asyncio.Queue:
+        """Validate now (ValueError for the caller), queue for the engine thread, return the
+        stream (every sample's outputs, with their index)."""
         if request_id in self._streams:
             raise KeyError(request_id)
-        self.engine.validate_request(prompt_token_ids, params, output_token_ids)
+        self.engine.validate_request(prompt_token_ids, params, output_token_ids, sample_outputs)
         out: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out)
-        self._inbox.put(("add", request_id, prompt_token_ids, params, output_token_ids))
+        self._inbox.put(("add", request_id, prompt_token_ids, params, output_token_ids, sample_outputs))
         self._wake.set()
         return out
 
@@ -152,11 +153,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if item[0] == "add":
-                _, request_id, prompt, params, outputs_before = item
+                _, request_id, prompt, params, outputs_before, sample_outputs = item
                 if request_id not in self._streams:
                     continue  # cancelled before it reached the engine
                 try:
-                    self.engine.enqueue_validated(prompt, params, request_id, outputs_before)
+                    self.engine.enqueue_validated(prompt, params, request_id, outputs_before, sample_outputs)
                 except ValueError as exc:  # the id is still in the engine (its stream just ended)
                     self._deliver_failure(request_id, str(exc))
             else:
@@ -168,9 +169,9 @@ class AsyncEngine:
         outputs, self._undelivered = self._undelivered, []
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
-            target = self._streams.get(out.request_id)
-            if out.finished:
-                self._streams.pop(out.request_id, None)
+            target = self._streams.get(out.group_id)  # every sample of a request feeds its stream
+            if out.finished and not self.engine.is_active(out.group_id):  # its last sample ended
+                self._streams.pop(out.group_id, None)
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], out))
         for loop, items in by_loop.items():

@@ -8,6 +8,7 @@ one token; `generate()` and `stream()` are loops over it.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -27,6 +28,8 @@ from compute_service.hugepages import move_to_hugepages
 from compute_service.weights import load_model
 from memory_service.block_allocator import BlockAllocator
 from memory_service.step import LocalMemory, MemoryConnection, MemoryLost
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,19 +135,25 @@ class InferenceEngine:
         return list(prompt)
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                         output_token_ids: list[int] = ()) -> None:
+                         output_token_ids: list[int] = (), sample_outputs: dict[int, list[int]] | None = None) -> None:
         """ValueError naming the field, for anything a client can get wrong: the shared request
         rules, then whether this replica's pool can ever hold the request. `output_token_ids`
-        are tokens already generated for it (elsewhere: a request continued after a fault)."""
+        are tokens already generated for it (elsewhere: a request continued after a fault);
+        `sample_outputs` the same for a request with n > 1: {sample index: its tokens so far} for
+        the samples still to finish."""
         vocab_size = self.model.config.vocab_size
         validate_request(prompt_token_ids, params, self.max_model_len, vocab_size)
-        if len(output_token_ids) > params.max_new_tokens:
-            raise ValueError(f"output_token_ids has {len(output_token_ids)} tokens, more than max_new_tokens")
-        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in output_token_ids):
-            raise ValueError(f"output token ids must be integers in [0, {vocab_size})")
         if params.n > 1 and output_token_ids:
-            raise ValueError("n > 1 cannot continue from output_token_ids: continue each sample as n = 1 "
-                             "with its own seed (common.sampling_params.sample_seed)")
+            raise ValueError("output_token_ids is for n = 1; continue samples of n > 1 with sample_outputs")
+        for index, outputs in (sample_outputs or {0: output_token_ids}).items():
+            if not isinstance(index, int) or not 0 <= index < params.n:
+                raise ValueError(f"sample index {index!r} is not in [0, n={params.n})")
+            if len(outputs) > params.max_new_tokens:
+                raise ValueError(f"output_token_ids has {len(outputs)} tokens, more than max_new_tokens")
+            if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in outputs):
+                raise ValueError(f"output token ids must be integers in [0, {vocab_size})")
+        if sample_outputs is not None and not sample_outputs:
+            raise ValueError("sample_outputs names no sample to continue")
         sc = self.scheduler.config
         if params.n > sc.max_num_seqs:
             raise ValueError(f"n={params.n} is more than this replica runs at once (max_num_seqs={sc.max_num_seqs})")
@@ -164,33 +173,41 @@ class InferenceEngine:
         self.validate_request(prompt_token_ids, params)
         return self.enqueue_validated(prompt_token_ids, params, request_id)
 
-    def enqueue_validated(self, prompt_token_ids: list[int], params: SamplingParams,
-                          request_id: str | None = None, output_token_ids: list[int] = ()) -> str:
+    def enqueue_validated(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                          output_token_ids: list[int] = (), sample_outputs: dict[int, list[int]] | None = None) -> str:
         """Queue a request that `validate_request` has already accepted (the service validates
         on arrival, before it reaches the engine thread; checking again would be a second rule
         set to keep in step). With `output_token_ids` the request continues where another
         replica stopped: they are recomputed with the prompt, count towards max_new_tokens and
         stop strings, and are not generated again; if they already end the request (EOS, a stop
-        string, the length), it ends at once with no new token."""
+        string, the length), it ends at once with no new token. `sample_outputs` does the same
+        per sample of a request with n > 1.
+
+        Sample i draws with seed sample_seed(seed, i). The samples that have no tokens yet are
+        forked off the first of them at its admission: one prefill, shared blocks; the others
+        are queued on their own (their prompt blocks are prefix-cache hits)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else new_seed()
-        seq = Sequence(request_id, prompt_token_ids, params, seed, token_ids=[*prompt_token_ids, *output_token_ids])
-        samples = [seq] + [Sequence(f"{request_id}#{i}", prompt_token_ids, params, sample_seed(seed, i),
-                                    group_id=request_id, index=i) for i in range(1, params.n)]
+        if sample_outputs is None:
+            sample_outputs = {0: list(output_token_ids)} if params.n == 1 else {i: [] for i in range(params.n)}
+        samples = [Sequence(request_id if i == 0 else f"{request_id}#{i}", prompt_token_ids, params,
+                            sample_seed(seed, i), token_ids=[*prompt_token_ids, *outputs], group_id=request_id, index=i)
+                   for i, outputs in sorted(sample_outputs.items())]
         self._groups[request_id] = samples
-        for sample in samples:
-            self._requests[sample.request_id] = sample
-        self.scheduler.add(seq)
-        if self.kv_cache is None:  # nothing to share: each sample computes its own prompt
-            for sample in samples[1:]:
-                self.scheduler.add(sample)
-        else:  # forked off sample 0 when it is admitted, they draw their first token from its logits
-            seq.forks = samples[1:]
-        reason = self._finish_reason(seq, output_token_ids[-1]) if output_token_ids else None
-        if reason is not None:
-            self.scheduler.finish(seq, reason)  # reported by the next step
+        fresh = [s for s in samples if s.num_tokens == s.prompt_len]
+        for seq in samples:
+            self._requests[seq.request_id] = seq
+            if self.kv_cache is not None and fresh and seq is not fresh[0] and seq in fresh:
+                continue  # forked off fresh[0] when it is admitted: it draws its first token from its logits
+            self.scheduler.add(seq)
+            if seq.output_token_ids:
+                reason = self._finish_reason(seq, seq.output_token_ids[-1])
+                if reason is not None:
+                    self.scheduler.finish(seq, reason)  # reported by the next step
+        if self.kv_cache is not None and fresh:
+            fresh[0].forks = fresh[1:]
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -199,6 +216,10 @@ class InferenceEngine:
         for seq in running:
             self.scheduler.finish(seq, FinishReason.ABORT)
         return bool(running)
+
+    def is_active(self, request_id: str) -> bool:
+        """Some sample of the request has not been reported finished yet."""
+        return request_id in self._groups
 
     def unfinished_ids(self) -> list[str]:
         """Ids of the requests with a sample still running or waiting."""
@@ -265,8 +286,8 @@ class InferenceEngine:
         reports the loss to whoever owns it (it is flagged `lost`)."""
         try:
             self.scheduler.flush_frees()
-        except MemoryLost:
-            pass
+        except MemoryLost as exc:
+            log.warning("returning blocks failed: %s", exc)  # the reason, for whoever recovers the link
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params

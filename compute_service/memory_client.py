@@ -75,9 +75,12 @@ class MemoryClient:
             self._responses = self.stub.StepStream(iter(self._requests.get, None))
         self._requests.put(memory_pb2.StepRequest(
             pool_id=self.pool_id,
+            commit=[memory_pb2.Commit(seq_id=str(c.seq_id), first_block=c.first_block, block_hashes=c.block_hashes)
+                    for c in request.commit],
             free=[str(s) for s in request.free],
-            allocate=[memory_pb2.Allocation(seq_id=str(a.seq_id), num_tokens=a.num_tokens,
-                                            reserve_tokens=a.reserve_tokens) for a in request.allocate],
+            allocate=[memory_pb2.Allocation(seq_id=str(a.seq_id), num_tokens=a.num_tokens, reserve_tokens=a.reserve_tokens,
+                                            block_hashes=a.block_hashes) for a in request.allocate],
+            fork=[memory_pb2.Fork(parent=str(p), child=str(c)) for p, c in request.fork],
             append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
         ))
         self._send_seconds = time.perf_counter() - start
@@ -98,7 +101,9 @@ class MemoryClient:
             copies=[(c.src, c.dst) for c in reply.copies],
             rejected=list(reply.rejected),
             stats=AllocatorStats(st.num_blocks, st.block_size, st.num_free_blocks, st.num_used_blocks,
-                                 st.num_tokens_stored, st.num_sequences),
+                                 st.num_tokens_stored, st.num_sequences, st.num_cached_blocks,
+                                 st.prefix_query_tokens, st.prefix_hit_tokens),
+            hit_tokens={t.seq_id: t.hit_tokens for t in reply.block_tables if t.hit_tokens},
         )
         self.call_seconds.append(self._send_seconds + time.perf_counter() - start)
         return response

@@ -31,6 +31,7 @@ def complete_message(out: RequestOutput, replica: str) -> compute_pb2.Complete:
         finish_reason=out.finish_reason, prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids),
         num_preemptions=seq.num_preemptions, replica=replica, token_ids=out.new_token_ids,
         output_text=seq.output_text, queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
+        cached_tokens=seq.num_hit_tokens, index=seq.index,
     )
 
 
@@ -48,17 +49,19 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                                 + ("draining" if self.draining else "its memory service is unreachable"))
         prompt, params = list(request.prompt_token_ids), sampling_params_from_proto(request.params)
         outputs_before = list(request.output_token_ids)
+        sample_outputs = {s.index: list(s.output_token_ids) for s in request.samples} or None
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must be set")
         if self.engine.num_pending >= self.config.max_waiting + engine.config.max_num_seqs:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "compute replica queue is full; retry later")
         try:
-            outputs = self.engine.submit(request.request_id, prompt, params, outputs_before)  # validates, once
+            outputs = self.engine.submit(request.request_id, prompt, params, outputs_before,
+                                         sample_outputs)  # validates, once
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KeyError:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request.request_id!r} is already running")
-        finished = False
+        finished, remaining = False, len(sample_outputs or ()) or params.n  # the call ends when every sample has
         try:
             while not finished:
                 out = await outputs.get()
@@ -66,10 +69,12 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                     finished = True
                     await context.abort(grpc.StatusCode[out.status], out.message)
                 if out.finished:
-                    finished = True
+                    remaining -= 1
+                    finished = remaining == 0
                     yield compute_pb2.GenerateResponse(complete=complete_message(out, self.config.replica))
                 elif out.new_token_ids:
-                    yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(token_ids=out.new_token_ids))
+                    yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(token_ids=out.new_token_ids,
+                                                                               index=out.index))
         finally:
             if not finished:  # the caller cancelled or its deadline passed: free the blocks
                 self.engine.abort(request.request_id)

@@ -58,6 +58,7 @@ class ClientRequest:
 class TokenChunk:
     token_ids: list[int]
     text: str
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Completion:
     seed: int  # what it sampled with: the request's, or one the gateway chose
     num_migrations: int  # times it was continued on another replica
     timings: dict[str, float]  # queue_ms (the engine's), ttft_ms, tpot_ms, e2e_ms (the gateway's clock)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    index: int = 0  # which sample this ends (a request with n samples ends with n Completions)
 
 
 @dataclass
@@ -84,23 +87,42 @@ class ModelInfo:
 
 
 @dataclass
+class _Sample:
+    """One of a request's n samples: its tokens so far and the text the client has been sent."""
+
+    text: IncrementalText
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
 class _Stream:
-    """One client request as the gateway follows it across replicas: every token streamed so far
-    (what a continuation resubmits), and the text the client has been sent."""
+    """One client request as the gateway follows it across replicas: every sample's tokens
+    streamed so far (what a continuation resubmits) and which samples have ended."""
 
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    text: IncrementalText
-    generated: list[int] = field(default_factory=list)
+    samples: list[_Sample]
     migrations: int = 0
 
+    @property
+    def num_generated(self) -> int:
+        return sum(len(s.generated) for s in self.samples)
+
     def forward(self) -> compute_pb2.GenerateRequest:
-        """The replica's request: prompt + the tokens so far, the same seed, the same budget. Each
-        attempt has its own id, so a replica still cleaning up an earlier one never collides."""
-        return compute_pb2.GenerateRequest(
+        """The replica's request: prompt + the tokens so far, the same seed, the same budget (with
+        n > 1 after a fault: the samples still running, each with its tokens). Each attempt has
+        its own id, so a replica still cleaning up an earlier one never collides."""
+        message = compute_pb2.GenerateRequest(
             request_id=f"{self.request_id}/{self.migrations}", prompt_token_ids=self.prompt,
-            output_token_ids=self.generated, params=sampling_params_to_proto(self.params, compute_pb2.SamplingParams))
+            params=sampling_params_to_proto(self.params, compute_pb2.SamplingParams))
+        if self.params.n == 1:
+            message.output_token_ids.extend(self.samples[0].generated)
+        elif self.migrations:
+            message.samples.extend(compute_pb2.SampleOutputs(index=i, output_token_ids=s.generated)
+                                   for i, s in enumerate(self.samples) if not s.done)
+        return message
 
 
 class GatewayCore:
@@ -156,11 +178,13 @@ class GatewayCore:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         params = request.params if request.params.seed is not None else replace(request.params, seed=new_seed())
-        return _Stream(request_id, prompt, params, IncrementalText(self.tokenizer, params.stop))
+        samples = [_Sample(IncrementalText(self.tokenizer, params.stop)) for _ in range(params.n)]
+        return _Stream(request_id, prompt, params, samples)
 
     async def generate(self, request: ClientRequest,
                        timeout_s: float | None = None) -> AsyncIterator[TokenChunk | Completion]:
-        """Stream one request: TokenChunks, then one Completion. If the replica serving it fails
+        """Stream one request: TokenChunks, then one Completion (with n > 1: every sample's
+        chunks, by index, and one Completion per sample as it ends). If the replica serving it fails
         (its stream breaks, it stops answering health checks, it gives the request up while
         draining), the request continues on another replica from the tokens already streamed,
         and the client's stream goes on with the same tokens a fault-free run gives. Raises
@@ -187,7 +211,8 @@ class GatewayCore:
                 replica = await self._wait_for_replica(request_id, failed, full, deadline)
                 if replica is None:  # aborted while it waited for a replica
                     status = "OK"
-                    yield self._aborted_completion(stream, timer, "")
+                    for completion in self._aborted_completions(stream, timer, ""):
+                        yield completion
                     return
                 call = replica.stub.Generate(stream.forward(), timeout=_remaining(deadline))
                 self._calls[request_id] = (call, replica)
@@ -195,27 +220,31 @@ class GatewayCore:
                 try:
                     async for response in call:
                         if response.HasField("chunk"):
-                            ids = list(response.chunk.token_ids)
-                            self._count(ids, stream, timer)
-                            yield TokenChunk(ids, stream.text.add(ids))
+                            ids, index = list(response.chunk.token_ids), response.chunk.index
+                            self._count(ids, stream.samples[index], timer)
+                            yield TokenChunk(ids, stream.samples[index].text.add(ids), index)
                         elif response.HasField("complete"):
                             done = response.complete
+                            sample = stream.samples[done.index]
                             ids = list(done.token_ids)
-                            self._count(ids, stream, timer)
-                            rest = stream.text.finish(done.output_text)
+                            self._count(ids, sample, timer)
+                            rest = sample.text.finish(done.output_text)
                             if ids or rest:
-                                yield TokenChunk(ids, rest)
-                            queue_ms, status = done.queue_ms, "OK"
+                                yield TokenChunk(ids, rest, done.index)
+                            sample.done, queue_ms = True, done.queue_ms
                             yield Completion(request_id, done.finish_reason, done.prompt_tokens, done.completion_tokens,
                                              done.num_preemptions, done.replica, stream.params.seed, stream.migrations,
-                                             dict(queue_ms=queue_ms, **timer.timings()))
-                            return  # done: whatever happens to the call from here on is not the client's
+                                             dict(queue_ms=queue_ms, **timer.timings()), done.cached_tokens, done.index)
+                            if all(s.done for s in stream.samples):
+                                status = "OK"
+                                return  # done: whatever happens to the call from here on is not the client's
                     failed.add(replica.address)  # the stream ended with no result: the replica's fault
                     self._migrate(stream, replica, "the stream ended without a result")
                 except asyncio.CancelledError:
                     if request_id in self._aborted:
                         status = "OK"
-                        yield self._aborted_completion(stream, timer, replica.address)
+                        for completion in self._aborted_completions(stream, timer, replica.address):
+                            yield completion
                         return
                     if request_id in self._evicted:  # the replica is down: continue elsewhere
                         failed.add(replica.address)
@@ -252,13 +281,15 @@ class GatewayCore:
             self._evicted.discard(request_id)
             self.metrics.record_request(status or "CANCELLED", timer, queue_ms)
 
-    def _aborted_completion(self, stream: _Stream, timer: RequestTimer, replica: str) -> Completion:
-        return Completion(stream.request_id, "abort", len(stream.prompt), len(stream.generated), 0, replica,
-                          stream.params.seed, stream.migrations, dict(queue_ms=0.0, **timer.timings()))
+    def _aborted_completions(self, stream: _Stream, timer: RequestTimer, replica: str) -> list[Completion]:
+        """An aborted request ends every sample still running with finish_reason abort."""
+        return [Completion(stream.request_id, "abort", len(stream.prompt), len(s.generated), 0, replica,
+                           stream.params.seed, stream.migrations, dict(queue_ms=0.0, **timer.timings()), index=i)
+                for i, s in enumerate(stream.samples) if not s.done]
 
-    def _count(self, ids: list[int], stream: _Stream, timer: RequestTimer) -> None:
+    def _count(self, ids: list[int], sample: _Sample, timer: RequestTimer) -> None:
         if ids:
-            stream.generated.extend(ids)
+            sample.generated.extend(ids)
             timer.on_tokens(len(ids))
             self.metrics.record_tokens(len(ids))
 
@@ -269,7 +300,7 @@ class GatewayCore:
         stream.migrations += 1
         MIGRATIONS.inc()
         log.warning("request %s: replica %s failed (%s); continuing elsewhere after %d tokens", stream.request_id,
-                    replica.address, why, len(stream.generated))
+                    replica.address, why, stream.num_generated)
 
     async def _wait_for_replica(self, request_id: str, failed: set[str], full: set[str],
                                 deadline: float | None) -> Replica | None:

@@ -40,6 +40,7 @@ def complete_message(done: Completion) -> generate_pb2.Complete:
         request_id=done.request_id, finish_reason=done.finish_reason, prompt_tokens=done.prompt_tokens,
         completion_tokens=done.completion_tokens, timings=generate_pb2.Timings(**done.timings),
         num_preemptions=done.num_preemptions, replica=done.replica, seed=done.seed, num_migrations=done.num_migrations,
+        cached_tokens=done.cached_tokens, index=done.index,
     )
 
 
@@ -55,20 +56,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     if isinstance(event, Completion):
                         yield generate_pb2.GenerateResponse(complete=complete_message(event))
                     else:
-                        yield generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(token_ids=event.token_ids,
-                                                                                     text=event.text))
+                        yield generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(
+                            token_ids=event.token_ids, text=event.text, index=event.index))
         except GatewayError as exc:
             await context.abort(grpc.StatusCode[exc.status], exc.message)
 
     async def GenerateUnary(self, request, context):
-        token_ids, text, complete = [], [], None
+        samples: dict[int, generate_pb2.GenerateResult] = {}
         async for response in self.Generate(request, context):
-            if response.HasField("chunk"):
-                token_ids.extend(response.chunk.token_ids)
-                text.append(response.chunk.text)
-            elif response.HasField("complete"):
-                complete = response.complete
-        return generate_pb2.GenerateResult(token_ids=token_ids, text="".join(text), complete=complete)
+            kind = response.WhichOneof("kind")
+            index = getattr(response, kind).index
+            result = samples.setdefault(index, generate_pb2.GenerateResult())
+            if kind == "chunk":
+                result.token_ids.extend(response.chunk.token_ids)
+                result.text += response.chunk.text
+            else:
+                result.complete.CopyFrom(response.complete)
+        first = samples.get(0, generate_pb2.GenerateResult())
+        if len(samples) > 1:
+            every = [samples[i] for i in sorted(samples)]  # copied by extend, sample 0 before it gets these
+            first.samples.extend(every)
+        return first
 
     async def Abort(self, request, context):
         try:

@@ -19,7 +19,7 @@ from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
 from memory_service.block_allocator import AllocatorStats, BlockAllocatorError
 from memory_service.pools import FencedPoolError, Pool, PoolRegistry, UnknownPoolError
-from memory_service.step import Allocation, StepRequest, apply_step
+from memory_service.step import Allocation, Commit, StepRequest, apply_step
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("memory_service")
@@ -27,6 +27,14 @@ SERVICE = "rpc.internal.v1.MemoryService"
 FREE_BLOCKS = Gauge("memory_free_blocks", "Free KV blocks", ["pool", "replica"])
 USED_BLOCKS = Gauge("memory_used_blocks", "Used KV blocks", ["pool", "replica"])
 UTILIZATION = Gauge("memory_kv_utilization", "Tokens stored / slots in used blocks", ["pool", "replica"])
+CACHED_BLOCKS = Gauge("memory_cached_blocks", "Free KV blocks still holding a cached prefix", ["pool", "replica"])
+PREFIX_QUERY_TOKENS = Gauge("memory_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                            ["pool", "replica"])
+PREFIX_HIT_TOKENS = Gauge("memory_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                          ["pool", "replica"])
+PREFIX_HIT_RATE = Gauge("memory_prefix_cache_hit_rate", "Prefix cache hit tokens / query tokens", ["pool", "replica"])
+_POOL_GAUGES = (FREE_BLOCKS, USED_BLOCKS, UTILIZATION, CACHED_BLOCKS, PREFIX_QUERY_TOKENS, PREFIX_HIT_TOKENS,
+                PREFIX_HIT_RATE)
 EXPIRED = Counter("memory_pools_expired_total", "Pools freed because their lease ran out")
 POOLS = Gauge("memory_pools", "Registered pools")
 
@@ -45,6 +53,8 @@ def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2
         pool_id=pool_id, replica=replica, num_blocks=st.num_blocks, block_size=st.block_size,
         num_free_blocks=st.num_free_blocks, num_used_blocks=st.num_used_blocks,
         num_tokens_stored=st.num_tokens_stored, num_sequences=st.num_sequences, utilization=st.utilization,
+        num_cached_blocks=st.num_cached_blocks, prefix_query_tokens=st.prefix_query_tokens,
+        prefix_hit_tokens=st.prefix_hit_tokens, prefix_hit_rate=st.prefix_hit_rate,
     )
 
 
@@ -72,8 +82,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def _step(self, request, context) -> memory_pb2.StepResponse:
         pool = await self._pool(request.pool_id, context)
         step = StepRequest(
+            commit=[Commit(c.seq_id, c.first_block, list(c.block_hashes)) for c in request.commit],
             free=list(request.free),
-            allocate=[Allocation(a.seq_id, a.num_tokens, a.reserve_tokens) for a in request.allocate],
+            allocate=[Allocation(a.seq_id, a.num_tokens, a.reserve_tokens, list(a.block_hashes))
+                      for a in request.allocate],
+            fork=[(f.parent, f.child) for f in request.fork],
             append=[(a.seq_id, a.num_new_tokens) for a in request.append],
         )
         try:
@@ -82,7 +95,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         self._export(request.pool_id, pool, result.stats)  # the step already computed them
         return memory_pb2.StepResponse(
-            block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t) for s, t in result.block_tables.items()],
+            block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t, hit_tokens=result.hit_tokens.get(s, 0))
+                          for s, t in result.block_tables.items()],
             copies=[memory_pb2.BlockCopy(src=s, dst=d) for s, d in result.copies],
             rejected=result.rejected,
             stats=stats_to_proto(request.pool_id, pool.replica, result.stats),
@@ -126,10 +140,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         FREE_BLOCKS.labels(pool_id, pool.replica).set(st.num_free_blocks)
         USED_BLOCKS.labels(pool_id, pool.replica).set(st.num_used_blocks)
         UTILIZATION.labels(pool_id, pool.replica).set(st.utilization)
+        CACHED_BLOCKS.labels(pool_id, pool.replica).set(st.num_cached_blocks)
+        PREFIX_QUERY_TOKENS.labels(pool_id, pool.replica).set(st.prefix_query_tokens)
+        PREFIX_HIT_TOKENS.labels(pool_id, pool.replica).set(st.prefix_hit_tokens)
+        PREFIX_HIT_RATE.labels(pool_id, pool.replica).set(st.prefix_hit_rate)
         POOLS.set(len(self.registry.pools))
 
     def _unexport(self, pool_id: str, pool: Pool) -> None:
-        for gauge in (FREE_BLOCKS, USED_BLOCKS, UTILIZATION):
+        for gauge in _POOL_GAUGES:
             gauge.remove(pool_id, pool.replica)
         POOLS.set(len(self.registry.pools))
 
