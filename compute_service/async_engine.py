@@ -168,12 +168,15 @@ class AsyncEngine:
         """One wake-up of each event loop per step, however many requests got tokens."""
         outputs, self._undelivered = self._undelivered, []
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        ended = set()
         for out in outputs:
             target = self._streams.get(out.group_id)  # every sample of a request feeds its stream
             if out.finished and not self.engine.is_active(out.group_id):  # its last sample ended
-                self._streams.pop(out.group_id, None)
+                ended.add(out.group_id)  # (its other samples may have ended in the same step)
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], out))
+        for request_id in ended:
+            self._streams.pop(request_id, None)
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 

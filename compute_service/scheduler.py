@@ -153,7 +153,7 @@ class Scheduler:
 
     def in_flight_ids(self) -> set:
         """Sequences whose next step's slots are asked for but not yet known here."""
-        return {s.request_id for s in self._in_flight.seqs} if self._in_flight else set()
+        return {s.request_id for s in (*self._in_flight.seqs, *self._in_flight.forks)} if self._in_flight else set()
 
     def reserve_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
         """KV slots a request takes at admission in contiguous mode (0 = paged, grow as needed)."""

@@ -1,5 +1,6 @@
-"""Hypothesis drives add/step/abort against a live engine with a tiny pool (so it preempts) and
-checks after every step that the books balance and no block leaks."""
+"""Hypothesis drives add/step/abort against a live engine with a tiny pool (so it preempts),
+prompts that share prefixes (prefix-cache hits) and requests of n samples (forks, copy-on-write),
+and checks after every step that the books balance and no block leaks."""
 from __future__ import annotations
 
 from collections import Counter
@@ -23,9 +24,13 @@ class EngineMachine(RuleBasedStateMachine):
         self.finished: dict[str, str] = {}
         self.expected_len: dict[str, int] = {}
 
-    @rule(prompt_len=st.integers(1, 40), max_new=st.integers(1, 30))
-    def add(self, prompt_len, max_new):
-        rid = self.engine.add_request([3] * prompt_len, SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True))
+    @rule(prompt_len=st.integers(1, 40), max_new=st.integers(1, 30), n=st.sampled_from([1, 1, 2, 3]),
+          tail=st.integers(0, 2))
+    def add(self, prompt_len, max_new, n, tail):
+        prompt = [3] * prompt_len + [tail] * (prompt_len % 3)  # shared prefixes of every length
+        params = SamplingParams(max_new_tokens=max_new, temperature=0.8 if n > 1 else 0, seed=prompt_len, n=n,
+                                ignore_eos=True)
+        rid = self.engine.add_request(prompt, params)
         self.submitted.append(rid)
         self.expected_len[rid] = max_new
 
@@ -37,7 +42,7 @@ class EngineMachine(RuleBasedStateMachine):
                     assert out.request_id not in self.finished, "finished twice"
                     self.finished[out.request_id] = out.finish_reason
                     if out.finish_reason == "length":
-                        assert len(out.sequence.output_token_ids) == self.expected_len[out.request_id]
+                        assert len(out.sequence.output_token_ids) == self.expected_len[out.group_id]
 
     @rule(data=st.data())
     def abort(self, data):
@@ -66,7 +71,8 @@ class EngineMachine(RuleBasedStateMachine):
                     assert seq.num_cached_tokens == 0
                 else:  # decoding: one token not yet in the cache, at most one block opened for it
                     assert seq.num_cached_tokens == seq.num_tokens - 1
-                    assert table[: len(seq.block_table)] == seq.block_table
+                    kept = len(seq.block_table) - seq.shares_last_block  # a shared last block was copied
+                    assert table[:kept] == seq.block_table[:kept]
                     assert len(table) - len(seq.block_table) <= 1
             else:
                 assert table == seq.block_table
@@ -78,7 +84,7 @@ class EngineMachine(RuleBasedStateMachine):
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 self.finished[out.request_id] = out.finish_reason
-        assert set(self.finished) == set(self.submitted), "a request was lost"
+        assert {rid.split("#")[0] for rid in self.finished} == set(self.submitted), "a request was lost"
         assert self.engine.allocator.num_free_blocks == self.engine.allocator.num_blocks
 
 

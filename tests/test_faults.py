@@ -1,7 +1,7 @@
 """Faults change no token a client receives: a compute replica killed or paused mid-stream, the
 memory service killed and restarted, a replica drained. Real processes on loopback (memory, two
 compute replicas, gateway); every stream is compared with the in-process engine's tokens and text
-for the same requests (greedy, seeded sampling, a stop string)."""
+for the same requests (greedy, seeded sampling, a request of n = 2 samples)."""
 from __future__ import annotations
 
 import os
@@ -28,7 +28,8 @@ COMPUTE = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "3
 GATEWAY = {"health_poll_s": "0.2", "replica_down_after_s": "1.0", "replica_wait_s": "30"}
 PARAMS = [dict(max_new_tokens=500, temperature=0, ignore_eos=True),
           dict(max_new_tokens=500, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
-          dict(max_new_tokens=500, temperature=1.0, seed=3, ignore_eos=True)]
+          dict(max_new_tokens=500, temperature=1.0, seed=3, ignore_eos=True),
+          dict(max_new_tokens=500, temperature=0.8, seed=11, n=2, ignore_eos=True)]
 PROMPTS = [f"Fault number {i} tells" for i in range(6)]
 
 
@@ -40,7 +41,7 @@ def requests():
 def expected():
     engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096)
     results = engine.generate([p for p, _ in requests()], [SamplingParams(**kw) for _, kw in requests()])
-    return [(r.token_ids, r.text) for r in results]
+    return [[(s.token_ids, s.text) for s in (r.samples or [r])] for r in results]
 
 
 @contextmanager
@@ -56,12 +57,14 @@ def fault_stack(tmp_path, compute=COMPUTE, memory_settings=None):
 
 
 class Streams:
-    """The requests streamed concurrently through the gateway, each recording what it received."""
+    """The requests streamed concurrently through the gateway, each recording what it received
+    (per sample: tokens, text, and the Complete that ended it)."""
 
     def __init__(self, gateway: str) -> None:
-        self.tokens = [[] for _ in PROMPTS]
-        self.text = ["" for _ in PROMPTS]
-        self.complete = [None] * len(PROMPTS)
+        samples = [params.get("n", 1) for _, params in requests()]
+        self.tokens = [[[] for _ in range(n)] for n in samples]
+        self.text = [["" for _ in range(n)] for n in samples]
+        self.completes = [[None] * n for n in samples]
         self.pool = ThreadPoolExecutor(len(PROMPTS))
         self.futures = [self.pool.submit(self._one, i, gateway) for i in range(len(PROMPTS))]
 
@@ -69,14 +72,18 @@ class Streams:
         prompt, params = requests()[i]
         for response in stream_generate(gateway, prompt, timeout_s=120, **params):
             if response.HasField("chunk"):
-                self.tokens[i].extend(response.chunk.token_ids)
-                self.text[i] += response.chunk.text
+                self.tokens[i][response.chunk.index].extend(response.chunk.token_ids)
+                self.text[i][response.chunk.index] += response.chunk.text
             else:
-                self.complete[i] = response.complete
+                self.completes[i][response.complete.index] = response.complete
+
+    @property
+    def complete(self) -> list:
+        return [c for request in self.completes for c in request]
 
     def wait_for_tokens(self, n: int, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
-        while min(len(t) for t in self.tokens) < n:
+        while min(len(t) for request in self.tokens for t in request) < n:
             assert time.monotonic() < deadline, "streams did not start"
             time.sleep(0.01)
 
@@ -84,7 +91,7 @@ class Streams:
         for future in self.futures:
             future.result(timeout=120)  # raises what a client saw
         self.pool.shutdown()
-        return list(zip(self.tokens, self.text))
+        return [list(zip(tokens, text)) for tokens, text in zip(self.tokens, self.text)]
 
 
 def pools(memory: str) -> list:

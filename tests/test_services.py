@@ -102,6 +102,9 @@ BAD_REQUESTS = [
     (dict(text=b"hi", params=generate_pb2.SamplingParams(stop=[""])), "stop"),
     (dict(text=b"hi", params=generate_pb2.SamplingParams(stop=["a", "b", "c", "d", "e"])), "stop"),
     (dict(text=b"hi", params=generate_pb2.SamplingParams(stop=["x" * 65])), "stop"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(n=0)), "n must be"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(n=17)), "n must be"),
+    (dict(text=b"hi", params=generate_pb2.SamplingParams(cache_salt="s" * 257)), "cache_salt"),
 ]
 
 
@@ -113,6 +116,33 @@ def test_bad_input_gets_invalid_argument_naming_the_field(stack, fields, named):
             list(stub.Generate(generate_pb2.GenerateRequest(**fields), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert named in err.value.details()
+
+
+def test_prefix_cache_hits_are_reported_per_request_and_per_pool(stack):
+    """The same 60-token prompt four times: a replica that has served it before finds its 3 full
+    blocks cached; Complete says so, and the pools' hit counters add up to the same tokens."""
+    prompt = list(range(1000, 1060))
+    before = sum(p.prefix_hit_tokens for p in memory_pools(stack["memory"]))
+    cached = [collect(stack["gateway"], prompt, max_new_tokens=3, temperature=0)[2].cached_tokens for _ in range(4)]
+    assert set(cached) <= {0, 48} and cached.count(48) >= 2, cached  # two replicas: each misses at most once
+    pools = memory_pools(stack["memory"])
+    assert sum(p.prefix_hit_tokens for p in pools) - before == sum(cached)
+    assert all(0 <= p.prefix_hit_rate <= 1 for p in pools)
+
+
+def test_n_samples_stream_with_their_index_and_equal_the_in_process_engine(stack):
+    params = dict(max_new_tokens=12, temperature=0.9, seed=21, n=3, ignore_eos=True)
+    expected = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096).generate(
+        ["Three ways to say"], SamplingParams(**params))[0].samples
+    with grpc.insecure_channel(stack["gateway"]) as ch:
+        result = gateway_pb2_grpc.GatewayStub(ch).GenerateUnary(generate_pb2.GenerateRequest(
+            text=b"Three ways to say", params=generate_pb2.SamplingParams(**params)), timeout=30)
+    assert [s.complete.index for s in result.samples] == [0, 1, 2]
+    assert [list(s.token_ids) for s in result.samples] == [s.token_ids for s in expected]
+    assert [s.text for s in result.samples] == [s.text for s in expected]
+    assert list(result.token_ids) == expected[0].token_ids  # sample 0 in the top-level fields too
+    assert all(s.complete.seed == 21 and s.complete.completion_tokens == 12 for s in result.samples)
+    wait_all_blocks_free(stack["memory"])
 
 
 def test_abort_of_unknown_request_is_invalid_argument(stack):
