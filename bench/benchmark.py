@@ -8,6 +8,8 @@ Two shapes of run, one CSV (bench/results/benchmark_results.csv, one row per arm
 - `--workload sharegpt-synth --num-requests N --kv-budget-tokens T`: all N requests arrive at
   t=0 and run continuously batched over a pool of T token slots (the same T for every engine
   arm); `--peers` adds Hugging Face transformers on the same weights and requests.
+- shared KV blocks (bench.sharing): `--workload shared-prefix --prefix-caching on,off`,
+  `--workload parallel-sampling --n 4`, and any workload with `--prefix-caching on,off --rounds 3`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench import sharing
 from bench.decode_speed import decode_scaling, llama_peer_names, single_stream_comparison
 from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length
 from compute_service.engine import InferenceEngine
@@ -33,14 +36,17 @@ COLUMNS = [
     "avg_seconds", "median_seconds", "min_seconds", "max_seconds", "wall_seconds",
     "tokens_per_second", "output_tokens_per_second", "speedup_vs_no_cache", "kv_blocks_used",
     "kv_utilization", "peak_concurrent_seqs", "mean_concurrent_seqs", "preemptions",
+    "prefix_caching", "prefix_hit_rate", "ttft_p50_seconds",
 ]
+SHARING_WORKLOADS = ("shared-prefix", "parallel-sampling")
 
 
-def make_engine(args: argparse.Namespace, mode: str, kv_budget_tokens: int) -> InferenceEngine:
+def make_engine(args: argparse.Namespace, mode: str, kv_budget_tokens: int, prefix_caching: str | None = None
+                ) -> InferenceEngine:
     return InferenceEngine(
         model=args.model, mode=mode, block_size=args.block_size, kv_budget_tokens=kv_budget_tokens,
         reserve=args.reserve, max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype,
-        quantize=args.quantize,
+        quantize=args.quantize, prefix_caching=prefix_caching or args.prefix_caching[0],
     )
 
 
@@ -95,7 +101,7 @@ def workload_run(args: argparse.Namespace) -> list[dict]:
             requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed, limits=limits)
             print("workload", args.workload, "-", describe(requests))
             total_out = sum(r.output_len for r in requests)
-        run_requests(engine, requests[:2])  # warm-up (kernel load, allocator paths)
+        run_requests(engine, fixed_length(2, 40, 4, seed=args.seed + 999))  # warm-up; shares nothing with the workload
         engine.stats.__init__()
         engine.scheduler.num_preemptions = 0
         with tqdm(total=total_out, desc=f"{mode:>10}", unit="tok") as bar:
@@ -195,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--roofline", action="store_true", help="single stream: decode as a fraction of bytes/bandwidth")
-    ap.add_argument("--workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--workload", choices=sorted([*WORKLOADS, *SHARING_WORKLOADS]))
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--kv-budget-tokens", type=int, default=4096)
     ap.add_argument("--reserve", default="max-model-len", choices=["max-model-len", "max-new-tokens"])
@@ -207,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-scaling", default="", help="e.g. 1,32: decode tok/s at these batch sizes")
     ap.add_argument("--decode-context", type=int, default=128)
     ap.add_argument("--output", type=Path, default=RESULTS)
+    sharing.add_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -216,10 +223,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.decode_scaling:
         decode_scaling(args)
         return []
-    rows = workload_run(args) if args.workload else single_stream(args)
+    last_line = ""
+    if args.workload in SHARING_WORKLOADS or (args.workload and len(args.prefix_caching) > 1):
+        rows, last_line = sharing.run(args, make_engine)
+        for r in rows:
+            r.update(workload=args.workload, kv_budget_tokens=args.kv_budget_tokens, runs=1)
+    else:
+        rows = workload_run(args) if args.workload else single_stream(args)
     write_rows(rows, args, args.output)  # one timestamp for the run: the notebook groups by it
     print_table(rows)
-    for line in ratio_lines(rows):
+    for line in ratio_lines(rows) + ([last_line] if last_line else []):
         print(line)
     return rows
 

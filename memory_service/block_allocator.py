@@ -201,6 +201,13 @@ class BlockAllocator:
         for logical, block_hash in enumerate(block_hashes, first_block):
             self.cache.register(table[logical], block_hash)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks start cold with it; vLLM has the same). Blocks in
+        use stay with their tables; parked ones become plain free blocks."""
+        for block in self.cache.clear():
+            self._filled[block] = 0
+            self._free.append(block)
+
     def check_commit(self, seq_id: SeqId, first_block: int, count: int) -> list[int]:
         state = self._state(seq_id)
         if first_block < 0 or first_block + count > state.num_tokens // self.block_size:

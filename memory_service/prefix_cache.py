@@ -71,6 +71,14 @@ class PrefixCache:
         del self._block_of[self._hash_of.pop(block)]
         return block
 
+    def clear(self) -> list[int]:
+        """Forget every hash; returns the parked blocks (now plain free blocks for the caller)."""
+        parked = list(self._parked)
+        self._parked.clear()
+        self._block_of.clear()
+        self._hash_of.clear()
+        return parked
+
     def record_query(self, query_tokens: int, hit_tokens: int) -> None:
         self.query_tokens += query_tokens
         self.hit_tokens += hit_tokens
