@@ -21,13 +21,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.block_hash import extend_block_hashes, root_hash
 from common.blocks import blocks_to_admit, new_blocks_to_append
+from compute_service.prefix_view import PrefixCacheView
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from memory_service.block_allocator import AllocatorStats
 from memory_service.step import Allocation, Commit, MemoryConnection, StepRequest
 
-MAX_HELD_SCAN = 256  # waiting prompts looked past (held for a prefix being computed) per admission
+MAX_SCAN = 256  # waiting sequences an admission considers (from the front of the queue)
 
 
 @dataclass
@@ -75,44 +75,31 @@ class Scheduler:
         self._to_free: dict[str, int] = {}  # seq id -> blocks it returns at the next memory call
         self._commits: list[Commit] = []  # blocks of sequences that left, cached before they are freed
         self._in_flight: _Plan | None = None
-        self._roots: dict[str, bytes] = {}  # cache_salt -> root hash
+        self.prefix = (PrefixCacheView(config.block_size, config.cache_namespace, config.num_blocks)
+                       if config.prefix_caching else None)
+        self._holding = False  # the last admission held prompts back for a prefix being computed
+        self._took_hits_only = False  # the last admission preferred prompts with a cached prefix
 
     # ---- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        if self.config.prefix_caching:
-            self._block_hashes(seq)
+        if self.prefix is not None:
+            self.prefix.hashes(seq)
         self.waiting.append(seq)
 
-    def _block_hashes(self, seq: Sequence) -> list[bytes]:
-        """The sequence's full-block hashes, extended to its tokens so far."""
-        salt = seq.params.cache_salt
-        root = self._roots.get(salt)
-        if root is None:
-            root = self._roots[salt] = root_hash(self.config.cache_namespace, salt)
-        return extend_block_hashes(seq.block_hashes, seq.token_ids, self.config.block_size, root)
-
-    def _commit(self, seq: Sequence) -> Commit | None:
-        """The sequence's full blocks written by forwards that have run and not matchable yet."""
-        if not self.config.prefix_caching or not seq.block_table:
-            return None
-        end = min(seq.num_cached_tokens // self.config.block_size, len(seq.block_table))
-        if end <= seq.num_committed_blocks:
-            return None
-        hashes = self._block_hashes(seq)
-        commit = Commit(seq.request_id, seq.num_committed_blocks, hashes[seq.num_committed_blocks:end])
-        seq.num_committed_blocks = end
-        return commit
+    def _collect_commits(self) -> None:
+        """Every running sequence's blocks that finished forwards wrote: matchable from the next
+        memory call on (so the admission that call carries can already count on them)."""
+        if self.prefix is not None:
+            self._commits += [c for c in map(self.prefix.commit, self.running) if c is not None]
 
     def _take_commits(self) -> list[Commit]:
-        """Commits of the sequences that left since the last call, and of every running one."""
+        """The commits the next memory call carries (sequences that left, and _collect_commits)."""
         commits, self._commits = self._commits, []
-        if self.config.prefix_caching:
-            commits += [c for c in map(self._commit, self.running) if c is not None]
         return commits
 
     def _release(self, seq: Sequence) -> None:
         """The sequence gives its blocks back at the next call (what it wrote is cached first)."""
-        commit = self._commit(seq)
+        commit = self.prefix.commit(seq) if self.prefix is not None else None
         if commit is not None:
             self._commits.append(commit)
         self._to_free[seq.request_id] = len(seq.block_table)
@@ -138,8 +125,9 @@ class Scheduler:
         """Hand finished sequences' blocks back now (called when nothing else is left to run)."""
         if self._in_flight is not None:
             self._receive()  # only finished sequences can be in it now: they join _to_free
-        if self._to_free and self.memory is not None:
+        if (self._to_free or self._commits) and self.memory is not None:
             self.num_schedule_rounds += 1
+            self._collect_commits()
             self._send(StepRequest(commit=self._take_commits(), free=self._take_frees()), _Plan(False, []))
             self._receive()
 
@@ -180,13 +168,18 @@ class Scheduler:
 
     def plan_next(self, batch: ScheduledBatch) -> None:
         """Send the next step's memory request now, as if `batch` had run: it travels while
-        `batch`'s forward does. Only called with nothing in flight."""
+        `batch`'s forward does. Only called with nothing in flight. Not after a prefill that
+        prompts are held back for: planned after it ran, the next step can admit them with the
+        prefix it computed (a round trip of under a millisecond next to a prefill's forward)."""
+        if batch.is_prefill and self._holding:
+            return
         if self.memory is not None:
             self._plan(ahead={s.request_id for s in batch.seqs} | {f.request_id for s in batch.seqs for f in s.forks})
 
     def _plan(self, ahead: set) -> bool:
         """Decide the next step and send its request; `ahead` = sequences gaining a token before
         it runs. False when there is nothing to run (queued frees then wait for the next call)."""
+        self._collect_commits()
         free_blocks = self._num_free_blocks + sum(self._to_free.values())
         going_on = [s for s in self.running if not self._ends_by_length(s, ahead)]
         admitted = self._admit(free_blocks, len(going_on))
@@ -234,23 +227,48 @@ class Scheduler:
         return seq.request_id in ahead and len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens
 
     def _admit(self, free_blocks: int, num_running: int) -> list[Sequence]:
-        """Waiting sequences to admit now, in queue order, past the ones held for a prefix that
-        is being computed (they keep their place)."""
+        """Waiting sequences to admit now. With prefix caching, as SGLang's longest-prefix-first
+        policy does: prompts whose prefix this replica has cached go first, and a step that takes
+        some takes no cold prompt (a cold prompt's long prefill would delay every cheap one in
+        the step); the next admission is in plain queue order, so cold prompts are never starved.
+        Prompts whose prefix another sequence is computing right now wait for its commit."""
+        candidates = [self.waiting[i] for i in range(min(len(self.waiting), MAX_SCAN))]
+        computing = self.prefix.being_computed(self.running) if self.prefix is not None and candidates else set()
+        held = {id(s) for s in candidates if computing and any(h in computing for h in self.prefix.lookup(s))}
+        hits = {id(s): self.prefix.estimated_hit_tokens(s) for s in candidates} if self.prefix is not None else {}
+        self._holding = bool(held)
         admitted: list[Sequence] = []
-        held: list[Sequence] = []
+        if hits and not self._took_hits_only:
+            admitted = self._take([s for s in candidates if hits[id(s)] and id(s) not in held], hits,
+                                  free_blocks, num_running)
+        self._took_hits_only = bool(admitted)
+        if not admitted:
+            admitted = self._take([s for s in candidates if id(s) not in held], hits, free_blocks, num_running)
+        taken = {id(s) for s in admitted}
+        self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+        if self.prefix is not None and not held:  # prompts held for a prefix one admitted now computes
+            for seq in admitted:
+                computing.update(self.prefix.lookup(seq)[hits[id(seq)] // self.config.block_size:])
+            self._holding = any(h in computing for s in candidates if id(s) not in taken for h in self.prefix.lookup(s))
+        return admitted
+
+    def _take(self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int,
+              num_running: int) -> list[Sequence]:
+        """The longest run of candidates, in order, that fits: sequences (samples count each),
+        the step's token budget (tokens to compute: less a likely cached prefix) and free blocks
+        (counted as if nothing were cached), keeping headroom for the running ones to grow."""
+        admitted: list[Sequence] = []
         num_tokens = 0
-        caching = self.config.prefix_caching
-        computing = self._prefixes_being_computed() if caching and self.waiting else set()
-        while self.waiting and len(held) < MAX_HELD_SCAN:
-            seq = self.waiting[0]
-            lookup = self._block_hashes(seq)[: (seq.num_tokens - 1) // self.config.block_size] if caching else []
+        computing: set[bytes] = set()
+        for seq in candidates:
+            lookup = self.prefix.lookup(seq) if self.prefix is not None else []
             if any(h in computing for h in lookup):
-                held.append(self.waiting.popleft())  # admitted once that prefix is committed: a hit
-                continue
+                continue  # shares a prefix with one admitted in this step: next time, it hits
             samples = 1 + sum(1 for c in seq.forks if not c.is_finished)
             if num_running + samples > self.config.max_num_seqs:
                 break
-            if admitted and num_tokens + seq.num_tokens > self.config.max_num_batched_tokens:
+            to_compute = seq.num_tokens - hits.get(id(seq), 0)
+            if admitted and num_tokens + to_compute > self.config.max_num_batched_tokens:
                 break
             needed = blocks_to_admit(seq.num_tokens, self._reserve(seq), self.config.block_size)
             headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + samples)
@@ -258,21 +276,12 @@ class Scheduler:
                 break
             if needed > free_blocks:
                 break
-            admitted.append(self.waiting.popleft())
+            admitted.append(seq)
             free_blocks -= needed
-            num_tokens += seq.num_tokens
+            num_tokens += to_compute
             num_running += samples
-            computing.update(lookup)
-        self.waiting.extendleft(reversed(held))
+            computing.update(lookup[hits.get(id(seq), 0) // self.config.block_size:])
         return admitted
-
-    def _prefixes_being_computed(self) -> set[bytes]:
-        """Hashes of blocks running sequences hold and have not committed yet (their forward is
-        in flight or was just planned): a prompt that starts with one of them waits for it."""
-        computing: set[bytes] = set()
-        for seq in self.running:
-            computing.update(seq.block_hashes[seq.num_committed_blocks:])
-        return computing
 
     def forget_memory(self) -> int:
         """The memory side lost this pool (it restarted, or the lease ran out): every block table
@@ -288,6 +297,8 @@ class Scheduler:
             self._preempt(seq)
         self._to_free.clear()  # the old pool is gone, and its blocks with it: nothing to free
         self._commits.clear()
+        if self.prefix is not None:
+            self.prefix.forget()
         self._num_free_blocks = self.config.num_blocks
         self.last_stats = None
         return len(running)

@@ -9,6 +9,10 @@
 // One task per (sequence, head): scores for the whole context, a max-subtracted softmax, then
 // the weighted sum of values, each block tile (block_size x hs, contiguous) read straight from
 // the pool. float32 only; the Python wrapper falls back to PyTorch for anything else.
+// Tasks run head by head, and within a head in the order of the sequences' first block, so
+// sequences that share blocks (a cached prefix, n samples) run back to back while those blocks'
+// tiles of that head are still in the core's L2: a shared prefix is read from memory about once
+// per head instead of once per sequence.
 //
 // Build policy (README, "Native kernels"): compiled for the baseline of the architecture, never
 // -march=native, so a binary built on one machine runs on any other of the same architecture.
@@ -96,11 +100,17 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   float* out_ptr = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
+  std::vector<int64_t> order(batch);  // sequences sharing leading blocks end up next to each other
+  for (int64_t b = 0; b < batch; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return tables[a * max_blocks] < tables[b * max_blocks]; });
+
   at::parallel_for(0, batch * n_head, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc(head_dim);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / n_head, h = task % n_head;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t h = i / batch, b = order[i % batch];
+      const int64_t task = b * n_head + h;
       const int64_t ctx = lens[b];
       TORCH_CHECK(ctx > 0 && ctx <= max_blocks * block_size, "context length out of range");
       scores.resize(ctx);
