@@ -43,10 +43,11 @@ SHARING_WORKLOADS = ("shared-prefix", "parallel-sampling")
 
 def make_engine(args: argparse.Namespace, mode: str, kv_budget_tokens: int, prefix_caching: str | None = None
                 ) -> InferenceEngine:
+    budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
     return InferenceEngine(
         model=args.model, mode=mode, block_size=args.block_size, kv_budget_tokens=kv_budget_tokens,
         reserve=args.reserve, max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, prefix_caching=prefix_caching or args.prefix_caching[0],
+        quantize=args.quantize, prefix_caching=prefix_caching or args.prefix_caching[0], **budget,
     )
 
 
@@ -206,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-budget-tokens", type=int, default=4096)
     ap.add_argument("--reserve", default="max-model-len", choices=["max-model-len", "max-new-tokens"])
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, help="tokens a prefill step computes at most "
+                                                                 "(default: the engine's)")
     ap.add_argument("--peers", default="", type=lambda s: [p for p in s.split(",") if p],
                     help="workload: hf-generate,hf-generate-batch; single stream and --decode-scaling: "
                          "llama-cpp-f32,llama-cpp-f16,llama-cpp-q8_0 (`make peers`)")

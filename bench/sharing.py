@@ -53,6 +53,7 @@ def timed_run(engine: InferenceEngine, work: list[tuple[list[int], SamplingParam
         engine.allocator.reset_prefix_cache()
         before = engine.allocator.stats()
     engine.stats.__init__()
+    engine.scheduler.num_preemptions = 0
     ids = [engine.add_request(prompt, params) for prompt, params in work]
     first: dict[str, float] = {}
     outputs: dict[str, list[list[int]]] = {i: [[] for _ in range(p.n)] for i, (_, p) in zip(ids, work)}

@@ -1,7 +1,8 @@
 """Stream a generation from the gateway and print its timings.
 
     python -m gateway.client "ROMEO:" --max-new-tokens 64 --temperature 0.8 --seed 1
-Text goes to stdout as it arrives; timings (client-side, vLLM definitions) go to stderr.
+Text goes to stdout as it arrives; timings (client-side, vLLM definitions) go to stderr. With
+--n > 1 each sample's text is printed when it ends.
 """
 from __future__ import annotations
 
@@ -37,26 +38,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--stop", action="append")
     ap.add_argument("--ignore-eos", action="store_true")
+    ap.add_argument("--n", type=int, help="samples of the prompt")
+    ap.add_argument("--cache-salt", help="prefix-cache namespace (requests share cached blocks only within one)")
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    first = None
+    several = (args.n or 1) > 1
+    texts: dict[int, str] = {}
     try:
-        sys.stdout.write(args.prompt)
+        if not several:
+            sys.stdout.write(args.prompt)
         for response in stream_generate(
             args.address, args.prompt, args.timeout, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos or None,
+            n=args.n, cache_salt=args.cache_salt,
         ):
             if response.HasField("chunk"):
-                first = first or time.perf_counter()
-                sys.stdout.write(response.chunk.text)
-                sys.stdout.flush()
+                texts[response.chunk.index] = texts.get(response.chunk.index, "") + response.chunk.text
+                if not several:
+                    sys.stdout.write(response.chunk.text)
+                    sys.stdout.flush()
             elif response.HasField("complete"):
                 c = response.complete
                 t = c.timings
-                print(f"\n\n[{c.finish_reason}] {c.prompt_tokens} prompt + {c.completion_tokens} generated tokens "
-                      f"on {c.replica or 'compute'}: TTFT {t.ttft_ms:.1f} ms, TPOT {t.tpot_ms:.1f} ms, "
-                      f"E2E {t.e2e_ms:.1f} ms, queue {t.queue_ms:.1f} ms "
+                if several:
+                    print(f"--- sample {c.index} ---\n{args.prompt}{texts.get(c.index, '')}")
+                print(f"\n\n[{c.finish_reason}] {c.prompt_tokens} prompt ({c.cached_tokens} cached) + "
+                      f"{c.completion_tokens} generated tokens on {c.replica or 'compute'}: TTFT {t.ttft_ms:.1f} ms, "
+                      f"TPOT {t.tpot_ms:.1f} ms, E2E {t.e2e_ms:.1f} ms, queue {t.queue_ms:.1f} ms "
                       f"(client wall {(time.perf_counter() - start) * 1000:.0f} ms)", file=sys.stderr)
     except grpc.RpcError as exc:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -8,6 +8,8 @@ import torch
 
 from common.sampling_params import SamplingParams
 from compute_service.engine import InferenceEngine
+from memory_service.block_allocator import BlockAllocator
+from memory_service.step import LocalMemory
 from tests.conftest import hf_greedy, random_prompt
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -169,3 +171,30 @@ def test_cache_salt_keeps_tenants_apart(hf_gpt2_dir, salts):
     eng.generate([prompt], SamplingParams(max_new_tokens=2, cache_salt=salts[0], **GREEDY))
     result = eng.generate([prompt], SamplingParams(max_new_tokens=2, cache_salt=salts[1], **GREEDY))[0]
     assert result.cached_tokens == (48 if salts[0] == salts[1] else 0)
+
+
+def test_a_lost_memory_side_is_rebuilt_by_the_recompute_and_hits_again(hf_gpt2_dir):
+    """The memory service restarts (a new, empty allocator): the replica recomputes its sequences
+    in the new pool, their blocks are committed again from the tokens it keeps, and sequences
+    sharing a prefix share it again. Tokens are those of an uninterrupted run."""
+    rng = np.random.default_rng(13)
+    system = random_prompt(rng, 48)
+    prompts = [system + random_prompt(rng, 5 + i) for i in range(3)]
+    params = SamplingParams(max_new_tokens=20, **GREEDY)
+    expected = [r.token_ids for r in engine(hf_gpt2_dir).generate(prompts, params)]
+    eng = engine(hf_gpt2_dir)
+    ids = [eng.add_request(p, params) for p in prompts]
+    for _ in range(6):
+        eng.step()
+    eng.allocator = BlockAllocator(eng.allocator.num_blocks, BLOCK)  # the restarted memory service
+    eng.scheduler.memory = LocalMemory(eng.allocator)
+    assert eng.scheduler.forget_memory() == 3
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out.sequence.output_token_ids
+    assert [done[i] for i in ids] == expected
+    stats = eng.allocator.stats()
+    assert stats.prefix_hit_tokens == 2 * 48  # the first recomputed sequence's prefix, hit by the others
+    assert stats.num_used_blocks == 0
