@@ -50,7 +50,7 @@ def timed_run(engine: InferenceEngine, work: list[tuple[list[int], SamplingParam
     prefix cache: an earlier round's blocks must not turn this one's prompts into hits."""
     before = None
     if engine.kv_cache is not None:
-        engine.allocator.reset_prefix_cache()
+        engine.reset_prefix_cache()
         before = engine.allocator.stats()
     engine.stats.__init__()
     engine.scheduler.num_preemptions = 0

@@ -187,28 +187,37 @@ class InferenceEngine:
         forked off the first of them at its admission: one prefill, shared blocks; the others
         are queued on their own (their prompt blocks are prefix-cache hits)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._groups:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else new_seed()
         if sample_outputs is None:
             sample_outputs = {0: list(output_token_ids)} if params.n == 1 else {i: [] for i in range(params.n)}
         samples = [Sequence(request_id if i == 0 else f"{request_id}#{i}", prompt_token_ids, params,
                             sample_seed(seed, i), token_ids=[*prompt_token_ids, *outputs], group_id=request_id, index=i)
                    for i, outputs in sorted(sample_outputs.items())]
+        if request_id in self._groups or any(s.request_id in self._requests for s in samples):
+            raise ValueError(f"request_id {request_id!r} is already in use (or one of its samples' ids)")
         self._groups[request_id] = samples
-        fresh = [s for s in samples if s.num_tokens == s.prompt_len]
+        # Paged mode forks the fresh samples off the first (contiguous mode reserves per sequence).
+        fresh = [s for s in samples if s.num_tokens == s.prompt_len] if self.config.mode == "paged" else []
         for seq in samples:
             self._requests[seq.request_id] = seq
-            if self.kv_cache is not None and fresh and seq is not fresh[0] and seq in fresh:
+            if seq in fresh[1:]:
                 continue  # forked off fresh[0] when it is admitted: it draws its first token from its logits
             self.scheduler.add(seq)
             if seq.output_token_ids:
                 reason = self._finish_reason(seq, seq.output_token_ids[-1])
                 if reason is not None:
                     self.scheduler.finish(seq, reason)  # reported by the next step
-        if self.kv_cache is not None and fresh:
+        if fresh:
             fresh[0].forks = fresh[1:]
         return request_id
+
+    def reset_prefix_cache(self) -> None:
+        """Start cold: forget every cached prefix, here and (in-process) in the allocator.
+        Benchmarks call it between rounds so one round's blocks are not the next one's hits."""
+        if self.scheduler.prefix is not None:
+            self.scheduler.prefix.forget()
+        if hasattr(self, "allocator"):
+            self.allocator.reset_prefix_cache()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (every sample of it); its blocks are freed in the next step's memory call."""
@@ -374,6 +383,6 @@ def to_result(seq: Sequence) -> GenerationResult:
         ttft_seconds=(seq.first_token_time or seq.finish_time) - seq.arrival_time,
         total_seconds=seq.finish_time - seq.arrival_time,
         num_preemptions=seq.num_preemptions,
-        cached_tokens=seq.num_hit_tokens,
+        cached_tokens=min(seq.num_hit_tokens, seq.prompt_len),
         index=seq.index,
     )

@@ -102,10 +102,22 @@ class Scheduler:
         commit = self.prefix.commit(seq) if self.prefix is not None else None
         if commit is not None:
             self._commits.append(commit)
-        self._to_free[seq.request_id] = len(seq.block_table)
+        self._to_free[seq.request_id] = self._private_blocks(seq)
         seq.block_table = []
         seq.num_committed_blocks = 0
         seq.shares_last_block = False
+
+    def _private_blocks(self, seq: Sequence) -> int:
+        """Blocks that surely come back when the sequence lets go of its table: not the ones it
+        may share (cached prefix blocks others may hold, a forked request's prompt blocks). An
+        under-count only makes the next plan more careful; the memory side's answer brings the
+        true count."""
+        table = seq.block_table
+        shared = seq.num_committed_blocks
+        if seq.params.n > 1:  # samples share the prompt's blocks (the partial one until it is copied)
+            shared = max(shared, (seq.prompt_len + (self.config.block_size - 1) * seq.shares_last_block)
+                         // self.config.block_size)
+        return max(len(table) - shared, 0)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire a sequence now; its blocks go back in the next memory call."""
@@ -204,7 +216,7 @@ class Scheduler:
         new_blocks = sum(needs.values())
         while going_on and new_blocks > free_blocks:
             victim = going_on.pop()  # the last admitted; if its forward is in flight, that forward
-            free_blocks += len(victim.block_table)  # still writes these blocks, which no one reads
+            free_blocks += self._private_blocks(victim)  # still writes these blocks, which no one reads
             new_blocks -= needs[victim.request_id]
             self._preempt(victim)
         if not going_on:
@@ -289,8 +301,10 @@ class Scheduler:
         the queue, in admission order, to be recomputed in the new pool, as after a preemption (its
         tokens do not change). Returns how many were running."""
         self._in_flight = None
-        for seq in list(self.running):
+        for seq in [*self.running, *self.waiting]:
             for child in seq.forks:  # forked in the lost pool before its prefill ran: fork it again
+                if child in self.waiting:  # (preempted before its first token was drawn)
+                    self.waiting.remove(child)
                 self._unfork(child)
         running = list(self.running)
         for seq in reversed(running):  # the last admitted first: they end up at the front in order
@@ -343,8 +357,12 @@ class Scheduler:
         by_id = {s.request_id: s for s in (*plan.seqs, *plan.forks)}
         for seq_id, table in response.block_tables.items():
             seq = by_id[seq_id]
-            if seq.is_finished:  # ended while its request was in flight
-                self._to_free[seq_id] = len(table)
+            if seq.is_finished:  # ended while its request was in flight: free what it got
+                if plan.is_prefill:  # the whole table is news; its cached prefix (or, n > 1, all) is shared
+                    shared = len(table) if seq.params.n > 1 else response.hit_tokens.get(seq_id, 0) // self.config.block_size
+                    self._to_free[seq_id] = max(len(table) - shared, 0)
+                else:  # finish() counted the table it knew; the block this answer may add is not counted
+                    self._to_free.setdefault(seq_id, 0)
                 continue
             seq.block_table = table
             if plan.is_prefill:  # admitted: the prompt's cached prefix is not computed again

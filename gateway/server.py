@@ -74,7 +74,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 result.complete.CopyFrom(response.complete)
         first = samples.get(0, generate_pb2.GenerateResult())
         if len(samples) > 1:
-            every = [samples[i] for i in sorted(samples)]  # copied by extend, sample 0 before it gets these
+            every = [generate_pb2.GenerateResult(token_ids=r.token_ids, text=r.text, complete=r.complete)
+                     for r in (samples[i] for i in sorted(samples))]  # copies, taken before sample 0 gets them
             first.samples.extend(every)
         return first
 

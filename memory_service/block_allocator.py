@@ -186,8 +186,7 @@ class BlockAllocator:
             self._reference(block)
         table = hits + [self._take_block() for _ in range(total - len(hits))]
         hit_tokens = len(hits) * self.block_size
-        if block_hashes:
-            self.cache.record_query(num_tokens, hit_tokens)
+        self.cache.record_query(num_tokens, hit_tokens)  # a prompt shorter than a block is a query that misses
         state = _SeqState(block_table=table, num_tokens=hit_tokens, num_hit_tokens=hit_tokens)
         self._seqs[seq_id] = state
         self._fill(state, num_tokens - hit_tokens)

@@ -7,6 +7,8 @@ import pytest
 
 from common.sampling_params import SamplingParams, sample_seed
 from compute_service.engine import InferenceEngine
+from memory_service.block_allocator import BlockAllocator
+from memory_service.step import LocalMemory
 from tests.conftest import hf_greedy, random_prompt
 
 BLOCK = 16
@@ -120,3 +122,50 @@ def test_n_is_validated(hf_gpt2_dir):
     for n, message in [(0, "n must be"), (17, "n must be"), (5, "max_num_seqs")]:
         with pytest.raises(ValueError, match=message):
             eng.add_request([1, 2, 3], SamplingParams(n=n))
+
+
+def test_a_sample_preempted_before_its_first_token_then_the_memory_side_lost_is_forked_again(hf_gpt2_dir):
+    """Forked, preempted before its first token was drawn, and the pool lost before the prefill
+    ran: the sample goes back to waiting on its parent (not into the queue as well), and every
+    sample still ends as in an uninterrupted run."""
+    prompt = random_prompt(np.random.default_rng(8), 37)
+    expected = [s.token_ids for s in engine(hf_gpt2_dir).generate([prompt], seeded(3))[0].samples]
+    eng = engine(hf_gpt2_dir)
+    request_id = eng.add_request(prompt, seeded(3))
+    sched = eng.scheduler
+    assert sched.schedule() is not None  # sample 0 admitted, samples 1 and 2 forked off it
+    child = next(s for s in sched.running if s.index == 2)
+    sched._preempt(child)  # as a plan made during the prefill would
+    eng.allocator = BlockAllocator(eng.allocator.num_blocks, BLOCK)  # ...and the memory side is lost
+    sched.memory = LocalMemory(eng.allocator)
+    sched.forget_memory()
+    assert child not in sched.waiting and child.status.value == "waiting"
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[out.index] = out.sequence.output_token_ids
+    assert [done[i] for i in range(3)] == expected
+    assert eng.allocator.stats().num_used_blocks == 0
+    assert not eng.is_active(request_id)
+
+
+def test_sample_ids_never_collide_with_another_request(hf_gpt2_dir):
+    eng = engine(hf_gpt2_dir)
+    eng.add_request([1, 2, 3], seeded(2), request_id="x")
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([1, 2, 3], seeded(1), request_id="x#1")
+    eng.add_request([1, 2, 3], seeded(1), request_id="y#1")
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([1, 2, 3], seeded(2), request_id="y")
+
+
+def test_contiguous_mode_runs_samples_on_their_own_reservations(hf_gpt2_dir):
+    prompt = random_prompt(np.random.default_rng(9), 30)
+    paged = engine(hf_gpt2_dir).generate([prompt], seeded(3))[0].samples
+    eng = engine(hf_gpt2_dir, mode="contiguous", reserve="max-new-tokens")
+    copies, prefill_tokens = record_steps(eng)
+    contiguous = eng.generate([prompt], seeded(3))[0].samples
+    assert [s.token_ids for s in contiguous] == [s.token_ids for s in paged]
+    assert eng.scheduler.num_preemptions == 0
+    assert copies == [] and sum(prefill_tokens) == 3 * 30  # nothing shared, nothing copied

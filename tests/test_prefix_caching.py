@@ -47,6 +47,11 @@ def test_shared_prefixes_of_every_alignment_give_hf_tokens_and_hit_the_cache(hf_
         assert result.token_ids == hf_greedy(hf_model, prompt, 12)
     # Whole blocks of the longest cached prefix, never the block holding the last prompt token.
     assert [r.cached_tokens for r in results] == [0, 0, 16, 32, 32, 32, 48, 32, 32, 32]
+    short = eng.generate([prompts[1][:5]], SamplingParams(max_new_tokens=1, **GREEDY))[0]
+    assert short.cached_tokens == 0  # shorter than a block: a query that cannot hit, counted as one
+    stats = eng.allocator.stats()
+    assert stats.prefix_query_tokens == sum(len(p) for p in prompts) + 5
+    assert stats.prefix_hit_tokens == sum(r.cached_tokens for r in results)
     assert eng.allocator.stats().num_used_blocks == 0  # cached blocks are free (parked), none leaked
     assert eng.allocator.stats().num_cached_blocks > 0
 

@@ -141,6 +141,7 @@ def test_n_samples_stream_with_their_index_and_equal_the_in_process_engine(stack
     assert [list(s.token_ids) for s in result.samples] == [s.token_ids for s in expected]
     assert [s.text for s in result.samples] == [s.text for s in expected]
     assert list(result.token_ids) == expected[0].token_ids  # sample 0 in the top-level fields too
+    assert not any(s.samples for s in result.samples)  # each sample once, not nested
     assert all(s.complete.seed == 21 and s.complete.completion_tokens == 12 for s in result.samples)
     wait_all_blocks_free(stack["memory"])
 
