@@ -103,10 +103,12 @@ class CausalSelfAttention(nn.Module):
         kv_layer: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """Prefill where some sequences start past a cached prefix: their T new tokens attend to
-        the prefix's P tokens, read from the pool through the block table (the new tokens' k/v
-        were just written there too), and causally to themselves."""
+        the prefix's P tokens (whole blocks), read from the pool through the block table, and
+        causally to themselves. Sequences with the same prefix blocks (one system prompt) share
+        one gather of them."""
         k_cache, v_cache = kv_layer  # (num_blocks, nh, bs, hs)
         block_size = k_cache.shape[2]
+        prefixes: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         outputs = []
         splits = zip(q.split(meta.seq_lens), k.split(meta.seq_lens), v.split(meta.seq_lens),
                      meta.prefix_lens, meta.prefix_tables)
@@ -114,12 +116,15 @@ class CausalSelfAttention(nn.Module):
             if prefix == 0:
                 outputs.append(cls._prefill_attention(qi, ki, vi, [qi.shape[0]]))
                 continue
-            new, total = qi.shape[0], prefix + qi.shape[0]
-            blocks = table[: -(-total // block_size)]
-            # (nb, nh, bs, hs) -> (1, nh, nb * bs, hs), cut to the P + T tokens
-            keys, values = (c.index_select(0, blocks).transpose(0, 1).flatten(1, 2)[None, :, :total]
-                            for c in (k_cache, v_cache))
-            allowed = torch.arange(total, device=q.device)[None, :] <= prefix + torch.arange(new, device=q.device)[:, None]
+            blocks = table[: prefix // block_size]
+            key = tuple(blocks.tolist())
+            if key not in prefixes:  # (nb, nh, bs, hs) -> (nh, P, hs)
+                prefixes[key] = tuple(c.index_select(0, blocks).transpose(0, 1).flatten(1, 2) for c in (k_cache, v_cache))
+            k_prefix, v_prefix = prefixes[key]
+            keys = torch.cat([k_prefix, ki.transpose(0, 1)], dim=1)[None]  # (1, nh, P + T, hs)
+            values = torch.cat([v_prefix, vi.transpose(0, 1)], dim=1)[None]
+            new = qi.shape[0]
+            allowed = torch.arange(prefix + new, device=q.device)[None, :] <= prefix + torch.arange(new, device=q.device)[:, None]
             out = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], keys, values, attn_mask=allowed)  # (1, nh, T, hs)
             outputs.append(out[0].transpose(0, 1))
         return torch.cat(outputs, dim=0)  # (N, nh, hs)

@@ -108,16 +108,19 @@ class Scheduler:
         seq.shares_last_block = False
 
     def _private_blocks(self, seq: Sequence) -> int:
-        """Blocks that surely come back when the sequence lets go of its table: not the ones it
-        may share (cached prefix blocks others may hold, a forked request's prompt blocks). An
-        under-count only makes the next plan more careful; the memory side's answer brings the
-        true count."""
-        table = seq.block_table
-        shared = seq.num_committed_blocks
-        if seq.params.n > 1:  # samples share the prompt's blocks (the partial one until it is copied)
-            shared = max(shared, (seq.prompt_len + (self.config.block_size - 1) * seq.shares_last_block)
-                         // self.config.block_size)
-        return max(len(table) - shared, 0)
+        """Blocks that come back to the free count when the sequence lets go of its table: those
+        no other running sequence's table holds (a shared cached prefix, a forked request's
+        prompt blocks stay taken; a cached block nobody else holds is parked, which counts as
+        free). Samples not forked off it yet share all of it. Tables still in flight are not
+        seen (an admission that hit this sequence's prefix in the request now travelling): then
+        the count is high by those blocks, and the memory side rejects what does not fit (the
+        scheduler requeues or preempts it); its answer brings the true count."""
+        if any(not child.is_finished for child in seq.forks):
+            return 0
+        if self.prefix is None and seq.params.n == 1:
+            return len(seq.block_table)
+        others = {block for s in self.running if s is not seq for block in s.block_table}
+        return sum(1 for block in seq.block_table if block not in others)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire a sequence now; its blocks go back in the next memory call."""
