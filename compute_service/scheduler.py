@@ -248,6 +248,12 @@ class Scheduler:
         the step); the next admission is in plain queue order, so cold prompts are never starved.
         Prompts whose prefix another sequence is computing right now wait for its commit."""
         candidates = [self.waiting[i] for i in range(min(len(self.waiting), MAX_SCAN))]
+        if num_running and candidates:  # a full pool (the usual case under load) costs no hashing
+            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + 1)
+            smallest = min(blocks_to_admit(s.num_tokens, self._reserve(s), self.config.block_size) for s in candidates)
+            if free_blocks - smallest < headroom or num_running >= self.config.max_num_seqs:
+                self._holding = False
+                return []
         computing = self.prefix.being_computed(self.running) if self.prefix is not None and candidates else set()
         held = {id(s) for s in candidates if computing and any(h in computing for h in self.prefix.lookup(s))}
         hits = {id(s): self.prefix.estimated_hit_tokens(s) for s in candidates} if self.prefix is not None else {}
