@@ -21,14 +21,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.blocks import blocks_to_admit, new_blocks_to_append
+from common.blocks import new_blocks_to_append
+from compute_service.admission import Admission
 from compute_service.prefix_view import PrefixCacheView
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from memory_service.block_allocator import AllocatorStats
 from memory_service.step import Allocation, Commit, MemoryConnection, StepRequest
-
-MAX_SCAN = 256  # waiting sequences an admission considers (from the front of the queue)
-
 
 @dataclass
 class SchedulerConfig:
@@ -77,8 +75,7 @@ class Scheduler:
         self._in_flight: _Plan | None = None
         self.prefix = (PrefixCacheView(config.block_size, config.cache_namespace, config.num_blocks)
                        if config.prefix_caching else None)
-        self._holding = False  # the last admission held prompts back for a prefix being computed
-        self._took_hits_only = False  # the last admission preferred prompts with a cached prefix
+        self.admission = Admission(config, self.prefix, self._reserve)
 
     # ---- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -186,7 +183,7 @@ class Scheduler:
         `batch`'s forward does. Only called with nothing in flight. Not after a prefill that
         prompts are held back for: planned after it ran, the next step can admit them with the
         prefix it computed (a round trip of under a millisecond next to a prefill's forward)."""
-        if batch.is_prefill and self._holding:
+        if batch.is_prefill and self.admission.holding:
             return
         if self.memory is not None:
             self._plan(ahead={s.request_id for s in batch.seqs} | {f.request_id for s in batch.seqs for f in s.forks})
@@ -197,7 +194,7 @@ class Scheduler:
         self._collect_commits()
         free_blocks = self._num_free_blocks + sum(self._to_free.values())
         going_on = [s for s in self.running if not self._ends_by_length(s, ahead)]
-        admitted = self._admit(free_blocks, len(going_on))
+        admitted = self.admission.admit(self.waiting, self.running, free_blocks, len(going_on))
         if admitted:
             forks: list[tuple[Sequence, Sequence]] = []
             for seq in admitted:
@@ -240,69 +237,6 @@ class Scheduler:
 
     def _ends_by_length(self, seq: Sequence, ahead: set) -> bool:
         return seq.request_id in ahead and len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens
-
-    def _admit(self, free_blocks: int, num_running: int) -> list[Sequence]:
-        """Waiting sequences to admit now. With prefix caching, as SGLang's longest-prefix-first
-        policy does: prompts whose prefix this replica has cached go first, and a step that takes
-        some takes no cold prompt (a cold prompt's long prefill would delay every cheap one in
-        the step); the next admission is in plain queue order, so cold prompts are never starved.
-        Prompts whose prefix another sequence is computing right now wait for its commit."""
-        candidates = [self.waiting[i] for i in range(min(len(self.waiting), MAX_SCAN))]
-        if num_running and candidates:  # a full pool (the usual case under load) costs no hashing
-            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + 1)
-            smallest = min(blocks_to_admit(s.num_tokens, self._reserve(s), self.config.block_size) for s in candidates)
-            if free_blocks - smallest < headroom or num_running >= self.config.max_num_seqs:
-                self._holding = False
-                return []
-        computing = self.prefix.being_computed(self.running) if self.prefix is not None and candidates else set()
-        held = {id(s) for s in candidates if computing and any(h in computing for h in self.prefix.lookup(s))}
-        hits = {id(s): self.prefix.estimated_hit_tokens(s) for s in candidates} if self.prefix is not None else {}
-        self._holding = bool(held)
-        admitted: list[Sequence] = []
-        if hits and not self._took_hits_only:
-            admitted = self._take([s for s in candidates if hits[id(s)] and id(s) not in held], hits,
-                                  free_blocks, num_running)
-        self._took_hits_only = bool(admitted)
-        if not admitted:
-            admitted = self._take([s for s in candidates if id(s) not in held], hits, free_blocks, num_running)
-        taken = {id(s) for s in admitted}
-        self.waiting = deque(s for s in self.waiting if id(s) not in taken)
-        if self.prefix is not None and not held:  # prompts held for a prefix one admitted now computes
-            for seq in admitted:
-                computing.update(self.prefix.lookup(seq)[hits[id(seq)] // self.config.block_size:])
-            self._holding = any(h in computing for s in candidates if id(s) not in taken for h in self.prefix.lookup(s))
-        return admitted
-
-    def _take(self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int,
-              num_running: int) -> list[Sequence]:
-        """The longest run of candidates, in order, that fits: sequences (samples count each),
-        the step's token budget (tokens to compute: less a likely cached prefix) and free blocks
-        (counted as if nothing were cached), keeping headroom for the running ones to grow."""
-        admitted: list[Sequence] = []
-        num_tokens = 0
-        computing: set[bytes] = set()
-        for seq in candidates:
-            lookup = self.prefix.lookup(seq) if self.prefix is not None else []
-            if any(h in computing for h in lookup):
-                continue  # shares a prefix with one admitted in this step: next time, it hits
-            samples = 1 + sum(1 for c in seq.forks if not c.is_finished)
-            if num_running + samples > self.config.max_num_seqs:
-                break
-            to_compute = seq.num_tokens - hits.get(id(seq), 0)
-            if admitted and num_tokens + to_compute > self.config.max_num_batched_tokens:
-                break
-            needed = blocks_to_admit(seq.num_tokens, self._reserve(seq), self.config.block_size)
-            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + samples)
-            if free_blocks - needed < headroom and (num_running or admitted):
-                break
-            if needed > free_blocks:
-                break
-            admitted.append(seq)
-            free_blocks -= needed
-            num_tokens += to_compute
-            num_running += samples
-            computing.update(lookup[hits.get(id(seq), 0) // self.config.block_size:])
-        return admitted
 
     def forget_memory(self) -> int:
         """The memory side lost this pool (it restarted, or the lease ran out): every block table

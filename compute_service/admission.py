@@ -1,0 +1,104 @@
+"""Which waiting sequences a step admits: the scheduler's admission policy, with no tensors and
+no RPC (compute_service.scheduler owns the queues and the memory call; this decides who leaves
+the waiting queue).
+
+In queue order, as many as fit: running sequences at most (samples of a request count each),
+the step's token budget, and free blocks counted as if nothing were cached, keeping headroom for
+the running sequences to grow. With prefix caching (compute_service.prefix_view), SGLang's
+longest-prefix-first idea in a starvation-free form: prompts this replica has a cached prefix for
+go first and alone in their step, and the next admission is in plain queue order; a prompt whose
+prefix another sequence is computing right now waits for its commit (it will hit then).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Callable
+
+from common.blocks import blocks_to_admit
+from compute_service.prefix_view import PrefixCacheView
+from compute_service.sequence import Sequence
+
+if TYPE_CHECKING:
+    from compute_service.scheduler import SchedulerConfig
+
+MAX_SCAN = 256  # waiting sequences an admission considers (from the front of the queue)
+
+
+class Admission:
+    def __init__(self, config: SchedulerConfig, prefix: PrefixCacheView | None,
+                 reserve: Callable[[Sequence], int]) -> None:
+        """`reserve(seq)`: the KV slots the sequence takes at admission beyond its tokens
+        (contiguous mode's reservation; 0 when paged)."""
+        self.config = config
+        self.prefix = prefix
+        self.reserve = reserve
+        self.holding = False  # the last admission held prompts back for a prefix being computed
+        self.took_hits_only = False  # the last admission preferred prompts with a cached prefix
+
+    def admit(self, waiting: deque[Sequence], running: list[Sequence], free_blocks: int,
+              num_running: int) -> list[Sequence]:
+        """Waiting sequences to admit now. With prefix caching, as SGLang's longest-prefix-first
+        policy does: prompts whose prefix this replica has cached go first, and a step that takes
+        some takes no cold prompt (a cold prompt's long prefill would delay every cheap one in
+        the step); the next admission is in plain queue order, so cold prompts are never starved.
+        Prompts whose prefix another sequence is computing right now wait for its commit.
+        Admitted sequences leave `waiting`; the others keep their places."""
+        candidates = [waiting[i] for i in range(min(len(waiting), MAX_SCAN))]
+        if num_running and candidates:  # a full pool (the usual case under load) costs no hashing
+            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + 1)
+            smallest = min(blocks_to_admit(s.num_tokens, self.reserve(s), self.config.block_size) for s in candidates)
+            if free_blocks - smallest < headroom or num_running >= self.config.max_num_seqs:
+                self.holding = False
+                return []
+        computing = self.prefix.being_computed(running) if self.prefix is not None and candidates else set()
+        held = {id(s) for s in candidates if computing and any(h in computing for h in self.prefix.lookup(s))}
+        hits = {id(s): self.prefix.estimated_hit_tokens(s) for s in candidates} if self.prefix is not None else {}
+        self.holding = bool(held)
+        admitted: list[Sequence] = []
+        if hits and not self.took_hits_only:
+            admitted = self._take([s for s in candidates if hits[id(s)] and id(s) not in held], hits,
+                                  free_blocks, num_running)
+        self.took_hits_only = bool(admitted)
+        if not admitted:
+            admitted = self._take([s for s in candidates if id(s) not in held], hits, free_blocks, num_running)
+        taken = {id(s) for s in admitted}
+        if taken:
+            remaining = [s for s in waiting if id(s) not in taken]
+            waiting.clear()
+            waiting.extend(remaining)
+        if self.prefix is not None and not held:  # prompts held for a prefix one admitted now computes
+            for seq in admitted:
+                computing.update(self.prefix.lookup(seq)[hits[id(seq)] // self.config.block_size:])
+            self.holding = any(h in computing for s in candidates if id(s) not in taken for h in self.prefix.lookup(s))
+        return admitted
+
+    def _take(self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int,
+              num_running: int) -> list[Sequence]:
+        """The longest run of candidates, in order, that fits: sequences (samples count each),
+        the step's token budget (tokens to compute: less a likely cached prefix) and free blocks
+        (counted as if nothing were cached), keeping headroom for the running ones to grow."""
+        admitted: list[Sequence] = []
+        num_tokens = 0
+        computing: set[bytes] = set()
+        for seq in candidates:
+            lookup = self.prefix.lookup(seq) if self.prefix is not None else []
+            if any(h in computing for h in lookup):
+                continue  # shares a prefix with one admitted in this step: next time, it hits
+            samples = 1 + sum(1 for c in seq.forks if not c.is_finished)
+            if num_running + samples > self.config.max_num_seqs:
+                break
+            to_compute = seq.num_tokens - hits.get(id(seq), 0)
+            if admitted and num_tokens + to_compute > self.config.max_num_batched_tokens:
+                break
+            needed = blocks_to_admit(seq.num_tokens, self.reserve(seq), self.config.block_size)
+            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + samples)
+            if free_blocks - needed < headroom and (num_running or admitted):
+                break
+            if needed > free_blocks:
+                break
+            admitted.append(seq)
+            free_blocks -= needed
+            num_tokens += to_compute
+            num_running += samples
+            computing.update(lookup[hits.get(id(seq), 0) // self.config.block_size:])
+        return admitted
