@@ -102,7 +102,7 @@ def workload_run(args: argparse.Namespace) -> list[dict]:
             requests = WORKLOADS[args.workload](args.num_requests, seed=args.seed, limits=limits)
             print("workload", args.workload, "-", describe(requests))
             total_out = sum(r.output_len for r in requests)
-        run_requests(engine, fixed_length(2, 40, 4, seed=args.seed + 999))  # warm-up; shares nothing with the workload
+        sharing.warm_up(engine, args.seed)  # on prompts that share nothing with the workload
         engine.stats.__init__()
         engine.scheduler.num_preemptions = 0
         with tqdm(total=total_out, desc=f"{mode:>10}", unit="tok") as bar:

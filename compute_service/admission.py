@@ -45,9 +45,8 @@ class Admission:
         Admitted sequences leave `waiting`; the others keep their places."""
         candidates = [waiting[i] for i in range(min(len(waiting), MAX_SCAN))]
         if num_running and candidates:  # a full pool (the usual case under load) costs no hashing
-            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + 1)
             smallest = min(blocks_to_admit(s.num_tokens, self.reserve(s), self.config.block_size) for s in candidates)
-            if free_blocks - smallest < headroom or num_running >= self.config.max_num_seqs:
+            if free_blocks - smallest < self._headroom(num_running + 1) or num_running >= self.config.max_num_seqs:
                 self.holding = False
                 return []
         computing = self.prefix.being_computed(running) if self.prefix is not None and candidates else set()
@@ -91,8 +90,7 @@ class Admission:
             if admitted and num_tokens + to_compute > self.config.max_num_batched_tokens:
                 break
             needed = blocks_to_admit(seq.num_tokens, self.reserve(seq), self.config.block_size)
-            headroom = self.config.watermark_blocks + self.config.headroom_blocks_per_seq * (num_running + samples)
-            if free_blocks - needed < headroom and (num_running or admitted):
+            if free_blocks - needed < self._headroom(num_running + samples) and (num_running or admitted):
                 break
             if needed > free_blocks:
                 break
@@ -102,3 +100,7 @@ class Admission:
             num_running += samples
             computing.update(lookup[hits.get(id(seq), 0) // self.config.block_size:])
         return admitted
+
+    def _headroom(self, num_running: int) -> int:
+        """Blocks kept free at admission so `num_running` sequences can grow."""
+        return self.config.watermark_blocks + self.config.headroom_blocks_per_seq * num_running

@@ -383,6 +383,6 @@ def to_result(seq: Sequence) -> GenerationResult:
         ttft_seconds=(seq.first_token_time or seq.finish_time) - seq.arrival_time,
         total_seconds=seq.finish_time - seq.arrival_time,
         num_preemptions=seq.num_preemptions,
-        cached_tokens=min(seq.num_hit_tokens, seq.prompt_len),
+        cached_tokens=seq.cached_prompt_tokens,
         index=seq.index,
     )

@@ -96,7 +96,6 @@ class CausalSelfAttention(nn.Module):
             outputs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
         return torch.cat(outputs, dim=0)  # (N, nh, hs)
 
-
     @classmethod
     def _prefill_after_prefix(
         cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,

@@ -28,6 +28,7 @@ from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from memory_service.block_allocator import AllocatorStats
 from memory_service.step import Allocation, Commit, MemoryConnection, StepRequest
 
+
 @dataclass
 class SchedulerConfig:
     num_blocks: int
@@ -205,7 +206,7 @@ class Scheduler:
                         child.status = SequenceStatus.RUNNING
                         self.running.append(child)
                         forks.append((seq, child))
-            caching = self.config.prefix_caching
+            caching = self.prefix is not None
             allocs = [Allocation(s.request_id, s.num_tokens, self._reserve(s), list(s.block_hashes) if caching else [])
                       for s in admitted]
             request = StepRequest(commit=self._take_commits(), free=self._take_frees(), allocate=allocs,

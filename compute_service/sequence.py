@@ -60,6 +60,12 @@ class Sequence:
         self.group_id = self.group_id or self.request_id
 
     @property
+    def cached_prompt_tokens(self) -> int:
+        """Prompt tokens its last admission found cached (OpenAI's cached_tokens): the hit, at
+        most the prompt (a recompute after preemption or a fault may hit generated tokens too)."""
+        return min(self.num_hit_tokens, self.prompt_len)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 

@@ -31,7 +31,7 @@ def complete_message(out: RequestOutput, replica: str) -> compute_pb2.Complete:
         finish_reason=out.finish_reason, prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids),
         num_preemptions=seq.num_preemptions, replica=replica, token_ids=out.new_token_ids,
         output_text=seq.output_text, queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
-        cached_tokens=min(seq.num_hit_tokens, seq.prompt_len), index=seq.index,
+        cached_tokens=seq.cached_prompt_tokens, index=seq.index,
     )
 
 
