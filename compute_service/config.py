@@ -25,6 +25,10 @@ class ComputeServiceConfig:
     port: int = 50052
     memory_address: str = "127.0.0.1:50051"  # empty = keep block tables in-process
     replica: str = ""  # name in stats; default hostname:port
+    # Where the gateway reaches this replica, told to the memory service once it is SERVING
+    # (discovery). Empty = host:port, or, when host is 0.0.0.0, the IP of the interface that routes
+    # to the memory service (the network the gateway shares with it, as in compose).
+    advertise_address: str = ""
     max_waiting: int = 256  # queued requests beyond this get RESOURCE_EXHAUSTED
     drain_timeout_s: float = 30.0  # on SIGTERM: time for in-flight requests to finish before they move
 

@@ -40,6 +40,7 @@ class MemoryClient:
         self.lost = threading.Event()
         self._closed = threading.Event()
         self.pool_id, self.lease_ttl_s = "", 0.0
+        self.address = ""  # advertised once the replica is SERVING (advertise): then the gateway routes to it
         self._register()
         # Per call, the time the engine thread spent in it: building and queueing the request,
         # then waiting for and converting the answer (the travel overlaps the forward in between).
@@ -52,7 +53,8 @@ class MemoryClient:
 
     def _register(self) -> None:
         reply = self.stub.RegisterPool(memory_pb2.RegisterPoolRequest(
-            num_blocks=self.num_blocks, block_size=self.block_size, replica=self.replica), timeout=5)
+            num_blocks=self.num_blocks, block_size=self.block_size, replica=self.replica, address=self.address),
+            timeout=5)
         self.pool_id, self.lease_ttl_s = reply.pool_id, reply.lease_ttl_s
 
     def reconnect(self) -> None:
@@ -64,6 +66,16 @@ class MemoryClient:
             raise MemoryLost(f"cannot register with the memory service: {exc.code().name}") from None
         self.lost.clear()
         log.info("registered again with the memory service: pool %s", self.pool_id)
+
+    def advertise(self, address: str) -> None:
+        """Tell the memory service where this replica serves (empty = withdraw: draining). Sent
+        at once, then with every heartbeat and registration, so a memory service that restarts
+        learns it again. A failure here is the heartbeat's to notice."""
+        self.address = address
+        try:
+            self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=self.pool_id, address=address), timeout=2)
+        except grpc.RpcError as exc:
+            log.warning("advertising %r failed (%s); the heartbeat retries", address, exc.code().name)
 
     def send(self, request: StepRequest) -> None:
         """Put the step's request on the open stream (a broken stream is reopened here)."""
@@ -82,6 +94,7 @@ class MemoryClient:
                                             block_hashes=a.block_hashes) for a in request.allocate],
             fork=[memory_pb2.Fork(parent=str(p), child=str(c)) for p, c in request.fork],
             append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
+            num_waiting=request.num_waiting,
         ))
         self._send_seconds = time.perf_counter() - start
 
@@ -117,7 +130,7 @@ class MemoryClient:
                 continue  # the engine loop is registering again
             pool_id = self.pool_id
             try:
-                self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=pool_id),
+                self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=pool_id, address=self.address),
                                     timeout=max(self.lease_ttl_s / 2, 0.5))
             except grpc.RpcError as exc:
                 if self._closed.is_set() or pool_id != self.pool_id:

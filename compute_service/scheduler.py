@@ -288,6 +288,7 @@ class Scheduler:
 
     # ---- the memory call -----------------------------------------------------------------
     def _send(self, request: StepRequest, plan: _Plan) -> None:
+        request.num_waiting = len(self.waiting)  # the replica's load, for routers asking the memory service
         self.memory.send(request)
         self.num_memory_calls += 1
         self._in_flight = plan

@@ -89,7 +89,27 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             vocab_size=engine.model.config.vocab_size, num_schedule_rounds=sched.num_schedule_rounds,
             num_memory_calls=sched.num_memory_calls,
             memory_rpc_p50_ms=self.memory.p50_ms() if self.memory is not None else 0.0,
+            cache_namespace=engine.config.cache_namespace, caches_prefixes=engine.config.caches_prefixes,
         )
+
+
+def advertised_address(config: ComputeServiceConfig, port: int) -> str:
+    """The address the gateway should dial: the setting, else host:port, else (host 0.0.0.0) the
+    local IP that routes to the memory service: an address on the network both share."""
+    if config.advertise_address:
+        return config.advertise_address
+    host = config.host
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+        memory_host, _, memory_port = config.memory_address.rpartition(":")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # connect() sends nothing
+                probe.connect((memory_host.strip("[]"), int(memory_port or 0)))
+                host = probe.getsockname()[0]
+        except (OSError, ValueError):
+            log.warning("cannot find the interface towards %r; advertising %s (set advertise_address)",
+                        config.memory_address, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def build_engine(engine_config: EngineConfig, config: ComputeServiceConfig) -> tuple[InferenceEngine, MemoryClient | None]:
@@ -122,7 +142,10 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
     port = bind(server, config.host, config.port)
     await server.start()
     await set_serving(health, [SERVICE])
-    log.info("compute replica %s listening on %s:%d", config.replica, config.host, port)
+    address = advertised_address(config, port)
+    if memory is not None:  # only now SERVING: the gateway may route here from this moment
+        await asyncio.to_thread(memory.advertise, address)
+    log.info("compute replica %s listening on %s:%d, advertised as %s", config.replica, config.host, port, address)
     try:
         await until_stop_signal()
         await drain(servicer, health, config.drain_timeout_s)
@@ -140,6 +163,8 @@ async def drain(servicer: ComputeServicer, health, timeout_s: float) -> None:
     another replica from the tokens already streamed."""
     servicer.draining = True
     await set_serving(health, [SERVICE], serving=False)
+    if servicer.memory is not None:  # leave discovery too: no gateway learns of it from now on
+        await asyncio.to_thread(servicer.memory.advertise, "")
     engine = servicer.engine
     log.info("draining: %d request(s) in flight, up to %.0f s", engine.num_pending, timeout_s)
     deadline = time.monotonic() + timeout_s

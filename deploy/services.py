@@ -34,8 +34,11 @@ class ServiceSpec:
 
 def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (50052,), gateway_port: int = 50050,
                    gateway_metrics_port: int = 9100, memory_metrics_port: int = 9101,
-                   compute_settings: dict[str, str] | None = None) -> list[ServiceSpec]:
-    """Memory, then one compute per port, then the gateway, all on loopback."""
+                   compute_settings: dict[str, str] | None = None, discovery: bool = True,
+                   gateway_settings: dict[str, str] | None = None) -> list[ServiceSpec]:
+    """Memory, then one compute per port, then the gateway, all on loopback. With `discovery`
+    the gateway learns the replicas from the memory service (as in compose); else it is given
+    their addresses."""
     memory_address = f"127.0.0.1:{memory_port}"
     services = [ServiceSpec("memory", "memory", "memory_service.server", memory_port, "rpc.internal.v1.MemoryService",
                             {"metrics_port": str(memory_metrics_port)})]
@@ -44,8 +47,8 @@ def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (5
                                     "compute_service.server", port, "rpc.internal.v1.ComputeService",
                                     {"memory_address": memory_address, "replica": f"compute-{i}", **(compute_settings or {})}))
     services.append(ServiceSpec("gateway", "gateway", "gateway.server", gateway_port, "rpc.v1.Gateway", {
-        "compute_addresses": ",".join(f"127.0.0.1:{p}" for p in compute_ports),
-        "memory_address": memory_address, "metrics_port": str(gateway_metrics_port),
+        "compute_addresses": "" if discovery else ",".join(f"127.0.0.1:{p}" for p in compute_ports),
+        "memory_address": memory_address, "metrics_port": str(gateway_metrics_port), **(gateway_settings or {}),
     }))
     return services
 

@@ -12,8 +12,14 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50050
     metrics_port: int = 9100  # Prometheus /metrics; 0 = off
-    compute_addresses: str = "127.0.0.1:50052"  # comma-separated, or dns:///name:port
-    memory_address: str = "127.0.0.1:50051"  # for GetStats; empty = none
+    # Empty = discover the replicas from the memory service (each advertises itself once SERVING);
+    # else a static comma-separated list, or dns:///name:port (gateway/router.py).
+    compute_addresses: str = ""
+    memory_address: str = "127.0.0.1:50051"  # discovery, kv-aware matching, GetStats; empty = none
+    routing: str = "kv-aware"  # kv-aware | least-loaded | round-robin (gateway/routing.py)
+    kv_overlap_weight: float = 1.0  # kv-aware: weight of prefill blocks against active blocks; 0 = load only
+    match_timeout_s: float = 0.25  # kv-aware: a slower Match is dropped and the request routed on load alone
+    discovery_poll_s: float = 0.5  # how often the memory service's list of replicas is read
     max_in_flight: int = 512  # more concurrent requests get RESOURCE_EXHAUSTED
     startup_timeout_s: float = 600.0
     replica_wait_s: float = 30.0  # how long a request waits for a SERVING replica before UNAVAILABLE

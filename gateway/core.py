@@ -23,8 +23,10 @@ from common.sampling_params import SamplingParams, new_seed, validate_request
 from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
 from gateway.config import GatewayConfig
-from gateway.metrics import IN_FLIGHT, MIGRATIONS, GatewayMetrics, RequestTimer
+from gateway.metrics import (CACHED_TOKENS, HIT_RATE, IN_FLIGHT, MATCHED_TOKENS, MIGRATIONS, PROMPT_TOKENS,
+                             GatewayMetrics, RequestTimer)
 from gateway.router import Replica, ReplicaRouter
+from gateway.routing import PrefixKey, Route, Routing
 from rpc.internal.v1 import compute_pb2, memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("gateway")
@@ -74,6 +76,7 @@ class Completion:
     timings: dict[str, float]  # queue_ms (the engine's), ttft_ms, tpot_ms, e2e_ms (the gateway's clock)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     index: int = 0  # which sample this ends (a request with n samples ends with n Completions)
+    matched_tokens: int = 0  # prompt tokens the router saw held on the replica it chose (kv-aware)
 
 
 @dataclass
@@ -83,7 +86,6 @@ class ModelInfo:
     block_size: int
     mode: str
     vocab_size: int
-    replicas: int
 
 
 @dataclass
@@ -126,9 +128,16 @@ class _Stream:
 
 
 class GatewayCore:
-    def __init__(self, config: GatewayConfig, router: ReplicaRouter) -> None:
+    def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.router = router
+        self._memory = None
+        if config.memory_address:
+            channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
+            self._memory = memory_pb2_grpc.MemoryServiceStub(channel)
+        self.router = ReplicaRouter(config.compute_addresses, self._memory, config.health_poll_s,
+                                    config.replica_down_after_s, config.discovery_poll_s)
+        self.routing = Routing(config.routing, self.router, self._memory, config.kv_overlap_weight,
+                               config.match_timeout_s)
         self.tokenizer = get_tokenizer()
         self.metrics = GatewayMetrics()
         self._model_info: ModelInfo | None = None
@@ -136,18 +145,14 @@ class GatewayCore:
         self._calls: dict[str, tuple[grpc.aio.UnaryStreamCall, Replica]] = {}  # the attempt running now
         self._aborted: set[str] = set()  # by the client's Abort
         self._evicted: set[str] = set()  # attempt cancelled by the gateway: its replica is down
-        self._memory = None
-        if config.memory_address:
-            channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
-            self._memory = memory_pb2_grpc.MemoryServiceStub(channel)
 
     async def start(self) -> ModelInfo:
-        """Wait for a compute replica to tell the model's facts (requests fail UNAVAILABLE until
-        then), then watch every replica's health."""
+        """Watch the replicas (discover them, poll their health), then wait for one to tell the
+        model's facts (requests fail UNAVAILABLE until then)."""
+        self.router.start(self._replica_down)
         info = await self.router.info(self.config.startup_timeout_s)
-        self._model_info = ModelInfo(info.model, info.context_length, info.block_size, info.mode, info.vocab_size,
-                                     len(self.router.replicas))
-        self.router.start_watching(self._replica_down)
+        self._model_info = ModelInfo(info.model, info.context_length, info.block_size, info.mode, info.vocab_size)
+        self.routing.configure(info.block_size, info.cache_namespace, info.caches_prefixes)
         return self._model_info
 
     @property
@@ -203,22 +208,24 @@ class GatewayCore:
         request_id, status, queue_ms = stream.request_id, None, None
         failed: set[str] = set()  # replicas that failed this request: another is preferred
         full: set[str] = set()  # replicas that answered RESOURCE_EXHAUSTED
+        key = self.routing.key(stream.prompt, stream.params.cache_salt)
         self._requests.add(request_id)
         IN_FLIGHT.inc()
         try:
             while True:
                 self._evicted.discard(request_id)
-                replica = await self._wait_for_replica(request_id, failed, full, deadline)
-                if replica is None:  # aborted while it waited for a replica
+                route = await self._wait_for_replica(request_id, key, failed, full, deadline)
+                if route is None:  # aborted while it waited for a replica
                     status = "OK"
                     for completion in self._aborted_completions(stream, timer, ""):
                         yield completion
                     return
+                replica, first_complete = route.replica, True
                 call = replica.stub.Generate(stream.forward(), timeout=_remaining(deadline))
                 self._calls[request_id] = (call, replica)
-                replica.in_flight += 1
                 try:
                     async for response in call:
+                        route.prefilled()
                         if response.HasField("chunk"):
                             ids, index = list(response.chunk.token_ids), response.chunk.index
                             self._count(ids, stream.samples[index], timer)
@@ -232,9 +239,13 @@ class GatewayCore:
                             if ids or rest:
                                 yield TokenChunk(ids, rest, done.index)
                             sample.done, queue_ms = True, done.queue_ms
+                            if first_complete:  # an attempt's samples share one prompt: count it once
+                                first_complete = False
+                                self._count_prompt(route, done.prompt_tokens, done.cached_tokens)
                             yield Completion(request_id, done.finish_reason, done.prompt_tokens, done.completion_tokens,
                                              done.num_preemptions, done.replica, stream.params.seed, stream.migrations,
-                                             dict(queue_ms=queue_ms, **timer.timings()), done.cached_tokens, done.index)
+                                             dict(queue_ms=queue_ms, **timer.timings()), done.cached_tokens, done.index,
+                                             route.matched_tokens)
                             if all(s.done for s in stream.samples):
                                 status = "OK"
                                 return  # done: whatever happens to the call from here on is not the client's
@@ -265,7 +276,7 @@ class GatewayCore:
                     self.router.suspect(replica)
                     self._migrate(stream, replica, f"{code}: {exc.details()}")
                 finally:
-                    replica.in_flight -= 1
+                    route.release()
                     call.cancel()
                     self._calls.pop(request_id, None)
         except GatewayError as exc:
@@ -293,6 +304,17 @@ class GatewayCore:
             timer.on_tokens(len(ids))
             self.metrics.record_tokens(len(ids))
 
+    def _count_prompt(self, route: Route, prompt_tokens: int, cached_tokens: int) -> None:
+        """Per replica: prompt tokens served, how many the router saw held there, how many its
+        prefix cache had (the hit rate per replica)."""
+        replica, address = route.replica, route.replica.address
+        replica.prompt_tokens += prompt_tokens
+        replica.cached_tokens += cached_tokens
+        PROMPT_TOKENS.labels(address).inc(prompt_tokens)
+        CACHED_TOKENS.labels(address).inc(cached_tokens)
+        MATCHED_TOKENS.labels(address).inc(route.matched_tokens)
+        HIT_RATE.labels(address).set(replica.cached_tokens / max(replica.prompt_tokens, 1))
+
     def _migrate(self, stream: _Stream, replica: Replica, why: str) -> None:
         """Count one more continuation of `stream`, or give up (UNAVAILABLE) past the budget."""
         if stream.migrations >= self.config.max_migrations:
@@ -302,19 +324,19 @@ class GatewayCore:
         log.warning("request %s: replica %s failed (%s); continuing elsewhere after %d tokens", stream.request_id,
                     replica.address, why, stream.num_generated)
 
-    async def _wait_for_replica(self, request_id: str, failed: set[str], full: set[str],
-                                deadline: float | None) -> Replica | None:
-        """A SERVING replica for the next attempt: one that has not failed this request if there
-        is one, never one that said it is full. With none SERVING (all restarting, or their
-        memory service is down) wait up to replica_wait_s (and the client's deadline). None if
-        the request is aborted meanwhile."""
+    async def _wait_for_replica(self, request_id: str, key: PrefixKey, failed: set[str], full: set[str],
+                                deadline: float | None) -> Route | None:
+        """The route of the next attempt, chosen by the routing policy: to a replica that has not
+        failed this request if there is one, never to one that said it is full. With none SERVING
+        (all restarting, or their memory service is down) wait up to replica_wait_s (and the
+        client's deadline). None if the request is aborted meanwhile."""
         give_up = time.monotonic() + self.config.replica_wait_s
         if deadline is not None:
             give_up = min(give_up, deadline)
         while request_id not in self._aborted:
-            replica = self.router.pick(exclude=failed | full) or self.router.pick(exclude=full)
-            if replica is not None:
-                return replica
+            route = await self.routing.choose(key, failed | full) or await self.routing.choose(key, full)
+            if route is not None:
+                return route
             serving = [r for r in self.router.replicas if r.serving]
             if full and serving and all(r.address in full for r in serving):
                 raise GatewayError("RESOURCE_EXHAUSTED", "every compute replica's queue is full; retry later")

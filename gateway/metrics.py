@@ -16,6 +16,16 @@ REQUESTS = Counter("gateway_requests_total", "Generate requests by final gRPC st
 OUTPUT_TOKENS = Counter("gateway_output_tokens_total", "Tokens streamed to clients")
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served")
 MIGRATIONS = Counter("gateway_migrations_total", "Requests continued on another replica after a fault")
+ROUTED = Counter("gateway_routing_decisions_total", "Replicas chosen for an attempt, by policy", ["policy", "replica"])
+PROMPT_TOKENS = Counter("gateway_prompt_tokens_total", "Prompt tokens of requests each replica finished", ["replica"])
+CACHED_TOKENS = Counter("gateway_cached_prompt_tokens_total", "Of those, found in its prefix cache", ["replica"])
+MATCHED_TOKENS = Counter("gateway_matched_prompt_tokens_total", "Of those, held there when the router chose it",
+                         ["replica"])
+HIT_RATE = Gauge("gateway_prefix_hit_rate", "Cached / prompt tokens of the requests each replica finished",
+                 ["replica"])
+MATCH_MS = Histogram("gateway_kv_match_ms", "Memory-service Match call (kv-aware routing)",
+                     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250))
+MATCH_FAILURES = Counter("gateway_kv_match_failures_total", "Match calls that failed (routed on local state)")
 TOKENS_PER_SECOND = Gauge("gateway_output_tokens_per_second", "Output tokens/s over the last 10 s")
 HISTOGRAMS = {
     name: Histogram(f"gateway_{name}_ms", help_text, buckets=_BUCKETS_MS)

@@ -1,15 +1,22 @@
-"""Which compute replica serves a request, and which replicas can.
+"""Which compute replicas exist and which of them are serving: the gateway's replica set.
 
-`compute_addresses` is a comma-separated list (`host1:50052,host2:50052`): each request goes to
-the SERVING replica with the fewest requests in flight. A single `dns:///name:port` target is one
-channel with gRPC's round_robin policy over every address the name resolves to (`docker compose
-up --scale compute=N`).
+Two ways to know the replicas:
+- **Discovery** (`compute_addresses` empty, the default): every compute replica tells the memory
+  service the address it serves on once it is SERVING, under its pool's lease. The gateway polls
+  the memory service (`Match` with no hashes) every `discovery_poll_s`: a new replica is routed to
+  from the next poll, one whose lease ran out (or that withdrew while draining) leaves. Scaling
+  needs no gateway restart and no DNS. While the memory service does not answer, the set stays as
+  it was (its replicas are NOT_SERVING then anyway, and come back with it).
+- **A static list** (`host1:50052,host2:50052`) for tests and simple setups; a single
+  `dns:///name:port` target is one channel with gRPC's round_robin policy over every address the
+  name resolves to (no health watch: its failures show as broken streams).
 
-Each listed replica is watched: its `grpc.health.v1` status is polled every `poll_s`. A replica
-that answers NOT_SERVING (draining, or its memory service is unreachable) gets no new requests;
-one that does not answer for `down_after_s` is down: the gateway continues its streams elsewhere
-(`on_down`). A dns:/// target is one channel over many backends, so its health checks would land
-on any of them: it is not watched, and its failures show as broken streams instead.
+Each replica is watched: its `grpc.health.v1` status is polled every `poll_s`. A replica that
+answers NOT_SERVING (draining, or its memory service is unreachable) gets no new requests; one
+that does not answer for `down_after_s` is down: the gateway continues its streams elsewhere
+(`on_down`). A replica that leaves the discovered set while requests still run on it (its lease
+ran out while it was paused, not dead) is retired: no new requests, watched until they end.
+Which serving replica a request goes to is gateway.routing's choice.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.grpc_server import CHANNEL_OPTIONS
-from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
+from rpc.internal.v1 import compute_pb2, compute_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("gateway.router")
 COMPUTE_SERVICE = "rpc.internal.v1.ComputeService"
@@ -38,28 +45,48 @@ class Replica:
     in_flight: int = 0
     serving: bool = True  # until the first health answer says otherwise
     last_answer: float = field(default_factory=time.monotonic)
+    # What this gateway has routed here and not seen finish (gateway.routing keeps these).
+    routed_blocks: dict[bytes, int] = field(default_factory=dict)  # prompt block hash -> requests holding it
+    pending_prefill_blocks: int = 0  # blocks of routed prompts not prefilled yet (no first token)
+    # Totals for GetStats and the per-replica hit rate.
+    requests_routed: int = 0
+    prompt_tokens: int = 0
+    matched_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class ReplicaRouter:
-    def __init__(self, compute_addresses: str, poll_s: float = 0.5, down_after_s: float = 2.0) -> None:
+    def __init__(self, compute_addresses: str, memory: memory_pb2_grpc.MemoryServiceStub | None = None,
+                 poll_s: float = 0.5, down_after_s: float = 2.0, discovery_poll_s: float = 0.5) -> None:
         addresses = [a.strip() for a in compute_addresses.split(",") if a.strip()]
-        if not addresses:
-            raise ValueError("compute_addresses must name at least one compute replica")
-        self.poll_s, self.down_after_s = poll_s, down_after_s
-        self.replicas: list[Replica] = []
+        if not addresses and memory is None:
+            raise ValueError("compute_addresses is empty and there is no memory_address to discover replicas from")
+        self.discovered = not addresses
+        self.memory = memory
+        self.poll_s, self.down_after_s, self.discovery_poll_s = poll_s, down_after_s, discovery_poll_s
+        self.replicas: list[Replica] = []  # the routable set
+        self._retired: dict[str, Replica] = {}  # left the discovered set with requests still running
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._on_down: Callable[[Replica], None] | None = None
+        self._discovery: asyncio.Task | None = None
         for address in addresses:
-            options = list(CHANNEL_OPTIONS)
-            if address.startswith("dns:"):
-                options.append(("grpc.lb_policy_name", "round_robin"))
-            channel = grpc.aio.insecure_channel(address, options=options)
-            self.replicas.append(Replica(address, channel, compute_pb2_grpc.ComputeServiceStub(channel),
-                                         watched=not address.startswith("dns:")))
-        self._watchers: list[asyncio.Task] = []
+            self._add(address)
 
-    def pick(self, exclude: set[str] = frozenset()) -> Replica | None:
-        """The least loaded SERVING replica not in `exclude` (None if there is none now)."""
-        candidates = [r for r in self.replicas if r.serving and r.address not in exclude]
-        return min(candidates, key=lambda r: r.in_flight) if candidates else None
+    def _add(self, address: str) -> Replica:
+        options = list(CHANNEL_OPTIONS)
+        if address.startswith("dns:"):
+            options.append(("grpc.lb_policy_name", "round_robin"))
+        channel = grpc.aio.insecure_channel(address, options=options)
+        replica = Replica(address, channel, compute_pb2_grpc.ComputeServiceStub(channel),
+                          watched=not address.startswith("dns:"))
+        self.replicas.append(replica)
+        if self._on_down is not None and replica.watched:
+            self._watchers[address] = asyncio.create_task(self._watch(replica, self._on_down))
+        return replica
+
+    def candidates(self, exclude: set[str] = frozenset()) -> list[Replica]:
+        """SERVING replicas not in `exclude`, in a stable order (by address)."""
+        return sorted((r for r in self.replicas if r.serving and r.address not in exclude), key=lambda r: r.address)
 
     def suspect(self, replica: Replica) -> None:
         """A call to it just failed: route nothing more to it until its health check says
@@ -67,20 +94,61 @@ class ReplicaRouter:
         if replica.watched:
             replica.serving = False
 
-    async def info(self, timeout_s: float) -> compute_pb2.InfoResponse:
-        """Model facts from the first replica that answers (waits for one to come up)."""
-        last_error: Exception | None = None
+    def start(self, on_down: Callable[[Replica], None]) -> None:
+        """Poll every watched replica's health in the background (`on_down(replica)` runs when
+        one stops answering) and, with discovery, the memory service's list of replicas."""
+        self._on_down = on_down
         for replica in self.replicas:
-            try:
-                return await replica.stub.Info(compute_pb2.InfoRequest(), timeout=timeout_s, wait_for_ready=True)
-            except grpc.aio.AioRpcError as exc:
-                last_error = exc
-        raise RuntimeError(f"no compute replica answered: {last_error}")
+            if replica.watched:
+                self._watchers[replica.address] = asyncio.create_task(self._watch(replica, on_down))
+        if self.discovered:
+            self._discovery = asyncio.create_task(self._discover_forever())
 
-    def start_watching(self, on_down: Callable[[Replica], None]) -> None:
-        """Poll every watched replica's health in the background; `on_down(replica)` runs when one
-        stops answering."""
-        self._watchers = [asyncio.create_task(self._watch(r, on_down)) for r in self.replicas if r.watched]
+    async def info(self, timeout_s: float) -> compute_pb2.InfoResponse:
+        """Model facts from the first replica that answers (waits for one to be discovered and up)."""
+        deadline = time.monotonic() + timeout_s
+        last_error: Exception | None = None
+        while True:
+            for replica in list(self.replicas):
+                try:
+                    return await replica.stub.Info(compute_pb2.InfoRequest(), wait_for_ready=True,
+                                                   timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                except grpc.aio.AioRpcError as exc:
+                    last_error = exc
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no compute replica answered: {last_error or 'none was discovered'}")
+            await asyncio.sleep(0.1)
+
+    def update(self, addresses: list[str]) -> None:
+        """Make the routable set the discovered `addresses`: add new ones, retire the missing."""
+        listed = set(addresses)
+        for replica in [r for r in self.replicas if r.address not in listed]:
+            self.replicas.remove(replica)
+            self._retired[replica.address] = replica
+            log.info("compute replica %s left (lease ended or withdrawn)", replica.address)
+        for address in addresses:
+            if any(r.address == address for r in self.replicas):
+                continue
+            replica = self._retired.pop(address, None)
+            if replica is not None:  # came back before its requests ended
+                self.replicas.append(replica)
+            else:
+                self._add(address)
+            log.info("compute replica %s joined", address)
+        for address, replica in list(self._retired.items()):
+            if replica.in_flight == 0:  # nothing runs there any more: forget it
+                del self._retired[address]
+                self._stop_watching(address)
+                asyncio.create_task(replica.channel.close())
+
+    async def _discover_forever(self) -> None:
+        while True:
+            try:
+                reply = await self.memory.Match(memory_pb2.MatchRequest(), timeout=max(self.discovery_poll_s, 1.0))
+                self.update([r.address for r in reply.replicas])
+            except grpc.aio.AioRpcError as exc:  # keep the set as it is until the memory service answers
+                log.debug("discovery: memory service did not answer (%s)", exc.code().name)
+            await asyncio.sleep(self.discovery_poll_s)
 
     async def _watch(self, replica: Replica, on_down: Callable[[Replica], None]) -> None:
         stub = health_pb2_grpc.HealthStub(replica.channel)
@@ -103,8 +171,15 @@ class ReplicaRouter:
                     on_down(replica)
             await asyncio.sleep(self.poll_s)
 
-    async def close(self) -> None:
-        for task in self._watchers:
+    def _stop_watching(self, address: str) -> None:
+        task = self._watchers.pop(address, None)
+        if task is not None:
             task.cancel()
-        for replica in self.replicas:
+
+    async def close(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
+        for address in list(self._watchers):
+            self._stop_watching(address)
+        for replica in [*self.replicas, *self._retired.values()]:
             await replica.channel.close()

@@ -16,7 +16,6 @@ from common.protocol import sampling_params_from_proto
 from common.settings import parse_config
 from gateway.config import GatewayConfig
 from gateway.core import ClientRequest, Completion, GatewayCore, GatewayError
-from gateway.router import ReplicaRouter
 from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 
 log = logging.getLogger("gateway")
@@ -92,7 +91,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except GatewayError as exc:
             await context.abort(grpc.StatusCode[exc.status], exc.message)
         return gateway_pb2.ModelInfo(model=info.model, context_length=info.context_length, block_size=info.block_size,
-                                     replicas=info.replicas, mode=info.mode, vocab_size=info.vocab_size)
+                                     replicas=len(self.core.router.replicas), mode=info.mode,
+                                     vocab_size=info.vocab_size)
 
     async def GetStats(self, request, context):
         m = self.core.metrics
@@ -102,23 +102,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             output_tokens_per_second=m.output_tokens_per_second,
             **{name: gateway_pb2.LatencySummary(**m.summary(name)) for name in ("ttft", "tpot", "itl", "e2e", "queue")},
             pools=[gateway_pb2.PoolStats(**pool) for pool in await self.core.pool_stats(request.pool_id)],
+            routing=self.core.routing.policy,
+            replicas=[gateway_pb2.ReplicaRouting(
+                address=r.address, serving=r.serving, in_flight=r.in_flight, requests_routed=r.requests_routed,
+                prompt_tokens=r.prompt_tokens, matched_tokens=r.matched_tokens, cached_tokens=r.cached_tokens,
+                prefix_hit_rate=r.cached_tokens / max(r.prompt_tokens, 1)) for r in self.core.router.replicas],
         )
 
 
 async def serve(config: GatewayConfig) -> None:
-    core = GatewayCore(config, ReplicaRouter(config.compute_addresses, config.health_poll_s,
-                                             config.replica_down_after_s))
+    core = GatewayCore(config)
     server, health = make_server([SERVICE])
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
     port = bind(server, config.host, config.port)
     await server.start()  # health answers NOT_SERVING until a replica has told us the model
-    log.info("gateway listening on %s:%d, waiting for compute at %s", config.host, port, config.compute_addresses)
+    log.info("gateway listening on %s:%d, waiting for compute at %s (routing %s)", config.host, port,
+             config.compute_addresses or f"the replicas the memory service at {config.memory_address} lists",
+             config.routing)
     info = await core.start()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     await set_serving(health, [SERVICE])
     log.info("gateway serving %s (context %d, %s mode) via %d replica(s); metrics on :%s", info.model,
-             info.context_length, info.mode, info.replicas, config.metrics_port or "off")
+             info.context_length, info.mode, len(core.router.replicas), config.metrics_port or "off")
     await until_stop_signal()
     # Drain: leave the load balancer's rotation, refuse new calls, let streams finish.
     await set_serving(health, [SERVICE], serving=False)

@@ -114,6 +114,11 @@ class BlockAllocator:
         """Tokens of the sequence's prompt that its admission found in the prefix cache."""
         return self._state(seq_id).num_hit_tokens
 
+    def matched_blocks(self, block_hashes: list[bytes]) -> int:
+        """How many leading blocks of a prompt with these hashes this pool holds, cached or in
+        use (what a router asks; an admission would take all but the one with the last token)."""
+        return len(self.cache.match(block_hashes))
+
     def has_sequence(self, seq_id: SeqId) -> bool:
         return seq_id in self._seqs
 

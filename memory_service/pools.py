@@ -3,6 +3,9 @@
 No gRPC and no torch here (the server translates; tests drive this directly with a fake clock).
 - Pool ids are "<epoch>-<n>", the epoch drawn when this instance starts: ids never repeat across
   restarts, so a step meant for an old incarnation can never land on a new pool.
+- A pool's replica advertises the address it serves on (at registration or in a heartbeat, once it
+  is SERVING): the registry is then the cluster's list of live replicas (discovery) and, with each
+  pool's prefix cache, its KV index (`match`).
 - A pool's lease is renewed by each step and each heartbeat. When it runs out, `expire()` drops
   the pool with every block and table in it and fences its id: a late step or heartbeat from a
   replica that was paused rather than dead is refused (`FencedPoolError`), never applied.
@@ -37,6 +40,15 @@ class Pool:
     allocator: BlockAllocator
     replica: str
     lease_until: float
+    address: str = ""  # where the replica serves Generate; empty = not routed to (starting, draining)
+    num_waiting: int = 0  # requests queued on the replica, as its last step reported
+
+
+@dataclass
+class ReplicaMatch:
+    pool_id: str
+    pool: Pool
+    matched_blocks: int  # leading blocks of the asked prompt the pool holds (cached or in use)
 
 
 class PoolRegistry:
@@ -50,9 +62,10 @@ class PoolRegistry:
         self._fenced: OrderedDict[str, None] = OrderedDict()
         self._ids = itertools.count()
 
-    def register(self, num_blocks: int, block_size: int, replica: str) -> str:
+    def register(self, num_blocks: int, block_size: int, replica: str, address: str = "") -> str:
         pool_id = f"{self.epoch}-{next(self._ids)}"
-        self.pools[pool_id] = Pool(BlockAllocator(num_blocks, block_size), replica, self.clock() + self.lease_ttl_s)
+        self.pools[pool_id] = Pool(BlockAllocator(num_blocks, block_size), replica, self.clock() + self.lease_ttl_s,
+                                   address)
         return pool_id
 
     def pool(self, pool_id: str) -> Pool:
@@ -68,8 +81,21 @@ class PoolRegistry:
         pool.lease_until = self.clock() + self.lease_ttl_s
         return pool
 
-    def heartbeat(self, pool_id: str) -> None:
-        self.pool(pool_id)
+    def heartbeat(self, pool_id: str, address: str | None = None) -> None:
+        """Renew the lease; `address` (when given) replaces the advertised one."""
+        pool = self.pool(pool_id)
+        if address is not None:
+            pool.address = address
+
+    def match(self, block_hashes: list[bytes]) -> list[ReplicaMatch]:
+        """Every live pool that advertises an address, with how many leading blocks of
+        `block_hashes` it holds. A replica that registered again (its link broke) while its old
+        pool's lease still runs appears once, as its newest pool: the old one is being dropped."""
+        newest: dict[str, ReplicaMatch] = {}
+        for pool_id, pool in self.pools.items():  # registration order: a later pool replaces an earlier one
+            if pool.address:
+                newest[pool.address] = ReplicaMatch(pool_id, pool, pool.allocator.matched_blocks(block_hashes))
+        return list(newest.values())
 
     def release(self, pool_id: str) -> Pool:
         pool = self.pool(pool_id)

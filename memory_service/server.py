@@ -65,15 +65,30 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def RegisterPool(self, request, context):
         if request.num_blocks == 0 or request.block_size == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be > 0")
-        pool_id = self.registry.register(request.num_blocks, request.block_size, request.replica)
-        log.info("registered %s for replica %r: %d blocks x %d tokens", pool_id, request.replica,
-                 request.num_blocks, request.block_size)
+        pool_id = self.registry.register(request.num_blocks, request.block_size, request.replica, request.address)
+        log.info("registered %s for replica %r: %d blocks x %d tokens%s", pool_id, request.replica,
+                 request.num_blocks, request.block_size, f", serving at {request.address}" if request.address else "")
         self._export(pool_id, self.registry.pools[pool_id])
         return memory_pb2.RegisterPoolResponse(pool_id=pool_id, lease_ttl_s=self.registry.lease_ttl_s)
 
     async def Heartbeat(self, request, context):
-        await self._pool(request.pool_id, context)
+        pool = await self._pool(request.pool_id, context)
+        if pool.address != request.address:
+            log.info("replica %r (%s) %s", pool.replica, request.pool_id,
+                     f"serves at {request.address}" if request.address else f"withdrew {pool.address}")
+            pool.address = request.address
         return memory_pb2.HeartbeatResponse()
+
+    async def Match(self, request, context):
+        hashes = list(request.block_hashes)
+        replicas = []
+        for m in self.registry.match(hashes):
+            st = m.pool.allocator.stats()
+            replicas.append(memory_pb2.ReplicaMatch(
+                pool_id=m.pool_id, replica=m.pool.replica, address=m.pool.address, matched_blocks=m.matched_blocks,
+                block_size=st.block_size, num_blocks=st.num_blocks, num_free_blocks=st.num_free_blocks,
+                num_used_blocks=st.num_used_blocks, num_running=st.num_sequences, num_waiting=m.pool.num_waiting))
+        return memory_pb2.MatchResponse(replicas=replicas, epoch=self.registry.epoch)
 
     async def StepStream(self, request_iterator, context):
         async for request in request_iterator:
@@ -81,6 +96,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def _step(self, request, context) -> memory_pb2.StepResponse:
         pool = await self._pool(request.pool_id, context)
+        pool.num_waiting = request.num_waiting
         step = StepRequest(
             commit=[Commit(c.seq_id, c.first_block, list(c.block_hashes)) for c in request.commit],
             free=list(request.free),

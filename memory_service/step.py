@@ -50,6 +50,7 @@ class StepRequest:
     append: list[tuple[SeqId, int]] = field(default_factory=list)  # (seq_id, num_new_tokens)
     commit: list[Commit] = field(default_factory=list)
     fork: list[tuple[SeqId, SeqId]] = field(default_factory=list)  # (parent, child): child shares every block
+    num_waiting: int = 0  # not bookkeeping: the replica's queue length, its load as a router sees it
 
 
 @dataclass

@@ -63,7 +63,9 @@ def test_only_the_gateway_is_published_and_startup_is_ordered(compose):
     assert sorted(services["gateway"]["ports"]) == ["50050:50050", "9100:9100"]
     assert services["compute"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
     assert services["gateway"]["depends_on"] == {"compute": {"condition": "service_healthy"}}
-    assert services["gateway"]["environment"]["GATEWAY_COMPUTE_ADDRESSES"].startswith("dns:///compute:")
+    assert services["gateway"]["environment"]["GATEWAY_COMPUTE_ADDRESSES"] == "", "compose discovers its replicas"
+    assert "COMPUTE_ADVERTISE_ADDRESS" not in services["compute"]["environment"], \
+        "each scaled replica must advertise its own address (derived, not one fixed value)"
     assert all(s.get("init") is True for s in services.values()), "fast shutdown needs an init process"
 
 
