@@ -73,7 +73,9 @@ class ReplicaRouter:
             self._add(address)
 
     def _add(self, address: str) -> Replica:
-        options = list(CHANNEL_OPTIONS)
+        # Its own subchannels: a replica that joins at the address of one that died must not
+        # inherit that one's connection backoff from gRPC's process-wide pool (seconds of refusals).
+        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         if address.startswith("dns:"):
             options.append(("grpc.lb_policy_name", "round_robin"))
         channel = grpc.aio.insecure_channel(address, options=options)

@@ -15,7 +15,9 @@
   the blocks its running sequences hold (the memory service's count: every gateway's requests).
   A hot prefix therefore stays where it is cached until that replica is `overlap_weight x` its
   length in blocks busier than another, then spills over (and is cached there too). Ties go to
-  fewer requests in flight, then address order. `overlap_weight` 0 = pure load balancing.
+  fewer requests in flight, then to the fuller free space (fewest blocks in use or cached: a new
+  prefix lands where it evicts least, so an idle cluster's prefixes spread over its caches), then
+  address order. `overlap_weight` 0 = pure load balancing.
   The memory service cannot know blocks that are still being computed: prompts this gateway
   routed and that have not finished count as held on their replica too (`routed_blocks`), so a
   burst of one prefix does not scatter before its first prefill commits. If `Match` fails
@@ -129,16 +131,17 @@ class Routing:
         known = await self._match(key.block_hashes)
         best: tuple | None = None
         for order, replica in enumerate(candidates):
-            matched_there, active = known.get(replica.address, (0, 0))
+            matched_there, active, cached = known.get(replica.address, (0, 0, 0))
             matched = max(matched_there, _held(replica.routed_blocks, key.block_hashes))
             cost = self.overlap_weight * (replica.pending_prefill_blocks + key.prompt_blocks - matched) + active
-            rank = (cost, replica.in_flight, order)
+            rank = (cost, replica.in_flight, active + cached, order)
             if best is None or rank < best[0]:
                 best = (rank, replica, matched)
         return best[1], best[2]
 
-    async def _match(self, hashes: list[bytes]) -> dict[str, tuple[int, int]]:
-        """address -> (leading blocks held, blocks in use) from the memory service ({} if it fails)."""
+    async def _match(self, hashes: list[bytes]) -> dict[str, tuple[int, int, int]]:
+        """address -> (leading blocks held, blocks in use, blocks cached) from the memory service
+        ({} if it fails)."""
         if self.memory is None:
             return {}
         start = time.perf_counter()
@@ -149,7 +152,7 @@ class Routing:
             log.debug("match failed (%s): routing on this gateway's view alone", exc.code().name)
             return {}
         MATCH_MS.observe((time.perf_counter() - start) * 1000)
-        return {r.address: (r.matched_blocks, r.num_used_blocks) for r in reply.replicas}
+        return {r.address: (r.matched_blocks, r.num_used_blocks, r.num_cached_blocks) for r in reply.replicas}
 
 
 def _held(routed: dict[bytes, int], hashes: list[bytes]) -> int:

@@ -39,7 +39,7 @@ def complete_message(done: Completion) -> generate_pb2.Complete:
         request_id=done.request_id, finish_reason=done.finish_reason, prompt_tokens=done.prompt_tokens,
         completion_tokens=done.completion_tokens, timings=generate_pb2.Timings(**done.timings),
         num_preemptions=done.num_preemptions, replica=done.replica, seed=done.seed, num_migrations=done.num_migrations,
-        cached_tokens=done.cached_tokens, index=done.index,
+        cached_tokens=done.cached_tokens, index=done.index, matched_tokens=done.matched_tokens,
     )
 
 

@@ -87,7 +87,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             replicas.append(memory_pb2.ReplicaMatch(
                 pool_id=m.pool_id, replica=m.pool.replica, address=m.pool.address, matched_blocks=m.matched_blocks,
                 block_size=st.block_size, num_blocks=st.num_blocks, num_free_blocks=st.num_free_blocks,
-                num_used_blocks=st.num_used_blocks, num_running=st.num_sequences, num_waiting=m.pool.num_waiting))
+                num_used_blocks=st.num_used_blocks, num_running=st.num_sequences, num_waiting=m.pool.num_waiting,
+                num_cached_blocks=st.num_cached_blocks))
         return memory_pb2.MatchResponse(replicas=replicas, epoch=self.registry.epoch)
 
     async def StepStream(self, request_iterator, context):

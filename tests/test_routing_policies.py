@@ -38,7 +38,8 @@ class IndexMemory:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "memory service is down")
         return memory_pb2.MatchResponse(replicas=[
             memory_pb2.ReplicaMatch(address=m.pool.address, matched_blocks=m.matched_blocks,
-                                    num_used_blocks=m.pool.allocator.stats().num_used_blocks)
+                                    num_used_blocks=m.pool.allocator.stats().num_used_blocks,
+                                    num_cached_blocks=m.pool.allocator.stats().num_cached_blocks)
             for m in self.registry.match(list(request.block_hashes))])
 
 
@@ -84,8 +85,15 @@ def test_kv_aware_goes_where_the_prefix_is_cached_and_reports_the_match(cluster)
     route = choose(routing, prompt(1) + [7, 8, 9])
     assert route.replica.address == "b:1" and route.matched_tokens == 6 * BLOCK  # 100 tokens: 6 full blocks
     route.release()
-    fresh = choose(routing, prompt(2))  # cached nowhere: the least loaded (ties: fewer in flight, address)
+    fresh = choose(routing, prompt(2))  # cached nowhere, idle everywhere: where it evicts least
     assert fresh.replica.address == "a:1" and fresh.matched_tokens == 0
+
+
+def test_on_an_idle_cluster_a_new_prefix_goes_where_it_evicts_least(cluster):
+    registry, ids, router = cluster
+    cache_prompt(registry, ids["a:1"], prompt(1), "s", keep=False)  # a's cache holds 6 blocks, b's none
+    routing = make_routing("kv-aware", router, IndexMemory(registry))
+    assert choose(routing, prompt(2)).replica.address == "b:1"
 
 
 def test_a_hot_prefix_spills_over_only_when_its_replica_is_busier_by_the_prefill_it_saves(cluster):
