@@ -9,6 +9,10 @@ gateway's GetModelInfo (bench/workloads.py says how requests are fitted).
 Metrics (vLLM's serving benchmark definitions): TTFT = first token - send; E2EL = last token -
 send; TPOT = (E2EL - TTFT) / (output tokens - 1); ITL = gaps between streamed chunks; normalized
 latency = E2EL / output tokens. One row per run in bench/results/serving_results.csv.
+--replicas N starts N compute replicas (one torch thread each when N > 1 on this machine's cores)
+and --routing names the gateway's policies to compare (bench/routing.py sums them up); the
+`shared-prefix` workload takes --num-groups, --prompts-per-group, --system-prompt-tokens,
+--question-tokens and --new-tokens. Every run starts a fresh stack: caches start empty.
 --compare-in-process also runs the same workload in-process and prints the split's efficiency; the
 arms alternate (services, in-process, in-process, services for --compare-rounds 2) so that drift
 of a shared machine during the run cancels instead of landing on one arm.
@@ -20,6 +24,7 @@ import asyncio
 import csv
 import functools
 import math
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -30,7 +35,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from bench.workloads import WORKLOADS, ModelLimits, Request, describe, served_model_limits
+from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length, served_model_limits, shared_prefix
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
 from rpc.v1 import gateway_pb2_grpc, generate_pb2
 
@@ -44,6 +49,9 @@ class RequestRecord:
     e2el: float = math.nan
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    replica: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -70,6 +78,10 @@ async def one_request(stub, req: Request, record: RequestRecord, progress: tqdm)
                     record.itl.append(now - last)
                 last = now
                 record.output_tokens += len(response.chunk.token_ids)
+            elif response.HasField("complete"):
+                done = response.complete
+                record.replica, record.prompt_tokens, record.cached_tokens = \
+                    done.replica, done.prompt_tokens, done.cached_tokens
         record.e2el = last - start
     except grpc.aio.AioRpcError as exc:
         record.error = exc.code().name
@@ -105,7 +117,8 @@ def summarize(records: list[RequestRecord], requests: list[Request], wall: float
     row = dict(completed=len(ok), failed=len(records) - len(ok), wall_seconds=wall,
                request_throughput=len(ok) / wall, output_token_throughput=out_tokens / wall,
                total_token_throughput=(out_tokens + sum(len(q.prompt_token_ids) for q in requests)) / wall,
-               mean_normalized_latency_ms=float(norm.mean()) if len(norm) else math.nan)
+               mean_normalized_latency_ms=float(norm.mean()) if len(norm) else math.nan,
+               prefix_hit_rate=sum(r.cached_tokens for r in ok) / max(sum(r.prompt_tokens for r in ok), 1))
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
         row[f"mean_{name}_ms"] = float(values.mean()) if len(values) else math.nan
         row[f"median_{name}_ms"] = float(np.median(values)) if len(values) else math.nan
@@ -113,16 +126,21 @@ def summarize(records: list[RequestRecord], requests: list[Request], wall: float
     return row
 
 
-def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str) -> tuple[str, str]:
-    """Memory, one compute and the gateway on free ports; returns (gateway, compute) addresses."""
+def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: str) -> tuple[str, list[str]]:
+    """Memory, --replicas computes and the gateway on free ports; returns the gateway's address
+    and the replicas'."""
     from deploy.run_local import running_stack
     from deploy.services import free_ports, local_services
 
-    memory, compute, gateway, m1, m2 = free_ports(5)
+    memory, gateway, m1, m2, *computes = free_ports(4 + args.replicas)
     settings = {"model": args.model, "mode": mode, "kv_budget_tokens": str(args.kv_budget_tokens),
                 "max_num_seqs": str(args.max_num_seqs)}
-    stack.enter_context(running_stack(local_services(memory, (compute,), gateway, m1, m2, compute_settings=settings)))
-    return f"127.0.0.1:{gateway}", f"127.0.0.1:{compute}"
+    if args.replicas > 1:  # the replicas share this machine's cores: no oversubscription
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.replicas))
+    services = local_services(memory, tuple(computes), gateway, m1, m2, compute_settings=settings,
+                              gateway_settings={"routing": routing})
+    stack.enter_context(running_stack(services))
+    return f"127.0.0.1:{gateway}", [f"127.0.0.1:{c}" for c in computes]
 
 
 def compute_info(address: str) -> compute_pb2.InfoResponse:
@@ -172,42 +190,66 @@ def compare_split(args: argparse.Namespace, requests: list[Request], rate: float
 
 
 def write_row(row: dict, path: Path = RESULTS) -> None:
+    """Append a row; a row with columns the file lacks rewrites it with every column (old rows
+    get them empty), so runs of different kinds share one CSV."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    rows, columns = [], list(row)
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or []) + [c for c in row if c not in (reader.fieldnames or [])]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([*rows, row])
 
 
 @functools.lru_cache(maxsize=4)
-def draw_requests(workload: str, num_requests: int, seed: int, limits: ModelLimits) -> list[Request]:
-    requests = WORKLOADS[workload](num_requests, seed=seed, limits=limits)
+def draw_requests(workload: str, num_requests: int, seed: int, limits: ModelLimits,
+                  shape: tuple[int, ...] = ()) -> list[Request]:
+    """The workload's requests; `shape` = (groups, per group, system, question, new tokens) for
+    shared-prefix."""
+    if workload == "shared-prefix":
+        requests = shared_prefix(*shape, seed=seed, vocab_size=limits.vocab_size)
+    else:
+        requests = WORKLOADS[workload](num_requests, seed=seed, limits=limits)
     print(f"workload {workload} for context {limits.context_length} - {describe(requests)}")
     return requests
 
 
-def bench_one(args, mode: str, rate: float) -> tuple[dict, list[Request]]:
+def bench_one(args, mode: str, rate: float, routing: str = "") -> tuple[dict, list[Request]]:
     """One run through the gateway; returns its row and the requests it sent."""
+    routing = routing or args.routing[0]
     with ExitStack() as stack:
         if args.address:
-            gateway, compute = args.address, None
+            gateway, computes = args.address, []
         else:
-            gateway, compute = start_stack(stack, args, mode)
-        requests = draw_requests(args.workload, args.num_requests, args.seed, served_model_limits(gateway))
-        asyncio.run(run_load(gateway, requests[:2], math.inf, 1.0, args.seed))  # warm-up
-        before = compute_info(compute) if compute else None
+            gateway, computes = start_stack(stack, args, mode, routing)
+        shape = (args.num_groups, args.prompts_per_group, args.system_prompt_tokens, args.question_tokens,
+                 args.new_tokens)
+        requests = draw_requests(args.workload, args.num_requests, args.seed, served_model_limits(gateway), shape)
+        # Warm-up on prompts that share nothing with the workload: no measured prompt is cached by it.
+        asyncio.run(run_load(gateway, fixed_length(2 * max(len(computes), 1), 40, 4, seed=args.seed + 999),
+                             math.inf, 1.0, args.seed))
+        before = [compute_info(c) for c in computes]
         records, wall = asyncio.run(run_load(gateway, requests, rate, args.burstiness, args.seed))
-        after = compute_info(compute) if compute else None
+        after = [compute_info(c) for c in computes]
     row = dict(timestamp_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=args.model,
                mode=mode, workload=args.workload, num_requests=len(requests), request_rate=rate,
-               burstiness=args.burstiness, kv_budget_tokens=args.kv_budget_tokens, **summarize(records, requests, wall))
-    if before is not None:
-        steps = after.num_schedule_rounds - before.num_schedule_rounds
-        row["memory_calls_per_step"] = (after.num_memory_calls - before.num_memory_calls) / max(steps, 1)
-        row["memory_rpc_p50_ms"] = after.memory_rpc_p50_ms
-        print(f"compute replica: {steps} steps, {after.num_preemptions - before.num_preemptions} preemptions")
+               burstiness=args.burstiness, kv_budget_tokens=args.kv_budget_tokens, replicas=max(len(computes), 1),
+               routing=routing, **summarize(records, requests, wall))
+    for b, a in zip(before, after):
+        print(f"compute replica {a.replica}: {a.num_schedule_rounds - b.num_schedule_rounds} steps, "
+              f"{a.num_preemptions - b.num_preemptions} preemptions, "
+              f"{sum(r.replica == a.replica for r in records)} requests")
+    if len(computes) > 1:
+        row["requests_per_replica"] = "/".join(str(sum(r.replica == a.replica for r in records)) for a in after)
+    elif computes:
+        (b,), (a,) = before, after
+        row["memory_calls_per_step"] = (a.num_memory_calls - b.num_memory_calls) / max(
+            a.num_schedule_rounds - b.num_schedule_rounds, 1)
+        row["memory_rpc_p50_ms"] = a.memory_rpc_p50_ms
     write_row(row, args.output)
     return row, requests
 
@@ -233,7 +275,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--request-rate", type=float, default=math.inf)
     ap.add_argument("--burstiness", type=float, default=1.0)
     ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--workload", default="sharegpt-synth", choices=sorted(WORKLOADS))
+    ap.add_argument("--workload", default="sharegpt-synth", choices=sorted([*WORKLOADS, "shared-prefix"]))
+    ap.add_argument("--num-groups", type=int, default=16, help="shared-prefix: system prompts")
+    ap.add_argument("--prompts-per-group", type=int, default=8)
+    ap.add_argument("--system-prompt-tokens", type=int, default=768)
+    ap.add_argument("--question-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32, help="shared-prefix: output tokens of each request")
+    ap.add_argument("--replicas", type=int, default=1, help="compute replicas of the stack the benchmark starts")
+    ap.add_argument("--routing", default="kv-aware", type=lambda s: s.split(","),
+                    help="the gateway's routing policies to run (comma-separated): kv-aware, least-loaded, round-robin")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--address", default="", help="a running gateway; empty = start a stack")
     ap.add_argument("--model", default="dummy:gpt2")
@@ -247,22 +297,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
-    by_mode: dict[str, list[dict]] = {}
+    by_arm: dict[tuple[str, str], list[dict]] = {}
     for mode in args.modes:
-        for rate in rates:
-            row, requests = bench_one(args, mode, rate)
-            by_mode.setdefault(mode, []).append(row)
-            print(f"{mode} rate={rate}: " + ", ".join(
-                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                if k not in ("timestamp_utc", "model", "workload", "mode", "request_rate")))
+        for policy in args.routing:
+            for rate in rates:
+                row, requests = bench_one(args, mode, rate, policy)
+                by_arm.setdefault((mode, policy), []).append(row)
+                print(f"{mode} {policy} rate={rate}: " + ", ".join(
+                    f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                    if k not in ("timestamp_utc", "model", "workload", "mode", "request_rate", "routing")))
     if len(rates) > 1:
-        sustained = {mode: sustainable_rate(rows) for mode, rows in by_mode.items()}
-        for mode, (best, crossing) in sustained.items():
-            print(f"{mode}: normalized latency under 2x its {min(rates)} req/s value up to {best} req/s "
+        sustained = {arm: sustainable_rate(rows) for arm, rows in by_arm.items()}
+        for (mode, policy), (best, crossing) in sustained.items():
+            print(f"{mode} {policy}: normalized latency under 2x its {min(rates)} req/s value up to {best} req/s "
                   f"(crosses 2x at {crossing:.3f} req/s)")
-        if {"paged", "contiguous"} <= set(sustained):
-            (p_best, p_cross), (c_best, c_cross) = sustained["paged"], sustained["contiguous"]
+        first = args.routing[0]
+        if {("paged", first), ("contiguous", first)} <= set(sustained):
+            (p_best, p_cross), (c_best, c_cross) = sustained[("paged", first)], sustained[("contiguous", first)]
             print(f"sustainable_rate_ratio={p_best / c_best:.2f} crossing_ratio={p_cross / c_cross:.2f}")
+        if {"kv-aware", "round-robin"} <= set(args.routing):
+            from bench.routing import compare_policies
+
+            compare_policies(args, by_arm, sustained, bench_one)
     if args.compare_in_process:
         compare_split(args, requests, rates[-1], row)
 

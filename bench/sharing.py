@@ -22,17 +22,9 @@ import time
 
 import numpy as np
 
-from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length
+from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length, shared_prefix
 from common.sampling_params import SamplingParams, sample_seed
 from compute_service.engine import InferenceEngine
-
-
-def shared_prefix_requests(args: argparse.Namespace, vocab_size: int) -> list[Request]:
-    rng = np.random.default_rng(args.seed)
-    systems = [rng.integers(0, vocab_size - 1, args.system_prompt_tokens).tolist() for _ in range(args.num_groups)]
-    requests = [Request(system + rng.integers(0, vocab_size - 1, args.question_tokens).tolist(), args.new_tokens)
-                for system in systems for _ in range(args.prompts_per_group)]
-    return [requests[i] for i in rng.permutation(len(requests))]
 
 
 def warm_up(engine: InferenceEngine, seed: int) -> None:
@@ -87,7 +79,8 @@ def shared_prefix(args: argparse.Namespace, make_engine) -> tuple[list[dict], st
     rows, runs = [], {}
     for caching in args.prefix_caching:
         engine = make_engine(args, "paged", args.kv_budget_tokens, prefix_caching=caching)
-        requests = shared_prefix_requests(args, engine.model.config.vocab_size)
+        requests = shared_prefix(args.num_groups, args.prompts_per_group, args.system_prompt_tokens,
+                                 args.question_tokens, args.new_tokens, args.seed, engine.model.config.vocab_size)
         if not rows:
             print("workload shared-prefix -", describe(requests))
         warm_up(engine, args.seed)

@@ -65,6 +65,17 @@ def fixed_length(num_requests: int, prompt_tokens: int, new_tokens: int, seed: i
     return [Request(rng.integers(0, 50256, size=prompt_tokens).tolist(), new_tokens) for _ in range(num_requests)]
 
 
+def shared_prefix(num_groups: int, prompts_per_group: int, system_prompt_tokens: int, question_tokens: int,
+                  new_tokens: int, seed: int = 0, vocab_size: int = 50257) -> list[Request]:
+    """SGLang's "generated shared prefix" workload: `num_groups` system prompts, each followed by
+    `prompts_per_group` questions, in a seeded order that interleaves the groups."""
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(0, vocab_size - 1, system_prompt_tokens).tolist() for _ in range(num_groups)]
+    requests = [Request(system + rng.integers(0, vocab_size - 1, question_tokens).tolist(), new_tokens)
+                for system in systems for _ in range(prompts_per_group)]
+    return [requests[i] for i in rng.permutation(len(requests))]
+
+
 WORKLOADS = {"sharegpt-synth": sharegpt_synth}
 
 
