@@ -135,11 +135,18 @@ def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: 
     memory, gateway, m1, m2, *computes = free_ports(4 + args.replicas)
     settings = {"model": args.model, "mode": mode, "kv_budget_tokens": str(args.kv_budget_tokens),
                 "max_num_seqs": str(args.max_num_seqs)}
-    if args.replicas > 1:  # the replicas share this machine's cores: no oversubscription
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.replicas))
     services = local_services(memory, tuple(computes), gateway, m1, m2, compute_settings=settings,
                               gateway_settings={"routing": routing})
-    stack.enter_context(running_stack(services))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if args.replicas > 1:  # the replicas share this machine's cores: no oversubscription
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.replicas))
+    try:
+        stack.enter_context(running_stack(services))  # the services start with it; this process keeps its own
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
     return f"127.0.0.1:{gateway}", [f"127.0.0.1:{c}" for c in computes]
 
 
@@ -210,7 +217,11 @@ def draw_requests(workload: str, num_requests: int, seed: int, limits: ModelLimi
                   shape: tuple[int, ...] = ()) -> list[Request]:
     """The workload's requests; `shape` = (groups, per group, system, question, new tokens) for
     shared-prefix."""
-    if workload == "shared-prefix":
+    if workload == "shared-prefix":  # num_groups x prompts_per_group requests (--num-requests does not apply)
+        system, question, new = shape[2:]
+        if system + question + new > limits.context_length:
+            raise ValueError(f"shared-prefix requests of {system + question + new} tokens do not fit the served "
+                             f"model's context ({limits.context_length})")
         requests = shared_prefix(*shape, seed=seed, vocab_size=limits.vocab_size)
     else:
         requests = WORKLOADS[workload](num_requests, seed=seed, limits=limits)

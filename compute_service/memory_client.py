@@ -41,6 +41,7 @@ class MemoryClient:
         self._closed = threading.Event()
         self.pool_id, self.lease_ttl_s = "", 0.0
         self.address = ""  # advertised once the replica is SERVING (advertise): then the gateway routes to it
+        self._address_lock = threading.Lock()  # a heartbeat never sends an address older than the last advertise
         self._register()
         # Per call, the time the engine thread spent in it: building and queueing the request,
         # then waiting for and converting the answer (the travel overlaps the forward in between).
@@ -69,13 +70,15 @@ class MemoryClient:
 
     def advertise(self, address: str) -> None:
         """Tell the memory service where this replica serves (empty = withdraw: draining). Sent
-        at once, then with every heartbeat and registration, so a memory service that restarts
-        learns it again. A failure here is the heartbeat's to notice."""
-        self.address = address
-        try:
-            self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=self.pool_id, address=address), timeout=2)
-        except grpc.RpcError as exc:
-            log.warning("advertising %r failed (%s); the heartbeat retries", address, exc.code().name)
+        at once, then with every heartbeat, and with the registration of a new pool after the
+        memory link broke (the replica is NOT_SERVING on health until that link works again, so
+        the gateway routes nothing to it early). A failure here is the heartbeat's to notice."""
+        with self._address_lock:
+            self.address = address
+            try:
+                self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=self.pool_id, address=address), timeout=2)
+            except grpc.RpcError as exc:
+                log.warning("advertising %r failed (%s); the heartbeat retries", address, exc.code().name)
 
     def send(self, request: StepRequest) -> None:
         """Put the step's request on the open stream (a broken stream is reopened here)."""
@@ -130,8 +133,9 @@ class MemoryClient:
                 continue  # the engine loop is registering again
             pool_id = self.pool_id
             try:
-                self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=pool_id, address=self.address),
-                                    timeout=max(self.lease_ttl_s / 2, 0.5))
+                with self._address_lock:
+                    self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=pool_id, address=self.address),
+                                        timeout=max(self.lease_ttl_s / 2, 0.5))
             except grpc.RpcError as exc:
                 if self._closed.is_set() or pool_id != self.pool_id:
                     continue  # closing, or the engine registered a new pool meanwhile: not about it

@@ -145,6 +145,9 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
     address = advertised_address(config, port)
     if memory is not None:  # only now SERVING: the gateway may route here from this moment
         await asyncio.to_thread(memory.advertise, address)
+    elif config.memory_address:
+        log.warning("%s mode keeps no pool in the memory service, so gateways cannot discover this replica: "
+                    "list it in their compute_addresses", engine_config.mode)
     log.info("compute replica %s listening on %s:%d, advertised as %s", config.replica, config.host, port, address)
     try:
         await until_stop_signal()

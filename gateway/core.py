@@ -23,8 +23,7 @@ from common.sampling_params import SamplingParams, new_seed, validate_request
 from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
 from gateway.config import GatewayConfig
-from gateway.metrics import (CACHED_TOKENS, HIT_RATE, IN_FLIGHT, MATCHED_TOKENS, MIGRATIONS, PROMPT_TOKENS,
-                             GatewayMetrics, RequestTimer)
+from gateway.metrics import IN_FLIGHT, MIGRATIONS, GatewayMetrics, RequestTimer
 from gateway.router import Replica, ReplicaRouter
 from gateway.routing import PrefixKey, Route, Routing
 from rpc.internal.v1 import compute_pb2, memory_pb2, memory_pb2_grpc
@@ -130,10 +129,10 @@ class _Stream:
 class GatewayCore:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self._memory = None
+        self._memory, self._memory_channel = None, None
         if config.memory_address:
-            channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
-            self._memory = memory_pb2_grpc.MemoryServiceStub(channel)
+            self._memory_channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
+            self._memory = memory_pb2_grpc.MemoryServiceStub(self._memory_channel)
         self.router = ReplicaRouter(config.compute_addresses, self._memory, config.health_poll_s,
                                     config.replica_down_after_s, config.discovery_poll_s)
         self.routing = Routing(config.routing, self.router, self._memory, config.kv_overlap_weight,
@@ -220,10 +219,10 @@ class GatewayCore:
                     for completion in self._aborted_completions(stream, timer, ""):
                         yield completion
                     return
-                replica, first_complete = route.replica, True
-                call = replica.stub.Generate(stream.forward(), timeout=_remaining(deadline))
-                self._calls[request_id] = (call, replica)
+                replica, first_complete, call = route.replica, True, None
                 try:
+                    call = replica.stub.Generate(stream.forward(), timeout=_remaining(deadline))
+                    self._calls[request_id] = (call, replica)
                     async for response in call:
                         route.prefilled()
                         if response.HasField("chunk"):
@@ -241,7 +240,7 @@ class GatewayCore:
                             sample.done, queue_ms = True, done.queue_ms
                             if first_complete:  # an attempt's samples share one prompt: count it once
                                 first_complete = False
-                                self._count_prompt(route, done.prompt_tokens, done.cached_tokens)
+                                route.count_prompt(done.prompt_tokens, done.cached_tokens)
                             yield Completion(request_id, done.finish_reason, done.prompt_tokens, done.completion_tokens,
                                              done.num_preemptions, done.replica, stream.params.seed, stream.migrations,
                                              dict(queue_ms=queue_ms, **timer.timings()), done.cached_tokens, done.index,
@@ -277,7 +276,8 @@ class GatewayCore:
                     self._migrate(stream, replica, f"{code}: {exc.details()}")
                 finally:
                     route.release()
-                    call.cancel()
+                    if call is not None:
+                        call.cancel()
                     self._calls.pop(request_id, None)
         except GatewayError as exc:
             status = status or exc.status
@@ -304,17 +304,6 @@ class GatewayCore:
             timer.on_tokens(len(ids))
             self.metrics.record_tokens(len(ids))
 
-    def _count_prompt(self, route: Route, prompt_tokens: int, cached_tokens: int) -> None:
-        """Per replica: prompt tokens served, how many the router saw held there, how many its
-        prefix cache had (the hit rate per replica)."""
-        replica, address = route.replica, route.replica.address
-        replica.prompt_tokens += prompt_tokens
-        replica.cached_tokens += cached_tokens
-        PROMPT_TOKENS.labels(address).inc(prompt_tokens)
-        CACHED_TOKENS.labels(address).inc(cached_tokens)
-        MATCHED_TOKENS.labels(address).inc(route.matched_tokens)
-        HIT_RATE.labels(address).set(replica.cached_tokens / max(replica.prompt_tokens, 1))
-
     def _migrate(self, stream: _Stream, replica: Replica, why: str) -> None:
         """Count one more continuation of `stream`, or give up (UNAVAILABLE) past the budget."""
         if stream.migrations >= self.config.max_migrations:
@@ -336,6 +325,9 @@ class GatewayCore:
         while request_id not in self._aborted:
             route = await self.routing.choose(key, failed | full) or await self.routing.choose(key, full)
             if route is not None:
+                if request_id in self._aborted:  # aborted while the router asked the memory service
+                    route.release()
+                    return None
                 return route
             serving = [r for r in self.router.replicas if r.serving]
             if full and serving and all(r.address in full for r in serving):
@@ -359,6 +351,11 @@ class GatewayCore:
         self._aborted.add(request_id)
         if request_id in self._calls:  # else it is waiting for a replica, and stops waiting
             self._calls[request_id][0].cancel()  # compute sees the cancel, aborts, and frees the blocks at its next step
+
+    async def close(self) -> None:
+        await self.router.close()
+        if self._memory_channel is not None:
+            await self._memory_channel.close()
 
     async def pool_stats(self, pool_id: str = "") -> list[dict]:
         """Every pool's block counts from the memory service (empty when it is not configured or

@@ -26,6 +26,20 @@ HIT_RATE = Gauge("gateway_prefix_hit_rate", "Cached / prompt tokens of the reque
 MATCH_MS = Histogram("gateway_kv_match_ms", "Memory-service Match call (kv-aware routing)",
                      buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250))
 MATCH_FAILURES = Counter("gateway_kv_match_failures_total", "Match calls that failed (routed on local state)")
+_PER_REPLICA = (PROMPT_TOKENS, CACHED_TOKENS, MATCHED_TOKENS, HIT_RATE)
+
+
+def forget_replica(address: str) -> None:
+    """Drop a replica's series once it has left (compose and Kubernetes hand out new addresses)."""
+    for metric in _PER_REPLICA:
+        try:
+            metric.remove(address)
+        except KeyError:
+            pass
+    for labels in [k for k in ROUTED._metrics if k[1] == address]:  # noqa: SLF001 (every policy's series)
+        ROUTED.remove(*labels)
+
+
 TOKENS_PER_SECOND = Gauge("gateway_output_tokens_per_second", "Output tokens/s over the last 10 s")
 HISTOGRAMS = {
     name: Histogram(f"gateway_{name}_ms", help_text, buckets=_BUCKETS_MS)

@@ -4,9 +4,11 @@ Two ways to know the replicas:
 - **Discovery** (`compute_addresses` empty, the default): every compute replica tells the memory
   service the address it serves on once it is SERVING, under its pool's lease. The gateway polls
   the memory service (`Match` with no hashes) every `discovery_poll_s`: a new replica is routed to
-  from the next poll, one whose lease ran out (or that withdrew while draining) leaves. Scaling
-  needs no gateway restart and no DNS. While the memory service does not answer, the set stays as
-  it was (its replicas are NOT_SERVING then anyway, and come back with it).
+  from its first SERVING health answer after the poll that lists it, one whose lease ran out (or
+  that withdrew while draining) leaves. Scaling needs no gateway restart and no DNS. While the
+  memory service does not answer, the set stays as it was (its replicas are NOT_SERVING then
+  anyway); after it restarts (a new epoch) nobody leaves for one lease, the time the replicas
+  take to register again.
 - **A static list** (`host1:50052,host2:50052`) for tests and simple setups; a single
   `dns:///name:port` target is one channel with gRPC's round_robin policy over every address the
   name resolves to (no health watch: its failures show as broken streams).
@@ -30,6 +32,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.grpc_server import CHANNEL_OPTIONS
+from gateway.metrics import forget_replica
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("gateway.router")
@@ -54,6 +57,11 @@ class Replica:
     matched_tokens: int = 0
     cached_tokens: int = 0
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens its prefix cache had / prompt tokens it served (this gateway's requests)."""
+        return self.cached_tokens / max(self.prompt_tokens, 1)
+
 
 class ReplicaRouter:
     def __init__(self, compute_addresses: str, memory: memory_pb2_grpc.MemoryServiceStub | None = None,
@@ -69,10 +77,12 @@ class ReplicaRouter:
         self._watchers: dict[str, asyncio.Task] = {}
         self._on_down: Callable[[Replica], None] | None = None
         self._discovery: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()  # channels of forgotten replicas, closing
+        self._epoch, self._keep_until = "", 0.0  # the memory instance; after it changes, nobody leaves until then
         for address in addresses:
             self._add(address)
 
-    def _add(self, address: str) -> Replica:
+    def _add(self, address: str, serving: bool = True) -> Replica:
         # Its own subchannels: a replica that joins at the address of one that died must not
         # inherit that one's connection backoff from gRPC's process-wide pool (seconds of refusals).
         options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
@@ -80,7 +90,7 @@ class ReplicaRouter:
             options.append(("grpc.lb_policy_name", "round_robin"))
         channel = grpc.aio.insecure_channel(address, options=options)
         replica = Replica(address, channel, compute_pb2_grpc.ComputeServiceStub(channel),
-                          watched=not address.startswith("dns:"))
+                          watched=not address.startswith("dns:"), serving=serving)
         self.replicas.append(replica)
         if self._on_down is not None and replica.watched:
             self._watchers[address] = asyncio.create_task(self._watch(replica, self._on_down))
@@ -121,10 +131,20 @@ class ReplicaRouter:
                 raise RuntimeError(f"no compute replica answered: {last_error or 'none was discovered'}")
             await asyncio.sleep(0.1)
 
-    def update(self, addresses: list[str]) -> None:
-        """Make the routable set the discovered `addresses`: add new ones, retire the missing."""
+    def update(self, addresses: list[str], epoch: str = "", lease_ttl_s: float = 0.0) -> None:
+        """Make the routable set the discovered `addresses`: add new ones (routed to from their
+        first SERVING health answer), retire the missing, unless the memory service has just
+        restarted (a new `epoch`): then its list fills up as the replicas register again, and
+        nobody leaves for `lease_ttl_s`."""
+        if epoch != self._epoch:
+            if self._epoch:
+                log.info("memory service restarted (epoch %s -> %s): no replica leaves for %.1f s", self._epoch,
+                         epoch, lease_ttl_s + self.discovery_poll_s)
+                self._keep_until = time.monotonic() + lease_ttl_s + self.discovery_poll_s
+            self._epoch = epoch
         listed = set(addresses)
-        for replica in [r for r in self.replicas if r.address not in listed]:
+        leaving = [] if time.monotonic() < self._keep_until else [r for r in self.replicas if r.address not in listed]
+        for replica in leaving:
             self.replicas.remove(replica)
             self._retired[replica.address] = replica
             log.info("compute replica %s left (lease ended or withdrawn)", replica.address)
@@ -135,21 +155,26 @@ class ReplicaRouter:
             if replica is not None:  # came back before its requests ended
                 self.replicas.append(replica)
             else:
-                self._add(address)
+                self._add(address, serving=False)
             log.info("compute replica %s joined", address)
         for address, replica in list(self._retired.items()):
             if replica.in_flight == 0:  # nothing runs there any more: forget it
                 del self._retired[address]
                 self._stop_watching(address)
-                asyncio.create_task(replica.channel.close())
+                forget_replica(address)
+                task = asyncio.create_task(replica.channel.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def _discover_forever(self) -> None:
         while True:
             try:
                 reply = await self.memory.Match(memory_pb2.MatchRequest(), timeout=max(self.discovery_poll_s, 1.0))
-                self.update([r.address for r in reply.replicas])
+                self.update([r.address for r in reply.replicas], reply.epoch, reply.lease_ttl_s)
             except grpc.aio.AioRpcError as exc:  # keep the set as it is until the memory service answers
                 log.debug("discovery: memory service did not answer (%s)", exc.code().name)
+            except Exception:  # a bug here must not end discovery for good
+                log.exception("discovery poll failed")
             await asyncio.sleep(self.discovery_poll_s)
 
     async def _watch(self, replica: Replica, on_down: Callable[[Replica], None]) -> None:

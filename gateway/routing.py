@@ -1,27 +1,35 @@
 """Which SERVING replica a request goes to: the routing policies (`--routing`).
 
 - `round-robin`: the next replica in address order, whatever it holds.
-- `least-loaded`: the fewest requests this gateway has in flight there.
+- `least-loaded`: the fewest requests this gateway has in flight there (ties in turn).
 - `kv-aware` (default): the memory service is the cluster's exact KV index, so one `Match` call
   per request tells, for every replica, how many leading blocks of the prompt it already holds
   (cached or in use, never stale: a block is matchable from the step after its forward wrote it)
-  and how many blocks its running sequences hold. The replica with the lowest cost wins, the
-  cost being NVIDIA Dynamo's KV router formulation, in blocks:
+  and its load. The replica with the lowest cost wins, NVIDIA Dynamo's KV-router formulation
+  with the decode load counted in sequences:
 
-      cost = overlap_weight * (pending_prefill + prompt_blocks - matched) + active_blocks
+      cost = overlap_weight * (pending_prefill + prompt_blocks - matched) + sequences
 
-  `prompt_blocks - matched` is the prefill this request would cost there; `pending_prefill` the
-  prefill of prompts this gateway routed there that have not produced a token yet; `active_blocks`
-  the blocks its running sequences hold (the memory service's count: every gateway's requests).
-  A hot prefix therefore stays where it is cached until that replica is `overlap_weight x` its
-  length in blocks busier than another, then spills over (and is cached there too). Ties go to
-  fewer requests in flight, then to the fuller free space (fewest blocks in use or cached: a new
-  prefix lands where it evicts least, so an idle cluster's prefixes spread over its caches), then
-  address order. `overlap_weight` 0 = pure load balancing.
+  `prompt_blocks - matched` is the prefill this request would cost there (in blocks);
+  `pending_prefill` the prefill of prompts this gateway routed there that have not produced a
+  token yet (the queue a new prompt waits behind: prefills run before decodes); `sequences` the
+  sequences running or waiting there (the memory service's count: every gateway's requests).
+  Dynamo counts decode load in active blocks; we count sequences, because a replica's active
+  blocks are dominated by the shared prefixes it holds in use (one 768-token system prompt is 48
+  blocks, however many requests read it), which is exactly the cache this policy exploits, not
+  load: measured on the shared-prefix benchmark, blocks as load moved requests off their prefix's
+  replica (prefix hit rate 0.44 instead of 0.7+). A decode step of this engine costs about the
+  same per sequence whatever its length (the weights dominate), so one sequence ~ one unit.
+  A hot prefix therefore stays where it is cached until that replica's queue of prefill plus
+  its sequences exceeds another's by the prefill it would save, then spills over (and is cached
+  there too). Ties go to fewer requests in flight, then to the emptier cache (fewest blocks in
+  use or cached: a new prefix lands where it evicts least, so an idle cluster's prefixes spread
+  over its caches), then in turn. `overlap_weight` 0 = pure load balancing.
   The memory service cannot know blocks that are still being computed: prompts this gateway
   routed and that have not finished count as held on their replica too (`routed_blocks`), so a
-  burst of one prefix does not scatter before its first prefill commits. If `Match` fails
-  (memory service down or slow past `match_timeout_s`), the cost uses this gateway's view alone.
+  prefix is not sent elsewhere in the step between its forward and its commit. If `Match` fails
+  (memory service down, or slower than `match_timeout_s`), the cost uses this gateway's view
+  alone (its in-flight requests as the load).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.block_hash import prompt_block_hashes
-from gateway.metrics import MATCH_FAILURES, MATCH_MS, ROUTED
+from gateway.metrics import CACHED_TOKENS, HIT_RATE, MATCH_FAILURES, MATCH_MS, MATCHED_TOKENS, PROMPT_TOKENS, ROUTED
 from gateway.router import Replica, ReplicaRouter
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -65,6 +73,18 @@ class Route:
             self._prefilled = True
             self.replica.pending_prefill_blocks -= self.prefill_blocks
 
+    def count_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """The attempt's first Complete: prompt tokens it served, how many the router saw held
+        there, how many its prefix cache had (the per-replica hit rate)."""
+        replica, address = self.replica, self.replica.address
+        replica.prompt_tokens += prompt_tokens
+        replica.matched_tokens += self.matched_tokens
+        replica.cached_tokens += cached_tokens
+        PROMPT_TOKENS.labels(address).inc(prompt_tokens)
+        MATCHED_TOKENS.labels(address).inc(self.matched_tokens)
+        CACHED_TOKENS.labels(address).inc(cached_tokens)
+        HIT_RATE.labels(address).set(replica.prefix_hit_rate)
+
     def release(self) -> None:
         """The attempt ended (finished, failed or cancelled)."""
         if self._released:
@@ -92,6 +112,7 @@ class Routing:
         self.overlap_weight, self.match_timeout_s = overlap_weight, match_timeout_s
         self.block_size, self.namespace, self.caches_prefixes = 16, "", False
         self._turn = 0
+        self._warned = False  # about a static replica list that does not match the advertised addresses
 
     def configure(self, block_size: int, namespace: str, caches_prefixes: bool) -> None:
         """The served model's block size and hash namespace (from a replica's Info)."""
@@ -105,54 +126,70 @@ class Routing:
 
     async def choose(self, key: PrefixKey, exclude: set[str] = frozenset()) -> Route | None:
         """A route to the best SERVING replica not in `exclude` (None if there is none now); the
-        caller must `release()` it when the attempt ends."""
+        caller must `release()` it when the attempt ends. Everything after the Match call is
+        decided on the replica set as it is then (a replica may have left meanwhile)."""
+        if not self.router.candidates(exclude):
+            return None
+        known = None
+        if self.policy == "kv-aware" and key.block_hashes and len(self.router.candidates(exclude)) > 1:
+            known = await self._match(key.block_hashes)
         candidates = self.router.candidates(exclude)
         if not candidates:
             return None
+        turn = self._turn
+        self._turn += 1
+        rotation = lambda order: (order - turn) % len(candidates)  # noqa: E731  ties go in turn
         matched_blocks = 0
         if self.policy == "round-robin":
-            replica = candidates[self._turn % len(candidates)]
-            self._turn += 1
+            replica = candidates[turn % len(candidates)]
         elif self.policy == "least-loaded" or not key.block_hashes:
-            replica = min(candidates, key=lambda r: r.in_flight)
+            replica = min(enumerate(candidates), key=lambda c: (c[1].in_flight, rotation(c[0])))[1]
         else:
-            replica, matched_blocks = await self._kv_aware(key, candidates)
+            _, replica = min(enumerate(candidates),
+                             key=lambda c: (*self._rank(key, c[1], known), rotation(c[0])))
+            matched_blocks = self._matched(key, replica, known)
         prefill = max(key.prompt_blocks - matched_blocks, 0)
         replica.in_flight += 1
         replica.pending_prefill_blocks += prefill
         replica.requests_routed += 1
-        replica.matched_tokens += matched_blocks * self.block_size
         for h in key.block_hashes:
             replica.routed_blocks[h] = replica.routed_blocks.get(h, 0) + 1
         ROUTED.labels(self.policy, replica.address).inc()
         return Route(replica, matched_blocks * self.block_size, key, prefill)
 
-    async def _kv_aware(self, key: PrefixKey, candidates: list[Replica]) -> tuple[Replica, int]:
-        known = await self._match(key.block_hashes)
-        best: tuple | None = None
-        for order, replica in enumerate(candidates):
-            matched_there, active, cached = known.get(replica.address, (0, 0, 0))
-            matched = max(matched_there, _held(replica.routed_blocks, key.block_hashes))
-            cost = self.overlap_weight * (replica.pending_prefill_blocks + key.prompt_blocks - matched) + active
-            rank = (cost, replica.in_flight, active + cached, order)
-            if best is None or rank < best[0]:
-                best = (rank, replica, matched)
-        return best[1], best[2]
+    def _matched(self, key: PrefixKey, replica: Replica, known: dict | None) -> int:
+        """Leading blocks of the prompt the replica holds: the memory service's exact count, or
+        more if prompts this gateway routed there (not committed yet) hold more."""
+        there = (known or {}).get(replica.address)
+        return max(there.matched_blocks if there else 0, _held(replica.routed_blocks, key.block_hashes))
 
-    async def _match(self, hashes: list[bytes]) -> dict[str, tuple[int, int, int]]:
-        """address -> (leading blocks held, blocks in use, blocks cached) from the memory service
-        ({} if it fails)."""
+    def _rank(self, key: PrefixKey, replica: Replica, known: dict | None) -> tuple[float, int, int]:
+        """(cost, requests in flight, blocks in use or cached): smaller is better."""
+        there = (known or {}).get(replica.address)
+        sequences = there.num_running + there.num_waiting if there else replica.in_flight
+        prefill = replica.pending_prefill_blocks + key.prompt_blocks - self._matched(key, replica, known)
+        footprint = there.num_used_blocks + there.num_cached_blocks if there else 0
+        return self.overlap_weight * prefill + sequences, replica.in_flight, footprint
+
+    async def _match(self, hashes: list[bytes]) -> dict[str, memory_pb2.ReplicaMatch] | None:
+        """address -> the memory service's answer for that replica (None if the call fails)."""
         if self.memory is None:
-            return {}
+            return None
         start = time.perf_counter()
         try:
             reply = await self.memory.Match(memory_pb2.MatchRequest(block_hashes=hashes), timeout=self.match_timeout_s)
         except grpc.aio.AioRpcError as exc:
             MATCH_FAILURES.inc()
             log.debug("match failed (%s): routing on this gateway's view alone", exc.code().name)
-            return {}
+            return None
         MATCH_MS.observe((time.perf_counter() - start) * 1000)
-        return {r.address: (r.matched_blocks, r.num_used_blocks, r.num_cached_blocks) for r in reply.replicas}
+        known = {r.address: r for r in reply.replicas}
+        if not self._warned and not any(r.address in known for r in self.router.replicas):
+            self._warned = True
+            log.warning("no replica's address %s is among those the replicas advertise (%s): kv-aware routing "
+                        "sees no cached blocks; give compute_addresses exactly as the replicas advertise them",
+                        [r.address for r in self.router.replicas], sorted(known))
+        return known
 
 
 def _held(routed: dict[bytes, int], hashes: list[bytes]) -> int:

@@ -106,7 +106,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             replicas=[gateway_pb2.ReplicaRouting(
                 address=r.address, serving=r.serving, in_flight=r.in_flight, requests_routed=r.requests_routed,
                 prompt_tokens=r.prompt_tokens, matched_tokens=r.matched_tokens, cached_tokens=r.cached_tokens,
-                prefix_hit_rate=r.cached_tokens / max(r.prompt_tokens, 1)) for r in self.core.router.replicas],
+                prefix_hit_rate=r.prefix_hit_rate) for r in self.core.router.replicas],
         )
 
 
@@ -130,7 +130,7 @@ async def serve(config: GatewayConfig) -> None:
     await set_serving(health, [SERVICE], serving=False)
     log.info("stopping: %d stream(s) in flight get up to %.0f s", core.num_in_flight, config.drain_timeout_s)
     await server.stop(grace=config.drain_timeout_s)
-    await core.router.close()
+    await core.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,11 +81,19 @@ class PoolRegistry:
         pool.lease_until = self.clock() + self.lease_ttl_s
         return pool
 
-    def heartbeat(self, pool_id: str, address: str | None = None) -> None:
+    def heartbeat(self, pool_id: str, address: str | None = None) -> Pool:
         """Renew the lease; `address` (when given) replaces the advertised one."""
         pool = self.pool(pool_id)
         if address is not None:
-            pool.address = address
+            self.advertise(pool, address)
+        return pool
+
+    @staticmethod
+    def advertise(pool: Pool, address: str) -> bool:
+        """Set the address the pool's replica serves on (empty = withdrawn); True if it changed."""
+        changed = pool.address != address
+        pool.address = address
+        return changed
 
     def match(self, block_hashes: list[bytes]) -> list[ReplicaMatch]:
         """Every live pool that advertises an address, with how many leading blocks of

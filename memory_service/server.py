@@ -18,7 +18,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
 from memory_service.block_allocator import AllocatorStats, BlockAllocatorError
-from memory_service.pools import FencedPoolError, Pool, PoolRegistry, UnknownPoolError
+from memory_service.pools import FencedPoolError, Pool, PoolRegistry, ReplicaMatch, UnknownPoolError
 from memory_service.step import Allocation, Commit, StepRequest, apply_step
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -58,6 +58,15 @@ def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2
     )
 
 
+def replica_match_to_proto(m: ReplicaMatch) -> memory_pb2.ReplicaMatch:
+    st = m.pool.allocator.stats()
+    return memory_pb2.ReplicaMatch(
+        pool_id=m.pool_id, replica=m.pool.replica, address=m.pool.address, matched_blocks=m.matched_blocks,
+        block_size=st.block_size, num_blocks=st.num_blocks, num_free_blocks=st.num_free_blocks,
+        num_used_blocks=st.num_used_blocks, num_running=st.num_sequences, num_waiting=m.pool.num_waiting,
+        num_cached_blocks=st.num_cached_blocks)
+
+
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def __init__(self, registry: PoolRegistry) -> None:
         self.registry = registry
@@ -73,23 +82,16 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def Heartbeat(self, request, context):
         pool = await self._pool(request.pool_id, context)
-        if pool.address != request.address:
+        before = pool.address
+        if self.registry.advertise(pool, request.address):
             log.info("replica %r (%s) %s", pool.replica, request.pool_id,
-                     f"serves at {request.address}" if request.address else f"withdrew {pool.address}")
-            pool.address = request.address
+                     f"serves at {request.address}" if request.address else f"withdrew {before}")
         return memory_pb2.HeartbeatResponse()
 
     async def Match(self, request, context):
-        hashes = list(request.block_hashes)
-        replicas = []
-        for m in self.registry.match(hashes):
-            st = m.pool.allocator.stats()
-            replicas.append(memory_pb2.ReplicaMatch(
-                pool_id=m.pool_id, replica=m.pool.replica, address=m.pool.address, matched_blocks=m.matched_blocks,
-                block_size=st.block_size, num_blocks=st.num_blocks, num_free_blocks=st.num_free_blocks,
-                num_used_blocks=st.num_used_blocks, num_running=st.num_sequences, num_waiting=m.pool.num_waiting,
-                num_cached_blocks=st.num_cached_blocks))
-        return memory_pb2.MatchResponse(replicas=replicas, epoch=self.registry.epoch)
+        return memory_pb2.MatchResponse(replicas=[replica_match_to_proto(m)
+                                                  for m in self.registry.match(list(request.block_hashes))],
+                                        epoch=self.registry.epoch, lease_ttl_s=self.registry.lease_ttl_s)
 
     async def StepStream(self, request_iterator, context):
         async for request in request_iterator:

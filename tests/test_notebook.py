@@ -33,6 +33,12 @@ def test_notebook_executes_and_draws_every_figure(tmp_path, monkeypatch):
                            completed=8, request_throughput=rate, output_token_throughput=50.0,
                            mean_normalized_latency_ms=100 * (1 + slope * min(rate, 1)),
                            **{f"{s}_{m}_ms": 10.0 for s in ("median", "p99") for m in ("ttft", "tpot")}), serving)
+    for policy, hits in (("round-robin", 0.4), ("kv-aware", 0.78)):  # routing runs share the CSV (new columns)
+        for rate in (0.5, 1.0, 2.0):
+            write_row(dict(timestamp_utc="2026-11-28T00:00:00+00:00", mode="paged", workload="shared-prefix",
+                           num_requests=8, request_rate=rate, completed=8, replicas=2, routing=policy,
+                           mean_normalized_latency_ms=100 * (1 + rate), prefix_hit_rate=hits, requests_per_replica="4/4",
+                           **{f"{s}_{m}_ms": 10.0 * rate for s in ("median", "p99") for m in ("ttft", "tpot")}), serving)
     history = tmp_path / "locust_stats_history.csv"  # locust's own column names
     lines = ["Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,99%,Total Request Count"]
     for t in range(3):
@@ -47,5 +53,6 @@ def test_notebook_executes_and_draws_every_figure(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     figures = sorted(p.name for p in (tmp_path / "figs").glob("*.png"))
-    assert figures == ["concurrent_arms.png", "locust_over_time.png", "normalized_latency_vs_rate.png", "runtime_vs_tokens.png",
-                       "speedup_by_trial.png", "throughput_by_trial.png", "ttft_tpot_percentiles.png"]
+    assert figures == ["concurrent_arms.png", "locust_over_time.png", "normalized_latency_vs_rate.png",
+                       "routing_ttft_vs_rate.png", "runtime_vs_tokens.png", "speedup_by_trial.png",
+                       "throughput_by_trial.png", "ttft_tpot_percentiles.png"]

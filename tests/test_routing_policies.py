@@ -9,9 +9,11 @@ import grpc
 import pytest
 
 from common.block_hash import prompt_block_hashes
+from gateway.metrics import MATCH_FAILURES
 from gateway.router import Replica
 from gateway.routing import Routing
 from memory_service.pools import PoolRegistry
+from memory_service.server import replica_match_to_proto
 from rpc.internal.v1 import memory_pb2
 
 BLOCK = 16
@@ -36,11 +38,8 @@ class IndexMemory:
         self.calls += 1
         if self.fail:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "memory service is down")
-        return memory_pb2.MatchResponse(replicas=[
-            memory_pb2.ReplicaMatch(address=m.pool.address, matched_blocks=m.matched_blocks,
-                                    num_used_blocks=m.pool.allocator.stats().num_used_blocks,
-                                    num_cached_blocks=m.pool.allocator.stats().num_cached_blocks)
-            for m in self.registry.match(list(request.block_hashes))])
+        return memory_pb2.MatchResponse(replicas=[replica_match_to_proto(m)
+                                                  for m in self.registry.match(list(request.block_hashes))])
 
 
 def prompt(group: int, length: int = 100) -> list[int]:
@@ -99,16 +98,19 @@ def test_on_an_idle_cluster_a_new_prefix_goes_where_it_evicts_least(cluster):
 def test_a_hot_prefix_spills_over_only_when_its_replica_is_busier_by_the_prefill_it_saves(cluster):
     registry, ids, router = cluster
     cache_prompt(registry, ids["a:1"], prompt(1, 160), "hot", keep=False)  # 10 blocks cached on a
-    for i in range(3):  # b runs 3 sequences of 64 tokens: 12 active blocks
-        cache_prompt(registry, ids["b:1"], prompt(10 + i, 64), f"b{i}")
+    for i in range(3):  # b runs 3 long sequences: 48 blocks in use, but 3 sequences of load
+        cache_prompt(registry, ids["b:1"], prompt(10 + i, 256), f"b{i}")
     routing = make_routing("kv-aware", router, IndexMemory(registry))
-    question = prompt(1, 160) + [5] * 20
-    assert choose(routing, question).replica.address == "a:1"  # cost a = 2 + 0 active, b = 12 + 12
-    for i in range(6):  # a now busy: 6 x 8 blocks = 48 active blocks
-        cache_prompt(registry, ids["a:1"], prompt(20 + i, 128), f"a{i}")
-    assert choose(routing, question).replica.address == "b:1"  # a: 2 pending + 1 + 48 active > b: 12 + 12
+    question = prompt(1, 160) + [5] * 20  # 12 blocks, 11 full; 10 cached on a
+    assert choose(routing, question).replica.address == "a:1"  # a: 2 to prefill + 0 sequences; b: 12 + 3
+    for i in range(11):
+        cache_prompt(registry, ids["a:1"], prompt(20 + i, 16), f"a{i}")
+    assert choose(routing, question).replica.address == "a:1"  # a: (2 pending + 1) + 11 = 14 < b: 15
+    for i in range(11, 13):
+        cache_prompt(registry, ids["a:1"], prompt(20 + i, 16), f"a{i}")
+    assert choose(routing, question).replica.address == "b:1"  # a: (3 pending + 1) + 13 = 17 > b: 15
     load_only = make_routing("kv-aware", router, IndexMemory(registry), weight=0.0)
-    assert choose(load_only, question).replica.address == "b:1"
+    assert choose(load_only, question).replica.address == "b:1"  # 13 sequences against 3
 
 
 def test_a_prefix_routed_but_not_yet_committed_counts_as_held_there(cluster):
@@ -135,10 +137,15 @@ def test_a_prefix_routed_but_not_yet_committed_counts_as_held_there(cluster):
 
 def test_kv_aware_routes_on_its_own_view_when_the_memory_service_fails(cluster):
     registry, ids, router = cluster
-    cache_prompt(registry, ids["b:1"], prompt(1), "s")
+    cache_prompt(registry, ids["b:1"], prompt(1), "s", keep=False)  # b holds it: a working Match says b
+    assert choose(make_routing("kv-aware", router, IndexMemory(registry)), prompt(1)).replica.address == "b:1"
+    for replica in router.replicas:
+        replica.in_flight, replica.pending_prefill_blocks, replica.routed_blocks = 0, 0, {}
+    failures = MATCH_FAILURES._value.get()
     routing = make_routing("kv-aware", router, IndexMemory(registry, fail=True))
     first = choose(routing, prompt(1))
     assert first.replica.address == "a:1" and first.matched_tokens == 0  # b's cache is unknown without Match
+    assert MATCH_FAILURES._value.get() == failures + 1
     first.prefilled()
     assert choose(routing, prompt(1)).replica.address == "a:1"  # but its own routes still count
 
