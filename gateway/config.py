@@ -17,7 +17,7 @@ class GatewayConfig:
     compute_addresses: str = ""
     memory_address: str = "127.0.0.1:50051"  # discovery, kv-aware matching, GetStats; empty = none
     routing: str = "kv-aware"  # kv-aware | least-loaded | round-robin (gateway/routing.py)
-    kv_overlap_weight: float = 1.0  # kv-aware: weight of prefill blocks against active blocks; 0 = load only
+    kv_overlap_weight: float = 2.0  # kv-aware: weight of a request's uncached blocks against load; 0 = load only
     match_timeout_s: float = 0.25  # kv-aware: a slower Match is dropped and the request routed on load alone
     discovery_poll_s: float = 0.5  # how often the memory service's list of replicas is read
     max_in_flight: int = 512  # more concurrent requests get RESOURCE_EXHAUSTED

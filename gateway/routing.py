@@ -5,24 +5,30 @@
 - `kv-aware` (default): the memory service is the cluster's exact KV index, so one `Match` call
   per request tells, for every replica, how many leading blocks of the prompt it already holds
   (cached or in use, never stale: a block is matchable from the step after its forward wrote it)
-  and its load. The replica with the lowest cost wins, NVIDIA Dynamo's KV-router formulation
-  with the decode load counted in sequences:
+  and its load. The replica with the lowest cost wins, after NVIDIA Dynamo's KV-router
+  formulation (overlap-weighted prefill + load), all in blocks or sequences:
 
-      cost = overlap_weight * (pending_prefill + prompt_blocks - matched) + sequences
+      cost = overlap_weight * (prompt_blocks - matched) + pending_prefill + sequences
 
-  `prompt_blocks - matched` is the prefill this request would cost there (in blocks);
-  `pending_prefill` the prefill of prompts this gateway routed there that have not produced a
-  token yet (the queue a new prompt waits behind: prefills run before decodes); `sequences` the
-  sequences running or waiting there (the memory service's count: every gateway's requests).
+  `prompt_blocks - matched` is the prefill this request would cost there; `pending_prefill` the
+  prefill of prompts this gateway routed there that have not produced a token yet (the queue a
+  new prompt waits behind: prefills run before decodes); `sequences` the sequences running or
+  waiting there (the memory service's count: every gateway's requests). The request's own
+  uncached prefill weighs `overlap_weight` (default 2) against the queue's 1: prefilling a
+  prefix on a second replica costs its compute and also the cache space that second copy takes
+  from other prefixes (later misses), while waiting behind a queue costs this request alone.
+  Measured at 2 req/s on the shared-prefix benchmark (README, "Routing across replicas"): weight
+  1 sent requests away from their prefix whenever its replica had a miss queued (prefix hit rate
+  0.63, normalized latency 79.6 ms); weight 2 kept them (0.79, 58.7 ms).
   Dynamo counts decode load in active blocks; we count sequences, because a replica's active
   blocks are dominated by the shared prefixes it holds in use (one 768-token system prompt is 48
   blocks, however many requests read it), which is exactly the cache this policy exploits, not
   load: measured on the shared-prefix benchmark, blocks as load moved requests off their prefix's
-  replica (prefix hit rate 0.44 instead of 0.7+). A decode step of this engine costs about the
+  replica (prefix hit rate 0.44 at 1 req/s instead of 0.71). A decode step of this engine costs about the
   same per sequence whatever its length (the weights dominate), so one sequence ~ one unit.
   A hot prefix therefore stays where it is cached until that replica's queue of prefill plus
-  its sequences exceeds another's by the prefill it would save, then spills over (and is cached
-  there too). Ties go to fewer requests in flight, then to the emptier cache (fewest blocks in
+  its sequences exceeds another's by `overlap_weight` x the prefill it would save, then spills
+  over (and is cached there too). Ties go to fewer requests in flight, then to the emptier cache (fewest blocks in
   use or cached: a new prefix lands where it evicts least, so an idle cluster's prefixes spread
   over its caches), then in turn. `overlap_weight` 0 = pure load balancing.
   The memory service cannot know blocks that are still being computed: prompts this gateway
@@ -103,7 +109,7 @@ class Route:
 
 class Routing:
     def __init__(self, policy: str, router: ReplicaRouter, memory: memory_pb2_grpc.MemoryServiceStub | None,
-                 overlap_weight: float = 1.0, match_timeout_s: float = 0.25) -> None:
+                 overlap_weight: float = 2.0, match_timeout_s: float = 0.25) -> None:
         if policy not in POLICIES:
             raise ValueError(f"routing must be one of {POLICIES}, got {policy!r}")
         if overlap_weight < 0:
@@ -167,9 +173,9 @@ class Routing:
         """(cost, requests in flight, blocks in use or cached): smaller is better."""
         there = (known or {}).get(replica.address)
         sequences = there.num_running + there.num_waiting if there else replica.in_flight
-        prefill = replica.pending_prefill_blocks + key.prompt_blocks - self._matched(key, replica, known)
+        prefill = key.prompt_blocks - self._matched(key, replica, known)
         footprint = there.num_used_blocks + there.num_cached_blocks if there else 0
-        return self.overlap_weight * prefill + sequences, replica.in_flight, footprint
+        return self.overlap_weight * prefill + replica.pending_prefill_blocks + sequences, replica.in_flight, footprint
 
     async def _match(self, hashes: list[bytes]) -> dict[str, memory_pb2.ReplicaMatch] | None:
         """address -> the memory service's answer for that replica (None if the call fails)."""

@@ -67,7 +67,7 @@ def cluster():
     return registry, ids, router
 
 
-def make_routing(policy, router, memory, weight=1.0):
+def make_routing(policy, router, memory, weight=2.0):
     routing = Routing(policy, router, memory, overlap_weight=weight)
     routing.configure(BLOCK, NAMESPACE, caches_prefixes=True)
     return routing
@@ -100,17 +100,17 @@ def test_a_hot_prefix_spills_over_only_when_its_replica_is_busier_by_the_prefill
     cache_prompt(registry, ids["a:1"], prompt(1, 160), "hot", keep=False)  # 10 blocks cached on a
     for i in range(3):  # b runs 3 long sequences: 48 blocks in use, but 3 sequences of load
         cache_prompt(registry, ids["b:1"], prompt(10 + i, 256), f"b{i}")
-    routing = make_routing("kv-aware", router, IndexMemory(registry))
+    routing = make_routing("kv-aware", router, IndexMemory(registry))  # overlap weight 2
     question = prompt(1, 160) + [5] * 20  # 12 blocks, 11 full; 10 cached on a
-    assert choose(routing, question).replica.address == "a:1"  # a: 2 to prefill + 0 sequences; b: 12 + 3
-    for i in range(11):
+    assert choose(routing, question).replica.address == "a:1"  # a: 2 x 2 + 0; b: 2 x 12 + 3 = 27
+    for i in range(20):
         cache_prompt(registry, ids["a:1"], prompt(20 + i, 16), f"a{i}")
-    assert choose(routing, question).replica.address == "a:1"  # a: (2 pending + 1) + 11 = 14 < b: 15
-    for i in range(11, 13):
+    assert choose(routing, question).replica.address == "a:1"  # a: 2 x 1 + 2 pending + 20 = 24 < 27
+    for i in range(20, 23):
         cache_prompt(registry, ids["a:1"], prompt(20 + i, 16), f"a{i}")
-    assert choose(routing, question).replica.address == "b:1"  # a: (3 pending + 1) + 13 = 17 > b: 15
+    assert choose(routing, question).replica.address == "b:1"  # a: 2 x 1 + 3 pending + 23 = 28 > 27
     load_only = make_routing("kv-aware", router, IndexMemory(registry), weight=0.0)
-    assert choose(load_only, question).replica.address == "b:1"  # 13 sequences against 3
+    assert choose(load_only, question).replica.address == "b:1"  # a: 3 pending + 23 sequences; b: 12 + 3
 
 
 def test_a_prefix_routed_but_not_yet_committed_counts_as_held_there(cluster):
@@ -119,15 +119,14 @@ def test_a_prefix_routed_but_not_yet_committed_counts_as_held_there(cluster):
     routing = make_routing("kv-aware", router, memory)
     first = choose(routing, prompt(3) + [0])  # 101 tokens: 7 blocks, 6 full; cached nowhere
     assert first.replica.address == "a:1"
-    # Before its prefill is done, a is busy with 7 blocks of it: the next request of the same
-    # prefix costs a 7 + 1 and b 0 + 7 (Dynamo's trade: this request's TTFT over the prefill saved).
+    # Nothing is committed yet, but `first` will hold the prefix on a: the next request of it
+    # costs a 2 x 1 + 7 pending = 9, b 2 x 7 = 14.
     second = choose(routing, prompt(3) + [1])
-    assert second.replica.address == "b:1" and second.matched_tokens == 0
-    first.prefilled()  # its forward ran; the memory service has not seen its commit yet
-    second.release()  # (b forgets the prefix: it finished)
-    third = choose(routing, prompt(3) + [2])
-    assert third.replica.address == "a:1" and third.matched_tokens == 6 * BLOCK  # held by `first`
-    for route in (first, second, third):
+    assert second.replica.address == "a:1" and second.matched_tokens == 6 * BLOCK
+    other = choose(routing, prompt(4))  # another prefix: a 14 + 8 pending, b 14
+    assert other.replica.address == "b:1" and other.matched_tokens == 0
+    first.prefilled()
+    for route in (first, second, other):
         route.release()
         route.release()  # idempotent: an attempt ends once
     for replica in router.replicas:  # nothing left counted: no leak of load or routed blocks
