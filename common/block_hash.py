@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Container
 
 HASH_BYTES = 16
 
@@ -38,6 +39,18 @@ def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: i
         parent = hashes[-1] if hashes else root
         hashes.append(block_hash(parent, token_ids[start:start + block_size]))
     return hashes
+
+
+def num_leading(block_hashes: list[bytes], held: Container[bytes]) -> int:
+    """How many leading blocks of `block_hashes` are in `held` (stops at the first miss): a
+    block's hash covers its whole prefix, so a prefix cache matches the leading run only. The one
+    lookup rule of the memory service's cache, the scheduler's estimate and the gateway's router."""
+    n = 0
+    for h in block_hashes:
+        if h not in held:
+            break
+        n += 1
+    return n
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int, namespace: str, cache_salt: str = "") -> list[bytes]:

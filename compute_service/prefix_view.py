@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from common.block_hash import extend_block_hashes, root_hash
+from common.block_hash import extend_block_hashes, num_leading, root_hash
 from compute_service.sequence import Sequence
 from memory_service.step import Commit
 
@@ -53,12 +53,10 @@ class PrefixCacheView:
     def estimated_hit_tokens(self, seq: Sequence) -> int:
         """Leading tokens of the prompt this replica committed lately (the memory side may have
         evicted some since: its answer is the truth)."""
-        hits = 0
-        for block_hash in self.lookup(seq):
-            if block_hash not in self._committed:
-                break
+        lookup = self.lookup(seq)
+        hits = num_leading(lookup, self._committed)
+        for block_hash in lookup[:hits]:
             self._committed.move_to_end(block_hash)
-            hits += 1
         return hits * self.block_size
 
     def being_computed(self, running: list[Sequence]) -> set[bytes]:

@@ -92,8 +92,8 @@ class ReplicaRouter:
         replica = Replica(address, channel, compute_pb2_grpc.ComputeServiceStub(channel),
                           watched=not address.startswith("dns:"), serving=serving)
         self.replicas.append(replica)
-        if self._on_down is not None and replica.watched:
-            self._watchers[address] = asyncio.create_task(self._watch(replica, self._on_down))
+        if self._on_down is not None:  # started: watch it from now on
+            self._start_watching(replica)
         return replica
 
     def candidates(self, exclude: set[str] = frozenset()) -> list[Replica]:
@@ -111,8 +111,7 @@ class ReplicaRouter:
         one stops answering) and, with discovery, the memory service's list of replicas."""
         self._on_down = on_down
         for replica in self.replicas:
-            if replica.watched:
-                self._watchers[replica.address] = asyncio.create_task(self._watch(replica, on_down))
+            self._start_watching(replica)
         if self.discovered:
             self._discovery = asyncio.create_task(self._discover_forever())
 
@@ -197,6 +196,10 @@ class ReplicaRouter:
                                 time.monotonic() - replica.last_answer)
                     on_down(replica)
             await asyncio.sleep(self.poll_s)
+
+    def _start_watching(self, replica: Replica) -> None:
+        if replica.watched:
+            self._watchers[replica.address] = asyncio.create_task(self._watch(replica, self._on_down))
 
     def _stop_watching(self, address: str) -> None:
         task = self._watchers.pop(address, None)

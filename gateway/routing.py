@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from common.block_hash import prompt_block_hashes
+from common.block_hash import num_leading, prompt_block_hashes
 from gateway.metrics import CACHED_TOKENS, HIT_RATE, MATCH_FAILURES, MATCH_MS, MATCHED_TOKENS, PROMPT_TOKENS, ROUTED
 from gateway.router import Replica, ReplicaRouter
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
@@ -134,12 +134,12 @@ class Routing:
         """A route to the best SERVING replica not in `exclude` (None if there is none now); the
         caller must `release()` it when the attempt ends. Everything after the Match call is
         decided on the replica set as it is then (a replica may have left meanwhile)."""
-        if not self.router.candidates(exclude):
-            return None
-        known = None
-        if self.policy == "kv-aware" and key.block_hashes and len(self.router.candidates(exclude)) > 1:
-            known = await self._match(key.block_hashes)
         candidates = self.router.candidates(exclude)
+        if self.policy == "kv-aware" and key.block_hashes and len(candidates) > 1:
+            known = await self._match(key.block_hashes)
+            candidates = self.router.candidates(exclude)  # as it is after the await
+        else:
+            known = None
         if not candidates:
             return None
         turn = self._turn
@@ -151,9 +151,10 @@ class Routing:
         elif self.policy == "least-loaded" or not key.block_hashes:
             replica = min(enumerate(candidates), key=lambda c: (c[1].in_flight, rotation(c[0])))[1]
         else:
+            matched = {r.address: self._matched(key, r, known) for r in candidates}
             _, replica = min(enumerate(candidates),
-                             key=lambda c: (*self._rank(key, c[1], known), rotation(c[0])))
-            matched_blocks = self._matched(key, replica, known)
+                             key=lambda c: (*self._rank(key, c[1], known, matched[c[1].address]), rotation(c[0])))
+            matched_blocks = matched[replica.address]
         prefill = max(key.prompt_blocks - matched_blocks, 0)
         replica.in_flight += 1
         replica.pending_prefill_blocks += prefill
@@ -167,13 +168,14 @@ class Routing:
         """Leading blocks of the prompt the replica holds: the memory service's exact count, or
         more if prompts this gateway routed there (not committed yet) hold more."""
         there = (known or {}).get(replica.address)
-        return max(there.matched_blocks if there else 0, _held(replica.routed_blocks, key.block_hashes))
+        return max(there.matched_blocks if there else 0, num_leading(key.block_hashes, replica.routed_blocks))
 
-    def _rank(self, key: PrefixKey, replica: Replica, known: dict | None) -> tuple[float, int, int]:
-        """(cost, requests in flight, blocks in use or cached): smaller is better."""
+    def _rank(self, key: PrefixKey, replica: Replica, known: dict | None, matched: int) -> tuple[float, int, int]:
+        """(cost, requests in flight, blocks in use or cached) with `matched` leading blocks held
+        there: smaller is better."""
         there = (known or {}).get(replica.address)
         sequences = there.num_running + there.num_waiting if there else replica.in_flight
-        prefill = key.prompt_blocks - self._matched(key, replica, known)
+        prefill = key.prompt_blocks - matched
         footprint = there.num_used_blocks + there.num_cached_blocks if there else 0
         return self.overlap_weight * prefill + replica.pending_prefill_blocks + sequences, replica.in_flight, footprint
 
@@ -196,13 +198,3 @@ class Routing:
                         "sees no cached blocks; give compute_addresses exactly as the replicas advertise them",
                         [r.address for r in self.router.replicas], sorted(known))
         return known
-
-
-def _held(routed: dict[bytes, int], hashes: list[bytes]) -> int:
-    """Leading blocks of `hashes` that requests routed to a replica (still in flight) hold."""
-    n = 0
-    for h in hashes:
-        if h not in routed:
-            break
-        n += 1
-    return n

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from common.block_hash import num_leading
+
 
 class PrefixCache:
     def __init__(self) -> None:
@@ -35,13 +37,7 @@ class PrefixCache:
 
     def match(self, hashes: list[bytes]) -> list[int]:
         """The blocks holding the longest cached prefix of `hashes` (stops at the first miss)."""
-        blocks = []
-        for h in hashes:
-            block = self._block_of.get(h)
-            if block is None:
-                break
-            blocks.append(block)
-        return blocks
+        return [self._block_of[h] for h in hashes[:num_leading(hashes, self._block_of)]]
 
     def register(self, block: int, block_hash: bytes) -> bool:
         """Make a written full block matchable. False (nothing changes) when the block already

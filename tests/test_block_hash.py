@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from common.block_hash import block_hash, extend_block_hashes, prompt_block_hashes, root_hash
+from common.block_hash import block_hash, extend_block_hashes, num_leading, prompt_block_hashes, root_hash
 
 NAMESPACE = "dummy:gpt2|float32|float32"
 
@@ -42,3 +42,13 @@ def test_hashes_depend_on_everything_before_the_block_the_model_and_the_salt():
     assert prompt_block_hashes(tokens, 16, "dummy:gpt2|bfloat16|bfloat16") != base
     assert prompt_block_hashes(tokens, 16, NAMESPACE, cache_salt="a") != base
     assert block_hash(root_hash(NAMESPACE), tokens[:16]) == base[0]
+
+
+def test_a_prefix_matches_its_leading_run_only():
+    """An evicted parent ends the match even if a child block is still held (LRU can evict a
+    parent before its child): the cache, the scheduler's estimate and the router all stop there."""
+    a, b, c = prompt_block_hashes(list(range(48)), 16, "ns")
+    assert num_leading([a, b, c], {a, b, c}) == 3
+    assert num_leading([a, b, c], {a, c}) == 1
+    assert num_leading([a, b, c], {b: 0, c: 1}) == 0
+    assert num_leading([], {a}) == 0
