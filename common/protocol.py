@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from common.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams, TokenLogprobs
 
 M = TypeVar("M")
-_OPTIONAL = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "n")
+_OPTIONAL = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "n", "logprobs")
 
 
 def sampling_params_from_proto(message) -> SamplingParams:
@@ -28,4 +28,16 @@ def sampling_params_to_proto(params: SamplingParams, message_cls: type[M]) -> M:
                           cache_salt=params.cache_salt)
     if params.seed is not None:
         message.seed = params.seed
+    if params.logprobs is not None:
+        message.logprobs = params.logprobs
     return message
+
+
+def logprobs_to_proto(logprobs: list[TokenLogprobs], message_cls: type[M]) -> list[M]:
+    """TokenLogprobs as the TokenLogprobs message of either proto (same field names)."""
+    return [message_cls(logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top],
+                        top_logprobs=[v for _, v in lp.top]) for lp in logprobs]
+
+
+def logprobs_from_proto(messages) -> list[TokenLogprobs]:
+    return [TokenLogprobs(m.logprob, list(zip(m.top_token_ids, m.top_logprobs))) for m in messages]

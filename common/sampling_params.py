@@ -17,6 +17,26 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_N = 16  # samples per request: each holds its own blocks once they diverge
 MAX_CACHE_SALT_CHARS = 256
+MAX_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions API allows 5)
+
+
+class FieldError(ValueError):
+    """A request field that cannot be served, with the field's name (as SamplingParams and
+    ClientRequest spell it), so every front can point its client at the field in its own words."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+@dataclass
+class TokenLogprobs:
+    """The log probability of one sampled token and of the `logprobs` most likely tokens at its
+    position, under the model's own distribution (log-softmax of the raw logits: before
+    temperature, top-k and top-p, as vLLM's default)."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -32,31 +52,34 @@ class SamplingParams:
     # Prefix-cache namespace: blocks are shared only between requests with the same salt (tenants).
     # Not a sampling parameter, but it travels with them to every process that hashes blocks.
     cache_salt: str = ""
+    logprobs: int | None = None  # None = none; k = the sampled token's logprob and the top k (k <= 5)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise FieldError("max_new_tokens", f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+            raise FieldError("temperature", f"temperature must be a number >= 0, got {self.temperature!r}")
         if math.isinf(self.temperature):
-            raise ValueError("temperature must be finite")
+            raise FieldError("temperature", "temperature must be finite")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise FieldError("top_k", f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise FieldError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+            raise FieldError("seed", f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+            raise FieldError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
+            raise FieldError("stop", "stop must be a list of non-empty strings")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
-            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
+            raise FieldError("stop", f"stop strings must be at most {MAX_STOP_CHARS} characters long")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
-            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+            raise FieldError("n", f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         if not isinstance(self.cache_salt, str) or len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
-            raise ValueError(f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters")
+            raise FieldError("cache_salt", f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise FieldError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
 
 _MASK64 = (1 << 64) - 1
@@ -93,14 +116,14 @@ def sample_seed(seed: int, index: int) -> int:
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, context_length: int, vocab_size: int) -> None:
     """ValueError naming the field, for a prompt and params that cannot run on this model."""
     if not prompt_token_ids:
-        raise ValueError("prompt must not be empty")
+        raise FieldError("prompt", "prompt must not be empty")
     if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+        raise FieldError("prompt", f"prompt token ids must be integers in [0, {vocab_size})")
     params.validate()
     if len(prompt_token_ids) >= context_length:
-        raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is {context_length}")
+        raise FieldError("prompt", f"prompt has {len(prompt_token_ids)} tokens; the context is {context_length}")
     if len(prompt_token_ids) + params.max_new_tokens > context_length:
-        raise ValueError(
-            f"max_new_tokens={params.max_new_tokens} with a {len(prompt_token_ids)}-token prompt "
+        raise FieldError(
+            "max_new_tokens", f"max_new_tokens={params.max_new_tokens} with a {len(prompt_token_ids)}-token prompt "
             f"exceeds the context of {context_length} tokens"
         )

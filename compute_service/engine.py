@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -18,9 +18,9 @@ import torch
 from compute_service.config import EngineConfig
 from compute_service.kv_cache import KVCache
 from compute_service.model_runner import ModelRunner
-from compute_service.sampling import sample
+from compute_service.sampling import sample, token_logprobs
 from common.blocks import blocks_to_admit
-from common.sampling_params import SamplingParams, new_seed, sample_seed, validate_request
+from common.sampling_params import SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
 from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from common.tokenizer import get_tokenizer
@@ -43,6 +43,7 @@ class RequestOutput:
     sequence: Sequence | None = None
     group_id: str = ""  # the request's id (every sample's outputs go to its stream)
     index: int = 0  # which sample
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of new_token_ids, if the request asked
 
 
 @dataclass
@@ -256,10 +257,13 @@ class InferenceEngine:
         self.scheduler.plan_next(batch)  # the next step's memory call travels during this forward
         logits = self.runner.execute(prepared)
         seqs, logits = self._with_forked_samples(batch.seqs, logits)
-        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [s.num_tokens for s in seqs])
+        params = [s.params for s in seqs]
+        tokens = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs])
+        logprobs = token_logprobs(logits, params, tokens)
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
-        for seq, token in zip(seqs, tokens):
+        for seq, token, token_lp in zip(seqs, tokens, logprobs):
+            token_lps = [token_lp] if token_lp is not None else []
             if self.kv_cache is not None and seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
                 seq.num_cached_tokens = seq.num_tokens
             seq.token_ids.append(token)
@@ -267,9 +271,10 @@ class InferenceEngine:
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-                outputs.append(self._finished_output(seq, [token]))
+                outputs.append(self._finished_output(seq, [token], token_lps))
             else:
-                outputs.append(RequestOutput(seq.request_id, [token], False, group_id=seq.group_id, index=seq.index))
+                outputs.append(RequestOutput(seq.request_id, [token], False, group_id=seq.group_id, index=seq.index,
+                                             logprobs=token_lps))
         if not self.scheduler.running and not self.scheduler.waiting:
             self._flush_frees()  # idle: give the blocks back now, not at the next step
         self._forget(outputs)
@@ -312,14 +317,15 @@ class InferenceEngine:
             return FinishReason.LENGTH
         return None
 
-    def _finished_output(self, seq: Sequence, new_tokens: list[int] | None = None) -> RequestOutput:
+    def _finished_output(self, seq: Sequence, new_tokens: list[int] | None = None,
+                         logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
         if seq.finish_reason is not FinishReason.STOP:
             ids = seq.output_token_ids
             if seq.finish_reason is FinishReason.EOS:
                 ids = ids[:-1]
             seq.output_text = self.tokenizer.decode(ids)
         return RequestOutput(seq.request_id, new_tokens or [], True, seq.finish_reason.value, seq,
-                             group_id=seq.group_id, index=seq.index)
+                             group_id=seq.group_id, index=seq.index, logprobs=logprobs or [])
 
     def _forget(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

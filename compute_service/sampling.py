@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from common.sampling_params import SamplingParams, position_seed
+from common.sampling_params import SamplingParams, TokenLogprobs, position_seed
 
 
 def filtered_logits(row_logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -40,3 +40,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
         generator.manual_seed(position_seed(seed, position))
         tokens[row] = int(torch.multinomial(probs, 1, generator=generator).item())
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]) -> list[TokenLogprobs | None]:
+    """Per row of logits (B, vocab): the sampled token's logprob and the top `logprobs` tokens',
+    for the rows whose request asked (None elsewhere). Log-softmax of the raw logits: what the
+    model says, whatever temperature or filter picked the token. One batched op for all rows."""
+    rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(params)
+    if not rows:
+        return result
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # (R, vocab)
+    chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows])).squeeze(1).tolist()
+    k = max(params[row].logprobs for row in rows)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for i, row in enumerate(rows):
+        want = params[row].logprobs
+        result[row] = TokenLogprobs(chosen[i], list(zip(top_ids[i][:want], top_values[i][:want])))
+    return result

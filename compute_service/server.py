@@ -13,7 +13,7 @@ import time
 import grpc
 
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
-from common.protocol import sampling_params_from_proto
+from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
 from compute_service.async_engine import AsyncEngine, EngineFailure
 from compute_service.config import ComputeServiceConfig, EngineConfig
@@ -32,6 +32,7 @@ def complete_message(out: RequestOutput, replica: str) -> compute_pb2.Complete:
         num_preemptions=seq.num_preemptions, replica=replica, token_ids=out.new_token_ids,
         output_text=seq.output_text, queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
         cached_tokens=seq.cached_prompt_tokens, index=seq.index,
+        logprobs=logprobs_to_proto(out.logprobs, compute_pb2.TokenLogprobs),
     )
 
 
@@ -73,8 +74,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                     finished = remaining == 0
                     yield compute_pb2.GenerateResponse(complete=complete_message(out, self.config.replica))
                 elif out.new_token_ids:
-                    yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(token_ids=out.new_token_ids,
-                                                                               index=out.index))
+                    yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(
+                        token_ids=out.new_token_ids, index=out.index,
+                        logprobs=logprobs_to_proto(out.logprobs, compute_pb2.TokenLogprobs)))
         finally:
             if not finished:  # the caller cancelled or its deadline passed: free the blocks
                 self.engine.abort(request.request_id)

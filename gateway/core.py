@@ -18,8 +18,8 @@ from typing import AsyncIterator
 import grpc
 
 from common.grpc_server import CHANNEL_OPTIONS
-from common.protocol import sampling_params_to_proto
-from common.sampling_params import SamplingParams, new_seed, validate_request
+from common.protocol import logprobs_from_proto, sampling_params_to_proto
+from common.sampling_params import FieldError, SamplingParams, TokenLogprobs, new_seed, validate_request
 from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
 from gateway.config import GatewayConfig
@@ -40,12 +40,14 @@ def _remaining(deadline: float | None) -> float | None:
 
 class GatewayError(Exception):
     """A request the gateway cannot serve. `status` is a gRPC status name (INVALID_ARGUMENT,
-    RESOURCE_EXHAUSTED, UNAVAILABLE, ...); every front maps it onto its own protocol."""
+    RESOURCE_EXHAUSTED, UNAVAILABLE, ...); every front maps it onto its own protocol. `field`
+    names the request field at fault (SamplingParams' names, or "prompt"), when one is."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, field: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.field = field
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TokenChunk:
     token_ids: list[int]
     text: str
     index: int = 0  # which of the request's n samples
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, when asked for
 
 
 @dataclass
@@ -170,17 +173,17 @@ class GatewayCore:
         info = self.model_info
         prompt = request.prompt
         if prompt is None:
-            raise ValueError("prompt must be set: give prompt text or prompt token_ids")
+            raise FieldError("prompt", "prompt must be set: give prompt text or prompt token_ids")
         if isinstance(prompt, bytes):
             try:
                 prompt = prompt.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"prompt.text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                raise FieldError("prompt", f"prompt.text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         prompt = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         validate_request(prompt, request.params, info.context_length, info.vocab_size)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
+            raise FieldError("request_id", f"request_id {request_id!r} is already in flight")
         params = request.params if request.params.seed is not None else replace(request.params, seed=new_seed())
         samples = [_Sample(IncrementalText(self.tokenizer, params.stop)) for _ in range(params.n)]
         return _Stream(request_id, prompt, params, samples)
@@ -199,7 +202,7 @@ class GatewayCore:
             stream = self._stream(request)
         except ValueError as exc:
             self.metrics.record_request("INVALID_ARGUMENT", timer, None)
-            raise GatewayError("INVALID_ARGUMENT", str(exc)) from None
+            raise GatewayError("INVALID_ARGUMENT", str(exc), getattr(exc, "field", "")) from None
         if len(self._requests) >= self.config.max_in_flight:
             self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
             raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
@@ -228,7 +231,8 @@ class GatewayCore:
                         if response.HasField("chunk"):
                             ids, index = list(response.chunk.token_ids), response.chunk.index
                             self._count(ids, stream.samples[index], timer)
-                            yield TokenChunk(ids, stream.samples[index].text.add(ids), index)
+                            yield TokenChunk(ids, stream.samples[index].text.add(ids), index,
+                                             logprobs_from_proto(response.chunk.logprobs))
                         elif response.HasField("complete"):
                             done = response.complete
                             sample = stream.samples[done.index]
@@ -236,7 +240,7 @@ class GatewayCore:
                             self._count(ids, sample, timer)
                             rest = sample.text.finish(done.output_text)
                             if ids or rest:
-                                yield TokenChunk(ids, rest, done.index)
+                                yield TokenChunk(ids, rest, done.index, logprobs_from_proto(done.logprobs))
                             sample.done, queue_ms = True, done.queue_ms
                             if first_complete:  # an attempt's samples share one prompt: count it once
                                 first_complete = False

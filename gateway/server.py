@@ -12,7 +12,7 @@ import grpc
 from prometheus_client import start_http_server
 
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
-from common.protocol import sampling_params_from_proto
+from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import parse_config
 from gateway.config import GatewayConfig
 from gateway.core import ClientRequest, Completion, GatewayCore, GatewayError
@@ -56,7 +56,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         yield generate_pb2.GenerateResponse(complete=complete_message(event))
                     else:
                         yield generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(
-                            token_ids=event.token_ids, text=event.text, index=event.index))
+                            token_ids=event.token_ids, text=event.text, index=event.index,
+                            logprobs=logprobs_to_proto(event.logprobs, generate_pb2.TokenLogprobs)))
         except GatewayError as exc:
             await context.abort(grpc.StatusCode[exc.status], exc.message)
 
@@ -68,12 +69,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             result = samples.setdefault(index, generate_pb2.GenerateResult())
             if kind == "chunk":
                 result.token_ids.extend(response.chunk.token_ids)
+                result.logprobs.extend(response.chunk.logprobs)
                 result.text += response.chunk.text
             else:
                 result.complete.CopyFrom(response.complete)
         first = samples.get(0, generate_pb2.GenerateResult())
         if len(samples) > 1:
-            every = [generate_pb2.GenerateResult(token_ids=r.token_ids, text=r.text, complete=r.complete)
+            every = [generate_pb2.GenerateResult(token_ids=r.token_ids, text=r.text, complete=r.complete,
+                                                   logprobs=r.logprobs)
                      for r in (samples[i] for i in sorted(samples))]  # copies, taken before sample 0 gets them
             first.samples.extend(every)
         return first
