@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = "1"  # two replicas share this machine's cores: one torch thread each
     ports = free_ports(7)
     services = local_services(ports[0], (ports[1], ports[2]), ports[3], ports[4], ports[5],
-                              compute_settings={"model": args.model, "kv_budget_tokens": "8192"})
+                              compute_settings={"model": args.model, "kv_budget_tokens": "8192"},
+                              gateway_http_port=ports[6])
     services[0].settings["lease_ttl_s"] = str(args.lease_ttl_s)
     services[-1].settings.update(health_poll_s="0.2", replica_down_after_s="1.0", replica_wait_s="120")
     with running_stack(services, timeout_s=300, log_dir=args.log_dir) as procs:

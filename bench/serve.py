@@ -132,11 +132,11 @@ def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: 
     from deploy.run_local import running_stack
     from deploy.services import free_ports, local_services
 
-    memory, gateway, m1, m2, *computes = free_ports(4 + args.replicas)
+    memory, gateway, m1, m2, http, *computes = free_ports(5 + args.replicas)
     settings = {"model": args.model, "mode": mode, "kv_budget_tokens": str(args.kv_budget_tokens),
                 "max_num_seqs": str(args.max_num_seqs)}
     services = local_services(memory, tuple(computes), gateway, m1, m2, compute_settings=settings,
-                              gateway_settings={"routing": routing})
+                              gateway_settings={"routing": routing}, gateway_http_port=http)
     threads = os.environ.get("OMP_NUM_THREADS")
     if args.replicas > 1:  # the replicas share this machine's cores: no oversubscription
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.replicas))

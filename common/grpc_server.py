@@ -40,10 +40,10 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def make_server(service_names: list[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def make_server(service_names: list[str], interceptors: tuple = ()) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with health (NOT_SERVING until `set_serving`) and reflection wired; the caller
-    adds its services."""
-    server = grpc.aio.server(interceptors=[_ExceptionInterceptor()], options=CHANNEL_OPTIONS)
+    adds its services (and interceptors that run before the exception guard, such as auth)."""
+    server = grpc.aio.server(interceptors=[*interceptors, _ExceptionInterceptor()], options=CHANNEL_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -66,9 +66,17 @@ async def until_stop_signal() -> None:
     await stop.wait()
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Listen on host:port (port 0 picks a free one); returns the port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, tls_cert_file: str = "", tls_key_file: str = "") -> int:
+    """Listen on host:port (port 0 picks a free one), with TLS when given a PEM certificate and key;
+    returns the port."""
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+    if tls_cert_file:
+        with open(tls_key_file, "rb") as key, open(tls_cert_file, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     return bound

@@ -50,3 +50,7 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._enc.decode(token_ids, errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (a token may hold part of a UTF-8 character: logprobs report both)."""
+        return self._enc.decode_single_token_bytes(token_id)

@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def local_services_on_free_ports() -> list[ServiceSpec]:
-    memory, compute, gateway, gateway_metrics, memory_metrics = free_ports(5)
-    return local_services(memory, (compute,), gateway, gateway_metrics, memory_metrics)
+    memory, compute, gateway, gateway_metrics, memory_metrics, http = free_ports(6)
+    return local_services(memory, (compute,), gateway, gateway_metrics, memory_metrics, gateway_http_port=http)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class ServiceSpec:
 def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (50052,), gateway_port: int = 50050,
                    gateway_metrics_port: int = 9100, memory_metrics_port: int = 9101,
                    compute_settings: dict[str, str] | None = None, discovery: bool = True,
-                   gateway_settings: dict[str, str] | None = None) -> list[ServiceSpec]:
+                   gateway_settings: dict[str, str] | None = None, gateway_http_port: int = 8000) -> list[ServiceSpec]:
     """Memory, then one compute per port, then the gateway, all on loopback. With `discovery`
     the gateway learns the replicas from the memory service (as in compose); else it is given
     their addresses."""
@@ -48,7 +48,8 @@ def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (5
                                     {"memory_address": memory_address, "replica": f"compute-{i}", **(compute_settings or {})}))
     services.append(ServiceSpec("gateway", "gateway", "gateway.server", gateway_port, "rpc.v1.Gateway", {
         "compute_addresses": "" if discovery else ",".join(f"127.0.0.1:{p}" for p in compute_ports),
-        "memory_address": memory_address, "metrics_port": str(gateway_metrics_port), **(gateway_settings or {}),
+        "memory_address": memory_address, "metrics_port": str(gateway_metrics_port),
+        "http_port": str(gateway_http_port), **(gateway_settings or {}),
     }))
     return services
 

@@ -11,7 +11,14 @@ class GatewayConfig:
     env_prefix: ClassVar[str] = "GATEWAY"
     host: str = "127.0.0.1"
     port: int = 50050
-    metrics_port: int = 9100  # Prometheus /metrics; 0 = off
+    metrics_port: int = 9100  # Prometheus /metrics; 0 = off (the HTTP front serves /metrics too)
+    http_port: int = 8000  # the OpenAI-compatible HTTP front (gateway/openai_api.py); 0 = off
+    # API keys (gateway/auth.py): a file of one key a line, and/or a comma-separated list; none = open.
+    api_keys_file: str = ""
+    api_keys: str = ""
+    # TLS for the gRPC and HTTP listeners (PEM files); empty = plaintext. Internal ports stay plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     # Empty = discover the replicas from the memory service (each advertises itself once SERVING);
     # else a static comma-separated list, or dns:///name:port (gateway/router.py).
     compute_addresses: str = ""

@@ -1,5 +1,6 @@
-"""The public gRPC API (rpc.v1.Gateway): translates its messages to and from the transport-free
-core (gateway.core), which validates, routes, aborts and measures.
+"""The gateway process: the public gRPC API (rpc.v1.Gateway), whose servicer translates its
+messages to and from the transport-free core (gateway.core), which validates, routes, aborts and
+measures; beside it, in the same event loop, the OpenAI-compatible HTTP front (gateway.openai_api).
 Run it with `python -m gateway.server` (flags/env: GatewayConfig).
 """
 from __future__ import annotations
@@ -9,13 +10,16 @@ import contextlib
 import logging
 
 import grpc
+import uvicorn
 from prometheus_client import start_http_server
 
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import parse_config
+from gateway.auth import ApiKeys, GrpcAuthInterceptor
 from gateway.config import GatewayConfig
 from gateway.core import ClientRequest, Completion, GatewayCore, GatewayError
+from gateway.openai_api import create_app
 from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 
 log = logging.getLogger("gateway")
@@ -113,13 +117,42 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
 
+class _HttpServer(uvicorn.Server):
+    """uvicorn in the gateway's own event loop; the gateway handles SIGTERM/SIGINT itself (and
+    drains both listeners), so uvicorn must not take the signals over."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def start_http(core: GatewayCore, keys: ApiKeys, config: GatewayConfig) -> tuple[_HttpServer, asyncio.Task]:
+    """The OpenAI-compatible front, listening once this returns (RuntimeError if it cannot)."""
+    http = _HttpServer(uvicorn.Config(
+        create_app(core, keys), host=config.host, port=config.http_port, log_level="warning", access_log=False,
+        lifespan="off", ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
+        timeout_graceful_shutdown=int(config.drain_timeout_s)))
+    task = asyncio.create_task(http.serve())
+    while not http.started:
+        if task.done():
+            raise RuntimeError(f"cannot serve HTTP on {config.host}:{config.http_port}")
+        await asyncio.sleep(0.01)
+    return http, task
+
+
 async def serve(config: GatewayConfig) -> None:
+    keys = ApiKeys.load(config.api_keys_file, config.api_keys)
     core = GatewayCore(config)
-    server, health = make_server([SERVICE])
+    server, health = make_server([SERVICE], interceptors=(GrpcAuthInterceptor(keys),))
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, config.tls_cert_file, config.tls_key_file)
     await server.start()  # health answers NOT_SERVING until a replica has told us the model
-    log.info("gateway listening on %s:%d, waiting for compute at %s (routing %s)", config.host, port,
+    http = await start_http(core, keys, config) if config.http_port else None  # /health: 503 until then
+    scheme = "https" if config.tls_cert_file else "http"
+    log.info("gateway listening on %s:%d (gRPC%s)%s, API keys %s; waiting for compute at %s (routing %s)",
+             config.host, port, ", TLS" if config.tls_cert_file else "",
+             f" and {scheme}://{config.host}:{config.http_port} (OpenAI API)" if http else "",
+             "required" if keys.enabled else "off",
              config.compute_addresses or f"the replicas the memory service at {config.memory_address} lists",
              config.routing)
     info = await core.start()
@@ -132,7 +165,11 @@ async def serve(config: GatewayConfig) -> None:
     # Drain: leave the load balancer's rotation, refuse new calls, let streams finish.
     await set_serving(health, [SERVICE], serving=False)
     log.info("stopping: %d stream(s) in flight get up to %.0f s", core.num_in_flight, config.drain_timeout_s)
+    if http is not None:
+        http[0].should_exit = True  # stops accepting; open responses get up to drain_timeout_s
     await server.stop(grace=config.drain_timeout_s)
+    if http is not None:
+        await http[1]
     await core.close()
 
 

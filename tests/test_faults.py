@@ -47,7 +47,8 @@ def expected():
 @contextmanager
 def fault_stack(tmp_path, compute=COMPUTE, memory_settings=None):
     ports = free_ports(7)
-    services = local_services(ports[0], (ports[1], ports[2]), ports[3], ports[4], ports[5], compute_settings=compute)
+    services = local_services(ports[0], (ports[1], ports[2]), ports[3], ports[4], ports[5], compute_settings=compute,
+                              gateway_http_port=ports[6])
     services[0].settings.update({"lease_ttl_s": str(LEASE_S), **(memory_settings or {})})
     services[-1].settings.update(GATEWAY)
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)) as procs:

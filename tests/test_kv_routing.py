@@ -30,13 +30,14 @@ PREFIX = " ".join(f"word{i}" for i in range(40))  # well over 2 blocks of 16 tok
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    memory, c1, c2, kv, rr, m1, m2, m3 = free_ports(8)
-    services = local_services(memory, (c1, c2), kv, m1, m2, compute_settings=COMPUTE,
+    memory, c1, c2, kv, rr, m1, m2, m3, h1, h2 = free_ports(10)
+    services = local_services(memory, (c1, c2), kv, m1, m2, compute_settings=COMPUTE, gateway_http_port=h1,
                               gateway_settings={"health_poll_s": "0.2", "discovery_poll_s": "0.2"})
     services[0].settings["lease_ttl_s"] = "1.5"
     gateway = services[-1]
     services.append(dataclasses.replace(gateway, name="gateway-rr", port=rr,
-                                        settings={**gateway.settings, "routing": "round-robin", "metrics_port": str(m3)}))
+                                        settings={**gateway.settings, "routing": "round-robin", "metrics_port": str(m3),
+                                                  "http_port": str(h2)}))
     log_dir = str(tmp_path_factory.mktemp("logs"))
     with running_stack(services, timeout_s=120, log_dir=log_dir) as procs:
         yield dict(kv=f"127.0.0.1:{kv}", rr=f"127.0.0.1:{rr}", memory=f"127.0.0.1:{memory}", metrics=m1,

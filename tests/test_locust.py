@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_locust_headless_run_against_the_default_model_has_requests_and_no_failures(tmp_path):
-    memory, compute, gateway, m1, m2 = free_ports(5)
-    services = local_services(memory, (compute,), gateway, m1, m2)  # the default model and settings
+    memory, compute, gateway, m1, m2, http = free_ports(6)
+    services = local_services(memory, (compute,), gateway, m1, m2, gateway_http_port=http)  # the default model and settings
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)):
         env = {k: v for k, v in os.environ.items() if k != "MAX_NEW_TOKENS"}
         subprocess.run(

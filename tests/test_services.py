@@ -25,8 +25,9 @@ COMPUTE_SETTINGS = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    memory, c1, c2, gateway, m1, m2 = free_ports(6)
-    services = local_services(memory, (c1, c2), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS)
+    memory, c1, c2, gateway, m1, m2, http = free_ports(7)
+    services = local_services(memory, (c1, c2), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS,
+                              gateway_http_port=http)
     services[-1].settings["max_in_flight"] = "20"
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path_factory.mktemp("logs"))) as procs:
         yield dict(gateway=f"127.0.0.1:{gateway}", memory=f"127.0.0.1:{memory}", procs=procs)
@@ -208,8 +209,9 @@ def test_full_gateway_answers_resource_exhausted(stack):
 
 
 def test_dead_compute_replica_gives_unavailable(tmp_path):
-    memory, compute, gateway, m1, m2 = free_ports(5)
-    services = local_services(memory, (compute,), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS)
+    memory, compute, gateway, m1, m2, http = free_ports(6)
+    services = local_services(memory, (compute,), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS,
+                              gateway_http_port=http)
     services[-1].settings["replica_wait_s"] = "2"  # how long a request waits for a replica to come back
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)) as procs:
         os.killpg(procs[1].pid, signal.SIGKILL)

@@ -1,0 +1,84 @@
+"""API keys for the gateway's public listeners: one check, used by the gRPC interceptor and the
+HTTP front alike.
+
+Keys come from `api_keys_file` (one key a line; blank lines and `#` comments skipped) and the
+comma-separated `api_keys` setting (`GATEWAY_API_KEYS`). No keys = open, as before. A client
+sends `authorization: Bearer <key>` (gRPC metadata or HTTP header; `x-api-key: <key>` is also
+accepted, as some tools send it). Health checks and Prometheus metrics stay open: load balancers
+and scrapers carry no keys, and neither shows a prompt or a token.
+"""
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import grpc
+
+# gRPC methods that need no key: health (probes) and reflection (grpcurl's discovery).
+OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ApiKeys:
+    def __init__(self, keys: list[str]) -> None:
+        self._keys = [k.encode() for k in keys]
+
+    @classmethod
+    def load(cls, keys_file: str = "", keys: str = "") -> "ApiKeys":
+        found = [k.strip() for k in keys.split(",") if k.strip()]
+        if keys_file:
+            lines = Path(keys_file).read_text().splitlines()
+            found += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        return cls(found)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def allows(self, authorization: str | None, x_api_key: str | None = None) -> bool:
+        """Whether a request carrying these headers may pass (always, with no keys configured).
+        Constant-time comparison against every key."""
+        if not self._keys:
+            return True
+        presented = x_api_key or ""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            presented = value.strip() if scheme.lower() == "bearer" else ""
+        given = presented.encode()
+        return any(hmac.compare_digest(given, key) for key in self._keys)  # no early exit: constant time
+
+
+class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for a call to a keyed method without a valid key."""
+
+    def __init__(self, keys: ApiKeys) -> None:
+        self.keys = keys
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_GRPC_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if self.keys.allows(metadata.get("authorization"), metadata.get("x-api-key")):
+            return handler
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that ends the call UNAUTHENTICATED."""
+    message = "missing or invalid API key: send metadata 'authorization: Bearer <key>'"
+
+    async def refuse_unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # an async generator, as a streaming handler must be
+
+    codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse_unary, **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse_unary, **codec)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, **codec)

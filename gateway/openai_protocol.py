@@ -1,0 +1,201 @@
+"""OpenAI's completions and chat-completions requests and answers, as our core's terms.
+
+Parsing (pydantic, strict types, unknown fields refused as OpenAI does) turns a JSON body into a
+`ClientRequest`; the builders below turn the core's TokenChunks and Completions into OpenAI's
+JSON objects. Value rules (ranges, context length) are the core's own validation
+(common.sampling_params), not repeated here: the front only renames the field at fault
+(`param_name`) so an error names the field the client sent.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from common.sampling_params import FieldError, SamplingParams, TokenLogprobs
+from common.tokenizer import Tokenizer
+from gateway.chat_template import END_OF_TURN, ChatMessage, render
+from gateway.core import ClientRequest, Completion
+
+# Our finish reasons as OpenAI's (an EOS token is a natural stop, as OpenAI reports it).
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str | None = None  # None = the served model
+    temperature: float | None = None  # OpenAI's default 1
+    top_p: float | None = None
+    top_k: int | None = None  # extension, as vLLM
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None  # accepted, not used (OpenAI's abuse-monitoring id)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # extension, as vLLM
+    cache_salt: str = ""  # extension, as vLLM: prefix-cache namespace
+    # OpenAI fields this server serves at their neutral value only (anything else is refused).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def refuse_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise FieldError(name, f"{name} is not supported by this server; only 0")
+        if self.logit_bias:
+            raise FieldError("logit_bias", "logit_bias is not supported by this server")
+
+    def params(self, max_new_tokens: int, logprobs: int | None, extra_stop: list[str] = ()) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop += [s for s in extra_stop if s not in stop]
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=stop,
+            ignore_eos=self.ignore_eos, n=self.n, cache_salt=self.cache_salt, logprobs=logprobs)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    prompt: Any  # a string, or a list of token ids (checked in `prompt_ids`)
+    max_tokens: int | None = 16  # OpenAI's default; None = up to the context
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None  # neutral only
+    best_of: int | None = None  # neutral only (= n)
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Strict):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def message(self) -> ChatMessage:
+        content = self.content or ""
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return ChatMessage(self.role, content, self.name or "")
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessageIn]
+    max_tokens: int | None = None  # deprecated by OpenAI for max_completion_tokens; either works
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+@dataclass
+class Prepared:
+    """A parsed OpenAI request as the core's request, with what the answer needs."""
+
+    request: ClientRequest
+    prompt_ids: list[int]
+    prompt_text: str
+    param_names: dict[str, str] = field(default_factory=dict)  # core field -> the client's field
+
+    def param_name(self, core_field: str) -> str | None:
+        return self.param_names.get(core_field, core_field) or None
+
+
+def _default_max_tokens(requested: int | None, prompt_ids: list[int], context_length: int) -> int:
+    """Up to the context when the client set no limit (a too-long prompt is then the error)."""
+    return requested if requested is not None else max(context_length - len(prompt_ids), 1)
+
+
+def prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
+    """OpenAI's prompt: a string, a list of token ids, or a one-element list of either."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise FieldError("prompt", "batched prompts are not supported: send one request per prompt")
+    raise FieldError("prompt", "prompt must be a string or a list of token ids")
+
+
+def prepare_completion(body: CompletionRequest, request_id: str, tokenizer: Tokenizer,
+                       context_length: int) -> Prepared:
+    body.refuse_unsupported()
+    if body.suffix:
+        raise FieldError("suffix", "suffix is not supported by this server")
+    if body.best_of not in (None, body.n):
+        raise FieldError("best_of", "best_of is not supported by this server (only equal to n)")
+    if body.echo and body.logprobs is not None:
+        raise FieldError("echo", "echo with logprobs needs the prompt's logprobs, which this server does not compute")
+    ids = prompt_ids(body.prompt, tokenizer)
+    params = body.params(_default_max_tokens(body.max_tokens, ids, context_length), body.logprobs)
+    return Prepared(ClientRequest(ids, params, request_id), ids, tokenizer.decode(ids) if body.echo else "",
+                    {"max_new_tokens": "max_tokens"})
+
+
+def prepare_chat(body: ChatCompletionRequest, request_id: str, tokenizer: Tokenizer, context_length: int) -> Prepared:
+    body.refuse_unsupported()
+    if body.top_logprobs is not None and not body.logprobs:
+        raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+    text = render([m.message() for m in body.messages])
+    ids = tokenizer.encode(text)
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = body.params(_default_max_tokens(limit, ids, context_length), logprobs, [END_OF_TURN])
+    names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+             "logprobs": "top_logprobs", "prompt": "messages"}
+    return Prepared(ClientRequest(ids, params, request_id), ids, text, names)
+
+
+def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
+    completion_tokens = sum(c.completion_tokens for c in completions)
+    cached = max((c.cached_tokens for c in completions), default=0)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[TokenLogprobs],
+                        text_offset: int) -> dict:
+    """The completions API's logprobs object for these tokens; offsets start at `text_offset`."""
+    tokens = [tokenizer.decode([t]) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{tokenizer.decode([t]): v for t, v in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
+    """The chat API's logprobs object: one entry per token, with its bytes."""
+    def entry(token_id: int, value: float) -> dict:
+        return {"token": tokenizer.decode([token_id]), "logprob": value,
+                "bytes": list(tokenizer.token_bytes(token_id))}
+
+    return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for t, lp in zip(token_ids, logprobs)]}
+
+
+def envelope(kind: str, request_id: str, model: str, choices: list[dict], **extra: Any) -> dict:
+    """The outer object every answer and stream chunk shares. kind: text_completion |
+    chat.completion | chat.completion.chunk."""
+    prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
+    return {"id": f"{prefix}-{request_id}", "object": kind, "created": int(time.time()), "model": model,
+            "choices": choices, **extra}
