@@ -79,13 +79,24 @@ def shared_prefix(num_groups: int, prompts_per_group: int, system_prompt_tokens:
 WORKLOADS = {"sharegpt-synth": sharegpt_synth}
 
 
-def served_model_limits(gateway_address: str, timeout_s: float = 30.0) -> ModelLimits:
-    """Ask a running gateway (GetModelInfo) what its model can take."""
+def served_model_limits(gateway_address: str, timeout_s: float = 30.0, api_key: str = "",
+                        tls_ca_file: str = "") -> ModelLimits:
+    """Ask a running gateway what its model can take: GetModelInfo over gRPC (host:port), or
+    GET /v1/models over HTTP (an http:// or https:// address). TLS is verified against
+    `tls_ca_file` when given (a self-signed gateway's certificate), else the system's CAs."""
+    if gateway_address.startswith(("http://", "https://")):
+        import httpx
+
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        card = httpx.get(f"{gateway_address.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s,
+                         verify=tls_ca_file or True).raise_for_status().json()["data"][0]
+        return ModelLimits(card["max_model_len"], card["vocab_size"])
+    from gateway.client import auth_metadata, gateway_channel
     from rpc.v1 import gateway_pb2, gateway_pb2_grpc
 
-    with grpc.insecure_channel(gateway_address) as channel:
+    with gateway_channel(gateway_address, tls_ca_file) as channel:
         info = gateway_pb2_grpc.GatewayStub(channel).GetModelInfo(gateway_pb2.ModelInfoRequest(), timeout=timeout_s,
-                                                                   wait_for_ready=True)
+                                                                   wait_for_ready=True, metadata=auth_metadata(api_key))
     return ModelLimits(info.context_length, info.vocab_size)
 
 

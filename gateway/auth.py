@@ -3,8 +3,8 @@ HTTP front alike.
 
 Keys come from `api_keys_file` (one key a line; blank lines and `#` comments skipped) and the
 comma-separated `api_keys` setting (`GATEWAY_API_KEYS`). No keys = open, as before. A client
-sends `authorization: Bearer <key>` (gRPC metadata or HTTP header; `x-api-key: <key>` is also
-accepted, as some tools send it). Health checks and Prometheus metrics stay open: load balancers
+sends `authorization: Bearer <key>` (gRPC metadata or HTTP header, as OpenAI's clients do).
+Health checks and Prometheus metrics stay open: load balancers
 and scrapers carry no keys, and neither shows a prompt or a token.
 """
 from __future__ import annotations
@@ -34,16 +34,13 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def allows(self, authorization: str | None, x_api_key: str | None = None) -> bool:
-        """Whether a request carrying these headers may pass (always, with no keys configured).
-        Constant-time comparison against every key."""
+    def allows(self, authorization: str | None) -> bool:
+        """Whether a request with this `authorization` header may pass (always, with no keys
+        configured). Constant-time comparison against every key."""
         if not self._keys:
             return True
-        presented = x_api_key or ""
-        if authorization:
-            scheme, _, value = authorization.partition(" ")
-            presented = value.strip() if scheme.lower() == "bearer" else ""
-        given = presented.encode()
+        scheme, _, value = (authorization or "").partition(" ")
+        given = value.strip().encode() if scheme.lower() == "bearer" else b""
         return any(hmac.compare_digest(given, key) for key in self._keys)  # no early exit: constant time
 
 
@@ -58,7 +55,7 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(OPEN_GRPC_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if self.keys.allows(metadata.get("authorization"), metadata.get("x-api-key")):
+        if self.keys.allows(metadata.get("authorization")):
             return handler
         return _refusing(handler)
 

@@ -1,12 +1,14 @@
 """Stream a generation from the gateway and print its timings.
 
     python -m gateway.client "ROMEO:" --max-new-tokens 64 --temperature 0.8 --seed 1
+    python -m gateway.client "ROMEO:" --api-key KEY --tls-ca cert.pem --address host:50050
 Text goes to stdout as it arrives; timings (client-side, vLLM definitions) go to stderr. With
 --n > 1 each sample's text is printed when it ends.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -15,7 +17,22 @@ import grpc
 from rpc.v1 import gateway_pb2_grpc, generate_pb2
 
 
-def stream_generate(address: str, prompt: str | list[int], timeout_s: float = 600, **params):
+def gateway_channel(address: str, tls_ca_file: str = "") -> grpc.Channel:
+    """A channel to the gateway: TLS (verified against the CA/certificate in `tls_ca_file`) when
+    given one, else plaintext."""
+    if tls_ca_file:
+        with open(tls_ca_file, "rb") as ca:
+            return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca.read()))
+    return grpc.insecure_channel(address)
+
+
+def auth_metadata(api_key: str) -> list[tuple[str, str]]:
+    """The call metadata that carries an API key (none without one)."""
+    return [("authorization", f"Bearer {api_key}")] if api_key else []
+
+
+def stream_generate(address: str, prompt: str | list[int], timeout_s: float = 600, *, api_key: str = "",
+                    tls_ca_file: str = "", **params):
     """Yield GenerateResponse messages; params are SamplingParams fields (None = server default)."""
     kwargs = {k: v for k, v in params.items() if v is not None}
     request = generate_pb2.GenerateRequest(params=generate_pb2.SamplingParams(**kwargs))
@@ -23,8 +40,9 @@ def stream_generate(address: str, prompt: str | list[int], timeout_s: float = 60
         request.text = prompt.encode("utf-8")
     else:
         request.token_ids.ids.extend(prompt)
-    with grpc.insecure_channel(address) as channel:
-        yield from gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout_s)
+    with gateway_channel(address, tls_ca_file) as channel:
+        yield from gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout_s,
+                                                                   metadata=auth_metadata(api_key))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, help="samples of the prompt")
     ap.add_argument("--cache-salt", help="prefix-cache namespace (requests share cached blocks only within one)")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""),
+                    help="sent as 'authorization: Bearer <key>' (default: $OPENAI_API_KEY)")
+    ap.add_argument("--tls-ca", default="", help="PEM certificate(s) to verify a TLS gateway against")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     several = (args.n or 1) > 1
@@ -51,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for response in stream_generate(
             args.address, args.prompt, args.timeout, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos or None,
-            n=args.n, cache_salt=args.cache_salt,
+            n=args.n, cache_salt=args.cache_salt, api_key=args.api_key, tls_ca_file=args.tls_ca,
         ):
             if response.HasField("chunk"):
                 texts[response.chunk.index] = texts.get(response.chunk.index, "") + response.chunk.text

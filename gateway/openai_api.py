@@ -172,7 +172,7 @@ def create_app(core: GatewayCore, keys: ApiKeys) -> FastAPI:
         return JSONResponse(error.body(), status_code=exc.status_code)
 
     def authorize(request: Request) -> None:
-        if not keys.allows(request.headers.get("authorization"), request.headers.get("x-api-key")):
+        if not keys.allows(request.headers.get("authorization")):
             raise OpenAIError("UNAUTHENTICATED", "missing or invalid API key: send 'Authorization: Bearer <key>'",
                               code="invalid_api_key")
 
@@ -198,7 +198,9 @@ def create_app(core: GatewayCore, keys: ApiKeys) -> FastAPI:
         try:
             first = await _until_disconnect(request, anext(events, None))
         except GatewayError as exc:
-            raise OpenAIError(exc.status, exc.message, prepared.param_name(exc.field) if exc.field else None) from None
+            param = prepared.param_name(exc.field) if exc.field else None
+            message = exc.message.replace(exc.field, param) if exc.field and param else exc.message
+            raise OpenAIError(exc.status, message, param) from None
         if first is None:  # the client left before the first token: generate() was cancelled
             await events.aclose()
             return Response(status_code=499)
@@ -221,7 +223,8 @@ def create_app(core: GatewayCore, keys: ApiKeys) -> FastAPI:
         authorize(request)
         info = _model_info(core)
         return {"object": "list", "data": [{"id": info.model, "object": "model", "created": 0,
-                                            "owned_by": "paged-nanogpt", "max_model_len": info.context_length}]}
+                                            "owned_by": "paged-nanogpt", "max_model_len": info.context_length,
+                                            "vocab_size": info.vocab_size}]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
