@@ -35,9 +35,9 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
+from bench.transports import BACKENDS, Transports, paired_run, report_pairs
 from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length, served_model_limits, shared_prefix
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
-from rpc.v1 import gateway_pb2_grpc, generate_pb2
 
 RESULTS = Path(__file__).parent / "results" / "serving_results.csv"
 
@@ -62,37 +62,12 @@ def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[f
     return np.cumsum(gaps).tolist()
 
 
-async def one_request(stub, req: Request, record: RequestRecord, progress: tqdm) -> None:
-    message = generate_pb2.GenerateRequest(
-        token_ids=generate_pb2.TokenIds(ids=req.prompt_token_ids),
-        params=generate_pb2.SamplingParams(max_new_tokens=req.output_len, temperature=0, ignore_eos=True),
-    )
-    start = last = time.perf_counter()
-    try:
-        async for response in stub.Generate(message, timeout=3600):
-            if response.HasField("chunk") and response.chunk.token_ids:
-                now = time.perf_counter()
-                if record.output_tokens == 0:
-                    record.ttft = now - start
-                else:
-                    record.itl.append(now - last)
-                last = now
-                record.output_tokens += len(response.chunk.token_ids)
-            elif response.HasField("complete"):
-                done = response.complete
-                record.replica, record.prompt_tokens, record.cached_tokens = \
-                    done.replica, done.prompt_tokens, done.cached_tokens
-        record.e2el = last - start
-    except grpc.aio.AioRpcError as exc:
-        record.error = exc.code().name
-    progress.update(1)
-
-
-async def run_load(address: str, requests: list[Request], rate: float, burstiness: float, seed: int):
+async def run_load(gateway: str, http_url: str, requests: list[Request], rate: float, burstiness: float, seed: int,
+                   backend: str = "grpc"):
+    """Open-loop arrivals, each request streamed over `backend` (grpc | openai-http)."""
     offsets = arrival_offsets(len(requests), rate, burstiness, seed)
     records = [RequestRecord() for _ in requests]
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
+    async with Transports(gateway, http_url) as transports:
         with tqdm(total=len(requests), desc=f"rate {rate}", unit="req") as progress:
             start = time.perf_counter()
             tasks = []
@@ -100,7 +75,7 @@ async def run_load(address: str, requests: list[Request], rate: float, burstines
                 delay = start + offset - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one_request(stub, req, rec, progress)))
+                tasks.append(asyncio.create_task(transports.send(backend, req, rec, progress)))
             await asyncio.gather(*tasks)
             wall = time.perf_counter() - start
     return records, wall
@@ -126,8 +101,8 @@ def summarize(records: list[RequestRecord], requests: list[Request], wall: float
     return row
 
 
-def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: str) -> tuple[str, list[str]]:
-    """Memory, --replicas computes and the gateway on free ports; returns the gateway's address
+def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: str) -> tuple[str, list[str], str]:
+    """Memory, --replicas computes and the gateway on free ports; returns the gateway's gRPC address
     and the replicas'."""
     from deploy.run_local import running_stack
     from deploy.services import free_ports, local_services
@@ -147,7 +122,7 @@ def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: 
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = threads
-    return f"127.0.0.1:{gateway}", [f"127.0.0.1:{c}" for c in computes]
+    return f"127.0.0.1:{gateway}", [f"127.0.0.1:{c}" for c in computes], f"http://127.0.0.1:{http}"
 
 
 def compute_info(address: str) -> compute_pb2.InfoResponse:
@@ -215,18 +190,45 @@ def write_row(row: dict, path: Path = RESULTS) -> None:
 @functools.lru_cache(maxsize=4)
 def draw_requests(workload: str, num_requests: int, seed: int, limits: ModelLimits,
                   shape: tuple[int, ...] = ()) -> list[Request]:
-    """The workload's requests; `shape` = (groups, per group, system, question, new tokens) for
-    shared-prefix."""
-    if workload == "shared-prefix":  # num_groups x prompts_per_group requests (--num-requests does not apply)
-        system, question, new = shape[2:]
+    """The workload's requests; `shape` = (groups, per group, system, question, new tokens, prompt
+    tokens) for shared-prefix and fixed."""
+    if workload == "fixed":  # every request: --prompt-tokens random tokens, --new-tokens out
+        requests = fixed_length(num_requests, shape[5], shape[4], seed=seed)
+    elif workload == "shared-prefix":  # num_groups x prompts_per_group requests (--num-requests does not apply)
+        system, question, new = shape[2:5]
         if system + question + new > limits.context_length:
             raise ValueError(f"shared-prefix requests of {system + question + new} tokens do not fit the served "
                              f"model's context ({limits.context_length})")
-        requests = shared_prefix(*shape, seed=seed, vocab_size=limits.vocab_size)
+        requests = shared_prefix(*shape[:5], seed=seed, vocab_size=limits.vocab_size)
     else:
         requests = WORKLOADS[workload](num_requests, seed=seed, limits=limits)
     print(f"workload {workload} for context {limits.context_length} - {describe(requests)}")
     return requests
+
+
+def workload_shape(args: argparse.Namespace) -> tuple[int, ...]:
+    return (args.num_groups, args.prompts_per_group, args.system_prompt_tokens, args.question_tokens,
+            args.new_tokens, args.prompt_tokens)
+
+
+def compare_transports(args: argparse.Namespace) -> None:
+    """--backend both: what the HTTP front adds to gRPC, measured on one stack (bench.transports)."""
+    with ExitStack() as stack:
+        if args.address:
+            gateway, http_url = args.address, args.http_address
+        else:
+            gateway, _, http_url = start_stack(stack, args, args.modes[0], args.routing[0])
+        requests = draw_requests(args.workload, args.num_requests, args.seed, served_model_limits(gateway),
+                                 workload_shape(args))
+        gap = 0.0 if math.isinf(args.request_rate) else 1.0 / args.request_rate
+
+        async def run() -> dict:
+            async with Transports(gateway, http_url) as transports:
+                await paired_run(transports, fixed_length(4, 40, 4, seed=args.seed + 999), 0.0, RequestRecord)  # warm-up
+                return await paired_run(transports, requests, gap, RequestRecord)
+
+        records = asyncio.run(run())
+    report_pairs(records)
 
 
 def bench_one(args, mode: str, rate: float, routing: str = "") -> tuple[dict, list[Request]]:
@@ -234,22 +236,22 @@ def bench_one(args, mode: str, rate: float, routing: str = "") -> tuple[dict, li
     routing = routing or args.routing[0]
     with ExitStack() as stack:
         if args.address:
-            gateway, computes = args.address, []
+            gateway, computes, http_url = args.address, [], args.http_address
         else:
-            gateway, computes = start_stack(stack, args, mode, routing)
-        shape = (args.num_groups, args.prompts_per_group, args.system_prompt_tokens, args.question_tokens,
-                 args.new_tokens)
-        requests = draw_requests(args.workload, args.num_requests, args.seed, served_model_limits(gateway), shape)
+            gateway, computes, http_url = start_stack(stack, args, mode, routing)
+        requests = draw_requests(args.workload, args.num_requests, args.seed, served_model_limits(gateway),
+                                 workload_shape(args))
         # Warm-up on prompts that share nothing with the workload: no measured prompt is cached by it.
-        asyncio.run(run_load(gateway, fixed_length(2 * max(len(computes), 1), 40, 4, seed=args.seed + 999),
-                             math.inf, 1.0, args.seed))
+        asyncio.run(run_load(gateway, http_url, fixed_length(2 * max(len(computes), 1), 40, 4, seed=args.seed + 999),
+                             math.inf, 1.0, args.seed, args.backend))
         before = [compute_info(c) for c in computes]
-        records, wall = asyncio.run(run_load(gateway, requests, rate, args.burstiness, args.seed))
+        records, wall = asyncio.run(run_load(gateway, http_url, requests, rate, args.burstiness, args.seed,
+                                             args.backend))
         after = [compute_info(c) for c in computes]
     row = dict(timestamp_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=args.model,
                mode=mode, workload=args.workload, num_requests=len(requests), request_rate=rate,
                burstiness=args.burstiness, kv_budget_tokens=args.kv_budget_tokens, replicas=max(len(computes), 1),
-               routing=routing, **summarize(records, requests, wall))
+               routing=routing, backend=args.backend, **summarize(records, requests, wall))
     for b, a in zip(before, after):
         print(f"compute replica {a.replica}: {a.num_schedule_rounds - b.num_schedule_rounds} steps, "
               f"{a.num_preemptions - b.num_preemptions} preemptions, "
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--request-rate", type=float, default=math.inf)
     ap.add_argument("--burstiness", type=float, default=1.0)
     ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--workload", default="sharegpt-synth", choices=sorted([*WORKLOADS, "shared-prefix"]))
+    ap.add_argument("--workload", default="sharegpt-synth", choices=sorted([*WORKLOADS, "shared-prefix", "fixed"]))
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="fixed: prompt tokens of each request")
     ap.add_argument("--num-groups", type=int, default=16, help="shared-prefix: system prompts")
     ap.add_argument("--prompts-per-group", type=int, default=8)
     ap.add_argument("--system-prompt-tokens", type=int, default=768)
@@ -297,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="the gateway's routing policies to run (comma-separated): kv-aware, least-loaded, round-robin")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--address", default="", help="a running gateway; empty = start a stack")
+    ap.add_argument("--http-address", default="http://127.0.0.1:8000", help="its HTTP front (with --address)")
+    ap.add_argument("--backend", default="grpc", choices=BACKENDS,
+                    help="transport to the gateway; both = the paired gRPC vs HTTP comparison (bench/transports.py)")
     ap.add_argument("--model", default="dummy:gpt2")
     ap.add_argument("--modes", default="paged", type=lambda s: s.split(","))
     ap.add_argument("--kv-budget-tokens", type=int, default=4096)
@@ -307,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="rounds of (services, in-process), alternating which goes first")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.backend == "both":
+        compare_transports(args)
+        return
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
     by_arm: dict[tuple[str, str], list[dict]] = {}
     for mode in args.modes:

@@ -115,8 +115,10 @@ class _Answer:
         self.texts[i] += event.text
         self.token_ids[i] += event.token_ids
         self.logprobs[i] += event.logprobs
-        if not event.text and not (self.want_logprobs and event.token_ids):
-            return None  # text held back (a split character, a possible stop string)
+        if not event.text and not event.token_ids:
+            return None
+        # A token whose text is held back (half a UTF-8 character, a possible stop string) is still
+        # sent, with empty text: the client sees every token when it is made, as over gRPC.
         logprobs = self._logprobs(event.token_ids, event.logprobs, offset)
         if self.chat:
             return {"index": i, "delta": {"content": event.text}, "logprobs": logprobs, "finish_reason": None}
