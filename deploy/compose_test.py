@@ -5,7 +5,7 @@ debootstrap (no registry needed), build the project image with the CPU torch whe
 folder, then drive the compose file with Docker's own `docker-compose` (1.29, Debian) talking to
 `podman system service` through DOCKER_HOST: `up -d` (start-up ordered by service_healthy), stream
 a generation through the published gateway port with the project's client and compare it with
-the in-process engine, `up -d --scale compute=2` and check both replicas serve (the gateway is not
+the in-process engine (and the same text from POST /v1/completions on the published port 8000), `up -d --scale compute=2` and check both replicas serve (the gateway is not
 restarted: it discovers the new replica through the memory service), then `down` and
 delete everything. Container storage lives in a temporary folder, never the machine's default.
 Podman runs healthchecks from systemd timers, and there is no systemd here: a thread of this
@@ -167,6 +167,17 @@ def generate_through_gateway(times: int = 4, vary: bool = False) -> tuple[list[i
     return tokens, replicas
 
 
+def http_completion_text() -> str:
+    """The same greedy generation through the published OpenAI HTTP port (8000)."""
+    import urllib.request
+
+    body = json.dumps({"prompt": PROMPT, "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}).encode()
+    request = urllib.request.Request("http://127.0.0.1:8000/v1/completions", data=body,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)["choices"][0]["text"]
+
+
 def in_process_tokens() -> list[int]:
     from compute_service.engine import InferenceEngine
     from common.sampling_params import SamplingParams
@@ -195,6 +206,11 @@ def main() -> int:
         tokens, replicas = generate_through_gateway()
         expected = in_process_tokens()
         assert tokens == expected, f"gateway tokens {tokens} != in-process {expected}"
+        from common.tokenizer import get_tokenizer
+
+        http_text = http_completion_text()
+        assert http_text == get_tokenizer().decode(expected), f"HTTP text {http_text!r} != gRPC's"
+        print("HTTP /v1/completions on the published port 8000: the same text")
         print(f"one replica ({DEFAULT_MODEL}): tokens match the in-process engine; served by {replicas}")
         podman.compose("up", "-d", "--scale", "compute=2")
         wait_healthy(podman, ["compute"], count=2)

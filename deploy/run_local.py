@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "--temperature", "0.8", "--seed", "1", "--address", f"127.0.0.1:{gateway.port}"],
                                check=True)
             if not args.no_wait:
-                print(f"\n[run] gateway on 127.0.0.1:{gateway.port} (metrics :{gateway.settings['metrics_port']}). "
+                print(f"\n[run] gateway on 127.0.0.1:{gateway.port} (gRPC), http://127.0.0.1:"
+                      f"{gateway.settings['http_port']}/v1 (OpenAI API), metrics :{gateway.settings['metrics_port']}. "
                       "Ctrl-C stops everything.", file=sys.stderr)
                 while True:
                     time.sleep(3600)

@@ -60,7 +60,7 @@ def test_only_the_gateway_is_published_and_startup_is_ordered(compose):
     assert compose["networks"]["internal"]["internal"] is True
     for name in ("memory", "compute"):
         assert "ports" not in services[name] and services[name]["networks"] == ["internal"]
-    assert sorted(services["gateway"]["ports"]) == ["50050:50050", "9100:9100"]
+    assert sorted(services["gateway"]["ports"]) == ["50050:50050", "8000:8000", "9100:9100"]
     assert services["compute"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
     assert services["gateway"]["depends_on"] == {"compute": {"condition": "service_healthy"}}
     assert services["gateway"]["environment"]["GATEWAY_COMPUTE_ADDRESSES"] == "", "compose discovers its replicas"
