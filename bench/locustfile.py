@@ -144,7 +144,7 @@ class OpenAIHttpUser(_GatewayUser):
                             error = RuntimeError(f"{event['error']['type']}: {event['error']['message']}")
                         elif event.get("usage"):
                             tokens = event["usage"]["completion_tokens"]
-                        elif not first_text and any(c.get("text") for c in event["choices"]):
+                        elif not first_text and any(c["finish_reason"] is None for c in event["choices"]):
                             self._fire("Generate TTFT", start, 0, None)
                             first_text = True
         except requests.RequestException as exc:

@@ -63,11 +63,11 @@ def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[f
 
 
 async def run_load(gateway: str, http_url: str, requests: list[Request], rate: float, burstiness: float, seed: int,
-                   backend: str = "grpc"):
+                   backend: str = "grpc", credentials: tuple[str, str] = ("", "")):
     """Open-loop arrivals, each request streamed over `backend` (grpc | openai-http)."""
     offsets = arrival_offsets(len(requests), rate, burstiness, seed)
     records = [RequestRecord() for _ in requests]
-    async with Transports(gateway, http_url) as transports:
+    async with Transports(gateway, http_url, *credentials) as transports:
         with tqdm(total=len(requests), desc=f"rate {rate}", unit="req") as progress:
             start = time.perf_counter()
             tasks = []
@@ -218,12 +218,12 @@ def compare_transports(args: argparse.Namespace) -> None:
             gateway, http_url = args.address, args.http_address
         else:
             gateway, _, http_url = start_stack(stack, args, args.modes[0], args.routing[0])
-        requests = draw_requests(args.workload, args.num_requests, args.seed, served_model_limits(gateway),
-                                 workload_shape(args))
+        limits = served_model_limits(gateway, api_key=args.api_key, tls_ca_file=args.tls_ca)
+        requests = draw_requests(args.workload, args.num_requests, args.seed, limits, workload_shape(args))
         gap = 0.0 if math.isinf(args.request_rate) else 1.0 / args.request_rate
 
         async def run() -> dict:
-            async with Transports(gateway, http_url) as transports:
+            async with Transports(gateway, http_url, args.api_key, args.tls_ca) as transports:
                 await paired_run(transports, fixed_length(4, 40, 4, seed=args.seed + 999), 0.0, RequestRecord)  # warm-up
                 return await paired_run(transports, requests, gap, RequestRecord)
 
@@ -239,14 +239,14 @@ def bench_one(args, mode: str, rate: float, routing: str = "") -> tuple[dict, li
             gateway, computes, http_url = args.address, [], args.http_address
         else:
             gateway, computes, http_url = start_stack(stack, args, mode, routing)
-        requests = draw_requests(args.workload, args.num_requests, args.seed, served_model_limits(gateway),
-                                 workload_shape(args))
+        limits = served_model_limits(gateway, api_key=args.api_key, tls_ca_file=args.tls_ca)
+        requests = draw_requests(args.workload, args.num_requests, args.seed, limits, workload_shape(args))
         # Warm-up on prompts that share nothing with the workload: no measured prompt is cached by it.
         asyncio.run(run_load(gateway, http_url, fixed_length(2 * max(len(computes), 1), 40, 4, seed=args.seed + 999),
-                             math.inf, 1.0, args.seed, args.backend))
+                             math.inf, 1.0, args.seed, args.backend, (args.api_key, args.tls_ca)))
         before = [compute_info(c) for c in computes]
         records, wall = asyncio.run(run_load(gateway, http_url, requests, rate, args.burstiness, args.seed,
-                                             args.backend))
+                                             args.backend, (args.api_key, args.tls_ca)))
         after = [compute_info(c) for c in computes]
     row = dict(timestamp_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=args.model,
                mode=mode, workload=args.workload, num_requests=len(requests), request_rate=rate,
@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--address", default="", help="a running gateway; empty = start a stack")
     ap.add_argument("--http-address", default="http://127.0.0.1:8000", help="its HTTP front (with --address)")
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""), help="for a gateway with API keys")
+    ap.add_argument("--tls-ca", default="", help="PEM certificate to verify a TLS gateway (with --address)")
     ap.add_argument("--backend", default="grpc", choices=BACKENDS,
                     help="transport to the gateway; both = the paired gRPC vs HTTP comparison (bench/transports.py)")
     ap.add_argument("--model", default="dummy:gpt2")

@@ -51,7 +51,7 @@ def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: l
     if not rows:
         return result
     logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # (R, vocab)
-    chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows])).squeeze(1).tolist()
+    chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows], device=logprobs.device)).squeeze(1).tolist()
     k = max(params[row].logprobs for row in rows)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
     top_values, top_ids = top_values.tolist(), top_ids.tolist()

@@ -18,12 +18,14 @@ as the play does.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from common.sampling_params import FieldError
 
 END_OF_TURN = "\n\n"
 ROLES = ("system", "developer", "user", "assistant")
+NAME = re.compile(r"[^\n\r:]{1,64}")  # a speaker name cannot end its line or fake another speaker
 
 
 @dataclass
@@ -53,6 +55,9 @@ def render(messages: list[ChatMessage]) -> str:
     for i, message in enumerate(messages):
         if message.role not in ROLES:
             raise FieldError("messages", f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.role!r}")
+        if message.name and not NAME.fullmatch(message.name):
+            raise FieldError("messages", f"messages[{i}].name must be 1-64 characters without a newline or ':' "
+                                         "(it becomes a speaker line)")
         if message.role in ("system", "developer"):
             parts.append(message.content.strip() + END_OF_TURN)
         else:

@@ -1,27 +1,21 @@
-"""OpenAI's completions and chat-completions requests and answers, as our core's terms.
+"""OpenAI's completions and chat-completions requests, in our core's terms.
 
 Parsing (pydantic, strict types, unknown fields refused as OpenAI does) turns a JSON body into a
-`ClientRequest`; the builders below turn the core's TokenChunks and Completions into OpenAI's
-JSON objects. Value rules (ranges, context length) are the core's own validation
+`ClientRequest` (gateway/openai_answer.py builds the answers). Value rules (ranges, context length) are the core's own validation
 (common.sampling_params), not repeated here: the front only renames the field at fault
 (`param_name`) so an error names the field the client sent.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from common.sampling_params import FieldError, SamplingParams, TokenLogprobs
+from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams
 from common.tokenizer import Tokenizer
 from gateway.chat_template import END_OF_TURN, ChatMessage, render
-from gateway.core import ClientRequest, Completion
-
-# Our finish reasons as OpenAI's (an EOS token is a natural stop, as OpenAI reports it).
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
-
+from gateway.core import ClientRequest
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -58,7 +52,11 @@ class _Common(_Strict):
 
     def params(self, max_new_tokens: int, logprobs: int | None, extra_stop: list[str] = ()) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        stop += [s for s in extra_stop if s not in stop]
+        extra = [s for s in extra_stop if s not in stop]
+        if extra and len(stop) + len(extra) > MAX_STOP_STRINGS:
+            raise FieldError("stop", f"chat requests take at most {MAX_STOP_STRINGS - len(extra)} stop strings: the "
+                             f"chat template's end of turn {END_OF_TURN!r} is one of the {MAX_STOP_STRINGS}")
+        stop += extra
         return SamplingParams(
             max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=stop,
@@ -161,41 +159,3 @@ def prepare_chat(body: ChatCompletionRequest, request_id: str, tokenizer: Tokeni
     names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
              "logprobs": "top_logprobs", "prompt": "messages"}
     return Prepared(ClientRequest(ids, params, request_id), ids, text, names)
-
-
-def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
-    completion_tokens = sum(c.completion_tokens for c in completions)
-    cached = max((c.cached_tokens for c in completions), default=0)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[TokenLogprobs],
-                        text_offset: int) -> dict:
-    """The completions API's logprobs object for these tokens; offsets start at `text_offset`."""
-    tokens = [tokenizer.decode([t]) for t in token_ids]
-    offsets = []
-    for token in tokens:
-        offsets.append(text_offset)
-        text_offset += len(token)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{tokenizer.decode([t]): v for t, v in lp.top} for lp in logprobs],
-            "text_offset": offsets}
-
-
-def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
-    """The chat API's logprobs object: one entry per token, with its bytes."""
-    def entry(token_id: int, value: float) -> dict:
-        return {"token": tokenizer.decode([token_id]), "logprob": value,
-                "bytes": list(tokenizer.token_bytes(token_id))}
-
-    return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
-                        for t, lp in zip(token_ids, logprobs)]}
-
-
-def envelope(kind: str, request_id: str, model: str, choices: list[dict], **extra: Any) -> dict:
-    """The outer object every answer and stream chunk shares. kind: text_completion |
-    chat.completion | chat.completion.chunk."""
-    prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
-    return {"id": f"{prefix}-{request_id}", "object": kind, "created": int(time.time()), "model": model,
-            "choices": choices, **extra}

@@ -126,12 +126,12 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
-async def start_http(core: GatewayCore, keys: ApiKeys, config: GatewayConfig) -> tuple[_HttpServer, asyncio.Task]:
+async def start_http(app, config: GatewayConfig) -> tuple[_HttpServer, asyncio.Task]:
     """The OpenAI-compatible front, listening once this returns (RuntimeError if it cannot)."""
     http = _HttpServer(uvicorn.Config(
-        create_app(core, keys), host=config.host, port=config.http_port, log_level="warning", access_log=False,
+        app, host=config.host, port=config.http_port, log_level="warning", access_log=False,
         lifespan="off", ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
-        timeout_graceful_shutdown=int(config.drain_timeout_s)))
+        timeout_graceful_shutdown=config.drain_timeout_s))
     task = asyncio.create_task(http.serve())
     while not http.started:
         if task.done():
@@ -147,7 +147,8 @@ async def serve(config: GatewayConfig) -> None:
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
     port = bind(server, config.host, config.port, config.tls_cert_file, config.tls_key_file)
     await server.start()  # health answers NOT_SERVING until a replica has told us the model
-    http = await start_http(core, keys, config) if config.http_port else None  # /health: 503 until then
+    app = create_app(core, keys)
+    http = await start_http(app, config) if config.http_port else None  # /health: 503 until a replica answers
     scheme = "https" if config.tls_cert_file else "http"
     log.info("gateway listening on %s:%d (gRPC%s)%s, API keys %s; waiting for compute at %s (routing %s)",
              config.host, port, ", TLS" if config.tls_cert_file else "",
@@ -164,6 +165,7 @@ async def serve(config: GatewayConfig) -> None:
     await until_stop_signal()
     # Drain: leave the load balancer's rotation, refuse new calls, let streams finish.
     await set_serving(health, [SERVICE], serving=False)
+    app.state.draining = True
     log.info("stopping: %d stream(s) in flight get up to %.0f s", core.num_in_flight, config.drain_timeout_s)
     if http is not None:
         http[0].should_exit = True  # stops accepting; open responses get up to drain_timeout_s

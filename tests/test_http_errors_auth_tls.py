@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import json
 import subprocess
+import threading
 import time
 
 import grpc
@@ -77,6 +78,8 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 9}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
+    ({"messages": [{"role": "user", "name": "Romeo\nJULIET", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d"]}, "stop"),
 ]
 
 
@@ -105,6 +108,7 @@ def test_api_keys_on_http_and_grpc_and_open_health_and_metrics(stack):
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": FILE_KEY}, {"x-api-key": FILE_KEY}):
         assert_error(httpx.post(url, json=body, headers=headers), 401, None, "invalid_api_key")
     assert_error(httpx.get(f"{stack['http']}/v1/models"), 401, None, "invalid_api_key")
+    assert_error(httpx.post(url, content=b"{not json"), 401, None, "invalid_api_key")  # the key comes first
     for key in (FILE_KEY, ENV_KEY):
         assert httpx.post(url, json=body, headers={"authorization": f"Bearer {key}"}).status_code == 200
     assert httpx.get(f"{stack['http']}/health").json()["status"] == "ok"
@@ -250,3 +254,27 @@ def test_tls_round_trip_on_grpc_and_https(stack, tmp_path):
         assert httpx.get(f"https://127.0.0.1:{http}/health", verify=cert).status_code == 200
     finally:
         stop_service(proc)
+
+
+def test_a_failure_after_the_first_token_is_openai_json_or_an_error_event(tmp_path):
+    """The only replica dies mid-request and no continuation is allowed: a whole answer is a 503
+    in OpenAI's shape, a stream ends with an error event and [DONE]."""
+    with openai_stack(tmp_path, max_migrations="0", replica_wait_s="1") as s:
+        compute = s["procs"][1]
+        body = {"prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "n": 4}
+        with httpx.Client(headers=AUTH, timeout=60) as client, \
+                client.stream("POST", f"{s['http']}/v1/completions", json={**body, "stream": True}) as streamed:
+            lines = streamed.iter_lines()
+            assert next(lines).startswith("data: ")
+            whole = threading.Thread(target=lambda: results.append(
+                client.post(f"{s['http']}/v1/completions", json=body)))
+            results: list[httpx.Response] = []
+            whole.start()
+            time.sleep(0.5)  # both are generating
+            compute.kill()
+            events = [line for line in lines if line.startswith("data: ")]
+            whole.join(timeout=30)
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2][6:])["error"]
+        assert error["type"] == "service_unavailable_error" and set(error) == {"message", "type", "param", "code"}
+        assert_error(results[0], 503, None)
