@@ -85,11 +85,13 @@ def served_model_limits(gateway_address: str, timeout_s: float = 30.0, api_key: 
     GET /v1/models over HTTP (an http:// or https:// address). TLS is verified against
     `tls_ca_file` when given (a self-signed gateway's certificate), else the system's CAs."""
     if gateway_address.startswith(("http://", "https://")):
+        import ssl
+
         import httpx
 
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         card = httpx.get(f"{gateway_address.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s,
-                         verify=tls_ca_file or True).raise_for_status().json()["data"][0]
+                         verify=ssl.create_default_context(cafile=tls_ca_file or None)).raise_for_status().json()["data"][0]
         return ModelLimits(card["max_model_len"], card["vocab_size"])
     from gateway.client import auth_metadata, gateway_channel
     from rpc.v1 import gateway_pb2, gateway_pb2_grpc

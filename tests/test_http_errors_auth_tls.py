@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import ssl
 import subprocess
 import threading
 import time
@@ -245,13 +246,14 @@ def test_tls_round_trip_on_grpc_and_https(stack, tmp_path):
         with pytest.raises(grpc.RpcError):  # plaintext to a TLS port
             list(stream_generate(address, "ROMEO:", 5, api_key=FILE_KEY, **params))
         client = openai.OpenAI(base_url=f"https://localhost:{http}/v1", api_key=FILE_KEY, max_retries=0,
-                               http_client=httpx.Client(verify=cert))
+                               http_client=httpx.Client(verify=ssl.create_default_context(cafile=cert)))
         answer = client.completions.create(model="dummy:tiny", prompt="ROMEO:", max_tokens=12, temperature=0,
                                            extra_body={"ignore_eos": True})
         assert answer.choices[0].text == text(in_clear)
         with pytest.raises(httpx.TransportError):  # an unverified server is refused
             httpx.get(f"https://localhost:{http}/health")
-        assert httpx.get(f"https://127.0.0.1:{http}/health", verify=cert).status_code == 200
+        assert httpx.get(f"https://127.0.0.1:{http}/health",
+                         verify=ssl.create_default_context(cafile=cert)).status_code == 200
     finally:
         stop_service(proc)
 
