@@ -97,7 +97,7 @@ class MemoryClient:
                                             block_hashes=a.block_hashes) for a in request.allocate],
             fork=[memory_pb2.Fork(parent=str(p), child=str(c)) for p, c in request.fork],
             append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
-            num_waiting=request.num_waiting,
+            num_waiting=request.num_waiting, step=request.step, preempted=[str(s) for s in request.preempted],
         ))
         self._send_seconds = time.perf_counter() - start
 

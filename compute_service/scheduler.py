@@ -72,6 +72,7 @@ class Scheduler:
         self.last_stats: AllocatorStats | None = None
         self._num_free_blocks = config.num_blocks
         self._to_free: dict[str, int] = {}  # seq id -> blocks it returns at the next memory call
+        self._preempted: set[str] = set()  # of those, the ones preempted (not finished)
         self._commits: list[Commit] = []  # blocks of sequences that left, cached before they are freed
         self._in_flight: _Plan | None = None
         self.prefix = (PrefixCacheView(config.block_size, config.cache_namespace, config.num_blocks)
@@ -148,6 +149,12 @@ class Scheduler:
         """The ids this call frees (their blocks were counted as free when it was planned)."""
         ids, self._to_free = list(self._to_free), {}
         return ids
+
+    def _take_preempted(self, freed: list) -> list:
+        """Of the ids a call frees, those freed by preemption (block events tell them apart)."""
+        preempted = [seq_id for seq_id in freed if seq_id in self._preempted]
+        self._preempted.difference_update(freed)
+        return preempted
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._to_free or self._in_flight)
@@ -254,6 +261,7 @@ class Scheduler:
         for seq in reversed(running):  # the last admitted first: they end up at the front in order
             self._preempt(seq)
         self._to_free.clear()  # the old pool is gone, and its blocks with it: nothing to free
+        self._preempted.clear()
         self._commits.clear()
         if self.prefix is not None:
             self.prefix.forget()
@@ -265,6 +273,7 @@ class Scheduler:
         """All or nothing: drop every cached token; the sequence is recomputed from the front
         (with prefix caching, its committed blocks stay cached until evicted: it may hit them)."""
         self._release(seq)
+        self._preempted.add(seq.request_id)
         seq.num_cached_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -289,6 +298,8 @@ class Scheduler:
     # ---- the memory call -----------------------------------------------------------------
     def _send(self, request: StepRequest, plan: _Plan) -> None:
         request.num_waiting = len(self.waiting)  # the replica's load, for routers asking the memory service
+        request.step = self.num_memory_calls  # this replica's step number, as its block events show it
+        request.preempted = self._take_preempted(request.free)
         self.memory.send(request)
         self.num_memory_calls += 1
         self._in_flight = plan

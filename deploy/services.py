@@ -35,13 +35,16 @@ class ServiceSpec:
 def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (50052,), gateway_port: int = 50050,
                    gateway_metrics_port: int = 9100, memory_metrics_port: int = 9101,
                    compute_settings: dict[str, str] | None = None, discovery: bool = True,
-                   gateway_settings: dict[str, str] | None = None, gateway_http_port: int = 8000) -> list[ServiceSpec]:
+                   gateway_settings: dict[str, str] | None = None, gateway_http_port: int = 8000,
+                   memory_http_port: int | None = None) -> list[ServiceSpec]:
     """Memory, then one compute per port, then the gateway, all on loopback. With `discovery`
     the gateway learns the replicas from the memory service (as in compose); else it is given
     their addresses."""
     memory_address = f"127.0.0.1:{memory_port}"
+    if memory_http_port is None:  # the block map on its default port for the default stack; else asked for
+        memory_http_port = 9102 if memory_port == 50051 else 0
     services = [ServiceSpec("memory", "memory", "memory_service.server", memory_port, "rpc.internal.v1.MemoryService",
-                            {"metrics_port": str(memory_metrics_port)})]
+                            {"metrics_port": str(memory_metrics_port), "http_port": str(memory_http_port)})]
     for i, port in enumerate(compute_ports):
         services.append(ServiceSpec(f"compute-{i}" if len(compute_ports) > 1 else "compute", "compute",
                                     "compute_service.server", port, "rpc.internal.v1.ComputeService",

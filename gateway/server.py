@@ -10,9 +10,9 @@ import contextlib
 import logging
 
 import grpc
-import uvicorn
 from prometheus_client import start_http_server
 
+from common.http_server import start_http
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import parse_config
@@ -117,29 +117,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
 
-class _HttpServer(uvicorn.Server):
-    """uvicorn in the gateway's own event loop; the gateway handles SIGTERM/SIGINT itself (and
-    drains both listeners), so uvicorn must not take the signals over."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
-async def start_http(app, config: GatewayConfig) -> tuple[_HttpServer, asyncio.Task]:
-    """The OpenAI-compatible front, listening once this returns (RuntimeError if it cannot)."""
-    http = _HttpServer(uvicorn.Config(
-        app, host=config.host, port=config.http_port, log_level="warning", access_log=False,
-        lifespan="off", ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
-        timeout_graceful_shutdown=config.drain_timeout_s))
-    task = asyncio.create_task(http.serve())
-    while not http.started:
-        if task.done():
-            raise RuntimeError(f"cannot serve HTTP on {config.host}:{config.http_port}")
-        await asyncio.sleep(0.01)
-    return http, task
-
-
 async def serve(config: GatewayConfig) -> None:
     keys = ApiKeys.load(config.api_keys_file, config.api_keys)
     core = GatewayCore(config)
@@ -148,7 +125,8 @@ async def serve(config: GatewayConfig) -> None:
     port = bind(server, config.host, config.port, config.tls_cert_file, config.tls_key_file)
     await server.start()  # health answers NOT_SERVING until a replica has told us the model
     app = create_app(core, keys)
-    http = await start_http(app, config) if config.http_port else None  # /health: 503 until a replica answers
+    http = await start_http(app, config.host, config.http_port, config.tls_cert_file, config.tls_key_file,
+                            config.drain_timeout_s) if config.http_port else None  # /health: 503 until a replica answers
     scheme = "https" if config.tls_cert_file else "http"
     log.info("gateway listening on %s:%d (gRPC%s)%s, API keys %s; waiting for compute at %s (routing %s)",
              config.host, port, ", TLS" if config.tls_cert_file else "",
@@ -168,10 +146,10 @@ async def serve(config: GatewayConfig) -> None:
     app.state.draining = True
     log.info("stopping: %d stream(s) in flight get up to %.0f s", core.num_in_flight, config.drain_timeout_s)
     if http is not None:
-        http[0].should_exit = True  # stops accepting; open responses get up to drain_timeout_s
+        http.stop_accepting()  # open responses get up to drain_timeout_s
     await server.stop(grace=config.drain_timeout_s)
     if http is not None:
-        await http[1]
+        await http.stop()
     await core.close()
 
 

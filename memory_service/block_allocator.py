@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Callable, Hashable
 
 from common.blocks import blocks_to_admit, new_blocks_to_append
 from memory_service.prefix_cache import PrefixCache
@@ -103,6 +103,9 @@ class BlockAllocator:
         self._tokens_stored = 0
         self._seqs: dict[SeqId, _SeqState] = {}
         self.cache = PrefixCache()
+        # Told every change to a block as (kind, fields) (memory_service.events); None = nobody listens.
+        self.listener: Callable[[str, dict], None] | None = None
+        self.step = 0  # the engine step being applied (memory_service.step sets it): events carry it
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -195,6 +198,9 @@ class BlockAllocator:
         state = _SeqState(block_table=table, num_tokens=hit_tokens, num_hit_tokens=hit_tokens)
         self._seqs[seq_id] = state
         self._fill(state, num_tokens - hit_tokens)
+        if self.listener is not None:
+            self.listener("allocate", dict(seq_id=seq_id, blocks=list(table), hits=len(hits), tokens=num_tokens,
+                                           refs=self._refs(table)))
         return list(table)
 
     def commit(self, seq_id: SeqId, first_block: int, block_hashes: list[bytes]) -> None:
@@ -202,15 +208,21 @@ class BlockAllocator:
         `first_block`) has run: make them matchable under their hashes. Blocks already cached
         (a hit, or an earlier commit) and contents another block already holds are skipped."""
         table = self.check_commit(seq_id, first_block, len(block_hashes))
-        for logical, block_hash in enumerate(block_hashes, first_block):
-            self.cache.register(table[logical], block_hash)
+        stored = [(table[logical], block_hash) for logical, block_hash in enumerate(block_hashes, first_block)
+                  if self.cache.register(table[logical], block_hash)]
+        if stored and self.listener is not None:
+            self.listener("BlockStored", dict(seq_id=seq_id, blocks=[b for b, _ in stored],
+                                              hashes=[h.hex() for _, h in stored]))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks start cold with it; vLLM has the same). Blocks in
         use stay with their tables; parked ones become plain free blocks."""
-        for block in self.cache.clear():
+        cleared = self.cache.clear()
+        for block in cleared:
             self._filled[block] = 0
             self._free.append(block)
+        if self.listener is not None:
+            self.listener("AllBlocksCleared", dict(blocks=cleared))
 
     def check_commit(self, seq_id: SeqId, first_block: int, count: int) -> list[int]:
         state = self._state(seq_id)
@@ -248,7 +260,12 @@ class BlockAllocator:
                 self._tokens_stored += self._filled[dst]
                 state.block_table[logical] = dst
                 result.copies.append((src, dst))
+                if self.listener is not None:
+                    self.listener("cow", dict(seq_id=seq_id, src=src, dst=dst, logical=logical,
+                                              refs=self._refs([src, dst])))
         self._fill(state, num_new_tokens)
+        if result.new_blocks and self.listener is not None:
+            self.listener("append", dict(seq_id=seq_id, blocks=list(result.new_blocks), tokens=state.num_tokens))
         return result
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> list[int]:
@@ -259,10 +276,14 @@ class BlockAllocator:
         for block in parent.block_table:
             self._ref_counts[block] += 1
         self._seqs[child_id] = _SeqState(list(parent.block_table), parent.num_tokens)
+        if self.listener is not None:
+            self.listener("fork", dict(seq_id=child_id, parent=parent_id, blocks=list(parent.block_table),
+                                       refs=self._refs(parent.block_table)))
         return list(parent.block_table)
 
-    def free(self, seq_id: SeqId) -> None:
-        """Drop a sequence's table; blocks nobody else references go back to the free list."""
+    def free(self, seq_id: SeqId, reason: str = "finish") -> None:
+        """Drop a sequence's table; blocks nobody else references go back to the free list.
+        `reason` ("finish" or "preempt") only tells the listener why."""
         state = self._seqs.pop(seq_id, None)
         if state is None:
             raise UnknownSequenceError(
@@ -275,8 +296,22 @@ class BlockAllocator:
                 if not self.cache.park(block):  # a cached block keeps its content until evicted
                     self._filled[block] = 0
                     self._free.append(block)
+        if self.listener is not None:
+            self.listener("preempt" if reason == "preempt" else "free",
+                          dict(seq_id=seq_id, blocks=state.block_table, refs=self._refs(state.block_table)))
 
     # ---- internals -----------------------------------------------------------------------
+    def _refs(self, blocks: list[int]) -> list[int]:
+        return [self._ref_counts[b] for b in blocks]
+
+    def snapshot(self) -> dict:
+        """Every live table and every cached (parked) block: what a block map starts from and
+        what an audit checks a replayed log against."""
+        return dict(num_blocks=self.num_blocks, block_size=self.block_size,
+                    tables={str(s): list(st.block_table) for s, st in self._seqs.items()},
+                    tokens={str(s): st.num_tokens for s, st in self._seqs.items()},
+                    cached=self.cache.parked_blocks(), hashed=self.cache.hashed_blocks())
+
     def _state(self, seq_id: SeqId) -> _SeqState:
         try:
             return self._seqs[seq_id]
@@ -289,8 +324,12 @@ class BlockAllocator:
         if self._free:
             block = self._free.popleft()
         else:
+            block_hash = self.cache.hash_of(self.cache.oldest())
             block = self.cache.evict()
             self._filled[block] = 0
+            if self.listener is not None:
+                self.listener("evict", dict(blocks=[block]))
+                self.listener("BlockRemoved", dict(blocks=[block], hashes=[block_hash.hex()]))
         assert self._ref_counts[block] == 0, f"free block {block} still referenced"
         self._ref_counts[block] = 1
         return block

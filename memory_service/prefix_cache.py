@@ -57,6 +57,16 @@ class PrefixCache:
         self._parked[block] = None  # most recently released: evicted last
         return True
 
+    def oldest(self) -> int:
+        """The parked block `evict` would take next."""
+        return next(iter(self._parked))
+
+    def parked_blocks(self) -> list[int]:
+        return list(self._parked)
+
+    def hashed_blocks(self) -> list[int]:
+        return list(self._hash_of)
+
     def unpark(self, block: int) -> None:
         """A parked block is referenced again (a cache hit)."""
         del self._parked[block]

@@ -8,7 +8,9 @@ MemoryServiceConfig).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,6 +20,8 @@ from prometheus_client import Counter, Gauge, start_http_server
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
 from memory_service.block_allocator import AllocatorStats, BlockAllocatorError
+from memory_service.block_map import start_block_map
+from memory_service.events import EventRecorder
 from memory_service.pools import FencedPoolError, Pool, PoolRegistry, ReplicaMatch, UnknownPoolError
 from memory_service.step import Allocation, Commit, StepRequest, apply_step
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
@@ -46,6 +50,9 @@ class MemoryServiceConfig:
     port: int = 50051
     metrics_port: int = 9101  # 0 = no Prometheus endpoint
     lease_ttl_s: float = 5.0  # a pool not heard from for this long is freed and fenced
+    http_port: int = 9102  # the live block map page and its event stream (memory_service/block_map.py); 0 = off
+    event_log: str = ""  # append every block event to this JSON-lines file (continued across restarts)
+    event_ring_size: int = 65536  # recent events kept in memory
 
 
 def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2.PoolStats:
@@ -67,14 +74,24 @@ def replica_match_to_proto(m: ReplicaMatch) -> memory_pb2.ReplicaMatch:
         num_cached_blocks=st.num_cached_blocks)
 
 
+def event_to_proto(event: dict) -> memory_pb2.BlockEvent:
+    common = ("seq", "type", "pool", "replica", "step", "time", "seq_id", "blocks", "refs")
+    return memory_pb2.BlockEvent(
+        seq=event["seq"], type=event["type"], pool_id=event["pool"], replica=event["replica"], step=event["step"],
+        time=event["time"], seq_id=event.get("seq_id", ""), blocks=event.get("blocks", []), refs=event.get("refs", []),
+        detail_json=json.dumps({k: v for k, v in event.items() if k not in common}, separators=(",", ":")))
+
+
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, registry: PoolRegistry) -> None:
+    def __init__(self, registry: PoolRegistry, events: EventRecorder | None = None) -> None:
         self.registry = registry
+        self.events = events or EventRecorder(epoch=registry.epoch)
 
     async def RegisterPool(self, request, context):
         if request.num_blocks == 0 or request.block_size == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be > 0")
         pool_id = self.registry.register(request.num_blocks, request.block_size, request.replica, request.address)
+        self.events.attach(pool_id, request.replica, self.registry.pools[pool_id].allocator)
         log.info("registered %s for replica %r: %d blocks x %d tokens%s", pool_id, request.replica,
                  request.num_blocks, request.block_size, f", serving at {request.address}" if request.address else "")
         self._export(pool_id, self.registry.pools[pool_id])
@@ -107,11 +124,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                       for a in request.allocate],
             fork=[(f.parent, f.child) for f in request.fork],
             append=[(a.seq_id, a.num_new_tokens) for a in request.append],
+            step=request.step, preempted=list(request.preempted),
         )
         try:
             result = apply_step(pool.allocator, step)
         except (BlockAllocatorError, ValueError) as exc:  # a malformed step: nothing of it was applied
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        finally:
+            self.events.flush()
         self._export(request.pool_id, pool, result.stats)  # the step already computed them
         return memory_pb2.StepResponse(
             block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t, hit_tokens=result.hit_tokens.get(s, 0))
@@ -124,6 +144,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def ReleasePool(self, request, context):
         await self._pool(request.pool_id, context)
         pool = self.registry.release(request.pool_id)
+        self.events.detach(request.pool_id, pool.replica, pool.allocator, "released")
+        self.events.flush()
         log.info("released %s (replica %r)", request.pool_id, pool.replica)
         self._unexport(request.pool_id, pool)
         return memory_pb2.ReleasePoolResponse()
@@ -140,11 +162,30 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def expire_leases(self) -> None:
         for pool_id, pool in self.registry.expire():
+            self.events.detach(pool_id, pool.replica, pool.allocator, "expired")
+            self.events.flush()
             st = pool.allocator.stats()
             log.warning("lease of %s (replica %r) ran out: freed %d blocks of %d sequences; the id is fenced",
                         pool_id, pool.replica, st.num_used_blocks, st.num_sequences)
             EXPIRED.inc()
             self._unexport(pool_id, pool)
+
+    async def WatchEvents(self, request, context):
+        subscription = self.events.subscribe(request.max_queue or 4096)
+        try:
+            if request.snapshot:
+                for pool_id, pool in list(self.registry.pools.items()):
+                    yield event_to_proto({**self.snapshot(pool_id, pool), "seq": self.events.seq})
+            while True:
+                yield event_to_proto(await subscription.queue.get())
+        finally:
+            self.events.unsubscribe(subscription)
+
+    def snapshot(self, pool_id: str, pool: Pool) -> dict:
+        """A pool's whole state now, as a `snapshot` event that is not recorded (it numbers as
+        the last event it includes)."""
+        return {"seq": self.events.seq, "type": "snapshot", "pool": pool_id, "replica": pool.replica,
+                "step": pool.allocator.step, "time": time.time(), **pool.allocator.snapshot()}
 
     async def _pool(self, pool_id: str, context) -> Pool:
         try:
@@ -180,21 +221,28 @@ async def _expire_leases_forever(servicer: MemoryServicer, period_s: float) -> N
 async def serve(config: MemoryServiceConfig) -> None:
     server, health = make_server([SERVICE])
     registry = PoolRegistry(config.lease_ttl_s)
-    servicer = MemoryServicer(registry)
+    events = EventRecorder(config.event_ring_size, config.event_log, registry.epoch)
+    servicer = MemoryServicer(registry, events)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     port = bind(server, config.host, config.port)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     await server.start()
+    page = await start_block_map(servicer, config.host, config.http_port) if config.http_port else None
     await set_serving(health, [SERVICE])
     expiry = asyncio.create_task(_expire_leases_forever(servicer, min(0.5, config.lease_ttl_s / 4)))
     log.info("memory service %s listening on %s:%d (lease %.1f s, metrics on :%s)", registry.epoch, config.host, port,
              config.lease_ttl_s, config.metrics_port or "off")
     try:
         await until_stop_signal()
+        for pool_id, pool in registry.pools.items():  # the log ends with every pool's state
+            events.snapshot(pool_id, pool.replica, pool.allocator)
         await server.stop(grace=1.0)
     finally:
         expiry.cancel()
+        if page is not None:
+            await page.stop()
+        events.close()
 
 
 def main(argv: list[str] | None = None) -> None:

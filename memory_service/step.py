@@ -51,6 +51,8 @@ class StepRequest:
     commit: list[Commit] = field(default_factory=list)
     fork: list[tuple[SeqId, SeqId]] = field(default_factory=list)  # (parent, child): child shares every block
     num_waiting: int = 0  # not bookkeeping: the replica's queue length, its load as a router sees it
+    step: int = 0  # the engine's step number, for block events
+    preempted: list[SeqId] = field(default_factory=list)  # of `free`: freed by preemption (events say so)
 
 
 @dataclass
@@ -103,10 +105,12 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
     """Apply one step's commits, frees, allocations, forks and appends, or (malformed request)
     raise having changed nothing."""
     check_step(allocator, request)
+    allocator.step = request.step
     for commit in request.commit:
         allocator.commit(commit.seq_id, commit.first_block, commit.block_hashes)
+    preempted = set(request.preempted)
     for seq_id in request.free:
-        allocator.free(seq_id)
+        allocator.free(seq_id, "preempt" if seq_id in preempted else "finish")
     tables: dict[SeqId, list[int]] = {}
     copies: list[tuple[int, int]] = []
     rejected: list[SeqId] = []

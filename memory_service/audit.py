@@ -1,0 +1,210 @@
+"""Replay a block-event log and check every invariant of the block bookkeeping.
+
+    python -m memory_service.audit EVENTS.jsonl
+
+Checks, per pool: no block owned twice (a block handed out as new while a table still points at
+it), ref counts equal the number of tables that point at each block (every event that reports
+`refs` is compared with the replay), a freed table is the table the replay holds, a cache hit is
+a block that holds a hash, an evicted block is unreferenced and cached, every sequence still
+holding blocks at a `snapshot` is one the memory service lists as live (else its blocks leaked),
+and nothing happens to a pool after it is released or the service restarted. Prints the first
+violation with its event number and step and exits 1; else a summary and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from memory_service.events import read_log
+
+
+class Violation(Exception):
+    pass
+
+
+@dataclass
+class PoolState:
+    num_blocks: int
+    tables: dict[str, list[int]] = field(default_factory=dict)
+    refs: dict[int, int] = field(default_factory=dict)
+    hashed: set[int] = field(default_factory=set)
+
+    def holders(self, block: int) -> list[str]:
+        return [s for s, t in self.tables.items() if block in t]
+
+    def take_new(self, block: int, what: str) -> None:
+        if self.refs.get(block, 0):
+            raise Violation(f"block {block} owned twice: {what} takes it while {self.holders(block)} hold it")
+        self.hashed.discard(block)  # new content (an evicted cached block has been reported first)
+        self.refs[block] = 1
+
+    def check_refs(self, event: dict, blocks: list[int]) -> None:
+        for block, reported in zip(blocks, event.get("refs", [])):
+            counted = sum(t.count(block) for t in self.tables.values())
+            if reported != counted or self.refs.get(block, 0) != counted:
+                raise Violation(f"block {block}: ref count {reported} reported, {counted} tables point at it "
+                                f"({self.holders(block)})")
+
+
+class Auditor:
+    def __init__(self) -> None:
+        self.pools: dict[str, PoolState] = {}
+        self.dead: set[str] = set()
+        self.events = 0
+
+    def apply(self, e: dict) -> None:
+        kind, pool_id = e["type"], e.get("pool", "")
+        self.events += 1
+        if kind == "restart":  # every pool died with the old process
+            self.dead.update(self.pools)
+            self.pools.clear()
+            return
+        if kind == "missed":
+            raise Violation(f"{e['count']} events are missing before this one: the log is incomplete")
+        if pool_id in self.dead:
+            raise Violation(f"{kind} in pool {pool_id}, which was released")
+        if kind == "pool_registered":
+            self.pools[pool_id] = PoolState(e["num_blocks"])
+            return
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            raise Violation(f"{kind} in pool {pool_id!r}, which never registered")
+        getattr(self, "_" + kind, self._unknown)(pool, e)
+        if kind == "pool_released":
+            del self.pools[pool_id]
+            self.dead.add(pool_id)
+
+    def _unknown(self, pool: PoolState, e: dict) -> None:
+        raise Violation(f"unknown event type {e['type']!r}")
+
+    def _allocate(self, pool: PoolState, e: dict) -> None:
+        seq, blocks, hits = e["seq_id"], e["blocks"], e["hits"]
+        if seq in pool.tables:
+            raise Violation(f"sequence {seq} allocated while it already holds {pool.tables[seq]}")
+        for block in blocks[:hits]:
+            if block not in pool.hashed:
+                raise Violation(f"sequence {seq} hit block {block}, which holds no cached prefix")
+            pool.refs[block] = pool.refs.get(block, 0) + 1
+        for block in blocks[hits:]:
+            pool.take_new(block, f"sequence {seq}")
+        pool.tables[seq] = list(blocks)
+        pool.check_refs(e, blocks)
+
+    def _append(self, pool: PoolState, e: dict) -> None:
+        seq = self._live(pool, e)
+        for block in e["blocks"]:
+            pool.take_new(block, f"sequence {seq}")
+        pool.tables[seq] += e["blocks"]
+
+    def _fork(self, pool: PoolState, e: dict) -> None:
+        parent, child = e["parent"], e["seq_id"]
+        if parent not in pool.tables or child in pool.tables:
+            raise Violation(f"fork {parent} -> {child}: parent unknown or child exists")
+        if pool.tables[parent] != e["blocks"]:
+            raise Violation(f"fork of {parent}: table {e['blocks']} reported, {pool.tables[parent]} replayed")
+        for block in e["blocks"]:
+            pool.refs[block] += 1
+        pool.tables[child] = list(e["blocks"])
+        pool.check_refs(e, e["blocks"])
+
+    def _cow(self, pool: PoolState, e: dict) -> None:
+        seq = self._live(pool, e)
+        table, logical, src, dst = pool.tables[seq], e["logical"], e["src"], e["dst"]
+        if logical >= len(table) or table[logical] != src:
+            raise Violation(f"copy-on-write of {seq}: block {src} is not at {logical} in {table}")
+        pool.refs[src] -= 1
+        table[logical] = -1  # while dst is checked, src is not counted for this table
+        pool.take_new(dst, f"copy-on-write of {seq}")
+        table[logical] = dst
+        pool.check_refs(e, [src, dst])
+
+    def _free(self, pool: PoolState, e: dict) -> None:
+        seq = self._live(pool, e)
+        if pool.tables[seq] != e["blocks"]:
+            raise Violation(f"{e['type']} of {seq}: table {e['blocks']} reported, {pool.tables[seq]} replayed")
+        for block in pool.tables.pop(seq):
+            pool.refs[block] -= 1
+        pool.check_refs(e, e["blocks"])
+
+    _preempt = _free
+
+    def _BlockStored(self, pool: PoolState, e: dict) -> None:
+        pool.hashed.update(e["blocks"])
+
+    def _evict(self, pool: PoolState, e: dict) -> None:
+        for block in e["blocks"]:
+            if pool.refs.get(block, 0) or block not in pool.hashed:
+                raise Violation(f"block {block} evicted while referenced by {pool.holders(block)} or not cached")
+
+    def _BlockRemoved(self, pool: PoolState, e: dict) -> None:
+        pool.hashed.difference_update(e["blocks"])
+
+    def _AllBlocksCleared(self, pool: PoolState, e: dict) -> None:
+        pool.hashed.difference_update(e["blocks"])
+
+    def _snapshot(self, pool: PoolState, e: dict) -> None:
+        for seq, table in pool.tables.items():
+            if seq not in e["tables"]:
+                raise Violation(f"sequence {seq} still holds blocks {table}, but the memory service no longer lists "
+                                "it: they leaked")
+            if e["tables"][seq] != table:
+                raise Violation(f"sequence {seq}: table {e['tables'][seq]} at the snapshot, {table} replayed")
+        for seq in e["tables"]:
+            if seq not in pool.tables:
+                raise Violation(f"sequence {seq} is live at the snapshot but was never allocated in the log")
+
+    def _pool_released(self, pool: PoolState, e: dict) -> None:
+        pass  # the whole pool goes: its tables with it (a lease that ran out is a release too)
+
+    @staticmethod
+    def _live(pool: PoolState, e: dict) -> str:
+        if e["seq_id"] not in pool.tables:
+            raise Violation(f"{e['type']} of sequence {e['seq_id']}, which holds no blocks (double free?)")
+        return e["seq_id"]
+
+    def summary(self) -> str:
+        held = sum(len(p.tables) for p in self.pools.values())
+        return (f"{self.events} events, {len(self.pools)} live pool(s), {held} live sequence(s) holding "
+                f"{sum(sum(1 for r in p.refs.values() if r) for p in self.pools.values())} blocks, "
+                f"{len(self.dead)} pool(s) released: every invariant holds")
+
+
+def audit(events: list[dict]) -> tuple[bool, str]:
+    """(ok, message): the first violation with its event number and step, or the summary."""
+    auditor = Auditor()
+    for event in events:
+        try:
+            auditor.apply(event)
+        except Violation as v:
+            return False, f"violation at event {event['seq']} (step {event.get('step', 0)}, pool " \
+                          f"{event.get('pool', '')}, {event['type']}): {v}"
+    return True, auditor.summary()
+
+
+FREE, CACHED, USED, SHARED = range(4)  # as the block map page draws them
+
+
+def replay_states(events: list[dict], upto_seq: int) -> dict[str, list[int]]:
+    """Every live pool's block states after the events numbered up to `upto_seq` (the truth a
+    block map showing that event number must equal)."""
+    auditor = Auditor()
+    for event in events:
+        if event["seq"] > upto_seq:
+            break
+        auditor.apply(event)
+    return {pool_id: [SHARED if pool.refs.get(b, 0) > 1 else USED if pool.refs.get(b, 0) == 1
+                      else CACHED if b in pool.hashed else FREE for b in range(pool.num_blocks)]
+            for pool_id, pool in auditor.pools.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("log", help="a JSON-lines event log (the memory service's --event-log)")
+    ok, message = audit(read_log(ap.parse_args(argv).log))
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
