@@ -298,7 +298,7 @@ class Scheduler:
     # ---- the memory call -----------------------------------------------------------------
     def _send(self, request: StepRequest, plan: _Plan) -> None:
         request.num_waiting = len(self.waiting)  # the replica's load, for routers asking the memory service
-        request.step = self.num_memory_calls  # this replica's step number, as its block events show it
+        request.step = self.num_memory_calls + 1  # this replica's step number (from 1), as its block events show it
         request.preempted = self._take_preempted(request.free)
         self.memory.send(request)
         self.num_memory_calls += 1

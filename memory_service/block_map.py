@@ -43,7 +43,7 @@ def create_app(servicer) -> Starlette:
             try:
                 yield f"event: state\ndata: {json.dumps(first, separators=(',', ':'))}\n\n"
                 while True:
-                    event = await subscription.queue.get()
+                    event = await subscription.get()
                     yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
             finally:
                 servicer.events.unsubscribe(subscription)

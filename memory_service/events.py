@@ -26,20 +26,29 @@ from memory_service.block_allocator import BlockAllocator
 
 
 class Subscription:
-    """One subscriber's bounded queue of events."""
+    """One subscriber's bounded queue of events. When it overflows, events are dropped until the
+    subscriber has read everything queued; it then gets one `missed` event (the count, numbered as
+    the last event it missed) and the events from there on."""
 
     def __init__(self, maxsize: int) -> None:
         self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize)
         self.missed = 0
+        self._last_missed: dict | None = None
 
     def offer(self, event: dict) -> None:
-        if self.missed and self.queue.maxsize - self.queue.qsize() >= 2:
-            self.queue.put_nowait({"seq": event["seq"] - 1, "type": "missed", "count": self.missed})
-            self.missed = 0
         if self.missed or self.queue.full():
             self.missed += 1
+            self._last_missed = event
         else:
             self.queue.put_nowait(event)
+
+    async def get(self) -> dict:
+        if self.missed and self.queue.empty():
+            last, count = self._last_missed, self.missed
+            self.missed, self._last_missed = 0, None
+            return {"seq": last["seq"], "type": "missed", "pool": "", "replica": "", "step": 0, "time": last["time"],
+                    "count": count}
+        return await self.queue.get()
 
 
 class EventRecorder:

@@ -172,12 +172,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def WatchEvents(self, request, context):
         subscription = self.events.subscribe(request.max_queue or 4096)
-        try:
+        try:  # first: from which event on this watcher sees everything
+            yield memory_pb2.BlockEvent(seq=self.events.seq, type="watching", time=time.time())
             if request.snapshot:
                 for pool_id, pool in list(self.registry.pools.items()):
                     yield event_to_proto({**self.snapshot(pool_id, pool), "seq": self.events.seq})
             while True:
-                yield event_to_proto(await subscription.queue.get())
+                yield event_to_proto(await subscription.get())
         finally:
             self.events.unsubscribe(subscription)
 

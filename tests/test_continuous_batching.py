@@ -7,6 +7,8 @@ import pytest
 from common.blocks import blocks_for_tokens, blocks_to_admit
 from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from memory_service.audit import audit
+from memory_service.events import EventRecorder, read_log
 from tests.conftest import hf_greedy, random_prompt
 
 
@@ -19,7 +21,21 @@ def assert_all_blocks_free(engine: InferenceEngine) -> None:
     assert engine.allocator.sequence_ids() == []
 
 
-def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_dir, hf_model):
+def record_events(engine: InferenceEngine, path) -> EventRecorder:
+    recorder = EventRecorder(log_path=str(path))
+    recorder.attach("local", "in-process", engine.allocator)
+    return recorder
+
+
+def assert_log_passes_audit(recorder: EventRecorder, engine: InferenceEngine, path) -> None:
+    """The run's block-event log replays without a violation (memory_service.audit)."""
+    recorder.snapshot("local", "in-process", engine.allocator)
+    recorder.close()
+    ok, message = audit(read_log(str(path)))
+    assert ok, message
+
+
+def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_dir, hf_model, tmp_path):
     rng = np.random.default_rng(42)
     lengths = [1, 300] + rng.integers(1, 301, size=30).tolist()
     prompts = [random_prompt(rng, n) for n in lengths]
@@ -27,10 +43,12 @@ def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_
 
     engine = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=32,
                              headroom_blocks_per_seq=0)  # pack the pool: preemption must happen
+    recorder = record_events(engine, tmp_path / "events.jsonl")
     batched = engine.generate(prompts, params)
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to be too small"
     assert engine.stats.peak_running > 1
     assert_all_blocks_free(engine)
+    assert_log_passes_audit(recorder, engine, tmp_path / "events.jsonl")
 
     sequential = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=1)
     for prompt, p, got in zip(prompts, params, batched):
@@ -39,13 +57,14 @@ def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_
         assert got.finish_reason == "length"
 
 
-def test_joining_aborting_and_early_finishing_leave_the_others_unchanged(hf_gpt2_dir):
+def test_joining_aborting_and_early_finishing_leave_the_others_unchanged(hf_gpt2_dir, tmp_path):
     rng = np.random.default_rng(1)
     prompts = [random_prompt(rng, n) for n in (20, 45, 70, 33)]
     alone = [InferenceEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048).generate([p], greedy(30))[0].token_ids
              for p in prompts]
 
     engine = InferenceEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048)
+    recorder = record_events(engine, tmp_path / "events.jsonl")
     first = engine.add_request(prompts[0], greedy(30))
     doomed = engine.add_request(prompts[1], greedy(30))
     short = engine.add_request(prompts[2], greedy(5))  # finishes at a different step
@@ -66,6 +85,7 @@ def test_joining_aborting_and_early_finishing_leave_the_others_unchanged(hf_gpt2
     assert 0 < len(tokens[doomed]) < 30
     assert not engine.abort(doomed), "a finished request cannot be aborted twice"
     assert_all_blocks_free(engine)
+    assert_log_passes_audit(recorder, engine, tmp_path / "events.jsonl")
 
 
 def test_sampled_tokens_do_not_depend_on_batch_company_or_preemption():

@@ -1,0 +1,101 @@
+"""WatchEvents on a live memory service: every event of a run reaches two subscribers at once, in
+order, numbered without gaps; a subscriber that stops reading never holds up a step and is told
+how many events it missed."""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+
+import grpc
+import pytest
+
+from deploy.run_local import start_serving, stop_service
+from deploy.services import ServiceSpec, free_ports
+from memory_service.audit import audit
+from memory_service.events import read_log
+from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
+
+STEPS = 60
+
+
+@pytest.fixture
+def memory(tmp_path):
+    port, metrics = free_ports(2)
+    spec = ServiceSpec("memory", "memory", "memory_service.server", port, "rpc.internal.v1.MemoryService",
+                       {"metrics_port": str(metrics), "http_port": "0", "event_log": str(tmp_path / "events.jsonl")})
+    proc = start_serving(spec, str(tmp_path), timeout_s=60)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield memory_pb2_grpc.MemoryServiceStub(channel)
+    stop_service(proc)
+
+
+def steps(pool_id: str):
+    """Sequences that come (8 tokens), grow a token a step, and go after 10 steps."""
+    for step in range(1, STEPS + 1):
+        yield memory_pb2.StepRequest(
+            pool_id=pool_id, step=step,
+            allocate=[memory_pb2.Allocation(seq_id=f"s{step}", num_tokens=8)],
+            append=[memory_pb2.Append(seq_id=f"s{s}", num_new_tokens=1) for s in range(max(1, step - 9), step)],
+            free=[f"s{step - 10}"] if step > 10 else [], preempted=[f"s{step - 10}"] if step % 7 == 0 else [])
+
+
+def watch(stub, events: list, request: memory_pb2.WatchEventsRequest, ready: threading.Event,
+          stop_after: int | None = None) -> None:
+    stream = stub.WatchEvents(request)
+    assert next(stream).type == "watching"
+    ready.set()
+    for event in stream:
+        events.append(event)
+        if stop_after is not None and event.type == "pool_released":
+            stream.cancel()
+            return
+
+
+def test_two_watchers_get_every_event_in_order_and_a_slow_one_is_told_what_it_missed(memory, tmp_path):
+    stub = memory
+    fast: list[list] = [[], []]
+    threads, slow_events = [], []
+    for events in fast:
+        ready = threading.Event()
+        threads.append(threading.Thread(target=watch, args=(stub, events, memory_pb2.WatchEventsRequest(), ready, 1)))
+        threads[-1].start()
+        ready.wait()
+    slow = stub.WatchEvents(memory_pb2.WatchEventsRequest(max_queue=8))  # not read during the run
+    assert next(slow).type == "watching"
+    pool_id = stub.RegisterPool(memory_pb2.RegisterPoolRequest(num_blocks=64, block_size=4, replica="r")).pool_id
+    answers = list(stub.StepStream(steps(pool_id), timeout=30))  # completes although `slow` reads nothing
+    assert len(answers) == STEPS and not any(a.rejected for a in answers)
+    stub.ReleasePool(memory_pb2.ReleasePoolRequest(pool_id=pool_id))
+    for t in threads:
+        t.join(timeout=30)
+    numbers = [e.seq for e in fast[0]]
+    assert numbers == [e.seq for e in fast[1]] and [e.type for e in fast[0]] == [e.type for e in fast[1]]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # in order, no gaps
+    kinds = [e.type for e in fast[0]]
+    assert kinds[0] == "pool_registered" and kinds[-1] == "pool_released" and "preempt" in kinds
+    assert len(fast[0]) > 3 * STEPS
+    steps_seen = [e.step for e in fast[0] if e.type == "allocate"]
+    assert steps_seen == list(range(1, STEPS + 1))  # each event carries the engine's step
+    # the same run, from the log: every event the watchers saw, and the audit passes
+    logged = read_log(str(tmp_path / "events.jsonl"))
+    assert [e["seq"] for e in logged if e["seq"] >= numbers[0]] == numbers
+    assert audit(logged)[0]
+    detail = json.loads(next(e for e in fast[0] if e.type == "allocate").detail_json)
+    assert detail["hits"] == 0 and detail["tokens"] == 8
+    # the slow watcher: what fit its queue (and gRPC's buffers), a `missed` event for each gap, and
+    # together they account for every event of the run
+    for event in slow:
+        slow_events.append(event)
+        if event.type == "pool_released":
+            break
+    slow.cancel()
+    covered, gaps = [], 0
+    for event in slow_events:
+        if event.type == "missed":
+            count = json.loads(event.detail_json)["count"]
+            covered += range(event.seq - count + 1, event.seq + 1)
+            gaps += 1
+        else:
+            covered.append(event.seq)
+    assert gaps >= 1 and covered == numbers
