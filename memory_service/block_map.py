@@ -3,8 +3,8 @@ that draws every pool's blocks from the memory service's block events.
 
     GET /          the page
     GET /events    server-sent events: one `state` message (every pool's snapshot and the event
-                   number it is at), then every block event as it happens (`missed` if this
-                   client fell behind its bounded queue)
+                   number it is at), then each step's block events as one JSON array
+                   (a `missed` event if this client fell behind its bounded queue)
     GET /state     the same state as JSON, now
 Served by uvicorn in the memory service's event loop on `http_port` (default 9102).
 """
@@ -36,15 +36,15 @@ def create_app(servicer) -> Starlette:
         return JSONResponse(_state(servicer))
 
     async def events(request: Request) -> StreamingResponse:
-        subscription = servicer.events.subscribe(8192)
+        subscription = servicer.events.subscribe(1024)
         first = _state(servicer)  # taken with the subscription: no event falls between them
 
         async def stream():
             try:
                 yield f"event: state\ndata: {json.dumps(first, separators=(',', ':'))}\n\n"
-                while True:
-                    event = await subscription.get()
-                    yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+                while True:  # the events since the last message, as a JSON array
+                    batch = await subscription.get(coalesce_s=0.02)  # at most 50 messages a second
+                    yield f"data: {json.dumps(batch, separators=(',', ':'))}\n\n"
             finally:
                 servicer.events.unsubscribe(subscription)
 

@@ -10,8 +10,9 @@ whole service, continued across restarts when a log file is kept), `type`, `pool
 (every earlier pool is gone: its replicas register new ones); `snapshot` events give whole pool
 states (at release and shutdown). `memory_service/audit.py` replays a log and checks it.
 
-A slow subscriber never slows a step: each has a bounded queue; what does not fit is dropped and
-the subscriber is told how many it missed (`missed` event) when there is room again.
+Subscribers get one batch per step (the events a step made): a slow subscriber never slows a
+step: each has a bounded queue; what does not fit is dropped and the subscriber is told how many
+it missed (`missed` event) when it has caught up.
 """
 from __future__ import annotations
 
@@ -26,29 +27,39 @@ from memory_service.block_allocator import BlockAllocator
 
 
 class Subscription:
-    """One subscriber's bounded queue of events. When it overflows, events are dropped until the
-    subscriber has read everything queued; it then gets one `missed` event (the count, numbered as
-    the last event it missed) and the events from there on."""
+    """One subscriber's bounded queue of event batches (one batch per step). When it overflows,
+    batches are dropped until the subscriber has read everything queued; it then gets one
+    `missed` event (the count, numbered as the last event it missed) and the events from there on."""
 
     def __init__(self, maxsize: int) -> None:
-        self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[list[dict]] = asyncio.Queue(maxsize)
         self.missed = 0
         self._last_missed: dict | None = None
 
-    def offer(self, event: dict) -> None:
+    def offer(self, batch: list[dict]) -> None:
         if self.missed or self.queue.full():
-            self.missed += 1
-            self._last_missed = event
+            self.missed += len(batch)
+            self._last_missed = batch[-1]
         else:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait(batch)
 
-    async def get(self) -> dict:
+    async def get(self, coalesce_s: float = 0.0) -> list[dict]:
+        """The next events, in order: every batch queued (after waiting `coalesce_s` for more, so
+        a subscriber costs at most one message per `coalesce_s` however fast the steps come), then
+        a `missed` event if some were dropped."""
+        events: list[dict] = []
+        if not (self.missed and self.queue.empty()):
+            events += await self.queue.get()
+            if coalesce_s:
+                await asyncio.sleep(coalesce_s)
+            while not self.queue.empty():
+                events += self.queue.get_nowait()
         if self.missed and self.queue.empty():
             last, count = self._last_missed, self.missed
             self.missed, self._last_missed = 0, None
-            return {"seq": last["seq"], "type": "missed", "pool": "", "replica": "", "step": 0, "time": last["time"],
-                    "count": count}
-        return await self.queue.get()
+            events.append({"seq": last["seq"], "type": "missed", "pool": "", "replica": "", "step": 0,
+                           "time": last["time"], "count": count})
+        return events
 
 
 class EventRecorder:
@@ -56,21 +67,22 @@ class EventRecorder:
         self.seq = 0
         self.ring: deque[dict] = deque(maxlen=ring_size)
         self._subscribers: set[Subscription] = set()
+        self._pending: list[dict] = []  # recorded since the last flush: one batch for subscribers and the file
         self._file: IO[str] | None = None
         if log_path:
             self.seq = _last_seq(log_path)
             self._file = open(log_path, "a", encoding="utf-8")
         self.record("restart", "", "", 0, {"epoch": epoch})
+        self.flush()
 
     def record(self, kind: str, pool: str, replica: str, step: int, fields: dict) -> dict:
+        """Number an event and keep it; subscribers and the file get it at the next flush (the
+        memory service flushes after every step and every pool change)."""
         self.seq += 1
         event = {"seq": self.seq, "type": kind, "pool": pool, "replica": replica, "step": step,
-                 "time": round(time.time(), 6), **fields}
+                 "time": time.time(), **fields}
         self.ring.append(event)
-        if self._file is not None:
-            self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
-        for subscriber in self._subscribers:
-            subscriber.offer(event)
+        self._pending.append(event)
         return event
 
     def attach(self, pool: str, replica: str, allocator: BlockAllocator) -> None:
@@ -89,10 +101,17 @@ class EventRecorder:
         return self.record("snapshot", pool, replica, allocator.step, allocator.snapshot())
 
     def flush(self) -> None:
+        """Hand what was recorded since the last flush to every subscriber (one batch) and the file."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        for subscriber in self._subscribers:
+            subscriber.offer(batch)
         if self._file is not None:
+            self._file.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in batch))
             self._file.flush()
 
-    def subscribe(self, maxsize: int = 4096) -> Subscription:
+    def subscribe(self, maxsize: int = 1024) -> Subscription:
         subscription = Subscription(maxsize)
         self._subscribers.add(subscription)
         return subscription
@@ -101,6 +120,7 @@ class EventRecorder:
         self._subscribers.discard(subscription)
 
     def close(self) -> None:
+        self.flush()
         if self._file is not None:
             self._file.close()
             self._file = None

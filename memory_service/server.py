@@ -39,6 +39,7 @@ PREFIX_HIT_TOKENS = Gauge("memory_prefix_cache_hit_tokens", "Prompt tokens found
 PREFIX_HIT_RATE = Gauge("memory_prefix_cache_hit_rate", "Prefix cache hit tokens / query tokens", ["pool", "replica"])
 _POOL_GAUGES = (FREE_BLOCKS, USED_BLOCKS, UTILIZATION, CACHED_BLOCKS, PREFIX_QUERY_TOKENS, PREFIX_HIT_TOKENS,
                 PREFIX_HIT_RATE)
+WATCH_COALESCE_S = 0.02  # a watcher gets at most one message per 20 ms: it costs a fast step loop little
 EXPIRED = Counter("memory_pools_expired_total", "Pools freed because their lease ran out")
 POOLS = Gauge("memory_pools", "Registered pools")
 
@@ -53,6 +54,7 @@ class MemoryServiceConfig:
     http_port: int = 9102  # the live block map page and its event stream (memory_service/block_map.py); 0 = off
     event_log: str = ""  # append every block event to this JSON-lines file (continued across restarts)
     event_ring_size: int = 65536  # recent events kept in memory
+    block_events: bool = True  # off: no events, no block map (bench/events_overhead.py compares)
 
 
 def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2.PoolStats:
@@ -74,24 +76,22 @@ def replica_match_to_proto(m: ReplicaMatch) -> memory_pb2.ReplicaMatch:
         num_cached_blocks=st.num_cached_blocks)
 
 
-def event_to_proto(event: dict) -> memory_pb2.BlockEvent:
-    common = ("seq", "type", "pool", "replica", "step", "time", "seq_id", "blocks", "refs")
-    return memory_pb2.BlockEvent(
-        seq=event["seq"], type=event["type"], pool_id=event["pool"], replica=event["replica"], step=event["step"],
-        time=event["time"], seq_id=event.get("seq_id", ""), blocks=event.get("blocks", []), refs=event.get("refs", []),
-        detail_json=json.dumps({k: v for k, v in event.items() if k not in common}, separators=(",", ":")))
+def events_message(events: list[dict]) -> memory_pb2.BlockEvents:
+    return memory_pb2.BlockEvents(json=json.dumps(events, separators=(",", ":")))
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def __init__(self, registry: PoolRegistry, events: EventRecorder | None = None) -> None:
         self.registry = registry
-        self.events = events or EventRecorder(epoch=registry.epoch)
+        self.events = events  # None: block events are off
 
     async def RegisterPool(self, request, context):
         if request.num_blocks == 0 or request.block_size == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be > 0")
         pool_id = self.registry.register(request.num_blocks, request.block_size, request.replica, request.address)
-        self.events.attach(pool_id, request.replica, self.registry.pools[pool_id].allocator)
+        if self.events is not None:
+            self.events.attach(pool_id, request.replica, self.registry.pools[pool_id].allocator)
+            self.events.flush()
         log.info("registered %s for replica %r: %d blocks x %d tokens%s", pool_id, request.replica,
                  request.num_blocks, request.block_size, f", serving at {request.address}" if request.address else "")
         self._export(pool_id, self.registry.pools[pool_id])
@@ -113,6 +113,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def StepStream(self, request_iterator, context):
         async for request in request_iterator:
             yield await self._step(request, context)
+            if self.events is not None:  # the answer is sent: now the watchers and the log get the step's events
+                self.events.flush()
 
     async def _step(self, request, context) -> memory_pb2.StepResponse:
         pool = await self._pool(request.pool_id, context)
@@ -130,8 +132,6 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             result = apply_step(pool.allocator, step)
         except (BlockAllocatorError, ValueError) as exc:  # a malformed step: nothing of it was applied
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        finally:
-            self.events.flush()
         self._export(request.pool_id, pool, result.stats)  # the step already computed them
         return memory_pb2.StepResponse(
             block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t, hit_tokens=result.hit_tokens.get(s, 0))
@@ -144,8 +144,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def ReleasePool(self, request, context):
         await self._pool(request.pool_id, context)
         pool = self.registry.release(request.pool_id)
-        self.events.detach(request.pool_id, pool.replica, pool.allocator, "released")
-        self.events.flush()
+        if self.events is not None:
+            self.events.detach(request.pool_id, pool.replica, pool.allocator, "released")
+            self.events.flush()
         log.info("released %s (replica %r)", request.pool_id, pool.replica)
         self._unexport(request.pool_id, pool)
         return memory_pb2.ReleasePoolResponse()
@@ -162,8 +163,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def expire_leases(self) -> None:
         for pool_id, pool in self.registry.expire():
-            self.events.detach(pool_id, pool.replica, pool.allocator, "expired")
-            self.events.flush()
+            if self.events is not None:
+                self.events.detach(pool_id, pool.replica, pool.allocator, "expired")
+                self.events.flush()
             st = pool.allocator.stats()
             log.warning("lease of %s (replica %r) ran out: freed %d blocks of %d sequences; the id is fenced",
                         pool_id, pool.replica, st.num_used_blocks, st.num_sequences)
@@ -171,14 +173,17 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             self._unexport(pool_id, pool)
 
     async def WatchEvents(self, request, context):
-        subscription = self.events.subscribe(request.max_queue or 4096)
+        if self.events is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block events are off (--block-events)")
+        subscription = self.events.subscribe(request.max_queue or 1024)
         try:  # first: from which event on this watcher sees everything
-            yield memory_pb2.BlockEvent(seq=self.events.seq, type="watching", time=time.time())
+            first = [{"seq": self.events.seq, "type": "watching", "pool": "", "replica": "", "step": 0,
+                      "time": time.time()}]
             if request.snapshot:
-                for pool_id, pool in list(self.registry.pools.items()):
-                    yield event_to_proto({**self.snapshot(pool_id, pool), "seq": self.events.seq})
+                first += [self.snapshot(pool_id, pool) for pool_id, pool in list(self.registry.pools.items())]
+            yield events_message(first)
             while True:
-                yield event_to_proto(await subscription.get())
+                yield events_message(await subscription.get(coalesce_s=WATCH_COALESCE_S))
         finally:
             self.events.unsubscribe(subscription)
 
@@ -222,14 +227,14 @@ async def _expire_leases_forever(servicer: MemoryServicer, period_s: float) -> N
 async def serve(config: MemoryServiceConfig) -> None:
     server, health = make_server([SERVICE])
     registry = PoolRegistry(config.lease_ttl_s)
-    events = EventRecorder(config.event_ring_size, config.event_log, registry.epoch)
+    events = EventRecorder(config.event_ring_size, config.event_log, registry.epoch) if config.block_events else None
     servicer = MemoryServicer(registry, events)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     port = bind(server, config.host, config.port)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     await server.start()
-    page = await start_block_map(servicer, config.host, config.http_port) if config.http_port else None
+    page = await start_block_map(servicer, config.host, config.http_port) if config.http_port and events else None
     await set_serving(health, [SERVICE])
     expiry = asyncio.create_task(_expire_leases_forever(servicer, min(0.5, config.lease_ttl_s / 4)))
     log.info("memory service %s listening on %s:%d (lease %.1f s, metrics on :%s)", registry.epoch, config.host, port,
@@ -237,13 +242,15 @@ async def serve(config: MemoryServiceConfig) -> None:
     try:
         await until_stop_signal()
         for pool_id, pool in registry.pools.items():  # the log ends with every pool's state
-            events.snapshot(pool_id, pool.replica, pool.allocator)
+            if events is not None:
+                events.snapshot(pool_id, pool.replica, pool.allocator)
         await server.stop(grace=1.0)
     finally:
         expiry.cancel()
         if page is not None:
             await page.stop()
-        events.close()
+        if events is not None:
+            events.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from memory_service.audit import audit
 from memory_service.events import read_log
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
-STEPS = 60
+STEPS = 400
 
 
 @pytest.fixture
@@ -43,11 +43,11 @@ def steps(pool_id: str):
 def watch(stub, events: list, request: memory_pb2.WatchEventsRequest, ready: threading.Event,
           stop_after: int | None = None) -> None:
     stream = stub.WatchEvents(request)
-    assert next(stream).type == "watching"
+    assert json.loads(next(stream).json)[0]["type"] == "watching"
     ready.set()
-    for event in stream:
-        events.append(event)
-        if stop_after is not None and event.type == "pool_released":
+    for batch in stream:
+        events.extend(json.loads(batch.json))
+        if stop_after is not None and events[-1]["type"] == "pool_released":
             stream.cancel()
             return
 
@@ -61,41 +61,40 @@ def test_two_watchers_get_every_event_in_order_and_a_slow_one_is_told_what_it_mi
         threads.append(threading.Thread(target=watch, args=(stub, events, memory_pb2.WatchEventsRequest(), ready, 1)))
         threads[-1].start()
         ready.wait()
-    slow = stub.WatchEvents(memory_pb2.WatchEventsRequest(max_queue=8))  # not read during the run
-    assert next(slow).type == "watching"
+    slow = stub.WatchEvents(memory_pb2.WatchEventsRequest(max_queue=4))  # not read during the run
+    assert json.loads(next(slow).json)[0]["type"] == "watching"
     pool_id = stub.RegisterPool(memory_pb2.RegisterPoolRequest(num_blocks=64, block_size=4, replica="r")).pool_id
     answers = list(stub.StepStream(steps(pool_id), timeout=30))  # completes although `slow` reads nothing
     assert len(answers) == STEPS and not any(a.rejected for a in answers)
     stub.ReleasePool(memory_pb2.ReleasePoolRequest(pool_id=pool_id))
     for t in threads:
         t.join(timeout=30)
-    numbers = [e.seq for e in fast[0]]
-    assert numbers == [e.seq for e in fast[1]] and [e.type for e in fast[0]] == [e.type for e in fast[1]]
+    numbers = [e["seq"] for e in fast[0]]
+    assert numbers == [e["seq"] for e in fast[1]] and [e["type"] for e in fast[0]] == [e["type"] for e in fast[1]]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # in order, no gaps
-    kinds = [e.type for e in fast[0]]
+    kinds = [e["type"] for e in fast[0]]
     assert kinds[0] == "pool_registered" and kinds[-1] == "pool_released" and "preempt" in kinds
     assert len(fast[0]) > 3 * STEPS
-    steps_seen = [e.step for e in fast[0] if e.type == "allocate"]
+    steps_seen = [e["step"] for e in fast[0] if e["type"] == "allocate"]
     assert steps_seen == list(range(1, STEPS + 1))  # each event carries the engine's step
     # the same run, from the log: every event the watchers saw, and the audit passes
     logged = read_log(str(tmp_path / "events.jsonl"))
     assert [e["seq"] for e in logged if e["seq"] >= numbers[0]] == numbers
     assert audit(logged)[0]
-    detail = json.loads(next(e for e in fast[0] if e.type == "allocate").detail_json)
-    assert detail["hits"] == 0 and detail["tokens"] == 8
-    # the slow watcher: what fit its queue (and gRPC's buffers), a `missed` event for each gap, and
+    allocation = next(e for e in fast[0] if e["type"] == "allocate")
+    assert allocation["hits"] == 0 and allocation["tokens"] == 8 and allocation["refs"] == [1, 1]
+    # the slow watcher: what fit its queue of 4 steps (and gRPC's buffers), a `missed` event for each gap, and
     # together they account for every event of the run
-    for event in slow:
-        slow_events.append(event)
-        if event.type == "pool_released":
+    for batch in slow:
+        slow_events.extend(json.loads(batch.json))
+        if slow_events[-1]["type"] == "pool_released":
             break
     slow.cancel()
     covered, gaps = [], 0
     for event in slow_events:
-        if event.type == "missed":
-            count = json.loads(event.detail_json)["count"]
-            covered += range(event.seq - count + 1, event.seq + 1)
+        if event["type"] == "missed":
+            covered += range(event["seq"] - event["count"] + 1, event["seq"] + 1)
             gaps += 1
         else:
-            covered.append(event.seq)
+            covered.append(event["seq"])
     assert gaps >= 1 and covered == numbers
