@@ -10,8 +10,10 @@ tokens, then again while a seeded schedule SIGKILLs compute replicas (each resta
 SIGSTOPs one past its lease (then SIGCONT), and SIGKILLs and restarts the memory service, spread
 over the run. It never takes both replicas down at once: the next fault waits until every
 service serves again.
-Ends with one line:
-    requests=N completed=N failed=N token_mismatches=N leaked_blocks=N max_stall_s=X
+The memory service writes its block events to `<log-dir>/events.jsonl` (numbered on across its
+restarts), and the run ends by auditing it (memory_service.audit: no block owned twice, ref
+counts equal the tables, nothing leaked, nothing in a dead pool). Ends with one line:
+    requests=N completed=N failed=N token_mismatches=N leaked_blocks=N max_stall_s=X audit=passed|failed
 leaked_blocks: after the run settles, blocks still in use in any pool, plus every block of a pool
 whose replica is gone (a dead pool must be released). max_stall_s: the longest a client waited
 for its next token (or its first).
@@ -34,6 +36,8 @@ from bench.workloads import served_model_limits
 from deploy.run_local import running_stack, start_serving, wait_serving
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
+from memory_service.audit import audit
+from memory_service.events import read_log
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 STOPS = [".", "\n\n", ",", "!"]
@@ -184,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                               compute_settings={"model": args.model, "kv_budget_tokens": "8192"},
                               gateway_http_port=ports[6])
     services[0].settings["lease_ttl_s"] = str(args.lease_ttl_s)
+    event_log = os.path.join(args.log_dir, "events.jsonl")
+    if os.path.exists(event_log):
+        os.remove(event_log)  # this run's events only
+    services[0].settings["event_log"] = event_log
     services[-1].settings.update(health_poll_s="0.2", replica_down_after_s="1.0", replica_wait_s="120")
     with running_stack(services, timeout_s=300, log_dir=args.log_dir) as procs:
         stack = dict(services=services, procs=procs, log_dir=args.log_dir)
@@ -209,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         schedule.release.set()
     failed = sum(bool(o.error) for o in outcomes)
     mismatches = sum(not o.error and (o.tokens, o.text) != (r.tokens, r.text) for o, r in zip(outcomes, reference))
+    audit_ok, audit_message = audit(read_log(event_log))  # the stack has stopped: the log is complete
+    print(f"audit of {event_log}: {audit_message}", file=sys.stderr)
     for o in outcomes:
         if o.error:
             print("failed:", o.error, file=sys.stderr)
@@ -217,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{max([t for k, _, t in schedule.log if k == 'memory'], default=0):.1f} s) + recomputing a context",
           file=sys.stderr)
     print(f"requests={len(requests)} completed={len(requests) - failed} failed={failed} token_mismatches={mismatches} "
-          f"leaked_blocks={leaked} max_stall_s={max(o.max_gap_s for o in outcomes):.2f}")
-    return 0 if failed == mismatches == leaked == 0 else 1
+          f"leaked_blocks={leaked} max_stall_s={max(o.max_gap_s for o in outcomes):.2f} "
+          f"audit={'passed' if audit_ok else 'failed'}")
+    return 0 if failed == mismatches == leaked == 0 and audit_ok else 1
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ folder, then drive the compose file with Docker's own `docker-compose` (1.29, De
 `podman system service` through DOCKER_HOST: `up -d` (start-up ordered by service_healthy), stream
 a generation through the published gateway port with the project's client and compare it with
 the in-process engine (and the same text from POST /v1/completions on the published port 8000), `up -d --scale compute=2` and check both replicas serve (the gateway is not
-restarted: it discovers the new replica through the memory service), then `down` and
-delete everything. Container storage lives in a temporary folder, never the machine's default.
+restarted: it discovers the new replica through the memory service), check the block map (published on
+loopback 9102) shows both replicas' pools, then `down` and delete everything. Container storage lives in a temporary folder, never the machine's default.
 Podman runs healthchecks from systemd timers, and there is no systemd here: a thread of this
 driver plays the timer (`podman healthcheck run` every 2 s), so `service_healthy` still means
 the service's own grpc.health check passed.
@@ -178,6 +178,16 @@ def http_completion_text() -> str:
         return json.load(response)["choices"][0]["text"]
 
 
+def block_map_pools() -> list[dict]:
+    """The pools the memory service's block map shows, through its port published on loopback (9102)."""
+    import urllib.request
+
+    with urllib.request.urlopen("http://127.0.0.1:9102/", timeout=30) as response:
+        assert b"KV block map" in response.read(), "9102 does not serve the block map page"
+    with urllib.request.urlopen("http://127.0.0.1:9102/state", timeout=30) as response:
+        return json.load(response)["pools"]
+
+
 def in_process_tokens() -> list[int]:
     from compute_service.engine import InferenceEngine
     from common.sampling_params import SamplingParams
@@ -218,6 +228,9 @@ def main() -> int:
         _, replicas = generate_through_gateway(times=6, vary=True)
         assert len(replicas) == 2, f"expected both compute replicas to serve, got {replicas}"
         print(f"scaled: both replicas served: {sorted(replicas)}")
+        pools = block_map_pools()
+        assert len(pools) == 2 and all(p["num_blocks"] > 0 for p in pools), pools
+        print(f"block map on 127.0.0.1:9102: {len(pools)} pools ({pools[0]['num_blocks']} blocks each)")
         print(json.dumps({"compose_test": "passed"}))
         return 0
     finally:

@@ -72,6 +72,8 @@ class EventRecorder:
         if log_path:
             self.seq = _last_seq(log_path)
             self._file = open(log_path, "a", encoding="utf-8")
+            if not _ends_with_newline(log_path):  # a line torn by a kill mid-write: end it, start clean
+                self._file.write("\n")
         self.record("restart", "", "", 0, {"epoch": epoch})
         self.flush()
 
@@ -140,6 +142,14 @@ class PoolEvents:
         self.recorder.record(kind, self.pool, self.replica, self.allocator.step, fields)
 
 
+def _ends_with_newline(path: str) -> bool:
+    if os.path.getsize(path) == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def _last_seq(path: str) -> int:
     """The last event number in an existing log (0 for none): numbering continues after it."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
@@ -156,5 +166,22 @@ def _last_seq(path: str) -> int:
 
 
 def read_log(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every event in a JSON-lines log. A line that does not parse is accepted only where a kill
+    can tear one, as the last line of the file or of a process (the next event is a `restart`);
+    anywhere else the log is corrupt and this raises ValueError naming the line."""
+    events: list[dict] = []
+    torn: int | None = None  # the number of a line that did not parse, until a restart follows it
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if torn is not None and (event is None or event.get("type") != "restart"):
+                raise ValueError(f"{path}:{torn}: not an event, and the next line is no restart")
+            torn = number if event is None else None
+            if event is not None:
+                events.append(event)
+    return events

@@ -115,3 +115,20 @@ def test_numbering_continues_across_restarts_of_the_log(tmp_path):
     assert [e["seq"] for e in events] == [1, 2, 3]
     assert [e["type"] for e in events] == ["restart", "pool_registered", "restart"] and events[2]["epoch"] == "two"
     assert audit(events)[0]
+
+
+def test_a_line_torn_by_a_kill_is_ended_at_the_restart_and_corruption_elsewhere_is_refused(tmp_path):
+    path = tmp_path / "events.jsonl"
+    first = EventRecorder(log_path=str(path), epoch="one")
+    first.record("pool_registered", "p", "r", 0, {"num_blocks": 4, "block_size": 4})
+    first.close()
+    with open(path, "a") as f:
+        f.write('{"seq":3,"type":"allo')  # SIGKILL in the middle of a write
+    EventRecorder(log_path=str(path), epoch="two").close()
+    events = read_log(str(path))
+    assert [(e["seq"], e["type"]) for e in events] == [(1, "restart"), (2, "pool_registered"), (3, "restart")]
+    assert audit(events)[0]
+    with open(path, "a") as f:  # a bad line that no restart follows is corruption, not a kill
+        f.write('{"seq":4,"type":"x"}\nnot json\n{"seq":5,"type":"x"}\n')
+    with pytest.raises(ValueError, match=r"events.jsonl:6"):
+        read_log(str(path))

@@ -1,5 +1,5 @@
 """docker-compose.yml starts what `make run` starts: same modules, ports, settings and health
-checks, with only the gateway published. (Bringing it up for real: tests/test_compose_up.py.)"""
+checks, with only the gateway (and the block map, on loopback) published. (Bringing it up for real: tests/test_compose_up.py.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -55,11 +55,12 @@ def test_services_match_the_local_launcher(compose):
         assert check == ["CMD", "python", "-m", "common.healthcheck", f"127.0.0.1:{spec.port}", spec.health_service]
 
 
-def test_only_the_gateway_is_published_and_startup_is_ordered(compose):
+def test_only_the_gateway_and_the_block_map_are_published_and_startup_is_ordered(compose):
     services = compose["services"]
     assert compose["networks"]["internal"]["internal"] is True
-    for name in ("memory", "compute"):
-        assert "ports" not in services[name] and services[name]["networks"] == ["internal"]
+    assert "ports" not in services["compute"] and services["compute"]["networks"] == ["internal"]
+    assert services["memory"]["ports"] == ["127.0.0.1:9102:9102"], "the block map only, on the host's loopback"
+    assert services["memory"]["environment"]["MEMORY_HTTP_PORT"] == "9102"
     assert sorted(services["gateway"]["ports"]) == ["50050:50050", "8000:8000", "9100:9100"]
     assert services["compute"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
     assert services["gateway"]["depends_on"] == {"compute": {"condition": "service_healthy"}}
