@@ -57,11 +57,21 @@ def keep_streams_running(gateway: str, seqs: int, stop: threading.Event, errors:
     return threads
 
 
+def show_a_sequence(page) -> None:
+    """Hover and click a block in use (the tooltip and the sequence's table appear)."""
+    block = page.evaluate("(() => { const b = window.blockmap; return b.states(b.poolIds()[0]).findIndex(s => s >= 2); })()")
+    if block >= 0:
+        at = page.evaluate(f"(() => {{ const b = window.blockmap; return b.blockPoint(b.poolIds()[0], {block}); }})()")
+        page.mouse.click(at["x"], at["y"])
+        page.mouse.move(at["x"], at["y"] + 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=16384)
     parser.add_argument("--seqs", type=int, default=64)
     parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--screenshot", default="", help="save the page here at the end (a block in use clicked)")
     args = parser.parse_args()
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser_path:
@@ -85,6 +95,9 @@ def main() -> None:
             time.sleep(1.0)
             samples.append(page.evaluate(SHOW))
         draw_ms = sorted(page.evaluate("window.blockmap.drawMs()"))
+        if args.screenshot:
+            show_a_sequence(page)
+            page.screenshot(path=args.screenshot, full_page=True)
         events = samples[-1]["seq"] - start_seq
         stop.set()
         browser.close()

@@ -20,7 +20,7 @@ from playwright.sync_api import sync_playwright
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
-from memory_service.audit import CACHED, FREE, audit, replay_states
+from memory_service.audit import CACHED, FREE, USED, Auditor, audit, replay_states
 from memory_service.events import read_log
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -52,6 +52,41 @@ def load(gateway: str, stop: threading.Event, errors: list) -> None:
         t.join()
 
 
+CLICK_A_BLOCK_IN_USE = """() => {  // one JS task: no event is applied between the click and the reading
+  const b = window.blockmap, id = b.poolIds()[0], block = b.states(id).findIndex(s => s >= %d);
+  if (block < 0) return null;
+  const at = b.blockPoint(id, block);
+  document.querySelector("canvas").dispatchEvent(new MouseEvent("click", {clientX: at.x, clientY: at.y, bubbles: true}));
+  return {seq: b.seq, id, block, detail: document.getElementById("detail").textContent};
+}""" % USED
+
+
+def tables_at(events: list[dict], pool: str, upto_seq: int) -> dict[str, list[int]]:
+    auditor = Auditor()
+    for event in events:
+        if event["seq"] > upto_seq:
+            break
+        auditor.apply(event)
+    return auditor.pools[pool].tables
+
+
+def check_click_shows_the_sequence_table(page, log) -> None:
+    """Clicking a block in use shows each sequence that holds it: its table as the log has it,
+    its tokens and replica; hovering shows the block's state and ref count."""
+    shown = page.evaluate(CLICK_A_BLOCK_IN_USE)
+    assert shown, "no block in use to click"
+    tables = tables_at(read_log(str(log)), shown["id"], shown["seq"])
+    owners = [seq for seq, table in tables.items() if shown["block"] in table]
+    assert owners, f"block {shown['block']} is in use on the page but in no table of the log"
+    for seq in owners:
+        assert f"sequence {seq} on compute-0: " in shown["detail"], shown["detail"]
+        assert f"table [{', '.join(map(str, tables[seq]))}]" in shown["detail"], shown["detail"]
+    at = page.evaluate(f"window.blockmap.blockPoint({shown['id']!r}, {shown['block']})")
+    page.mouse.move(at["x"], at["y"])  # a real pointer this time
+    assert page.locator("#tip").is_visible() and page.locator("#tip").text_content().startswith(
+        f"block {shown['block']}: ")
+
+
 def test_the_page_shows_the_logged_state_at_its_event_number_and_blocks_turn_free(tmp_path):
     log = tmp_path / "events.jsonl"
     memory, compute, gateway, m1, m2, http, page_port = free_ports(7)
@@ -76,6 +111,7 @@ def test_the_page_shows_the_logged_state_at_its_event_number_and_blocks_turn_fre
                 assert shown["states"] == truth[shown["id"]], f"page differs from the log at event {shown['seq']}"
                 checked += sum(s > CACHED for s in shown["states"]) > 0
             assert checked >= 3, "the page showed no block in use under load"
+            check_click_shows_the_sequence_table(page, log)
             if os.environ.get("BLOCK_MAP_SCREENSHOT"):
                 page.screenshot(path=os.environ["BLOCK_MAP_SCREENSHOT"], full_page=True)
             page.screenshot(path=str(tmp_path / "block_map.png"), full_page=True)
