@@ -1,6 +1,6 @@
 """Block events: every change the memory service makes to a block, numbered, kept in a bounded
-ring, optionally appended to a JSON-lines file, and pushed to live subscribers (WatchEvents, the
-block map page).
+ring (from which a watcher resumes after a broken stream), optionally appended to a JSON-lines
+file, and pushed to live subscribers (WatchEvents, the block map page).
 
 Names follow vLLM's KV events where they mean the same (BlockStored with hashes, BlockRemoved,
 AllBlocksCleared), beside the allocator's own: allocate, append, fork, cow, free, preempt, evict,
@@ -31,12 +31,17 @@ class Subscription:
     batches are dropped until the subscriber has read everything queued; it then gets one
     `missed` event (the count, numbered as the last event it missed) and the events from there on."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, after_seq: int = 0) -> None:
         self.queue: asyncio.Queue[list[dict]] = asyncio.Queue(maxsize)
+        self.after_seq = after_seq  # events up to here were recorded before it subscribed: not its
         self.missed = 0
         self._last_missed: dict | None = None
 
     def offer(self, batch: list[dict]) -> None:
+        if batch[0]["seq"] <= self.after_seq:  # recorded before it subscribed, flushed after
+            batch = [e for e in batch if e["seq"] > self.after_seq]
+            if not batch:
+                return
         if self.missed or self.queue.full():
             self.missed += len(batch)
             self._last_missed = batch[-1]
@@ -113,8 +118,23 @@ class EventRecorder:
             self._file.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in batch))
             self._file.flush()
 
+    def since(self, after_seq: int) -> list[dict]:
+        """The events after `after_seq` up to now, from the ring: what a watcher that lost its
+        stream at `after_seq` needs, with a subscription taken now, to resume with no gap or
+        repeat. If the ring no longer holds them all, a `missed` event says how many are gone
+        before the ones it still has."""
+        replay = [e for e in self.ring if e["seq"] > after_seq]
+        first = replay[0]["seq"] if replay else self.seq + 1
+        if first > after_seq + 1 and after_seq < self.seq:
+            gone = {"seq": first - 1, "type": "missed", "pool": "", "replica": "", "step": 0, "time": time.time(),
+                    "count": first - 1 - after_seq}
+            replay.insert(0, gone)
+        return replay
+
     def subscribe(self, maxsize: int = 1024) -> Subscription:
-        subscription = Subscription(maxsize)
+        """A subscription to every event recorded from now on (a snapshot or `since` taken now
+        covers the ones before, even those not flushed yet)."""
+        subscription = Subscription(maxsize, self.seq)
         self._subscribers.add(subscription)
         return subscription
 

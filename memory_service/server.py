@@ -181,6 +181,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                       "time": time.time()}]
             if request.snapshot:
                 first += [self.snapshot(pool_id, pool) for pool_id, pool in list(self.registry.pools.items())]
+            if request.after_seq:
+                first += self.events.since(request.after_seq)
             yield events_message(first)
             while True:
                 yield events_message(await subscription.get(coalesce_s=WATCH_COALESCE_S))

@@ -13,7 +13,7 @@ import pytest
 from deploy.run_local import start_serving, stop_service
 from deploy.services import ServiceSpec, free_ports
 from memory_service.audit import audit
-from memory_service.events import read_log
+from memory_service.events import EventRecorder, read_log
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 STEPS = 400
@@ -98,3 +98,27 @@ def test_two_watchers_get_every_event_in_order_and_a_slow_one_is_told_what_it_mi
         else:
             covered.append(event["seq"])
     assert gaps >= 1 and covered == numbers
+    # a watcher that lost its stream resumes from the ring: exactly the events after its last one
+    middle = numbers[len(numbers) // 2]
+    resumed = stub.WatchEvents(memory_pb2.WatchEventsRequest(after_seq=middle))
+    first = json.loads(next(resumed).json)
+    resumed.cancel()
+    assert first[0]["type"] == "watching" and first[0]["seq"] == numbers[-1]
+    assert first[1:] == [e for e in fast[0] if e["seq"] > middle]
+
+
+def test_resuming_past_the_ring_is_told_what_is_gone_and_events_before_subscribing_are_not_repeated():
+    recorder = EventRecorder(ring_size=10)  # event 1 is its `restart`
+    for i in range(25):
+        recorder.record("append", "p", "r", i, {})
+    recorder.flush()
+    replay = recorder.since(3)
+    assert replay[0]["type"] == "missed" and (replay[0]["seq"], replay[0]["count"]) == (16, 13)
+    assert [e["seq"] for e in replay[1:]] == list(range(17, 27))
+    assert [e["seq"] for e in recorder.since(20)] == list(range(21, 27)) and recorder.since(26) == []
+    recorder.record("append", "p", "r", 26, {})  # recorded, not flushed yet
+    subscription = recorder.subscribe(4)  # a snapshot taken now includes event 27 already
+    recorder.record("append", "p", "r", 27, {})
+    recorder.flush()
+    assert [e["seq"] for e in subscription.queue.get_nowait()] == [28]
+    assert [e["seq"] for e in recorder.since(26)] == [27, 28]
