@@ -12,7 +12,8 @@ over the run. It never takes both replicas down at once: the next fault waits un
 service serves again.
 The memory service writes its block events to `<log-dir>/events.jsonl` (numbered on across its
 restarts), and the run ends by auditing it (memory_service.audit: no block owned twice, ref
-counts equal the tables, nothing leaked, nothing in a dead pool). Ends with one line:
+counts equal the tables, nothing leaked, nothing in a dead pool, and with every request finished
+no pool holds a sequence at the end). Ends with one line:
     requests=N completed=N failed=N token_mismatches=N leaked_blocks=N max_stall_s=X audit=passed|failed
 leaked_blocks: after the run settles, blocks still in use in any pool, plus every block of a pool
 whose replica is gone (a dead pool must be released). max_stall_s: the longest a client waited
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         schedule.release.set()
     failed = sum(bool(o.error) for o in outcomes)
     mismatches = sum(not o.error and (o.tokens, o.text) != (r.tokens, r.text) for o, r in zip(outcomes, reference))
-    audit_ok, audit_message = audit(read_log(event_log))  # the stack has stopped: the log is complete
+    # the stack has stopped, so the log is complete; every request finished, so no pool may hold a sequence
+    audit_ok, audit_message = audit(read_log(event_log), idle_at_end=True)
     print(f"audit of {event_log}: {audit_message}", file=sys.stderr)
     for o in outcomes:
         if o.error:

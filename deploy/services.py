@@ -39,9 +39,11 @@ def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (5
                    memory_http_port: int | None = None) -> list[ServiceSpec]:
     """Memory, then one compute per port, then the gateway, all on loopback. With `discovery`
     the gateway learns the replicas from the memory service (as in compose); else it is given
-    their addresses."""
+    their addresses. The block map (`memory_http_port`) is on 9102 for the default stack (`make
+    run`) and off for any other unless asked for: tests and benchmarks start stacks on free
+    ports beside a running `make run`, and 9102 would collide."""
     memory_address = f"127.0.0.1:{memory_port}"
-    if memory_http_port is None:  # the block map on its default port for the default stack; else asked for
+    if memory_http_port is None:
         memory_http_port = 9102 if memory_port == 50051 else 0
     services = [ServiceSpec("memory", "memory", "memory_service.server", memory_port, "rpc.internal.v1.MemoryService",
                             {"metrics_port": str(memory_metrics_port), "http_port": str(memory_http_port)})]

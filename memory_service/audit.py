@@ -7,8 +7,13 @@ it), ref counts equal the number of tables that point at each block (every event
 `refs` is compared with the replay), a freed table is the table the replay holds, a cache hit is
 a block that holds a hash, an evicted block is unreferenced and cached, every sequence still
 holding blocks at a `snapshot` is one the memory service lists as live (else its blocks leaked),
-and nothing happens to a pool after it is released or the service restarted. Prints the first
-violation with its event number and step and exits 1; else a summary and exits 0.
+its cached and hashed blocks at a `snapshot` are the replay's, event numbers go up by one (only
+a `restart` may skip the numbers a killed process never wrote), and nothing happens to a pool
+after it is released or the service restarted. With `--idle-at-end` (a run whose requests all
+finished), every pool's last state must hold no sequence: a sequence the compute side never
+freed shows there. Prints the first violation with its event number and step and exits 1; else
+a summary (which names pools whose log ends without a closing snapshot: their last tables were
+not cross-checked) and exits 0.
 """
 from __future__ import annotations
 
@@ -48,20 +53,29 @@ class PoolState:
 
 
 class Auditor:
+    """Replays events one by one (`apply`), raising Violation at the first broken invariant."""
+
     def __init__(self) -> None:
         self.pools: dict[str, PoolState] = {}
         self.dead: set[str] = set()
         self.events = 0
+        self.last_seq = 0
+        self.closed: set[str] = set()  # live pools whose latest event is a snapshot
 
     def apply(self, e: dict) -> None:
         kind, pool_id = e["type"], e.get("pool", "")
         self.events += 1
+        if kind == "missed":
+            raise Violation(f"{e['count']} events are missing before this one: the log is incomplete")
+        if self.last_seq and e["seq"] != self.last_seq + 1 and not (kind == "restart" and e["seq"] > self.last_seq):
+            raise Violation(f"event {e['seq']} follows event {self.last_seq}: the log is incomplete or out of order")
+        self.last_seq = e["seq"]
+        if pool_id:
+            self.closed.discard(pool_id)
         if kind == "restart":  # every pool died with the old process
             self.dead.update(self.pools)
             self.pools.clear()
             return
-        if kind == "missed":
-            raise Violation(f"{e['count']} events are missing before this one: the log is incomplete")
         if pool_id in self.dead:
             raise Violation(f"{kind} in pool {pool_id}, which was released")
         if kind == "pool_registered":
@@ -114,7 +128,6 @@ class Auditor:
         if logical >= len(table) or table[logical] != src:
             raise Violation(f"copy-on-write of {seq}: block {src} is not at {logical} in {table}")
         pool.refs[src] -= 1
-        table[logical] = -1  # while dst is checked, src is not counted for this table
         pool.take_new(dst, f"copy-on-write of {seq}")
         table[logical] = dst
         pool.check_refs(e, [src, dst])
@@ -153,6 +166,14 @@ class Auditor:
         for seq in e["tables"]:
             if seq not in pool.tables:
                 raise Violation(f"sequence {seq} is live at the snapshot but was never allocated in the log")
+        if set(e["hashed"]) != pool.hashed:
+            raise Violation(f"blocks holding a hash at the snapshot differ from the replay: "
+                            f"{sorted(set(e['hashed']) ^ pool.hashed)[:8]}")
+        parked = {b for b in pool.hashed if not pool.refs.get(b, 0)}
+        if set(e["cached"]) != parked:
+            raise Violation(f"cached (unreferenced) blocks at the snapshot differ from the replay: "
+                            f"{sorted(set(e['cached']) ^ parked)[:8]}")
+        self.closed.add(e["pool"])
 
     def _pool_released(self, pool: PoolState, e: dict) -> None:
         pass  # the whole pool goes: its tables with it (a lease that ran out is a release too)
@@ -163,36 +184,55 @@ class Auditor:
             raise Violation(f"{e['type']} of sequence {e['seq_id']}, which holds no blocks (double free?)")
         return e["seq_id"]
 
+    def check_idle(self) -> None:
+        """At the end of a run whose requests all finished: no live pool holds a sequence."""
+        for pool_id, pool in self.pools.items():
+            if pool.tables:
+                raise Violation(f"pool {pool_id} still holds sequences {sorted(pool.tables)[:4]} at the end "
+                                f"({len(pool.tables)} in all): they were never freed")
+
     def summary(self) -> str:
         held = sum(len(p.tables) for p in self.pools.values())
+        unclosed = sorted(set(self.pools) - self.closed)
         return (f"{self.events} events, {len(self.pools)} live pool(s), {held} live sequence(s) holding "
                 f"{sum(sum(1 for r in p.refs.values() if r) for p in self.pools.values())} blocks, "
-                f"{len(self.dead)} pool(s) released: every invariant holds")
+                f"{len(self.dead)} pool(s) released: every invariant holds"
+                + (f"; the log ends without a closing snapshot of {', '.join(unclosed)}" if unclosed else ""))
 
 
-def audit(events: list[dict]) -> tuple[bool, str]:
+def audit(events: list[dict], idle_at_end: bool = False) -> tuple[bool, str]:
     """(ok, message): the first violation with its event number and step, or the summary."""
     auditor = Auditor()
-    for event in events:
-        try:
+    event: dict = {"seq": 0, "type": "end"}
+    try:
+        for event in events:
             auditor.apply(event)
-        except Violation as v:
-            return False, f"violation at event {event['seq']} (step {event.get('step', 0)}, pool " \
-                          f"{event.get('pool', '')}, {event['type']}): {v}"
+        if idle_at_end:
+            event = {"seq": auditor.last_seq, "type": "end of the log"}
+            auditor.check_idle()
+    except Violation as v:
+        return False, f"violation at event {event['seq']} (step {event.get('step', 0)}, pool " \
+                      f"{event.get('pool', '')}, {event['type']}): {v}"
     return True, auditor.summary()
 
 
 FREE, CACHED, USED, SHARED = range(4)  # as the block map page draws them
 
 
-def replay_states(events: list[dict], upto_seq: int) -> dict[str, list[int]]:
-    """Every live pool's block states after the events numbered up to `upto_seq` (the truth a
-    block map showing that event number must equal)."""
+def replay(events: list[dict], upto_seq: int) -> Auditor:
+    """The replayed state after the events numbered up to `upto_seq`."""
     auditor = Auditor()
     for event in events:
         if event["seq"] > upto_seq:
             break
         auditor.apply(event)
+    return auditor
+
+
+def replay_states(events: list[dict], upto_seq: int) -> dict[str, list[int]]:
+    """Every live pool's block states after the events numbered up to `upto_seq` (the truth a
+    block map showing that event number must equal)."""
+    auditor = replay(events, upto_seq)
     return {pool_id: [SHARED if pool.refs.get(b, 0) > 1 else USED if pool.refs.get(b, 0) == 1
                       else CACHED if b in pool.hashed else FREE for b in range(pool.num_blocks)]
             for pool_id, pool in auditor.pools.items()}
@@ -201,7 +241,10 @@ def replay_states(events: list[dict], upto_seq: int) -> dict[str, list[int]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("log", help="a JSON-lines event log (the memory service's --event-log)")
-    ok, message = audit(read_log(ap.parse_args(argv).log))
+    ap.add_argument("--idle-at-end", action="store_true",
+                    help="every request of the run finished: no pool may hold a sequence at the end")
+    args = ap.parse_args(argv)
+    ok, message = audit(read_log(args.log), idle_at_end=args.idle_at_end)
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

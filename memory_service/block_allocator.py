@@ -217,12 +217,12 @@ class BlockAllocator:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks start cold with it; vLLM has the same). Blocks in
         use stay with their tables; parked ones become plain free blocks."""
-        cleared = self.cache.clear()
-        for block in cleared:
+        hashed = self.cache.hashed_blocks() if self.listener is not None else []
+        for block in self.cache.clear():  # the parked ones
             self._filled[block] = 0
             self._free.append(block)
-        if self.listener is not None:
-            self.listener("AllBlocksCleared", dict(blocks=cleared))
+        if self.listener is not None:  # every block that held a hash, in use or not
+            self.listener("AllBlocksCleared", dict(blocks=hashed))
 
     def check_commit(self, seq_id: SeqId, first_block: int, count: int) -> list[int]:
         state = self._state(seq_id)
@@ -324,10 +324,10 @@ class BlockAllocator:
         if self._free:
             block = self._free.popleft()
         else:
-            block_hash = self.cache.hash_of(self.cache.oldest())
+            block_hash = self.cache.hash_of(self.cache.oldest()) if self.listener is not None else None
             block = self.cache.evict()
             self._filled[block] = 0
-            if self.listener is not None:
+            if block_hash is not None:
                 self.listener("evict", dict(blocks=[block]))
                 self.listener("BlockRemoved", dict(blocks=[block], hashes=[block_hash.hex()]))
         assert self._ref_counts[block] == 0, f"free block {block} still referenced"

@@ -19,6 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from common.http_server import HttpServer, start_http
+from memory_service.events import COALESCE_S
 
 PAGE = resources.files("memory_service").joinpath("assets/block_map.html")
 
@@ -29,6 +30,7 @@ def _state(servicer) -> dict:
 
 
 def create_app(servicer) -> Starlette:
+    """The page, its state and its event stream, over the servicer's pools and events."""
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
@@ -36,14 +38,13 @@ def create_app(servicer) -> Starlette:
         return JSONResponse(_state(servicer))
 
     async def events(request: Request) -> StreamingResponse:
-        subscription = servicer.events.subscribe(1024)
-        first = _state(servicer)  # taken with the subscription: no event falls between them
-
         async def stream():
+            subscription = servicer.events.subscribe()
+            first = _state(servicer)  # with the subscription, no await between: no event falls between them
             try:
                 yield f"event: state\ndata: {json.dumps(first, separators=(',', ':'))}\n\n"
-                while True:  # the events since the last message, as a JSON array
-                    batch = await subscription.get(coalesce_s=0.02)  # at most 50 messages a second
+                while True:  # the events since the last message, as a JSON array (at most 50 a second)
+                    batch = await subscription.get(coalesce_s=COALESCE_S)
                     yield f"data: {json.dumps(batch, separators=(',', ':'))}\n\n"
             finally:
                 servicer.events.unsubscribe(subscription)
@@ -54,4 +55,5 @@ def create_app(servicer) -> Starlette:
 
 
 async def start_block_map(servicer, host: str, port: int) -> HttpServer:
+    """Serve the block map on host:port in this event loop (stopped with the service)."""
     return await start_http(create_app(servicer), host, port, graceful_timeout_s=1.0)

@@ -19,11 +19,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections import deque
 from typing import IO
 
 from memory_service.block_allocator import BlockAllocator
+
+COALESCE_S = 0.02  # a watcher gets at most one message per 20 ms: it costs a fast step loop little
+QUEUE_BATCHES = 1024  # batches a watcher may fall behind before it misses events
+MAX_QUEUE_BATCHES = 65536  # the most a watcher may ask for
+
+
+def marker(kind: str, seq: int, **fields) -> dict:
+    """An event that tells a watcher about its stream (`watching`, `missed`), never recorded:
+    numbered as the last event it refers to."""
+    return {"seq": seq, "type": kind, "pool": "", "replica": "", "step": 0, "time": time.time(), **fields}
 
 
 class Subscription:
@@ -62,8 +73,7 @@ class Subscription:
         if self.missed and self.queue.empty():
             last, count = self._last_missed, self.missed
             self.missed, self._last_missed = 0, None
-            events.append({"seq": last["seq"], "type": "missed", "pool": "", "replica": "", "step": 0,
-                           "time": last["time"], "count": count})
+            events.append(marker("missed", last["seq"], count=count))
         return events
 
 
@@ -105,7 +115,14 @@ class EventRecorder:
         allocator.listener = None
 
     def snapshot(self, pool: str, replica: str, allocator: BlockAllocator) -> dict:
-        return self.record("snapshot", pool, replica, allocator.step, allocator.snapshot())
+        """Record a pool's whole state (before its release, and at shutdown)."""
+        return self.record("snapshot", pool, replica, allocator.step, pool_state(allocator))
+
+    def current_snapshot(self, pool: str, replica: str, allocator: BlockAllocator) -> dict:
+        """A pool's whole state now, not recorded: numbered as the last event it includes (what a
+        new watcher or page starts from)."""
+        return {"seq": self.seq, "type": "snapshot", "pool": pool, "replica": replica, "step": allocator.step,
+                "time": time.time(), **pool_state(allocator)}
 
     def flush(self) -> None:
         """Hand what was recorded since the last flush to every subscriber (one batch) and the file."""
@@ -123,15 +140,15 @@ class EventRecorder:
         stream at `after_seq` needs, with a subscription taken now, to resume with no gap or
         repeat. If the ring no longer holds them all, a `missed` event says how many are gone
         before the ones it still has."""
+        if after_seq > self.seq:  # numbered by another process (restarted without a log): all we have
+            after_seq = 0
         replay = [e for e in self.ring if e["seq"] > after_seq]
         first = replay[0]["seq"] if replay else self.seq + 1
-        if first > after_seq + 1 and after_seq < self.seq:
-            gone = {"seq": first - 1, "type": "missed", "pool": "", "replica": "", "step": 0, "time": time.time(),
-                    "count": first - 1 - after_seq}
-            replay.insert(0, gone)
+        if first > after_seq + 1:
+            replay.insert(0, marker("missed", first - 1, count=first - 1 - after_seq))
         return replay
 
-    def subscribe(self, maxsize: int = 1024) -> Subscription:
+    def subscribe(self, maxsize: int = QUEUE_BATCHES) -> Subscription:
         """A subscription to every event recorded from now on (a snapshot or `since` taken now
         covers the ones before, even those not flushed yet)."""
         subscription = Subscription(maxsize, self.seq)
@@ -150,16 +167,35 @@ class EventRecorder:
 
 class PoolEvents:
     """The allocator's listener for one pool: stamps its events with the pool, the replica and
-    the step being applied (memory_service.step sets `allocator.step`)."""
+    the step being applied (memory_service.step sets `allocator.step`), and keeps what only
+    the page needs and the clock-free allocator does not: when each table was made, and how
+    many preemptions there were."""
 
     def __init__(self, recorder: EventRecorder, pool: str, replica: str, allocator: BlockAllocator) -> None:
         self.recorder, self.pool, self.replica, self.allocator = recorder, pool, replica, allocator
+        self.created: dict[str, float] = {}
+        self.preemptions = 0
 
     def __call__(self, kind: str, fields: dict) -> None:
         for key in ("seq_id", "parent"):
             if key in fields:
                 fields[key] = str(fields[key])
-        self.recorder.record(kind, self.pool, self.replica, self.allocator.step, fields)
+        event = self.recorder.record(kind, self.pool, self.replica, self.allocator.step, fields)
+        if kind in ("allocate", "fork"):
+            self.created[event["seq_id"]] = event["time"]
+        elif kind in ("free", "preempt"):
+            self.created.pop(event["seq_id"], None)
+            self.preemptions += kind == "preempt"
+
+
+def pool_state(allocator: BlockAllocator) -> dict:
+    """A snapshot's fields: the allocator's tables, tokens, cached and hashed blocks, and from
+    the pool's start its prefix-cache counters, preemptions and when each table was made."""
+    listener = allocator.listener if isinstance(allocator.listener, PoolEvents) else None
+    stats = allocator.stats()
+    return {**allocator.snapshot(), "created": dict(listener.created) if listener else {},
+            "preemptions": listener.preemptions if listener else 0,
+            "prefix_query_tokens": stats.prefix_query_tokens, "prefix_hit_tokens": stats.prefix_hit_tokens}
 
 
 def _ends_with_newline(path: str) -> bool:
@@ -170,18 +206,25 @@ def _ends_with_newline(path: str) -> bool:
         return f.read(1) == b"\n"
 
 
+_SEQ_AT_LINE_START = re.compile(rb'(?:^|\n)\{"seq":(\d+),')
+
+
 def _last_seq(path: str) -> int:
-    """The last event number in an existing log (0 for none): numbering continues after it."""
+    """The last event number in an existing log (0 for none): numbering continues after it. Every
+    line starts with its number, so this reads back from the end, in growing windows, until a
+    line start is found (a closing snapshot of a big pool is a line of hundreds of kilobytes)."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return 0
+    size, window = os.path.getsize(path), 65536
     with open(path, "rb") as f:
-        f.seek(max(os.path.getsize(path) - 65536, 0))
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["seq"])
-        except (ValueError, KeyError):
-            continue
+        while True:
+            f.seek(max(size - window, 0))
+            found = _SEQ_AT_LINE_START.findall(f.read())
+            if found:
+                return int(found[-1])
+            if window >= size:
+                break
+            window *= 8
     return 0
 
 

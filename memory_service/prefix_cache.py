@@ -62,9 +62,11 @@ class PrefixCache:
         return next(iter(self._parked))
 
     def parked_blocks(self) -> list[int]:
+        """Cached blocks nobody references, least recently released first (a snapshot's `cached`)."""
         return list(self._parked)
 
     def hashed_blocks(self) -> list[int]:
+        """Every block holding a hash, referenced or parked (a snapshot's `hashed`)."""
         return list(self._hash_of)
 
     def unpark(self, block: int) -> None:

@@ -10,38 +10,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import grpc
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import start_http_server
 
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
 from memory_service.block_allocator import AllocatorStats, BlockAllocatorError
 from memory_service.block_map import start_block_map
-from memory_service.events import EventRecorder
+from memory_service.metrics import EXPIRED, export_pool, unexport_pool
+from memory_service.events import COALESCE_S, MAX_QUEUE_BATCHES, QUEUE_BATCHES, EventRecorder, marker
 from memory_service.pools import FencedPoolError, Pool, PoolRegistry, ReplicaMatch, UnknownPoolError
 from memory_service.step import Allocation, Commit, StepRequest, apply_step
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("memory_service")
 SERVICE = "rpc.internal.v1.MemoryService"
-FREE_BLOCKS = Gauge("memory_free_blocks", "Free KV blocks", ["pool", "replica"])
-USED_BLOCKS = Gauge("memory_used_blocks", "Used KV blocks", ["pool", "replica"])
-UTILIZATION = Gauge("memory_kv_utilization", "Tokens stored / slots in used blocks", ["pool", "replica"])
-CACHED_BLOCKS = Gauge("memory_cached_blocks", "Free KV blocks still holding a cached prefix", ["pool", "replica"])
-PREFIX_QUERY_TOKENS = Gauge("memory_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
-                            ["pool", "replica"])
-PREFIX_HIT_TOKENS = Gauge("memory_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
-                          ["pool", "replica"])
-PREFIX_HIT_RATE = Gauge("memory_prefix_cache_hit_rate", "Prefix cache hit tokens / query tokens", ["pool", "replica"])
-_POOL_GAUGES = (FREE_BLOCKS, USED_BLOCKS, UTILIZATION, CACHED_BLOCKS, PREFIX_QUERY_TOKENS, PREFIX_HIT_TOKENS,
-                PREFIX_HIT_RATE)
-WATCH_COALESCE_S = 0.02  # a watcher gets at most one message per 20 ms: it costs a fast step loop little
-EXPIRED = Counter("memory_pools_expired_total", "Pools freed because their lease ran out")
-POOLS = Gauge("memory_pools", "Registered pools")
 
 
 @dataclass
@@ -77,6 +63,7 @@ def replica_match_to_proto(m: ReplicaMatch) -> memory_pb2.ReplicaMatch:
 
 
 def events_message(events: list[dict]) -> memory_pb2.BlockEvents:
+    """Events as WatchEvents sends them: one JSON array, serialized once per message."""
     return memory_pb2.BlockEvents(json=json.dumps(events, separators=(",", ":")))
 
 
@@ -94,7 +81,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             self.events.flush()
         log.info("registered %s for replica %r: %d blocks x %d tokens%s", pool_id, request.replica,
                  request.num_blocks, request.block_size, f", serving at {request.address}" if request.address else "")
-        self._export(pool_id, self.registry.pools[pool_id])
+        export_pool(pool_id, self.registry.pools[pool_id], len(self.registry.pools))
         return memory_pb2.RegisterPoolResponse(pool_id=pool_id, lease_ttl_s=self.registry.lease_ttl_s)
 
     async def Heartbeat(self, request, context):
@@ -112,9 +99,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def StepStream(self, request_iterator, context):
         async for request in request_iterator:
-            yield await self._step(request, context)
-            if self.events is not None:  # the answer is sent: now the watchers and the log get the step's events
-                self.events.flush()
+            try:
+                yield await self._step(request, context)
+            finally:  # the answer is sent (or the stream ended): now the watchers and the log get its events
+                if self.events is not None:
+                    self.events.flush()
 
     async def _step(self, request, context) -> memory_pb2.StepResponse:
         pool = await self._pool(request.pool_id, context)
@@ -132,7 +121,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             result = apply_step(pool.allocator, step)
         except (BlockAllocatorError, ValueError) as exc:  # a malformed step: nothing of it was applied
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        self._export(request.pool_id, pool, result.stats)  # the step already computed them
+        export_pool(request.pool_id, pool, len(self.registry.pools), result.stats)  # the step already computed them
         return memory_pb2.StepResponse(
             block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t, hit_tokens=result.hit_tokens.get(s, 0))
                           for s, t in result.block_tables.items()],
@@ -148,7 +137,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             self.events.detach(request.pool_id, pool.replica, pool.allocator, "released")
             self.events.flush()
         log.info("released %s (replica %r)", request.pool_id, pool.replica)
-        self._unexport(request.pool_id, pool)
+        unexport_pool(request.pool_id, pool, len(self.registry.pools))
         return memory_pb2.ReleasePoolResponse()
 
     async def Stats(self, request, context):
@@ -170,30 +159,30 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             log.warning("lease of %s (replica %r) ran out: freed %d blocks of %d sequences; the id is fenced",
                         pool_id, pool.replica, st.num_used_blocks, st.num_sequences)
             EXPIRED.inc()
-            self._unexport(pool_id, pool)
+            unexport_pool(pool_id, pool, len(self.registry.pools))
 
     async def WatchEvents(self, request, context):
         if self.events is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block events are off (--block-events)")
-        subscription = self.events.subscribe(request.max_queue or 1024)
+        if request.snapshot and request.after_seq:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "snapshot and after_seq: a snapshot already holds the events it would replay")
+        subscription = self.events.subscribe(min(request.max_queue or QUEUE_BATCHES, MAX_QUEUE_BATCHES))
         try:  # first: from which event on this watcher sees everything
-            first = [{"seq": self.events.seq, "type": "watching", "pool": "", "replica": "", "step": 0,
-                      "time": time.time()}]
+            first = [marker("watching", self.events.seq)]
             if request.snapshot:
                 first += [self.snapshot(pool_id, pool) for pool_id, pool in list(self.registry.pools.items())]
             if request.after_seq:
                 first += self.events.since(request.after_seq)
             yield events_message(first)
             while True:
-                yield events_message(await subscription.get(coalesce_s=WATCH_COALESCE_S))
+                yield events_message(await subscription.get(coalesce_s=COALESCE_S))
         finally:
             self.events.unsubscribe(subscription)
 
     def snapshot(self, pool_id: str, pool: Pool) -> dict:
-        """A pool's whole state now, as a `snapshot` event that is not recorded (it numbers as
-        the last event it includes)."""
-        return {"seq": self.events.seq, "type": "snapshot", "pool": pool_id, "replica": pool.replica,
-                "step": pool.allocator.step, "time": time.time(), **pool.allocator.snapshot()}
+        """A pool's whole state now (not recorded): what a new watcher or page starts from."""
+        return self.events.current_snapshot(pool_id, pool.replica, pool.allocator)
 
     async def _pool(self, pool_id: str, context) -> Pool:
         try:
@@ -202,22 +191,6 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except UnknownPoolError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-
-    def _export(self, pool_id: str, pool: Pool, st: AllocatorStats | None = None) -> None:
-        st = pool.allocator.stats() if st is None else st
-        FREE_BLOCKS.labels(pool_id, pool.replica).set(st.num_free_blocks)
-        USED_BLOCKS.labels(pool_id, pool.replica).set(st.num_used_blocks)
-        UTILIZATION.labels(pool_id, pool.replica).set(st.utilization)
-        CACHED_BLOCKS.labels(pool_id, pool.replica).set(st.num_cached_blocks)
-        PREFIX_QUERY_TOKENS.labels(pool_id, pool.replica).set(st.prefix_query_tokens)
-        PREFIX_HIT_TOKENS.labels(pool_id, pool.replica).set(st.prefix_hit_tokens)
-        PREFIX_HIT_RATE.labels(pool_id, pool.replica).set(st.prefix_hit_rate)
-        POOLS.set(len(self.registry.pools))
-
-    def _unexport(self, pool_id: str, pool: Pool) -> None:
-        for gauge in _POOL_GAUGES:
-            gauge.remove(pool_id, pool.replica)
-        POOLS.set(len(self.registry.pools))
 
 
 async def _expire_leases_forever(servicer: MemoryServicer, period_s: float) -> None:
@@ -232,27 +205,32 @@ async def serve(config: MemoryServiceConfig) -> None:
     events = EventRecorder(config.event_ring_size, config.event_log, registry.epoch) if config.block_events else None
     servicer = MemoryServicer(registry, events)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
-    port = bind(server, config.host, config.port)
-    if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.host)
-    await server.start()
-    page = await start_block_map(servicer, config.host, config.http_port) if config.http_port and events else None
-    await set_serving(health, [SERVICE])
-    expiry = asyncio.create_task(_expire_leases_forever(servicer, min(0.5, config.lease_ttl_s / 4)))
-    log.info("memory service %s listening on %s:%d (lease %.1f s, metrics on :%s)", registry.epoch, config.host, port,
-             config.lease_ttl_s, config.metrics_port or "off")
+    page, expiry = None, None
     try:
+        port = bind(server, config.host, config.port)
+        if config.metrics_port:
+            start_http_server(config.metrics_port, addr=config.host)
+        await server.start()
+        if config.http_port and events is not None:
+            page = await start_block_map(servicer, config.host, config.http_port)
+        await set_serving(health, [SERVICE])
+        expiry = asyncio.create_task(_expire_leases_forever(servicer, min(0.5, config.lease_ttl_s / 4)))
+        log.info("memory service %s listening on %s:%d (lease %.1f s, metrics on :%s, block map on :%s)",
+                 registry.epoch, config.host, port, config.lease_ttl_s, config.metrics_port or "off",
+                 config.http_port if page else "off")
         await until_stop_signal()
-        for pool_id, pool in registry.pools.items():  # the log ends with every pool's state
-            if events is not None:
-                events.snapshot(pool_id, pool.replica, pool.allocator)
         await server.stop(grace=1.0)
+        if events is not None:  # no step runs any more: the log ends with every pool's state
+            for pool_id, pool in registry.pools.items():
+                events.snapshot(pool_id, pool.replica, pool.allocator)
     finally:
-        expiry.cancel()
+        if expiry is not None:
+            expiry.cancel()
         if page is not None:
             await page.stop()
         if events is not None:
             events.close()
+        await server.stop(grace=None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from common.sampling_params import SamplingParams
 from compute_service.engine import InferenceEngine
-from memory_service.audit import audit
+from memory_service.audit import FREE, audit, replay_states
+from memory_service.block_allocator import BlockAllocator
 from memory_service.events import EventRecorder, read_log
 
 
@@ -96,12 +97,18 @@ def test_a_real_run_with_preemption_forks_and_an_abort_passes_and_a_dropped_free
     assert ok, message
     out = subprocess.run([sys.executable, "-m", "memory_service.audit", str(path)], capture_output=True, text=True)
     assert out.returncode == 0 and "every invariant holds" in out.stdout
+    # the run finished every request: its log also passes with --idle-at-end
+    out = subprocess.run([sys.executable, "-m", "memory_service.audit", "--idle-at-end", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     # drop one free: its sequence's blocks are held by nobody the service lists any more
     frees = [i for i, e in enumerate(events) if e["type"] == "free"]
     broken = [e for i, e in enumerate(events) if i != frees[-1]]
+    for number, e in enumerate(broken, 1):  # numbered without the gap: only the leak can give it away
+        e["seq"] = number
     path.write_text("".join(json.dumps(e) + "\n" for e in broken))
     out = subprocess.run([sys.executable, "-m", "memory_service.audit", str(path)], capture_output=True, text=True)
-    assert out.returncode == 1 and "violation at event" in out.stderr
+    assert out.returncode == 1 and "violation at event" in out.stderr and "leaked" in out.stderr
 
 
 def test_numbering_continues_across_restarts_of_the_log(tmp_path):
@@ -126,9 +133,46 @@ def test_a_line_torn_by_a_kill_is_ended_at_the_restart_and_corruption_elsewhere_
         f.write('{"seq":3,"type":"allo')  # SIGKILL in the middle of a write
     EventRecorder(log_path=str(path), epoch="two").close()
     events = read_log(str(path))
-    assert [(e["seq"], e["type"]) for e in events] == [(1, "restart"), (2, "pool_registered"), (3, "restart")]
+    # the torn event's number is not used again; the restart may skip it, nothing else may
+    assert [(e["seq"], e["type"]) for e in events] == [(1, "restart"), (2, "pool_registered"), (4, "restart")]
     assert audit(events)[0]
     with open(path, "a") as f:  # a bad line that no restart follows is corruption, not a kill
         f.write('{"seq":4,"type":"x"}\nnot json\n{"seq":5,"type":"x"}\n')
     with pytest.raises(ValueError, match=r"events.jsonl:6"):
         read_log(str(path))
+
+
+def test_a_gap_in_the_numbering_is_caught():
+    ok, message = audit(log(event(3, "allocate", seq_id="a", blocks=[0], hits=0, tokens=2, refs=[1]),
+                            event(5, "free", seq_id="a", blocks=[0], refs=[0])))
+    assert not ok and "event 5 follows event 3" in message
+
+
+def test_a_sequence_the_compute_side_never_freed_is_caught_at_the_end_of_a_finished_run():
+    """The memory service lists it at its closing snapshot, so only --idle-at-end can tell."""
+    events = log(event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
+                 event(4, "snapshot", tables={"a": [0, 1]}, tokens={"a": 8}, cached=[], hashed=[]))
+    assert audit(events)[0]
+    ok, message = audit(events, idle_at_end=True)
+    assert not ok and "still holds sequences ['a']" in message and "never freed" in message
+    ok, message = audit(events[:-1])  # no closing snapshot: said, not hidden
+    assert ok and "ends without a closing snapshot of p" in message
+
+
+def test_clearing_the_cache_while_blocks_are_in_use_leaves_them_free_after_their_free(tmp_path):
+    allocator = BlockAllocator(num_blocks=8, block_size=4)
+    recorder = EventRecorder(log_path=str(tmp_path / "events.jsonl"))
+    recorder.attach("p", "r", allocator)
+    allocator.allocate("a", 9, block_hashes=[b"h1", b"h2"])
+    allocator.commit("a", 0, [b"h1", b"h2"])
+    allocator.allocate("b", 4)
+    allocator.free("b")
+    # "a" still holds its two hashed blocks when the cache is reset
+    allocator.reset_prefix_cache()
+    allocator.free("a")
+    recorder.snapshot("p", "r", allocator)
+    recorder.close()
+    events = read_log(str(tmp_path / "events.jsonl"))
+    ok, message = audit(events, idle_at_end=True)
+    assert ok, message
+    assert set(replay_states(events, events[-1]["seq"])["p"]) == {FREE}

@@ -20,7 +20,7 @@ from playwright.sync_api import sync_playwright
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
-from memory_service.audit import CACHED, FREE, USED, Auditor, audit, replay_states
+from memory_service.audit import CACHED, FREE, USED, audit, replay, replay_states
 from memory_service.events import read_log
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -61,21 +61,12 @@ CLICK_A_BLOCK_IN_USE = """() => {  // one JS task: no event is applied between t
 }""" % USED
 
 
-def tables_at(events: list[dict], pool: str, upto_seq: int) -> dict[str, list[int]]:
-    auditor = Auditor()
-    for event in events:
-        if event["seq"] > upto_seq:
-            break
-        auditor.apply(event)
-    return auditor.pools[pool].tables
-
-
 def check_click_shows_the_sequence_table(page, log) -> None:
     """Clicking a block in use shows each sequence that holds it: its table as the log has it,
     its tokens and replica; hovering shows the block's state and ref count."""
     shown = page.evaluate(CLICK_A_BLOCK_IN_USE)
     assert shown, "no block in use to click"
-    tables = tables_at(read_log(str(log)), shown["id"], shown["seq"])
+    tables = replay(read_log(str(log)), shown["seq"]).pools[shown["id"]].tables
     owners = [seq for seq, table in tables.items() if shown["block"] in table]
     assert owners, f"block {shown['block']} is in use on the page but in no table of the log"
     for seq in owners:
@@ -96,6 +87,8 @@ def test_the_page_shows_the_logged_state_at_its_event_number_and_blocks_turn_fre
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page_errors: list = []
+        page.on("pageerror", lambda error: page_errors.append(error))  # an exception in the page's script fails the test
         page.goto(f"http://127.0.0.1:{page_port}/")
         page.wait_for_function("window.blockmap && window.blockmap.poolIds().length === 1")
         stop, errors = threading.Event(), []
@@ -127,6 +120,7 @@ def test_the_page_shows_the_logged_state_at_its_event_number_and_blocks_turn_fre
                               " return {seq: window.blockmap.seq, id, states: window.blockmap.states(id)}; }")
         assert shown["states"] == replay_states(read_log(str(log)), shown["seq"])[shown["id"]]
         assert FREE in shown["states"] and page.evaluate("window.blockmap.missed") == 0
+        assert not page_errors, page_errors[:3]
         with grpc.insecure_channel(f"127.0.0.1:{memory}") as channel:
             pools = memory_pb2_grpc.MemoryServiceStub(channel).Stats(memory_pb2.StatsRequest(), timeout=10).pools
         assert pools[0].num_used_blocks == 0 and pools[0].num_sequences == 0
