@@ -29,5 +29,5 @@ RUN protos/generate.sh \
     && chown -R app /opt/torch_extensions  # torch takes a lock file there when it loads the kernel
 USER app
 
-EXPOSE 50050 8000 50051 50052 9100 9101
+EXPOSE 50050 8000 50051 50052 9100 9101 9102
 CMD ["python", "-m", "gateway.server"]

@@ -24,7 +24,8 @@ def env_name(prefix: str, field: str) -> str:
     return f"{prefix}_{field.upper()}"
 
 
-def _parse(value: str, default: Any) -> Any:
+def parse_value(value: str, default: Any) -> Any:
+    """A setting's text (a flag or an environment variable) as the type of its default."""
     if isinstance(default, bool):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return type(default)(value)
@@ -34,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         env = env_name(cls.env_prefix, f.name)
-        value = _parse(os.environ[env], default) if env in os.environ else default
-        parse = (lambda s, d=default: _parse(s, d)) if isinstance(default, bool) else type(default)
+        value = parse_value(os.environ[env], default) if env in os.environ else default
+        parse = (lambda s, d=default: parse_value(s, d)) if isinstance(default, bool) else type(default)
         parser.add_argument(flag_name(f.name), type=parse, default=value, help=f"(env {env}, default {default})")
 
 

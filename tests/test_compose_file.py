@@ -11,22 +11,17 @@ import pytest
 import yaml
 
 from common.settings import env_name
-from compute_service.config import ComputeServiceConfig, EngineConfig
+from compute_service.config import ComputeServiceConfig
 from deploy.services import ENV_PREFIXES, local_services
 from gateway.config import GatewayConfig
-from memory_service.server import MemoryServiceConfig
+from tests.settings_names import CONFIGS, settings_of
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"memory": [MemoryServiceConfig], "compute": [ComputeServiceConfig, EngineConfig], "gateway": [GatewayConfig]}
 
 
 @pytest.fixture(scope="module")
 def compose():
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-
-
-def settings_of(name):
-    return {env_name(cls.env_prefix, f.name) for cls in CONFIGS[name] for f in dataclasses.fields(cls)}
 
 
 def test_each_service_reads_its_own_prefixed_variables():
