@@ -105,7 +105,10 @@ def test_settings_agree_with_compose_and_the_launcher(objects, compose):
     for k in set(data) - compose_env:  # only Kubernetes sets it: it must be the default then, stated
         default = setting_default(k)
         assert parse_value(data[k], default) == default, f"{k}: {data[k]!r}, default {default!r}"
-    assert "GATEWAY_API_KEYS" in find(objects, "Secret", "api-keys")["stringData"]
+    # API keys: read from a Secret the user creates, never one in the kustomization (which a later
+    # `kubectl apply -k` would put back empty: an open gateway after its next restart)
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    assert {"secretRef": {"name": "api-keys", "optional": True}} in container(objects, "gateway")["envFrom"]
     for spec in local_services():
         prefix = spec.role.upper()
         assert int(data[f"{prefix}_PORT"]) == spec.port, f"{spec.role}: port differs from make run's"
@@ -148,50 +151,81 @@ def test_compute_advertises_its_pod_address(objects):
     assert env["OMP_NUM_THREADS"]["value"] == str(limit), "torch's threads = the CPU limit"
 
 
-def test_one_memory_pod_grace_periods_over_the_drains_and_a_disruption_budget(objects):
+def pod_specs(objects: list[dict]) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objects
+            if o["kind"] in ("Deployment", "StatefulSet")}
+
+
+def test_one_memory_pod_grace_periods_over_the_drains_and_disruption_budgets(objects):
     data = settings(objects)
     memory = find(objects, "StatefulSet", "memory")
     assert memory["spec"]["replicas"] == 1
     governing = find(objects, "Service", memory["spec"]["serviceName"])
     assert governing["spec"]["clusterIP"] == "None"
     for role in ("compute", "gateway"):
-        pod = find(objects, "Deployment", role)["spec"]["template"]["spec"]
+        pod = pod_specs(objects)[role]
+        pause = container(objects, role).get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pause_s = float(pause[1]) if pause[:1] == ["sleep"] else 0.0
         drain = float(data[f"{role.upper()}_DRAIN_TIMEOUT_S"])
-        assert pod["terminationGracePeriodSeconds"] > drain, f"{role} would be killed mid-drain"
+        assert pod["terminationGracePeriodSeconds"] >= pause_s + drain + 5, f"{role} would be killed mid-drain"
+        # every replica is unready while the memory service is down: that must not block a node drain
+        budget = find(objects, "PodDisruptionBudget", role)["spec"]
+        labels = find(objects, "Deployment", role)["spec"]["template"]["metadata"]["labels"]
+        assert budget["selector"]["matchLabels"].items() <= labels.items() and budget["maxUnavailable"] == 1
+        assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     assert find(objects, "Deployment", "gateway")["spec"]["replicas"] >= 2
-    budget = find(objects, "PodDisruptionBudget", "compute")["spec"]
-    labels = find(objects, "Deployment", "compute")["spec"]["template"]["metadata"]["labels"]
-    assert budget["selector"]["matchLabels"].items() <= labels.items() and budget["maxUnavailable"] == 1
+
+
+def test_pods_get_no_service_link_variables_and_run_on_x86_64(objects):
+    """Kubernetes would inject MEMORY_PORT=tcp://... for the Service `memory`: our settings' names."""
+    for name, pod in pod_specs(objects).items():
+        assert pod["enableServiceLinks"] is False, name
+        assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64"}, name
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+    labels = find(objects, "Namespace", "paged-nanogpt")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
 class Pod:
     def __init__(self, namespace: str, labels: dict[str, str]) -> None:
         self.namespace, self.labels = namespace, labels
+        self.namespace_labels = {"kubernetes.io/metadata.name": namespace}  # every namespace has it
 
 
 def selects(selector: dict, labels: dict) -> bool:
-    assert set(selector) <= {"matchLabels"}, "this evaluator knows matchLabels only"
+    assert set(selector) <= {"matchLabels"}, "this evaluator knows matchLabels only: extend it"
     return selector.get("matchLabels", {}).items() <= labels.items()
 
 
 def may_connect(policies: list[dict], source: Pod, target: Pod, port: int) -> bool:
     """NetworkPolicy ingress semantics: a pod no policy selects accepts everything; a selected pod
-    accepts what at least one rule of one selecting policy allows (from and ports both match)."""
+    accepts what at least one rule of one selecting policy allows (a rule without `from`, or with
+    an empty one, allows every source; without `ports`, every port). A peer with a
+    namespaceSelector matches pods of the namespaces it selects; one with a podSelector alone,
+    pods of the policy's namespace."""
+    def ingress(policy: dict) -> bool:  # policyTypes defaults to Ingress (and Egress if egress rules exist)
+        return "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+
     selecting = [p for p in policies if p["metadata"]["namespace"] == target.namespace
-                 and selects(p["spec"]["podSelector"], target.labels) and "Ingress" in p["spec"]["policyTypes"]]
+                 and selects(p["spec"]["podSelector"], target.labels) and ingress(p)]
     if not selecting:
         return True
     for policy in selecting:
         for rule in policy["spec"].get("ingress", []):
-            ports = [p["port"] for p in rule.get("ports", [])]
-            if ports and port not in ports:
+            rule_ports = rule.get("ports", [])
+            assert all(isinstance(p["port"], int) and "endPort" not in p and p.get("protocol", "TCP") == "TCP"
+                       for p in rule_ports), "this evaluator knows numbered TCP ports only: extend it"
+            if rule_ports and port not in [p["port"] for p in rule_ports]:
                 continue
-            peers = rule.get("from")
-            if peers is None:
+            peers = rule.get("from") or []
+            if not peers:
                 return True
             for peer in peers:
-                in_namespace = ("namespaceSelector" in peer and selects(peer["namespaceSelector"], {})) \
-                    or ("namespaceSelector" not in peer and source.namespace == target.namespace)
+                assert "ipBlock" not in peer, "this evaluator knows pod and namespace selectors only"
+                if "namespaceSelector" in peer:
+                    in_namespace = selects(peer["namespaceSelector"], source.namespace_labels)
+                else:
+                    in_namespace = source.namespace == policy["metadata"]["namespace"]
                 if in_namespace and selects(peer.get("podSelector", {}), source.labels):
                     return True
     return False
@@ -205,6 +239,7 @@ def test_network_policies_let_only_the_gateway_reach_compute_and_only_its_public
                               ("gateway", ("Deployment", "gateway")))}
     outside = Pod("default", {"app": "anything"})
     prometheus = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    impostor = Pod("default", {"app.kubernetes.io/name": "prometheus"})  # the label alone opens nothing
     data = settings(objects)
     memory, compute = int(data["MEMORY_PORT"]), int(data["COMPUTE_PORT"])
     allowed = {("gateway", "memory", memory), ("compute", "memory", memory), ("gateway", "compute", compute)}
@@ -217,8 +252,9 @@ def test_network_policies_let_only_the_gateway_reach_compute_and_only_its_public
         for port in ports:
             public = target == "gateway" and port in (int(data["GATEWAY_PORT"]), int(data["GATEWAY_HTTP_PORT"]))
             assert may_connect(policies, outside, pod[target], port) == public, (target, port)
-            metrics = port in (9100, 9101, 9102)
+            metrics = port in (int(data["GATEWAY_METRICS_PORT"]), int(data["MEMORY_METRICS_PORT"]))
             assert may_connect(policies, prometheus, pod[target], port) == (public or metrics), (target, port)
+            assert may_connect(policies, impostor, pod[target], port) == public, (target, port)
     exposed = [s["metadata"]["name"] for s in objects if s["kind"] == "Service"
                and s["spec"].get("type", "ClusterIP") != "ClusterIP"]
     assert exposed == ["gateway"]
@@ -251,8 +287,9 @@ def test_memory_limits_cover_each_services_measured_peak_with_a_full_pool(object
     assert replica_memory(data["COMPUTE_MODEL"], budget).suggested_limit_bytes <= limits["compute"]
     per_sequence = budget // seqs  # together they fill the pool
     new_tokens = per_sequence // 4
-    memory, compute, gateway, m1, m2, http = free_ports(6)
-    services = local_services(memory, (compute,), gateway, m1, m2, gateway_http_port=http, compute_settings={
+    memory, compute, gateway, m1, m2, http, page = free_ports(7)  # the block map on too, as in the pod
+    services = local_services(memory, (compute,), gateway, m1, m2, gateway_http_port=http, memory_http_port=page,
+                              compute_settings={
         "model": data["COMPUTE_MODEL"], "kv_budget_tokens": str(budget), "max_num_seqs": str(seqs)})
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 50000, size=per_sequence - new_tokens - 1).tolist() for _ in range(seqs)]
