@@ -20,6 +20,11 @@ def _backend() -> str:
     return backend
 
 
+def cpp_attention_enabled() -> bool:
+    """Whether CPU float32 decode attention runs the C++ kernel (PAGED_ATTENTION_BACKEND)."""
+    return _backend() != "torch" and load_extension() is not None
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # (B, nh, hs)
     k_cache: torch.Tensor,  # (num_blocks, nh, block_size, hs)

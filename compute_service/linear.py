@@ -27,7 +27,7 @@ from compute_service.native import load_extension
 # Rows of x up to which the kernel beats MKL on the machines measured (README, "Decode speed").
 SKINNY_MAX_ROWS = 16
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
-_EMPTY = torch.empty(0)
+NO_TENSOR = torch.empty(0)  # "none" for the kernels: no scale, no bias
 # Many-row products (prefill) through oneDNN: 2.2x MKL's sgemm at 512 rows on the AMD build
 # machine (MKL takes its AVX2 path there; README, "Decode speed"). Inference only: no autograd.
 _onednn_linear = (torch.ops.mkldnn._linear_pointwise.default
@@ -81,6 +81,12 @@ class Linear(nn.Linear):
         else:
             self.decode_weight, self.decode_scale = quantize_int8(w.float())
 
+    def decode_args(self) -> list[torch.Tensor]:
+        """(weight, scale, bias) as the few-row kernel reads them (empty tensors for none)."""
+        weight = self.weight if self.decode_weight is None else self.decode_weight
+        return [weight, NO_TENSOR if self.decode_scale is None else self.decode_scale,
+                NO_TENSOR if self.bias is None else self.bias]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The fast paths are inference only (no autograd), as the engine runs. The decode copy is
         # made once by set_weight_format: loading new weights afterwards needs another call.
@@ -88,10 +94,7 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         kernel = skinny_kernel()
         if kernel is not None and x.shape[0] <= SKINNY_MAX_ROWS and self.in_features % 16 == 0:
-            weight = self.weight if self.decode_weight is None else self.decode_weight
-            scale = _EMPTY if self.decode_scale is None else self.decode_scale
-            bias = _EMPTY if self.bias is None else self.bias
-            return kernel.skinny_linear(x, weight, scale, bias)
+            return kernel.skinny_linear(x, *self.decode_args())
         if _onednn_linear is not None:
             return _onednn_linear(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

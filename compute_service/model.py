@@ -9,15 +9,16 @@ Weights use nanoGPT's parameter names; `compute_service.weights` maps Hugging Fa
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compute_service.attention import paged_decode_attention
+from compute_service.attention import cpp_attention_enabled, paged_decode_attention
 from compute_service.kv_cache import KVCache
-from compute_service.linear import Linear
+from compute_service.linear import NO_TENSOR, SKINNY_MAX_ROWS, Linear, skinny_kernel
 
 
 @dataclass
@@ -33,6 +34,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+# FUSED_DECODE=off runs decode steps through the Python layer loop (same bits, slower): for
+# measuring what the fusion buys (README "Decode speed").
+FUSED_DECODE = os.environ.get("FUSED_DECODE", "on") != "off"
 
 
 @dataclass
@@ -154,6 +160,14 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), meta, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
+    def decode_params(self) -> list[torch.Tensor]:
+        """This layer's 16 tensors in the order csrc/decode_layers.cpp reads them."""
+        def norm(ln: nn.LayerNorm) -> list[torch.Tensor]:
+            return [ln.weight, NO_TENSOR if ln.bias is None else ln.bias]
+
+        return [*norm(self.ln_1), *self.attn.c_attn.decode_args(), *self.attn.c_proj.decode_args(),
+                *norm(self.ln_2), *self.mlp.c_fc.decode_args(), *self.mlp.c_proj.decode_args()]
+
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -169,9 +183,11 @@ class GPT(nn.Module):
         )
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self._decode_params: list[torch.Tensor] | None = None  # for the fused decode, made at first use
 
     def set_weight_format(self, weight_format: str) -> None:
         """float32 | bfloat16 | int8: the copy of the weights decode reads (compute_service.linear)."""
+        self._decode_params = None  # the fused decode's list of tensors is made again
         for module in self.modules():
             if isinstance(module, Linear):
                 module.set_weight_format(weight_format)
@@ -207,12 +223,38 @@ class GPT(nn.Module):
         meta: AttentionMetadata,
         kv_cache: KVCache | None = None,
         logits_indices: torch.Tensor | None = None,
+        fused_decode: bool = True,
     ) -> torch.Tensor:
         """The final hidden states (after ln_f) that lm_head turns into logits; training takes
         them to compute the softmax in chunks."""
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, meta, kv_cache, layer)
+        if fused_decode and self._fused_decode_runs(x, meta, kv_cache):
+            x = self._fused_decode(x, meta, kv_cache)  # (B, C): the loop below in one C++ call
+        else:
+            for layer, block in enumerate(self.transformer.h):
+                x = block(x, meta, kv_cache, layer)
         if logits_indices is not None:
             x = x.index_select(0, logits_indices)  # (B, C): lm_head on the last positions only
         return self.transformer.ln_f(x)  # (B, C)
+
+    def _fused_decode_runs(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> bool:
+        """Decode on the CPU in float32 activations, a batch the few-row kernel takes, the C++
+        attention kernel chosen, no autograd: where csrc/decode_layers.cpp gives the same bits."""
+        return (not meta.is_prefill and kv_cache is not None and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and x.dtype == torch.float32 and kv_cache.pool.dtype == torch.float32
+                and x.shape[0] <= SKINNY_MAX_ROWS and self.config.n_embd % 16 == 0
+                and skinny_kernel() is not None and cpp_attention_enabled() and FUSED_DECODE)
+
+    def _fused_decode(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        """Every layer of a decode step in one call, saving the Python between the kernels (about
+        1 ms of a 14 ms batch-1 step; README "Decode speed"). Its tensor list is made at first
+        use, after set_weight_format and the move to huge pages (parameters moved later keep
+        working: the list holds the Parameter objects; decode copies must be remade by
+        set_weight_format, which also resets the list)."""
+        if self._decode_params is None:
+            self._decode_params = [t for block in self.transformer.h for t in block.decode_params()]
+        cfg = self.config
+        return skinny_kernel().decode_layers(x, self._decode_params, kv_cache.pool, meta.slot_mapping,
+                                             meta.block_tables, meta.context_lens, cfg.n_head,
+                                             cfg.layer_norm_epsilon, 1.0 / math.sqrt(cfg.head_dim))
+
