@@ -6,13 +6,14 @@
 // context_lens (B,) int32                     tokens each query attends to
 // returns      (B, nh, hs)
 //
-// One task per (sequence, head): scores for the whole context, a max-subtracted softmax, then
-// the weighted sum of values, each block tile (block_size x hs, contiguous) read straight from
-// the pool. float32 only; the Python wrapper falls back to PyTorch for anything else.
-// Tasks run head by head, and within a head in the order of the sequences' first block, so
-// sequences that share blocks (a cached prefix, n samples) run back to back while those blocks'
-// tiles of that head are still in the core's L2: a shared prefix is read from memory about once
-// per head instead of once per sequence.
+// One task per sequence (or per group of its heads when there are fewer sequences than threads):
+// for each block of its context, the tiles of all its heads, which lie next to each other in the
+// pool (one contiguous run of heads x block_size x hs floats), then a max-subtracted softmax per
+// head, then the weighted sum of values the same way. Contiguous runs matter: the tiles of one
+// sequence are scattered over the pool, and cold memory served one head's 4 KB tiles at ~22 GB/s
+// but a block's 48 KB at ~30 GB/s here (README, "Decode speed"); software prefetching of
+// single-head tiles did not help. Sequences run in the order of their first block, so those
+// sharing a cached prefix (or n samples) run back to back while its blocks are still in cache.
 //
 // Build policy (README, "Native kernels"): compiled for the baseline of the architecture, never
 // -march=native, so a binary built on one machine runs on any other of the same architecture.
@@ -31,44 +32,65 @@
 #define PICK_ISA_AT_LOAD
 #endif
 
-// Attention of one query head over one sequence's context, blocks read in place.
+// Attention of heads [h0, h1) of one sequence: each block's tiles of those heads are adjacent in
+// the pool (one run of (h1 - h0) x block_size x hs floats), so they are read as one contiguous
+// run, block after block, which memory serves far faster than scattered single-head tiles.
 PICK_ISA_AT_LOAD
-static void attend_one_head(const float* qv, const float* k_ptr, const float* v_ptr, const int32_t* table,
-                            int64_t ctx, int64_t block_size, int64_t head_dim, int64_t k_block_stride,
-                            int64_t v_block_stride, int64_t k_head_offset, int64_t v_head_offset, float scale,
-                            float* scores, float* acc, float* out) {
-  float max_score = -INFINITY;
+static void attend_heads(const float* q, const float* k_ptr, const float* v_ptr, const int32_t* table, int64_t ctx,
+                         int64_t block_size, int64_t head_dim, int64_t h0, int64_t h1, int64_t k_block_stride,
+                         int64_t v_block_stride, int64_t k_head_stride, int64_t v_head_stride, float scale,
+                         float* scores, float* acc, float* out) {
+  const int64_t nh = h1 - h0;
+  std::vector<float> max_score(nh, -INFINITY), denom(nh, 0.f);
   for (int64_t start = 0; start < ctx; start += block_size) {
-    const float* kb = k_ptr + table[start / block_size] * k_block_stride + k_head_offset;
+    const float* base = k_ptr + table[start / block_size] * k_block_stride;
     const int64_t n = std::min(block_size, ctx - start);
-    for (int64_t j = 0; j < n; ++j) {
-      const float* kv = kb + j * head_dim;
-      float s = 0.f;
+    for (int64_t h = 0; h < nh; ++h) {
+      const float* kb = base + (h0 + h) * k_head_stride;
+      const float* qv = q + (h0 + h) * head_dim;
+      float* sc = scores + h * ctx + start;
+      float m = max_score[h];
+      for (int64_t j = 0; j < n; ++j) {
+        const float* kv = kb + j * head_dim;
+        float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < head_dim; ++d) s += qv[d] * kv[d];
-      s *= scale;
-      scores[start + j] = s;
-      max_score = std::max(max_score, s);
+        for (int64_t d = 0; d < head_dim; ++d) s += qv[d] * kv[d];
+        s *= scale;
+        sc[j] = s;
+        m = std::max(m, s);
+      }
+      max_score[h] = m;
     }
   }
-  float denom = 0.f;
-  for (int64_t t = 0; t < ctx; ++t) {
-    scores[t] = std::exp(scores[t] - max_score);
-    denom += scores[t];
+  for (int64_t h = 0; h < nh; ++h) {
+    float* sc = scores + h * ctx;
+    float sum = 0.f;
+    for (int64_t t = 0; t < ctx; ++t) {
+      sc[t] = std::exp(sc[t] - max_score[h]);
+      sum += sc[t];
+    }
+    denom[h] = sum;
   }
-  std::fill(acc, acc + head_dim, 0.f);
+  std::fill(acc, acc + nh * head_dim, 0.f);
   for (int64_t start = 0; start < ctx; start += block_size) {
-    const float* vb = v_ptr + table[start / block_size] * v_block_stride + v_head_offset;
+    const float* base = v_ptr + table[start / block_size] * v_block_stride;
     const int64_t n = std::min(block_size, ctx - start);
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = scores[start + j];
-      const float* vv = vb + j * head_dim;
+    for (int64_t h = 0; h < nh; ++h) {
+      const float* vb = base + (h0 + h) * v_head_stride;
+      const float* sc = scores + h * ctx + start;
+      float* a = acc + h * head_dim;
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = sc[j];
+        const float* vv = vb + j * head_dim;
 #pragma omp simd
-      for (int64_t d = 0; d < head_dim; ++d) acc[d] += w * vv[d];
+        for (int64_t d = 0; d < head_dim; ++d) a[d] += w * vv[d];
+      }
     }
   }
-  const float inv = 1.f / denom;
-  for (int64_t d = 0; d < head_dim; ++d) out[d] = acc[d] * inv;
+  for (int64_t h = 0; h < nh; ++h) {
+    const float inv = 1.f / denom[h];
+    for (int64_t d = 0; d < head_dim; ++d) out[(h0 + h) * head_dim + d] = acc[h * head_dim + d] * inv;
+  }
 }
 
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -105,18 +127,20 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return tables[a * max_blocks] < tables[b * max_blocks]; });
 
-  at::parallel_for(0, batch * n_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> acc(head_dim);
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = std::min<int64_t>(n_head, std::max<int64_t>(1, (threads + batch - 1) / batch));
+  const int64_t per = (n_head + groups - 1) / groups;
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc(per * head_dim);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t h = i / batch, b = order[i % batch];
-      const int64_t task = b * n_head + h;
+      const int64_t b = order[i / groups], g = i % groups;
+      const int64_t h0 = g * per, h1 = std::min(n_head, h0 + per);
       const int64_t ctx = lens[b];
       TORCH_CHECK(ctx > 0 && ctx <= max_blocks * block_size, "context length out of range");
-      scores.resize(ctx);
-      attend_one_head(q_ptr + task * head_dim, k_ptr, v_ptr, tables + b * max_blocks, ctx, block_size, head_dim,
-                      k_block_stride, v_block_stride, h * k_head_stride, h * v_head_stride, fscale, scores.data(),
-                      acc.data(), out_ptr + task * head_dim);
+      scores.resize((h1 - h0) * ctx);
+      attend_heads(q_ptr + b * n_head * head_dim, k_ptr, v_ptr, tables + b * max_blocks, ctx, block_size, head_dim,
+                   h0, h1, k_block_stride, v_block_stride, k_head_stride, v_head_stride, fscale, scores.data(),
+                   acc.data(), out_ptr + b * n_head * head_dim);
     }
   });
   return out;
