@@ -24,8 +24,10 @@ import torch.nn.functional as F
 
 from compute_service.native import load_extension
 
-# Rows of x up to which the kernel beats MKL on the machines measured (README, "Decode speed").
-SKINNY_MAX_ROWS = 16
+# Rows of x up to which the kernel beats MKL/oneDNN: 16 on the machines first measured; raised to
+# 32 on 2026-11-28 after decode at 24 and 32 sequences ran 1.26x / 1.24-1.32x faster with it
+# side by side (AVX-512 build machine; README "Decode speed", step 7).
+SKINNY_MAX_ROWS = 32
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 NO_TENSOR = torch.empty(0)  # "none" for the kernels: no scale, no bias
 # Many-row products (prefill) through oneDNN: 2.2x MKL's sgemm at 512 rows on the AMD build

@@ -31,7 +31,7 @@ def test_the_fused_decode_equals_the_layer_loop_bit_for_bit(weight_format):
     model = load_model("dummy:gpt2")
     model.set_weight_format(weight_format)
     cfg = model.config
-    kv = KVCache(cfg.n_layer, cfg.n_head, cfg.head_dim, num_blocks=128, block_size=16)
+    kv = KVCache(cfg.n_layer, cfg.n_head, cfg.head_dim, num_blocks=512, block_size=16)
     gen = torch.Generator().manual_seed(0)
     kv.pool.copy_(torch.randn(kv.pool.shape, generator=gen))  # earlier tokens' k/v
     for batch in (1, 3, SKINNY_MAX_ROWS):
