@@ -18,6 +18,7 @@ MAX_STOP_CHARS = 64
 MAX_N = 16  # samples per request: each holds its own blocks once they diverge
 MAX_CACHE_SALT_CHARS = 256
 MAX_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions API allows 5)
+MAX_TOP_K = (1 << 32) - 1  # the protos carry top_k as uint32 (any value >= the vocabulary = no filter)
 
 
 class FieldError(ValueError):
@@ -62,8 +63,8 @@ class SamplingParams:
             raise FieldError("temperature", f"temperature must be a number >= 0, got {self.temperature!r}")
         if math.isinf(self.temperature):
             raise FieldError("temperature", "temperature must be finite")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise FieldError("top_k", f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise FieldError("top_k", f"top_k must be an integer in [0, 2^32), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) or not 0 < self.top_p <= 1:
             raise FieldError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):

@@ -19,12 +19,28 @@ from contextlib import contextmanager
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.services import ServiceSpec, free_ports, local_services
+from common.settings import env_name
+from deploy.services import ENV_PREFIXES, ServiceSpec, free_ports, local_services
+from gateway.auth import read_keys
+from gateway.client import gateway_channel
 
 
-def wait_serving(port: int, service: str, timeout_s: float, proc: subprocess.Popen) -> None:
+def gateway_setting(spec: ServiceSpec, name: str) -> str:
+    """A gateway setting as the started process sees it: the spec's value, else its environment variable."""
+    return spec.settings.get(name) or os.environ.get(env_name(ENV_PREFIXES["gateway"], name), "")
+
+
+def client_args(gateway: ServiceSpec) -> list[str]:
+    """`gateway.client` flags for this gateway: its first API key and its certificate (a
+    self-signed one verifies itself), so the demo works with keys and TLS on."""
+    keys = read_keys(gateway_setting(gateway, "api_keys_file"), gateway_setting(gateway, "api_keys"))
+    cert = gateway_setting(gateway, "tls_cert_file")
+    return (["--api-key", keys[0]] if keys else []) + (["--tls-ca", cert] if cert else [])
+
+
+def wait_serving(port: int, service: str, timeout_s: float, proc: subprocess.Popen, tls_ca_file: str = "") -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with gateway_channel(f"127.0.0.1:{port}", tls_ca_file) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -53,7 +69,8 @@ def start_service(spec: ServiceSpec, log_dir: str | None = None) -> subprocess.P
 def start_serving(spec: ServiceSpec, log_dir: str | None = None, timeout_s: float = 600) -> subprocess.Popen:
     """start_service, then wait until it answers SERVING."""
     proc = start_service(spec, log_dir)
-    wait_serving(spec.port, spec.health_service, timeout_s, proc)
+    tls_ca_file = gateway_setting(spec, "tls_cert_file") if spec.role == "gateway" else ""  # internal ports: plaintext
+    wait_serving(spec.port, spec.health_service, timeout_s, proc, tls_ca_file)
     return proc
 
 
@@ -101,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             print("[run] all services SERVING", file=sys.stderr)
             if args.demo_prompt:
                 subprocess.run([sys.executable, "-m", "gateway.client", args.demo_prompt, "--max-new-tokens", "48",
-                                "--temperature", "0.8", "--seed", "1", "--address", f"127.0.0.1:{gateway.port}"],
+                                "--temperature", "0.8", "--seed", "1", "--address", f"127.0.0.1:{gateway.port}", *client_args(gateway)],
                                check=True)
             if not args.no_wait:
-                print(f"\n[run] gateway on 127.0.0.1:{gateway.port} (gRPC), http://127.0.0.1:"
+                scheme = "https" if gateway_setting(gateway, "tls_cert_file") else "http"
+                print(f"\n[run] gateway on 127.0.0.1:{gateway.port} (gRPC), {scheme}://127.0.0.1:"
                       f"{gateway.settings['http_port']}/v1 (OpenAI API), metrics :{gateway.settings['metrics_port']}. "
                       "Ctrl-C stops everything.", file=sys.stderr)
                 while True:

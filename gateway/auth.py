@@ -19,17 +19,22 @@ import grpc
 OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+def read_keys(keys_file: str = "", keys: str = "") -> list[str]:
+    """The configured keys in order: the comma-separated setting's, then the file's."""
+    found = [k.strip() for k in keys.split(",") if k.strip()]
+    if keys_file:
+        lines = Path(keys_file).read_text().splitlines()
+        found += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return found
+
+
 class ApiKeys:
     def __init__(self, keys: list[str]) -> None:
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
 
     @classmethod
     def load(cls, keys_file: str = "", keys: str = "") -> "ApiKeys":
-        found = [k.strip() for k in keys.split(",") if k.strip()]
-        if keys_file:
-            lines = Path(keys_file).read_text().splitlines()
-            found += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-        return cls(found)
+        return cls(read_keys(keys_file, keys))
 
     @property
     def enabled(self) -> bool:

@@ -44,6 +44,8 @@ class _Common(_Strict):
     logit_bias: dict[str, float] | None = None
 
     def refuse_unsupported(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise FieldError(name, f"{name} is not supported by this server; only 0")

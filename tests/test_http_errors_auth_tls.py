@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.run_local import start_service, stop_service
+from deploy.run_local import client_args, start_service, start_serving, stop_service
 from deploy.services import ServiceSpec, free_ports
-from gateway.client import auth_metadata, gateway_channel, stream_generate
+from gateway.client import auth_metadata, stream_generate
 from tests.openai_stack import ENV_KEY, FILE_KEY, cancelled_requests, openai_stack, wait_until_idle
 
 AUTH = {"authorization": f"Bearer {FILE_KEY}"}
@@ -54,6 +54,9 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "temperature": -0.5}, "temperature"),
     ({"prompt": "x", "top_p": 1.5}, "top_p"),
     ({"prompt": "x", "top_k": -1}, "top_k"),
+    ({"prompt": "x", "top_k": 2 ** 32}, "top_k"),  # past the protos' uint32: a 400, not a 500
+    ({"prompt": "x", "seed": 2 ** 64}, "seed"),
+    ({"prompt": "x", "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": 17}, "n"),
     ({"prompt": "x", "seed": -1}, "seed"),
@@ -229,15 +232,10 @@ def test_tls_round_trip_on_grpc_and_https(stack, tmp_path):
     spec = ServiceSpec("gateway-tls", "gateway", "gateway.server", gateway, "rpc.v1.Gateway",
                        {**plain.settings, "http_port": str(http), "metrics_port": "0", "tls_cert_file": cert,
                         "tls_key_file": key})
-    proc = start_service(spec, str(tmp_path))
+    assert client_args(spec) == ["--api-key", ENV_KEY, "--tls-ca", cert]  # what `make run`'s demo is given
+    proc = start_serving(spec, str(tmp_path), timeout_s=60)  # the launcher's health wait, over TLS
     try:
         address = f"127.0.0.1:{gateway}"
-        with gateway_channel(address, cert) as channel:  # SERVING once it has found the replica
-            grpc.channel_ready_future(channel).result(timeout=60)
-            deadline = time.monotonic() + 60
-            while health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status != 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
         params = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
         over_tls = list(stream_generate(address, "ROMEO:", 30, api_key=FILE_KEY, tls_ca_file=cert, **params))
         in_clear = list(stream_generate(stack["grpc"], "ROMEO:", 30, api_key=FILE_KEY, **params))

@@ -153,3 +153,52 @@ def test_models_and_errors_through_the_client(stack, client):
         anonymous.completions.create(model=MODEL, prompt="x", max_tokens=2)
     env_keyed = openai.OpenAI(base_url=f"{stack['http']}/v1", api_key=ENV_KEY, max_retries=0)
     assert env_keyed.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_echo_user_and_top_k(stack, client):
+    """`echo` puts the prompt's text first (whole answer and the stream's first chunk), `user` is
+    accepted, and `top_k=1` samples the most likely token, so a seeded draw equals greedy."""
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, echo=True,
+                                       user="tester-1", extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == PROMPT + greedy
+    assert echoed.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, echo=True,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text == PROMPT
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT + greedy
+    for seed in (1, 2):
+        top1 = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True, "top_k": 1})
+        assert top1.choices[0].text == greedy
+    sampled = {client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True, "top_k": 50}).choices[0].text
+               for seed in (1, 2, 3)}
+    assert sampled != {greedy}  # top_k=50 does sample: the equality above is top_k's doing
+
+
+def test_streamed_stop_logprobs_and_chat_usage(stack, client):
+    """What the whole answers above check, streamed: a stop string, logprobs per chunk, and the
+    usage chunk of a chat stream."""
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, logprobs=2,
+                                      extra_body={"ignore_eos": True})
+    full = whole.choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=stop,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full[: full.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, logprobs=2,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((lp.tokens for lp in streamed), []) == whole.choices[0].logprobs.tokens
+    assert sum((lp.token_logprobs for lp in streamed), []) == pytest.approx(whole.choices[0].logprobs.token_logprobs)
+    assert sum((lp.text_offset for lp in streamed), []) == whole.choices[0].logprobs.text_offset
+    request = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0)
+    whole_chat = client.chat.completions.create(**request)
+    chat = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert chat[-1].choices == [] and chat[-1].usage.completion_tokens == whole_chat.usage.completion_tokens
+    assert chat[-1].usage.prompt_tokens == whole_chat.usage.prompt_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == whole_chat.choices[0].message.content
+    assert all(c.usage is None for c in chat[:-1])
