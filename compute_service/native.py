@@ -4,7 +4,8 @@
 build) into torch's extension cache. Where a C++ compiler is installed, kernels that do not build
 fail that step (and the tests); the PyTorch paths are for machines without a compiler and for
 other devices. Build flags follow the native-kernel policy in the README: the architecture's
-baseline, with wider instructions picked at load time (target_clones in each .cpp), never
+baseline, with wider instructions picked at load time (target_clones, or AVX2/AVX-512 target
+regions chosen by __builtin_cpu_supports), never
 -march=native, so an image built on an AVX-512 host runs on any x86-64 node.
 """
 from __future__ import annotations

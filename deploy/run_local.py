@@ -27,19 +27,29 @@ from gateway.client import gateway_channel
 
 def gateway_setting(spec: ServiceSpec, name: str) -> str:
     """A gateway setting as the started process sees it: the spec's value, else its environment variable."""
-    return spec.settings.get(name) or os.environ.get(env_name(ENV_PREFIXES["gateway"], name), "")
+    if name in spec.settings:
+        return spec.settings[name]
+    return os.environ.get(env_name(ENV_PREFIXES["gateway"], name), "")
 
 
-def client_args(gateway: ServiceSpec) -> list[str]:
-    """`gateway.client` flags for this gateway: its first API key and its certificate (a
-    self-signed one verifies itself), so the demo works with keys and TLS on."""
+def demo_client(gateway: ServiceSpec, prompt: str) -> tuple[list[str], dict[str, str]]:
+    """The `gateway.client` command line and environment for the demo generation against this
+    gateway, so it works with keys and TLS on: the gateway's certificate as the CA (a self-signed
+    one verifies itself) and its first API key in $OPENAI_API_KEY, not on the command line, where
+    `ps` and a failed command's message would show it."""
     keys = read_keys(gateway_setting(gateway, "api_keys_file"), gateway_setting(gateway, "api_keys"))
     cert = gateway_setting(gateway, "tls_cert_file")
-    return (["--api-key", keys[0]] if keys else []) + (["--tls-ca", cert] if cert else [])
+    command = [sys.executable, "-m", "gateway.client", prompt, "--max-new-tokens", "48", "--temperature", "0.8",
+               "--seed", "1", "--address", f"127.0.0.1:{gateway.port}", *(["--tls-ca", cert] if cert else [])]
+    env = {**os.environ, "OPENAI_API_KEY": keys[0] if keys else ""}
+    return command, env
 
 
 def wait_serving(port: int, service: str, timeout_s: float, proc: subprocess.Popen, tls_ca_file: str = "") -> None:
+    """Poll grpc.health.v1 until `service` is SERVING. Over TLS the certificate must name
+    127.0.0.1 (the address polled); the timeout's message carries the last error, which says so."""
     deadline = time.monotonic() + timeout_s
+    last_error = "no answer"
     with gateway_channel(f"127.0.0.1:{port}", tls_ca_file) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -49,10 +59,10 @@ def wait_serving(port: int, service: str, timeout_s: float, proc: subprocess.Pop
                 if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == \
                         health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
+            except grpc.RpcError as error:
+                last_error = f"{error.code().name}: {error.details()}"
             time.sleep(0.2)
-    raise TimeoutError(f"{service} on port {port} not SERVING after {timeout_s:.0f}s")
+    raise TimeoutError(f"{service} on port {port} not SERVING after {timeout_s:.0f}s (last: {last_error})")
 
 
 def start_service(spec: ServiceSpec, log_dir: str | None = None) -> subprocess.Popen:
@@ -117,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         with running_stack(services):
             print("[run] all services SERVING", file=sys.stderr)
             if args.demo_prompt:
-                subprocess.run([sys.executable, "-m", "gateway.client", args.demo_prompt, "--max-new-tokens", "48",
-                                "--temperature", "0.8", "--seed", "1", "--address", f"127.0.0.1:{gateway.port}", *client_args(gateway)],
-                               check=True)
+                command, env = demo_client(gateway, args.demo_prompt)
+                subprocess.run(command, env=env, check=True)
             if not args.no_wait:
                 scheme = "https" if gateway_setting(gateway, "tls_cert_file") else "http"
                 print(f"\n[run] gateway on 127.0.0.1:{gateway.port} (gRPC), {scheme}://127.0.0.1:"

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.run_local import client_args, start_service, start_serving, stop_service
+from deploy.run_local import demo_client, start_service, start_serving, stop_service
 from deploy.services import ServiceSpec, free_ports
 from gateway.client import auth_metadata, stream_generate
 from tests.openai_stack import ENV_KEY, FILE_KEY, cancelled_requests, openai_stack, wait_until_idle
@@ -87,12 +87,16 @@ BAD_CHATS = [
 ]
 
 
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("path,body,param", [("completions", b, p) for b, p in BAD_COMPLETIONS]
-                         + [("chat/completions", b, p) for b, p in BAD_CHATS])
-def test_each_invalid_field_is_a_400_naming_it(stack, path, body, param, stream):
-    response = httpx.post(f"{stack['http']}/v1/{path}", json={**body, "stream": body.get("stream", stream)},
-                          headers=AUTH)
+def bad_requests() -> list[tuple[str, dict, str]]:
+    """Each bad body streamed and not (a body that sets `stream` itself is sent once, as it is)."""
+    bodies = [("completions", b, p) for b, p in BAD_COMPLETIONS] + [("chat/completions", b, p) for b, p in BAD_CHATS]
+    return [(path, {"stream": stream, **body}, param) for path, body, param in bodies
+            for stream in ((None,) if "stream" in body else (False, True))]
+
+
+@pytest.mark.parametrize("path,body,param", bad_requests())
+def test_each_invalid_field_is_a_400_naming_it(stack, path, body, param):
+    response = httpx.post(f"{stack['http']}/v1/{path}", json=body, headers=AUTH)
     error = assert_error(response, 400, param)
     assert error["type"] == "invalid_request_error"
     assert param in error["message"] or param in ("unknown_field", "tools") and "Unrecognized" in error["message"]
@@ -232,9 +236,12 @@ def test_tls_round_trip_on_grpc_and_https(stack, tmp_path):
     spec = ServiceSpec("gateway-tls", "gateway", "gateway.server", gateway, "rpc.v1.Gateway",
                        {**plain.settings, "http_port": str(http), "metrics_port": "0", "tls_cert_file": cert,
                         "tls_key_file": key})
-    assert client_args(spec) == ["--api-key", ENV_KEY, "--tls-ca", cert]  # what `make run`'s demo is given
     proc = start_serving(spec, str(tmp_path), timeout_s=60)  # the launcher's health wait, over TLS
     try:
+        command, env = demo_client(spec, "ROMEO:")  # `make run`'s demo: key from the environment, not argv
+        assert ENV_KEY not in " ".join(command) and env["OPENAI_API_KEY"] == ENV_KEY
+        demo = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert demo.returncode == 0 and "generated tokens" in demo.stderr, demo.stderr
         address = f"127.0.0.1:{gateway}"
         params = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
         over_tls = list(stream_generate(address, "ROMEO:", 30, api_key=FILE_KEY, tls_ca_file=cert, **params))

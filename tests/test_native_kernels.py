@@ -101,13 +101,15 @@ def test_bandwidth_probe_reads_every_element():
     ext = built()
     buf = torch.arange(64 * 1000, dtype=torch.float32) % 7
     assert ext.stream_read_sum(buf) == pytest.approx(float(buf.double().sum()))
+    with pytest.raises(RuntimeError, match="multiple of 64"):  # a tail would go unread
+        ext.stream_read_sum(buf[:-1])
 
 
 def test_kernels_are_built_for_the_baseline_and_pick_wider_instructions_at_run_time():
     """An image built on an AVX-512 host must run on an older x86-64 node: no -march=native, and
     every AVX/AVX-512 instruction in the binary sits in a variant chosen only on a CPU that has it:
-    a target_clones variant (.avx2, .avx512f, .arch_x86_64_v3/v4) or skinny_linear's isa_avx2 /
-    isa_avx512 namespaces, which its entry point picks with __builtin_cpu_supports."""
+    a target_clones variant (.avx2, .avx512f, .arch_x86_64_v3/v4) or the isa_avx2 / isa_avx512
+    namespaces of skinny_linear and read_probe, which pick theirs with __builtin_cpu_supports."""
     assert not any("native" in flag for flag in native.EXTRA_CFLAGS)
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the run-time variants are x86-64's")

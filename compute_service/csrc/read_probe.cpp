@@ -1,7 +1,9 @@
 // The machine's streaming read bandwidth, for the benchmark's roofline: sum a large float32
 // buffer with every thread. Each thread reads its slab as kStreams interleaved sequential
-// streams (as the skinny kernel reads several weight rows at once), 64 bytes per stream a step,
-// into independent accumulators, with the widest loads this CPU has.
+// streams (as the skinny kernel reads several weight rows at once), 64 bytes per stream a step
+// (as 4x16 bytes in the baseline loop), into independent accumulators, with the widest loads
+// this CPU has. Only loads and adds: the variants need avx512f or avx2 alone (the skinny kernel,
+// which multiplies, asks for more: FMA, AVX-512 BW/VL/DQ).
 //
 // Why not plain vectors and target_clones (the first version): GCC's 64-byte generic vectors
 // compiled for AVX2 spill to the stack every step, and even clean 16-byte SSE loads measured
@@ -88,13 +90,14 @@ SumFn pick() {
 const SumFn kSum = pick();
 }  // namespace
 
-// Sum of a contiguous float32 buffer (only whole steps of every thread's streams are read: the
-// caller sizes the buffer in multiples of 4096 floats); the caller times it. Returns the sum so
-// the reads cannot be optimised away.
+// Sum of a contiguous float32 buffer whose length is a multiple of kChunk (64) floats: the work
+// is split in whole steps of every stream; the caller times it. Returns the sum so the reads
+// cannot be optimised away.
 double stream_read_sum(torch::Tensor buffer) {
-  TORCH_CHECK(buffer.scalar_type() == torch::kFloat32 && buffer.is_contiguous(), "contiguous float32 buffer");
-  const float* p = buffer.data_ptr<float>();
   constexpr int64_t kChunk = kStreams * kStepFloats;  // one step of every stream
+  TORCH_CHECK(buffer.scalar_type() == torch::kFloat32 && buffer.is_contiguous(), "contiguous float32 buffer");
+  TORCH_CHECK(buffer.numel() % kChunk == 0, "buffer length must be a multiple of ", kChunk, " floats");
+  const float* p = buffer.data_ptr<float>();
   const int64_t chunks = buffer.numel() / kChunk;
   const int threads = at::get_num_threads();
   std::vector<double> partial(threads, 0.0);
