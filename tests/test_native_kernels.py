@@ -41,6 +41,26 @@ def test_skinny_linear_matches_f_linear(rows, out_features, in_features, bias):
     assert (got.double() - expected).abs().max() < 1e-5 * in_features ** 0.5 * 8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_a_rows_output_does_not_depend_on_its_batch(dtype):
+    """Bit for bit the same output row alone or among 2-32 rows, at any tile and slab position:
+    a sequence's tokens must not depend on what else the step runs (the engine's batches change
+    every step; greedy and seeded outputs are promised identical)."""
+    ext = built()
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(1030, 768, generator=gen)  # 1030 rows: two slabs of 515, parts of 128 and remainders
+    scale = EMPTY
+    if dtype == torch.int8:
+        w, scale = torch.randint(-127, 128, (1030, 768), generator=gen, dtype=torch.int8), torch.rand(1030, generator=gen)
+    elif dtype == torch.bfloat16:
+        w = w.to(torch.bfloat16)
+    b = torch.randn(1030, generator=gen)
+    x = torch.randn(32, 768, generator=gen)
+    alone = torch.cat([ext.skinny_linear(x[i:i + 1], w, scale, b) for i in range(32)])
+    for rows in (2, 3, 5, 16, 32):
+        assert torch.equal(ext.skinny_linear(x[:rows], w, scale, b), alone[:rows]), f"{rows} rows"
+
+
 def test_bfloat16_and_int8_weights_compute_with_the_rounded_weights_exactly():
     """The low-precision formats round the weights only: the products are those of the rounded
     weights in float32 (so their error against float32 weights is the rounding's alone)."""
