@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from bench import sharing
 from bench.decode_speed import decode_scaling, llama_peer_names, single_stream_comparison
+from bench.roofline import ReadProbe
 from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length
 from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
@@ -39,6 +40,7 @@ COLUMNS = [
     "prefix_caching", "prefix_hit_rate", "ttft_p50_seconds",
 ]
 SHARING_WORKLOADS = ("shared-prefix", "parallel-sampling")
+PAIRED_PROBE_TRIES = 3  # probe passes just before and just after each timed single-stream run
 
 
 def make_engine(args: argparse.Namespace, mode: str, kv_budget_tokens: int, prefix_caching: str | None = None
@@ -68,12 +70,17 @@ def single_stream(args: argparse.Namespace) -> list[dict]:
     rows, comparisons = [], []
     for mode in args.modes:
         engine = make_engine(args, mode, args.num_blocks * args.block_size)
-        times = []
+        times, run_bandwidths = [], []
+        probe = ReadProbe() if mode == "paged" and args.roofline else None  # probed around each timed run
         for run in tqdm(range(args.warmup + args.runs), desc=f"{mode:>10}", unit="run"):
             engine.stats.__init__()
+            before = probe.best_gb_per_s(PAIRED_PROBE_TRIES) if probe and run >= args.warmup else 0.0
             seconds = run_requests(engine, request)
             if run >= args.warmup:
                 times.append(seconds)
+                if probe:
+                    run_bandwidths.append(max(before, probe.best_gb_per_s(PAIRED_PROBE_TRIES)))
+        del probe
         rows.append(dict(
             mode=mode, concurrency=1, num_requests=1, runs=args.runs, avg_seconds=statistics.mean(times),
             median_seconds=statistics.median(times), min_seconds=min(times), max_seconds=max(times),
@@ -82,9 +89,10 @@ def single_stream(args: argparse.Namespace) -> list[dict]:
             num_blocks=engine.scheduler.config.num_blocks, block_size=engine.scheduler.config.block_size,
         ))
         if mode == "paged" and (args.roofline or llama_peer_names(args.peers)):
-            comparisons.append((engine, rows[-1]["tokens_per_second"]))
-    for engine, tok_s in comparisons:  # after every mode ran: peers never share the CPU with us
-        single_stream_comparison(args, engine, tok_s)
+            paired = [(args.new_tokens / t, bw) for t, bw in zip(times, run_bandwidths)]
+            comparisons.append((engine, rows[-1]["tokens_per_second"], paired))
+    for engine, tok_s, paired in comparisons:  # after every mode ran: peers never share the CPU with us
+        single_stream_comparison(args, engine, tok_s, paired)
     no_cache = next((r["median_seconds"] for r in rows if r["mode"] == "no-cache"), None)
     for row in rows:
         row.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,

@@ -11,6 +11,7 @@ llama.cpp runs with the same 2 threads (torch.get_num_threads()), one engine at 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -52,8 +53,12 @@ def _machine_line(bandwidth: float) -> str:
             f"(probe: best of 7 passes over 1 GiB)")
 
 
-def single_stream_comparison(args: argparse.Namespace, engine: InferenceEngine, ours_tok_s: float) -> None:
-    """Our paged single-stream decode vs each llama.cpp peer, and vs the roofline."""
+def single_stream_comparison(args: argparse.Namespace, engine: InferenceEngine, ours_tok_s: float,
+                             paired_runs: list[tuple[float, float]] = ()) -> None:
+    """Our paged single-stream decode vs each llama.cpp peer, and vs the roofline: once against
+    a probe taken now (best of 7), and, given `paired_runs` ((tok/s, GB/s) of each timed run and
+    the best probe pass just before or after it), run by run: on a VM whose bandwidth drifts
+    between minutes, only the paired fractions compare like with like."""
     model = engine.model
     bandwidth = read_bandwidth_gb_per_s()
     context = args.prompt_tokens + args.new_tokens // 2  # mean context over the run
@@ -62,6 +67,11 @@ def single_stream_comparison(args: argparse.Namespace, engine: InferenceEngine, 
     print(f"roofline: {weight_bytes_per_step(model) / 1e6:.0f} MB of weights ({engine.config.weight_format}) + KV "
           f"per token at {bandwidth:.1f} GB/s = {roofline:.1f} tok/s; paged decode {ours_tok_s:.1f} tok/s = "
           f"{ours_tok_s / roofline:.0%} of it")
+    if paired_runs:
+        fractions = [tok_s / roofline_tokens_per_second(model, 1, context, bw) for tok_s, bw in paired_runs]
+        runs = ", ".join(f"{tok_s:.1f} tok/s at {bw:.1f} GB/s = {f:.1%}" for (tok_s, bw), f in zip(paired_runs, fractions))
+        print(f"roofline, paired (each run against the best of the probe passes just before and after it): "
+              f"{runs}; median {statistics.median(fractions):.1%}")
     prompt = fixed_length(1, args.prompt_tokens, 1, seed=args.seed)[0].prompt_token_ids
     ratios = []
     for name in llama_peer_names(args.peers):

@@ -18,19 +18,31 @@ from compute_service.model import GPT
 from compute_service.native import load_extension
 
 
+class ReadProbe:
+    """A float32 buffer of `gib` GiB in huge pages (as the engine's weights) and the kernel that
+    streams it. Held by a benchmark that probes between its timed runs: on a VM whose bandwidth
+    moves by 2x from minute to minute, only a probe taken next to a run says what that run had."""
+
+    def __init__(self, gib: float = 1.0) -> None:
+        numel = int(gib * 2**30) // 4 // 4096 * 4096
+        self.buffer = hugepage_zeros((numel,), torch.float32).fill_(1.0)
+        ext = load_extension()
+        self.read = ext.stream_read_sum if ext is not None else (lambda b: float(b.sum()))
+        self.read(self.buffer)  # one untimed pass
+
+    def best_gb_per_s(self, tries: int = 7) -> float:
+        """Best read bandwidth (GB/s, 1e9 bytes) over `tries` passes."""
+        best = 0.0
+        for _ in range(tries):
+            start = time.perf_counter()
+            self.read(self.buffer)
+            best = max(best, self.buffer.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        return best
+
+
 def read_bandwidth_gb_per_s(gib: float = 1.0, tries: int = 7) -> float:
     """Best read bandwidth (GB/s, 1e9 bytes) over `tries` passes of a fresh `gib` GiB buffer."""
-    numel = int(gib * 2**30) // 4 // 4096 * 4096
-    buffer = hugepage_zeros((numel,), torch.float32).fill_(1.0)  # huge pages, as the engine's weights
-    ext = load_extension()
-    read = ext.stream_read_sum if ext is not None else (lambda b: float(b.sum()))
-    read(buffer)  # one untimed pass
-    best = 0.0
-    for _ in range(tries):
-        start = time.perf_counter()
-        read(buffer)
-        best = max(best, buffer.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return best
+    return ReadProbe(gib).best_gb_per_s(tries)
 
 
 def weight_bytes_per_step(model: GPT, batch: int = 1) -> int:
