@@ -10,8 +10,9 @@
 // Why: at decode batch sizes a linear layer is a matrix-vector product, bound by the bytes of W.
 // MKL's small-M sgemm streams W at ~18 GB/s on the AMD machines we measured (README, "Decode
 // speed"); this loop reaches the machine's read bandwidth. Output rows are split into contiguous
-// ranges, one per thread, so each thread streams its part of W front to back; a tile of
-// kRows output rows x up to kBatch input rows keeps kRows x kBatch accumulators in registers, and
+// ranges, one per thread; each thread reads its slab as kRows long sequential streams (the
+// slab's kRows equal parts side by side, skinny_linear_isa.h: linear_rows); a tile of one row
+// from each part x up to kBatch input rows keeps kRows x kBatch accumulators in registers, and
 // every weight vector loaded is used for all kBatch rows of x (which stay in L1).
 // bf16 and int8 weights are widened to float32 in registers: the multiply-adds are float32, only
 // the bytes read shrink (2x, 4x).
@@ -80,7 +81,7 @@ constexpr int kRows = 4, kBatch = 2;  // 8 accumulators + 4 weight vectors of 16
 #pragma GCC pop_options
 
 namespace {
-constexpr int64_t kRowsPerTask = 4;  // both ISAs tile output rows by 4: thread ranges stay whole tiles
+constexpr int64_t kRowsPerTask = 4;  // thread ranges in multiples of 4 rows (both ISAs' kRows)
 
 enum class Isa { kNone, kAvx2, kAvx512 };
 Isa detect_isa() {
