@@ -209,7 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-blocks", type=int, default=256, help="single stream: pool = num_blocks x block_size")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--roofline", action="store_true", help="single stream: decode as a fraction of bytes/bandwidth")
+    ap.add_argument("--roofline", action="store_true", help="single stream: decode as a fraction of bytes/bandwidth (the paged mode's timed runs "
+                    "each get 3 probe passes over 1 GiB just before and after them)")
     ap.add_argument("--workload", choices=sorted([*WORKLOADS, *SHARING_WORKLOADS]))
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--kv-budget-tokens", type=int, default=4096)

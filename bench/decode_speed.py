@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -54,7 +55,7 @@ def _machine_line(bandwidth: float) -> str:
 
 
 def single_stream_comparison(args: argparse.Namespace, engine: InferenceEngine, ours_tok_s: float,
-                             paired_runs: list[tuple[float, float]] = ()) -> None:
+                             paired_runs: Sequence[tuple[float, float]] = ()) -> None:
     """Our paged single-stream decode vs each llama.cpp peer, and vs the roofline: once against
     a probe taken now (best of 7), and, given `paired_runs` ((tok/s, GB/s) of each timed run and
     the best probe pass just before or after it), run by run: on a VM whose bandwidth drifts

@@ -25,7 +25,7 @@ from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from common.tokenizer import get_tokenizer
 from compute_service.hugepages import move_to_hugepages
-from compute_service.linear import skinny_kernel
+from compute_service.native import load_extension
 from compute_service.weights import load_model
 from memory_service.block_allocator import BlockAllocator
 from memory_service.step import LocalMemory, MemoryConnection, MemoryLost
@@ -97,7 +97,7 @@ class InferenceEngine:
         if config.on_cpu:
             self.model.set_weight_format(config.weight_format)
             move_to_hugepages(self.model)
-            skinny_kernel()  # load the C++ kernels now (a stale cache compiles for ~a minute), not in the first request
+            load_extension()  # the C++ kernels now (a stale cache compiles for ~a minute), not in the first request
         self.max_model_len = self.model.config.context_length
         cfg = self.model.config
         memory: MemoryConnection | None = None

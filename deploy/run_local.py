@@ -56,9 +56,10 @@ def wait_serving(port: int, service: str, timeout_s: float, proc: subprocess.Pop
             if proc.poll() is not None:
                 raise RuntimeError(f"{service} exited with code {proc.returncode} before it was SERVING")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
+                last_error = f"status {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
             except grpc.RpcError as error:
                 last_error = f"{error.code().name}: {error.details()}"
             time.sleep(0.2)

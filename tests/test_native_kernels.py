@@ -43,12 +43,13 @@ def test_skinny_linear_matches_f_linear(rows, out_features, in_features, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_a_rows_output_does_not_depend_on_its_batch(dtype):
-    """Bit for bit the same output row alone or among 2-32 rows, at any tile and slab position:
-    a sequence's tokens must not depend on what else the step runs (the engine's batches change
-    every step; greedy and seeded outputs are promised identical)."""
+    """Bit for bit the same output alone or among 2-32 rows of x, and whether a weight row sits
+    in a four-row tile or is computed on its own: a sequence's tokens must not depend on what
+    else the step runs (the engine's batches change every step; greedy and seeded outputs are
+    promised identical)."""
     ext = built()
     gen = torch.Generator().manual_seed(7)
-    w = torch.randn(1030, 768, generator=gen)  # 1030 rows: two slabs of 515, parts of 128 and remainders
+    w = torch.randn(1030, 768, generator=gen)  # 2 threads: slabs of 516 and 514 rows, parts of 129 and 128, 2 left
     scale = EMPTY
     if dtype == torch.int8:
         w, scale = torch.randint(-127, 128, (1030, 768), generator=gen, dtype=torch.int8), torch.rand(1030, generator=gen)
@@ -59,6 +60,9 @@ def test_a_rows_output_does_not_depend_on_its_batch(dtype):
     alone = torch.cat([ext.skinny_linear(x[i:i + 1], w, scale, b) for i in range(32)])
     for rows in (2, 3, 5, 16, 32):
         assert torch.equal(ext.skinny_linear(x[:rows], w, scale, b), alone[:rows]), f"{rows} rows"
+    for n in (0, 128, 129, 515, 516, 1029):  # part starts and ends, the leftover row: each as a 1-row weight
+        one_row = ext.skinny_linear(x[:3], w[n:n + 1], scale[n:n + 1] if scale.numel() else EMPTY, b[n:n + 1])
+        assert torch.equal(one_row[:, 0], alone[:3, n]), f"weight row {n}"
 
 
 def test_bfloat16_and_int8_weights_compute_with_the_rounded_weights_exactly():
