@@ -36,8 +36,8 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-# FUSED_DECODE=off runs decode steps through the Python layer loop (same bits, slower): for
-# measuring what the fusion buys (README "Decode speed").
+# FUSED_DECODE=off runs decode steps through the Python layer loop (the same function to ~1e-6,
+# slower): for measuring what the fusion buys (README "Decode speed").
 FUSED_DECODE = os.environ.get("FUSED_DECODE", "on") != "off"
 
 
@@ -161,7 +161,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def decode_params(self) -> list[torch.Tensor]:
-        """This layer's 16 tensors in the order csrc/decode_layers.cpp reads them."""
+        """This layer's 16 tensors in the order csrc/decode_step.cpp reads them."""
         def norm(ln: nn.LayerNorm) -> list[torch.Tensor]:
             return [ln.weight, NO_TENSOR if ln.bias is None else ln.bias]
 
@@ -212,8 +212,11 @@ class GPT(nn.Module):
         positions: torch.Tensor,  # (N,) position of each token in its sequence
         meta: AttentionMetadata,
         kv_cache: KVCache | None = None,
-        logits_indices: torch.Tensor | None = None,  # (B,) rows whose logits are needed
+        logits_indices: torch.Tensor | None = None,  # (B,) rows whose logits are needed (None: all)
+        fused_decode: bool = True,
     ) -> torch.Tensor:
+        if fused_decode and logits_indices is None and self._fused_decode_runs(input_ids, meta, kv_cache):
+            return self._fused_decode(input_ids, positions, meta, kv_cache)  # (B, vocab): all below in one C++ call
         return self.lm_head(self.features(input_ids, positions, meta, kv_cache, logits_indices))  # (B, vocab)
 
     def features(
@@ -223,38 +226,39 @@ class GPT(nn.Module):
         meta: AttentionMetadata,
         kv_cache: KVCache | None = None,
         logits_indices: torch.Tensor | None = None,
-        fused_decode: bool = True,
     ) -> torch.Tensor:
         """The final hidden states (after ln_f) that lm_head turns into logits; training takes
         them to compute the softmax in chunks."""
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
-        if fused_decode and self._fused_decode_runs(x, meta, kv_cache):
-            x = self._fused_decode(x, meta, kv_cache)  # (B, C): the loop below in one C++ call
-        else:
-            for layer, block in enumerate(self.transformer.h):
-                x = block(x, meta, kv_cache, layer)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, meta, kv_cache, layer)
         if logits_indices is not None:
             x = x.index_select(0, logits_indices)  # (B, C): lm_head on the last positions only
         return self.transformer.ln_f(x)  # (B, C)
 
-    def _fused_decode_runs(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> bool:
-        """Decode on the CPU in float32 activations, a batch the few-row kernel takes, the C++
-        attention kernel chosen, no autograd: where csrc/decode_layers.cpp gives the same bits."""
+    def _fused_decode_runs(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> bool:
+        """A decode step on the CPU in float32, a batch the few-row kernel takes, the C++ attention
+        kernel chosen, no autograd: where csrc/decode_step.cpp computes the same function."""
+        wte = self.transformer.wte.weight
         return (not meta.is_prefill and kv_cache is not None and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and x.dtype == torch.float32 and kv_cache.pool.dtype == torch.float32
-                and x.shape[0] <= SKINNY_MAX_ROWS and self.config.n_embd % 16 == 0
+                and wte.device.type == "cpu" and wte.dtype == torch.float32 and kv_cache.pool.dtype == torch.float32
+                and input_ids.shape[0] <= SKINNY_MAX_ROWS and self.config.n_embd % 16 == 0
                 and skinny_kernel() is not None and cpp_attention_enabled() and FUSED_DECODE)
 
-    def _fused_decode(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        """Every layer of a decode step in one call, saving the Python between the kernels (about
-        1 ms of a 14 ms batch-1 step; README "Decode speed"). Its tensor list is made at first
-        use, after set_weight_format and the move to huge pages (parameters moved later keep
-        working: the list holds the Parameter objects; decode copies must be remade by
-        set_weight_format, which also resets the list)."""
+    def _fused_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                      kv_cache: KVCache) -> torch.Tensor:
+        """A decode step's logits in one call: embeddings, every layer, ln_f and lm_head in one
+        parallel region, no Python, ATen op or thread fork between them (README "Decode speed",
+        steps 5 and 9). Its tensor list is made at first use, after set_weight_format and the move
+        to huge pages (parameters moved later keep working: the list holds the Parameter objects;
+        decode copies must be remade by set_weight_format, which also resets the list)."""
         if self._decode_params is None:
-            self._decode_params = [t for block in self.transformer.h for t in block.decode_params()]
+            ln_f = self.transformer.ln_f
+            self._decode_params = [*(t for block in self.transformer.h for t in block.decode_params()),
+                                   ln_f.weight, NO_TENSOR if ln_f.bias is None else ln_f.bias,
+                                   *self.lm_head.decode_args()]
         cfg = self.config
-        return skinny_kernel().decode_layers(x, self._decode_params, kv_cache.pool, meta.slot_mapping,
-                                             meta.block_tables, meta.context_lens, cfg.n_head,
-                                             cfg.layer_norm_epsilon, 1.0 / math.sqrt(cfg.head_dim))
-
+        return skinny_kernel().decode_step(input_ids, positions, self.transformer.wte.weight,
+                                           self.transformer.wpe.weight, self._decode_params, kv_cache.pool,
+                                           meta.slot_mapping, meta.block_tables, meta.context_lens, cfg.n_head,
+                                           cfg.layer_norm_epsilon, 1.0 / math.sqrt(cfg.head_dim))

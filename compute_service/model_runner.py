@@ -46,6 +46,8 @@ class ModelRunner:
         if self.kv_cache is not None:
             self.kv_cache.copy_blocks(prepared.copies)
         meta = prepared.meta
+        if not meta.is_prefill:  # one token per sequence: every row's logits
+            return self.model(prepared.input_ids, prepared.positions, meta, self.kv_cache)
         last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1  # (B,)
         return self.model(prepared.input_ids, prepared.positions, meta, self.kv_cache, logits_indices=last)
 

@@ -18,25 +18,21 @@
 // Build policy (README, "Native kernels"): compiled for the baseline of the architecture, never
 // -march=native, so a binary built on one machine runs on any other of the same architecture.
 // On x86-64 the per-task function is compiled three times (AVX-512, AVX2, baseline) and the
-// loader picks the widest one this CPU has, once, at load time (GCC/Clang target_clones).
-#include <torch/extension.h>
+// loader picks the widest one this CPU has, once, at load time (GCC/Clang target_clones,
+// PICK_ISA_AT_LOAD in kernels.h).
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PICK_ISA_AT_LOAD __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PICK_ISA_AT_LOAD
-#endif
-
 // Attention of heads [h0, h1) of one sequence: each block's tiles of those heads are adjacent in
 // the pool (one run of (h1 - h0) x block_size x hs floats), so they are read as one contiguous
 // run, block after block, which memory serves far faster than scattered single-head tiles.
 PICK_ISA_AT_LOAD
-static void attend_heads(const float* q, const float* k_ptr, const float* v_ptr, const int32_t* table, int64_t ctx,
+void attend_heads(const float* q, const float* k_ptr, const float* v_ptr, const int32_t* table, int64_t ctx,
                          int64_t block_size, int64_t head_dim, int64_t h0, int64_t h1, int64_t k_block_stride,
                          int64_t v_block_stride, int64_t k_head_stride, int64_t v_head_stride, float scale,
                          float* scores, float* acc, float* out) {
@@ -93,6 +89,18 @@ static void attend_heads(const float* q, const float* k_ptr, const float* v_ptr,
   }
 }
 
+std::vector<int64_t> attention_order(const int32_t* tables, int64_t batch, int64_t max_blocks) {
+  std::vector<int64_t> order(batch);
+  for (int64_t b = 0; b < batch; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return tables[a * max_blocks] < tables[b * max_blocks]; });
+  return order;
+}
+
+int64_t attention_head_groups(int64_t batch, int64_t n_head, int64_t threads) {
+  return std::min<int64_t>(n_head, std::max<int64_t>(1, (threads + batch - 1) / batch));
+}
+
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
                                      double scale) {
@@ -122,13 +130,8 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   float* out_ptr = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
-  std::vector<int64_t> order(batch);  // sequences sharing leading blocks end up next to each other
-  for (int64_t b = 0; b < batch; ++b) order[b] = b;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return tables[a * max_blocks] < tables[b * max_blocks]; });
-
-  const int64_t threads = at::get_num_threads();
-  const int64_t groups = std::min<int64_t>(n_head, std::max<int64_t>(1, (threads + batch - 1) / batch));
+  const std::vector<int64_t> order = attention_order(tables, batch, max_blocks);
+  const int64_t groups = attention_head_groups(batch, n_head, at::get_num_threads());
   const int64_t per = (n_head + groups - 1) / groups;
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc(per * head_dim);

@@ -11,7 +11,8 @@
 // 17): the probe measured its own loop, not the memory. Same build policy as the skinny kernel
 // (README, "Native kernels"): baseline code plus AVX2 and AVX-512 target regions, one picked by
 // what the CPU reports.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -21,7 +21,8 @@
 // (skinny_linear_isa.h) are compiled twice more inside target regions, AVX-512 (namespace
 // isa_avx512) and AVX2+FMA (isa_avx2), and the entry point picks one per call from what this CPU
 // reports. A CPU with neither gets an error here; linear.py then uses torch's F.linear.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
@@ -107,6 +108,48 @@ void linear_rows(const float* x, const W* w, int64_t M, int64_t K, int64_t N, in
 }
 }  // namespace
 
+SkinnyWeight skinny_weight(const torch::Tensor& weight, const torch::Tensor& scale, const torch::Tensor& bias) {
+  TORCH_CHECK(kIsa != Isa::kNone, "skinny_linear needs AVX2+FMA or AVX-512 (use F.linear)");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous (N, K)");
+  TORCH_CHECK(weight.size(1) % 16 == 0, "K must be a multiple of 16");
+  const auto wtype = weight.scalar_type();
+  TORCH_CHECK(wtype == torch::kFloat32 || wtype == torch::kBFloat16 || wtype == torch::kChar,
+              "weight must be float32, bfloat16 or int8");
+  const int64_t N = weight.size(0);
+  const bool has_scale = scale.numel() > 0, has_bias = bias.numel() > 0;
+  TORCH_CHECK(wtype == torch::kChar ? has_scale : !has_scale, "int8 weights need per-row scales, others none");
+  TORCH_CHECK(!has_scale || (scale.scalar_type() == torch::kFloat32 && scale.numel() == N && scale.is_contiguous()),
+              "scale must be float32 (N,)");
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.numel() == N && bias.is_contiguous()),
+              "bias must be float32 (N,)");
+  const auto type = wtype == torch::kFloat32 ? SkinnyWeight::Type::kFloat32
+                    : wtype == torch::kBFloat16 ? SkinnyWeight::Type::kBFloat16 : SkinnyWeight::Type::kInt8;
+  return SkinnyWeight{weight.data_ptr(), type, N, weight.size(1), has_scale ? scale.data_ptr<float>() : nullptr,
+                      has_bias ? bias.data_ptr<float>() : nullptr};
+}
+
+void skinny_rows(const float* x, const SkinnyWeight& w, int64_t M, int64_t row_begin, int64_t row_end, float* y) {
+  const int64_t K = w.cols, N = w.rows;
+  switch (w.type) {
+    case SkinnyWeight::Type::kFloat32:
+      linear_rows(x, static_cast<const float*>(w.data), M, K, N, row_begin, row_end, w.scale, w.bias, y);
+      break;
+    case SkinnyWeight::Type::kBFloat16:  // raw bits, widened in registers
+      linear_rows(x, static_cast<const uint16_t*>(w.data), M, K, N, row_begin, row_end, w.scale, w.bias, y);
+      break;
+    case SkinnyWeight::Type::kInt8:
+      linear_rows(x, static_cast<const int8_t*>(w.data), M, K, N, row_begin, row_end, w.scale, w.bias, y);
+      break;
+  }
+}
+
+void thread_rows(int64_t N, int64_t thread, int64_t threads, int64_t* begin, int64_t* end) {
+  const int64_t tiles = (N + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t per_thread = (tiles + threads - 1) / threads;
+  *begin = std::min(N, thread * per_thread * kRowsPerTask);
+  *end = std::min(N, (thread + 1) * per_thread * kRowsPerTask);
+}
+
 // "avx512", "avx2" or "" (no kernel: the caller uses torch).
 std::string skinny_linear_isa() {
   return kIsa == Isa::kAvx512 ? "avx512" : kIsa == Isa::kAvx2 ? "avx2" : "";
@@ -116,37 +159,15 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x (M, K) and weight (N, K)");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be float32");
   TORCH_CHECK(x.size(1) == weight.size(1), "x and weight disagree on K");
-  TORCH_CHECK(kIsa != Isa::kNone, "skinny_linear needs AVX2+FMA or AVX-512 (use F.linear)");
-  TORCH_CHECK(weight.size(1) % 16 == 0, "K must be a multiple of 16");
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
-  const auto wtype = weight.scalar_type();
-  TORCH_CHECK(wtype == torch::kFloat32 || wtype == torch::kBFloat16 || wtype == torch::kChar,
-              "weight must be float32, bfloat16 or int8");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const bool has_scale = scale.numel() > 0, has_bias = bias.numel() > 0;
-  TORCH_CHECK(wtype == torch::kChar ? has_scale : !has_scale, "int8 weights need per-row scales, others none");
-  TORCH_CHECK(!has_scale || (scale.scalar_type() == torch::kFloat32 && scale.numel() == N && scale.is_contiguous()),
-              "scale must be float32 (N,)");
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.numel() == N && bias.is_contiguous()),
-              "bias must be float32 (N,)");
+  const SkinnyWeight w = skinny_weight(weight, scale, bias);
   x = x.contiguous();
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({x.size(0), w.rows}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* sp = has_scale ? scale.data_ptr<float>() : nullptr;
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   // Ranges of whole tiles per thread, so each thread streams one contiguous slab of W.
-  const int64_t tiles = (N + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t tiles = (w.rows + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rb = begin * kRowsPerTask, re = std::min(N, end * kRowsPerTask);
-    if (wtype == torch::kFloat32) {
-      linear_rows(xp, weight.data_ptr<float>(), M, K, N, rb, re, sp, bp, yp);
-    } else if (wtype == torch::kBFloat16) {
-      linear_rows(xp, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), M, K, N, rb, re,
-                       sp, bp, yp);
-    } else {
-      linear_rows(xp, weight.data_ptr<int8_t>(), M, K, N, rb, re, sp, bp, yp);
-    }
+    skinny_rows(xp, w, x.size(0), begin * kRowsPerTask, std::min(w.rows, end * kRowsPerTask), yp);
   });
   return y;
 }
