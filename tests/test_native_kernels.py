@@ -121,6 +121,26 @@ class _Recorder:
         return self.ext.skinny_linear(*args)
 
 
+def test_argmax_rows_picks_what_torch_argmax_picks():
+    """The greedy token of every row (compute_service.sampling.greedy_tokens): the first of equal
+    maxima, anywhere in the row, the first NaN where there is one, 0 for a row of -inf."""
+    ext = built()
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 50257, generator=gen)
+    logits[1, 7] = logits[1, 50256] = 10.0  # a tie: the first one
+    logits[2, 63] = logits[2, 64] = 10.0  # a tie across the 64-value chunks of the search
+    logits[3, 100], logits[3, 300], logits[3, 5] = float("nan"), float("nan"), 1e30  # NaN wins, as in torch
+    logits[4] = float("-inf")
+    logits[5, 50256] = 10.0  # the last value
+    logits[6, 0] = 10.0  # the first value
+    logits[7] = 0.0  # all equal
+    assert ext.argmax_rows(logits).tolist() == logits.argmax(dim=-1).tolist()
+    short = torch.randn(3, 5, generator=gen)  # shorter than one vector
+    assert ext.argmax_rows(short).tolist() == short.argmax(dim=-1).tolist()
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.argmax_rows(logits.double())
+
+
 def test_bandwidth_probe_reads_every_element():
     ext = built()
     buf = torch.arange(64 * 1000, dtype=torch.float32) % 7

@@ -79,8 +79,17 @@ int64_t argmax_row(const float* values, int64_t n) {
     best = v > best ? v : best;
     nan |= v != v;
   }
-  for (int64_t i = 0; i < n; ++i)
-    if (nan ? values[i] != values[i] : values[i] == best) return i;
+  // The first index that matches, 64 values at a time with a vector compare (an element-by-element
+  // search with its early exit does not vectorize: ~1 ns a value, half the row on average).
+  for (int64_t start = 0; start < n; start += 64) {
+    const int64_t stop = std::min(n, start + 64);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t i = start; i < stop; ++i) hit |= nan ? values[i] != values[i] : values[i] == best;
+    if (hit)
+      for (int64_t i = start; i < stop; ++i)
+        if (nan ? values[i] != values[i] : values[i] == best) return i;
+  }
   return 0;  // n == 0
 }
 
