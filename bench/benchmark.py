@@ -37,7 +37,7 @@ COLUMNS = [
     "avg_seconds", "median_seconds", "min_seconds", "max_seconds", "wall_seconds",
     "tokens_per_second", "output_tokens_per_second", "speedup_vs_no_cache", "kv_blocks_used",
     "kv_utilization", "peak_concurrent_seqs", "mean_concurrent_seqs", "preemptions",
-    "prefix_caching", "prefix_hit_rate", "ttft_p50_seconds",
+    "prefix_caching", "prefix_hit_rate", "ttft_p50_seconds", "quantize",
 ]
 SHARING_WORKLOADS = ("shared-prefix", "parallel-sampling")
 PAIRED_PROBE_TRIES = 3  # probe passes just before and just after each timed single-stream run
@@ -164,7 +164,7 @@ def write_rows(rows: list[dict], args: argparse.Namespace, path: Path = RESULTS)
         writer.writerows(existing)
         for row in rows:
             writer.writerow({"timestamp_utc": stamp, "model": args.model, "device": args.device,
-                             "dtype": args.dtype, **row})
+                             "dtype": args.dtype, "quantize": getattr(args, "quantize", "none"), **row})
 
 
 def print_table(rows: list[dict]) -> None:
