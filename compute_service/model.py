@@ -215,18 +215,14 @@ class GPT(nn.Module):
         logits_indices: torch.Tensor | None = None,  # (B,) rows whose logits are needed (None: all)
         fused_decode: bool = True,
     ) -> torch.Tensor:
+        """Logits of the step's rows (logits_indices; None: every row). A decode step asking for
+        every row runs in one C++ call where it can (_fused_decode_runs); the rest in Python."""
         if fused_decode and logits_indices is None and self._fused_decode_runs(input_ids, meta, kv_cache):
             return self._fused_decode(input_ids, positions, meta, kv_cache)  # (B, vocab): all below in one C++ call
         return self.lm_head(self.features(input_ids, positions, meta, kv_cache, logits_indices))  # (B, vocab)
 
-    def features(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_cache: KVCache | None = None,
-        logits_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def features(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 kv_cache: KVCache | None = None, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states (after ln_f) that lm_head turns into logits; training takes
         them to compute the softmax in chunks."""
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
@@ -247,11 +243,9 @@ class GPT(nn.Module):
 
     def _fused_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                       kv_cache: KVCache) -> torch.Tensor:
-        """A decode step's logits in one call: embeddings, every layer, ln_f and lm_head in one
-        parallel region, no Python, ATen op or thread fork between them (README "Decode speed",
-        steps 5 and 9). Its tensor list is made at first use, after set_weight_format and the move
-        to huge pages (parameters moved later keep working: the list holds the Parameter objects;
-        decode copies must be remade by set_weight_format, which also resets the list)."""
+        """A decode step's logits in one parallel region (README "Decode speed", step 9). The
+        tensor list is made at first use, after set_weight_format (which resets it) and the move to
+        huge pages; it holds the Parameter objects, so parameters moved later keep working."""
         if self._decode_params is None:
             ln_f = self.transformer.ln_f
             self._decode_params = [*(t for block in self.transformer.h for t in block.decode_params()),

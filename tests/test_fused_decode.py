@@ -22,10 +22,13 @@ RELATIVE_TOLERANCE = 2e-5  # of the largest |logit| or |k/v| of the step
 
 
 def decode_step(batch: int, kv: KVCache, vocab: int, gen: torch.Generator):
-    """A decode step of `batch` sequences with random contexts of 1-90 tokens in random blocks."""
+    """A decode step of `batch` sequences with random contexts of 1-90 tokens in random blocks;
+    the first two (with more than a block each) share their first block, as a cached prefix."""
     lens = torch.randint(1, 90, (batch,), generator=gen, dtype=torch.int32)
+    lens[:2] = torch.randint(kv.block_size + 1, 90, (min(batch, 2),), generator=gen, dtype=torch.int32)
     max_blocks = int((lens.max() + kv.block_size - 1) // kv.block_size)
     tables = torch.randperm(kv.num_blocks, generator=gen)[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
+    tables[1:2, 0] = tables[0, 0]
     positions = (lens - 1).long()
     slots = tables[torch.arange(batch), positions // kv.block_size].long() * kv.block_size + positions % kv.block_size
     meta = AttentionMetadata(is_prefill=False, seq_lens=[1] * batch, slot_mapping=slots, block_tables=tables,
@@ -102,6 +105,40 @@ def test_a_sequences_logits_do_not_depend_on_its_batch():
     assert torch.equal(pair[0], together[5]) and torch.equal(pair[1], together[9]), "in a pair differs from in 32"
 
 
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_any_thread_count_gives_the_same_bits(threads):
+    """The split of rows, heads and sequences between threads changes who computes an element,
+    never how: the same logits with 1, 3 or 8 threads as with 2 (8 threads and one sequence split
+    12 heads into groups of 2: a split that left empty groups crashed the process)."""
+    ext = built()
+    model, kv = model_and_pool("float32")
+    before = kv.pool.clone()
+    steps = [decode_step(batch, kv, model.config.vocab_size, torch.Generator().manual_seed(batch)) for batch in (1, 2, 5)]
+    q = torch.randn(1, model.config.n_head, model.config.head_dim)
+    k_cache, v_cache = kv.layer(0)
+    _, _, attention_meta = steps[0]
+    default = torch.get_num_threads()
+
+    def run():
+        out = []
+        for ids, positions, meta in steps:
+            kv.pool.copy_(before)
+            with torch.no_grad():
+                out.append(model(ids, positions, meta, kv))
+        out.append(ext.paged_attention_decode(q, k_cache, v_cache, attention_meta.block_tables,
+                                              attention_meta.context_lens, 0.125))
+        return out
+
+    torch.set_num_threads(2)
+    try:
+        reference = run()
+        torch.set_num_threads(threads)
+        for i, (got, want) in enumerate(zip(run(), reference)):
+            assert torch.equal(got, want), f"{threads} threads, case {i}: max diff {(got - want).abs().max().item()}"
+    finally:
+        torch.set_num_threads(default)
+
+
 def test_bad_steps_are_refused_before_anything_runs():
     ext = built()
     model, kv = model_and_pool("float32")
@@ -112,16 +149,27 @@ def test_bad_steps_are_refused_before_anything_runs():
     wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
     before = kv.pool.clone()
 
-    def call(ids=ids, positions=positions, slots=meta.slot_mapping, lens=meta.context_lens, params=params):
-        return ext.decode_step(ids, positions, wte, wpe, params, kv.pool, slots, meta.block_tables, lens,
-                               cfg.n_head, cfg.layer_norm_epsilon, 0.125)
+    def call(ids=ids, positions=positions, slots=meta.slot_mapping, lens=meta.context_lens, params=params,
+             tables=meta.block_tables, n_head=cfg.n_head):
+        return ext.decode_step(ids, positions, wte, wpe, params, kv.pool, slots, tables, lens,
+                               n_head, cfg.layer_norm_epsilon, 0.125)
+
+    bad_table = meta.block_tables.clone()
+    bad_table[1, 0] = kv.num_blocks
 
     cases = {"token id": dict(ids=torch.tensor([0, cfg.vocab_size])),
              "position": dict(positions=torch.tensor([0, cfg.context_length])),
              "slot": dict(slots=torch.tensor([0, kv.num_blocks * kv.block_size])),
              "context length": dict(lens=torch.tensor([0, 1], dtype=torch.int32)),
+             "block": dict(tables=bad_table),
+             "one slot for two sequences": dict(slots=meta.slot_mapping[[0, 0]]),
+             "heads": dict(n_head=0),
              "parameters": dict(params=params[:-1])}
     for what, bad in cases.items():
         with pytest.raises(RuntimeError):
             call(**bad)
         assert torch.equal(kv.pool, before), f"a refused step ({what}) wrote into the pool"
+    empty = torch.empty(0, dtype=torch.int64)
+    none = ext.decode_step(empty, empty, wte, wpe, params, kv.pool, empty, meta.block_tables[:0],
+                           meta.context_lens[:0], cfg.n_head, cfg.layer_norm_epsilon, 0.125)
+    assert none.shape == (0, cfg.vocab_size)

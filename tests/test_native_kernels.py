@@ -182,3 +182,8 @@ def test_kernels_are_built_for_the_baseline_and_pick_wider_instructions_at_run_t
         else:
             raise AssertionError(f"{function} uses {kinds} outside a run-time variant")
     assert variants == {"avx2", "avx512"}
+    # The row loops (row_ops.cpp) are plain C++ that GCC must vectorize; a compare it cannot
+    # if-convert or a call it does not inline leaves them scalar (same results, slower steps).
+    for loop in ("gelu_tanh_inplace", "layer_norm_row", "argmax_row"):
+        assert any(loop in f and f.endswith(".avx2") and "ymm" in k for f, k in wide.items()), \
+            f"{loop}: its AVX2 variant is scalar code"

@@ -5,17 +5,22 @@
 // Why one region: at batch 1 a step is ~50 matrix-vector products (the time to read their
 // weights) and ~150 small operations between them. Run as separate calls, each linear forks and
 // joins the threads and the small operations run on one thread while the other spins; ATen's
-// layer norms, GELUs, views and allocations cost ~1 ms of a 20 ms step on the AVX2 build machine
-// (README, "Decode speed", step 9). Here every thread runs the whole step: each streams its own
+// layer norms, GELUs, views and allocations: with them, 2.8-2.9 ms of a ~22 ms batch-1 step on
+// the AVX2 build machine was outside the linears, ~1.1 ms (mostly attention) now (README,
+// "Decode speed", step 9). Here every thread runs the whole step: each streams its own
 // slab of every weight matrix (thread_rows, the split skinny_linear makes) and finishes its own
 // output columns (bias, residual add, GELU) while they are in cache; the row-wise work (layer
 // norms) is split by rows; threads meet at a barrier only where the next phase reads what
-// another thread wrote (7 per layer).
+// another thread wrote (7 per layer). Each (sequence, head group) task writes its new k/v and
+// then reads its context: that no task reads a slot another task writes relies on the block
+// manager (a sequence appends only into a block it alone holds: shared blocks are copied
+// first); the check below refuses two sequences with one slot.
 //
 // The linears and the attention are the same loops as skinny_linear and paged_attention_decode
 // (same bits); layer norm and GELU are row_ops.cpp's, which differ from ATen's in the last bits,
 // so this matches the Python layer loop to a tolerance (tests/test_fused_decode.py). Every
-// sequence's result is independent of the others in the batch.
+// sequence's result is the same bits whatever else is in the batch and however many threads
+// run it (the split changes who computes an element, never the order of its sums).
 //
 // input_ids, positions (B,) int64; wte (V, C), wpe (T, C) float32
 // params        16 tensors per layer: ln_1 w/b; c_attn w/scale/b; attn c_proj w/scale/b; ln_2 w/b;
@@ -104,8 +109,9 @@ void attention_part(const Step& s, int64_t layer, float* scratch, int64_t thread
   const int64_t chunk = (tasks + threads - 1) / threads;
   float* k_cache = s.pool + layer * s.layer_stride;
   float* v_cache = k_cache + s.kv_stride;
-  float* acc = scratch;
-  float* scores = scratch + s.n_embd;
+  float* acc = scratch;  // (n_embd,) >= heads x head_dim
+  float* stats = scratch + s.n_embd;  // (2 n_head,)
+  float* scores = stats + 2 * s.n_head;  // (n_head x max_ctx,)
   for (int64_t i = thread * chunk; i < std::min(tasks, (thread + 1) * chunk); ++i) {
     const int64_t b = s.order[i / groups], g = i % groups;
     const int64_t h0 = g * per, h1 = std::min(s.n_head, h0 + per);
@@ -118,7 +124,7 @@ void attention_part(const Step& s, int64_t layer, float* scratch, int64_t thread
     }
     attend_heads(row, k_cache, v_cache, s.tables + b * s.max_blocks, s.lens[b], s.block_size, s.head_dim, h0, h1,
                  s.k_block_stride, s.k_block_stride, s.k_head_stride, s.k_head_stride, s.attn_scale, scores, acc,
-                 s.y + b * s.n_embd);
+                 stats, s.y + b * s.n_embd);
   }
 }
 }  // namespace
@@ -133,6 +139,7 @@ torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torc
               "wte (V, C) and wpe (T, C) must be contiguous float32");
   TORCH_CHECK(pool.dim() == 6 && pool.scalar_type() == torch::kFloat32 && pool.is_contiguous(),
               "pool must be a contiguous float32 (n_layer, 2, num_blocks, nh, block_size, hs)");
+  TORCH_CHECK(n_head > 0, "n_head must be positive");
   const int64_t n_layer = pool.size(0), n_embd = wte.size(1), head_dim = n_embd / n_head;
   const int64_t batch = input_ids.numel(), num_blocks = pool.size(2), block_size = pool.size(4);
   TORCH_CHECK(static_cast<int64_t>(params.size()) == n_layer * kParamsPerLayer + kFinalParams,
@@ -160,6 +167,7 @@ torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torc
     for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
       TORCH_CHECK(tables[b * max_blocks + i] >= 0 && tables[b * max_blocks + i] < num_blocks, "block out of range");
     max_ctx = std::max<int64_t>(max_ctx, lens[b]);
+    for (int64_t other = 0; other < b; ++other) TORCH_CHECK(slots[other] != slots[b], "two sequences write one slot");
   }
   std::vector<Layer> layers;
   for (int64_t l = 0; l < n_layer; ++l) {
@@ -174,6 +182,7 @@ torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torc
 
   auto opts = wte.options();
   auto logits = torch::empty({batch, head.rows}, opts);
+  if (batch == 0) return logits;
   auto work = torch::empty({batch * 11 * n_embd}, opts);  // x, h, qkv (3), y, f (4), t: 11 rows of C
   Step s{batch, n_embd, n_head, head_dim, block_size, max_blocks, max_ctx, static_cast<float>(eps),
          static_cast<float>(attn_scale)};
@@ -187,16 +196,17 @@ torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torc
   s.order = attention_order(tables, batch, max_blocks);
   const float *wte_p = wte.data_ptr<float>(), *wpe_p = wpe.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
-  const int64_t scratch_size = n_embd + n_head * max_ctx;  // attention's acc and scores, per thread
+  const int64_t scratch_size = n_embd + 2 * n_head + n_head * max_ctx;  // attention's acc, stats, scores
   std::vector<float> scratch(threads * scratch_size);
 
 #pragma omp parallel num_threads(threads)
   {
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     float* my_scratch = scratch.data() + thread * scratch_size;
-    for (int64_t b = thread; b < batch; b += team)  // x = wte[id] + wpe[pos]
+    // x = wte[id] + wpe[pos], rows split as norm_rows splits them: ln_1 reads only this
+    // thread's rows, so no barrier yet.
+    for (int64_t b = thread; b < batch; b += team)
       for (int64_t c = 0; c < n_embd; ++c) s.x[b * n_embd + c] = wte_p[ids[b] * n_embd + c] + wpe_p[pos[b] * n_embd + c];
-#pragma omp barrier
     for (int64_t l = 0; l < n_layer; ++l) {
       const Layer& L = layers[l];
       norm_rows(s, L.ln_1, s.x, s.h, thread, team);  // x = x + attn(ln_1(x))

@@ -1,6 +1,7 @@
 // What the kernel files share: the entry points bindings.cpp exposes, and the loops the fused
 // decode step (decode_step.cpp) calls inside its own parallel region, on a range of work it
-// chose (so no torch tensors, allocations or checks below the entry points).
+// chose (so no torch tensors, allocations, checks or anything else that can throw below the
+// entry points: an exception cannot leave an OpenMP region).
 #pragma once
 #include <torch/extension.h>
 
@@ -47,12 +48,14 @@ void skinny_rows(const float* x, const SkinnyWeight& w, int64_t M, int64_t row_b
 void thread_rows(int64_t N, int64_t thread, int64_t threads, int64_t* begin, int64_t* end);
 
 // Attention of heads [h0, h1) of one sequence over its paged context (paged_attention.cpp).
+// Scratch: scores (h1 - h0) x ctx, acc (h1 - h0) x head_dim, stats 2 x (h1 - h0) floats.
 void attend_heads(const float* q, const float* k_ptr, const float* v_ptr, const int32_t* table, int64_t ctx,
                   int64_t block_size, int64_t head_dim, int64_t h0, int64_t h1, int64_t k_block_stride,
                   int64_t v_block_stride, int64_t k_head_stride, int64_t v_head_stride, float scale,
-                  float* scores, float* acc, float* out);
+                  float* scores, float* acc, float* stats, float* out);
 // Sequences in the order of their first block (those sharing a prefix run back to back), and
-// how many head groups each sequence is split into so that every thread has work.
+// how many head groups each sequence is split into so that every thread has work (every group
+// holds ceil(n_head / groups) heads, the last what is left: never none).
 std::vector<int64_t> attention_order(const int32_t* tables, int64_t batch, int64_t max_blocks);
 int64_t attention_head_groups(int64_t batch, int64_t n_head, int64_t threads);
 

@@ -33,11 +33,13 @@
 // run, block after block, which memory serves far faster than scattered single-head tiles.
 PICK_ISA_AT_LOAD
 void attend_heads(const float* q, const float* k_ptr, const float* v_ptr, const int32_t* table, int64_t ctx,
-                         int64_t block_size, int64_t head_dim, int64_t h0, int64_t h1, int64_t k_block_stride,
-                         int64_t v_block_stride, int64_t k_head_stride, int64_t v_head_stride, float scale,
-                         float* scores, float* acc, float* out) {
+                  int64_t block_size, int64_t head_dim, int64_t h0, int64_t h1, int64_t k_block_stride,
+                  int64_t v_block_stride, int64_t k_head_stride, int64_t v_head_stride, float scale,
+                  float* scores, float* acc, float* stats, float* out) {
   const int64_t nh = h1 - h0;
-  std::vector<float> max_score(nh, -INFINITY), denom(nh, 0.f);
+  float* max_score = stats;  // (nh,) running max of each head's scores
+  float* denom = stats + nh;  // (nh,) each head's softmax denominator
+  std::fill(max_score, max_score + nh, -INFINITY);
   for (int64_t start = 0; start < ctx; start += block_size) {
     const float* base = k_ptr + table[start / block_size] * k_block_stride;
     const int64_t n = std::min(block_size, ctx - start);
@@ -98,7 +100,11 @@ std::vector<int64_t> attention_order(const int32_t* tables, int64_t batch, int64
 }
 
 int64_t attention_head_groups(int64_t batch, int64_t n_head, int64_t threads) {
-  return std::min<int64_t>(n_head, std::max<int64_t>(1, (threads + batch - 1) / batch));
+  // As many groups as threads per sequence (at most one per head), then as many as the group
+  // size needs: 12 heads in 8 wanted groups are groups of 2, so 6 groups (8 would leave two empty).
+  const int64_t wanted = std::min<int64_t>(n_head, std::max<int64_t>(1, (threads + batch - 1) / batch));
+  const int64_t per = (n_head + wanted - 1) / wanted;
+  return (n_head + per - 1) / per;
 }
 
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -134,7 +140,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t groups = attention_head_groups(batch, n_head, at::get_num_threads());
   const int64_t per = (n_head + groups - 1) / groups;
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(per * head_dim);
+    std::vector<float> scores, acc(per * head_dim), stats(2 * per);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = order[i / groups], g = i % groups;
       const int64_t h0 = g * per, h1 = std::min(n_head, h0 + per);
@@ -143,7 +149,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
       scores.resize((h1 - h0) * ctx);
       attend_heads(q_ptr + b * n_head * head_dim, k_ptr, v_ptr, tables + b * max_blocks, ctx, block_size, head_dim,
                    h0, h1, k_block_stride, v_block_stride, k_head_stride, v_head_stride, fscale, scores.data(),
-                   acc.data(), out_ptr + b * n_head * head_dim);
+                   acc.data(), stats.data(), out_ptr + b * n_head * head_dim);
     }
   });
   return out;

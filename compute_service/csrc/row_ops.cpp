@@ -4,12 +4,10 @@
 // polynomial so that it vectorizes (a libm call would not).
 //
 // Why not ATen's: at batch 1 a decode step ran 36 ATen layer norms and GELUs, ~100 views and
-// ~130 small allocations between the linears, ~1 ms of a 20 ms step on the AVX2 build machine,
-// while the second thread waited (README, "Decode speed", step 9). The results differ from
+// ~130 small allocations between the linears while the second thread waited (README, "Decode
+// speed", step 9). The results differ from
 // ATen's in the last bits (another summation order, another tanh), so the fused step matches the
 // Python layer loop to a tolerance, not bit for bit (tests/test_fused_decode.py).
-// Lets GCC turn the clamps below into blends (if-conversion of float compares); no value changes.
-#pragma GCC optimize("no-trapping-math")
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -17,27 +15,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-
-namespace {
-// e^x, Cephes' expf: range reduction by ln 2, a degree-5 polynomial, 2^n from the exponent bits
-// (relative error ~2e-7). No branches or calls, so an `omp simd` loop vectorizes it.
-inline float exp_poly(float x) {
-  x = std::max(std::min(x, 88.0f), -87.0f);  // 2^n stays a normal float
-  const float t = x * 1.44269504088896341f;  // in [-125.6, 127]
-  const int32_t n = static_cast<int32_t>(t + 126.5f) - 126;  // round to nearest (truncation of a positive)
-  const float fn = static_cast<float>(n);
-  float r = x - fn * 0.693359375f;  // ln 2 in two parts, so r keeps its low bits
-  r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  return y * __builtin_bit_cast(float, (n + 127) << 23);
-}
-}  // namespace
 
 PICK_ISA_AT_LOAD
 void layer_norm_row(const float* x, const float* weight, const float* bias, int64_t C, float eps, float* out) {
@@ -58,6 +35,35 @@ void layer_norm_row(const float* x, const float* weight, const float* bias, int6
   }
 }
 
+// The exponential and the GELU loop only: no-trapping-math lets GCC turn the clamps into blends
+// (if-conversion of float compares), so the loop vectorizes; no value changes.
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+namespace {
+// e^x, Cephes' expf: range reduction by ln 2, a degree-5 polynomial, 2^n from the exponent bits
+// (relative error ~2e-7). No branches or calls, so an `omp simd` loop vectorizes it.
+inline float exp_poly(float x) {
+  // Clamped so that 2^n stays a normal float (NaN becomes 88: no undefined conversion below).
+  // Plain compares, not std::min/max: those are compiled outside this file's optimize region
+  // and GCC would not inline them here, which stops the loop from vectorizing.
+  x = x < 88.0f ? x : 88.0f;
+  x = x > -87.0f ? x : -87.0f;
+  const float t = x * 1.44269504088896341f;  // in [-125.6, 127]
+  const int32_t n = static_cast<int32_t>(t + 126.5f) - 126;  // round to nearest (truncation of a positive)
+  const float fn = static_cast<float>(n);
+  float r = x - fn * 0.693359375f;  // ln 2 in two parts, so r keeps its low bits
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  return y * __builtin_bit_cast(float, (n + 127) << 23);
+}
+}  // namespace
+
 PICK_ISA_AT_LOAD
 void gelu_tanh_inplace(float* x, int64_t n) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
@@ -68,6 +74,7 @@ void gelu_tanh_inplace(float* x, int64_t n) {
     x[i] = v / (1.f + exp_poly(-2.f * z));  // = 0.5 v (1 + tanh z)
   }
 }
+#pragma GCC pop_options
 
 PICK_ISA_AT_LOAD
 int64_t argmax_row(const float* values, int64_t n) {
@@ -93,8 +100,8 @@ int64_t argmax_row(const float* values, int64_t n) {
   return 0;  // n == 0
 }
 
-// (B, V) float32 logits -> (B,) int64: each row's argmax, as torch.argmax(dim=-1) (which reads a
-// 50257-wide row at ~1.5 ns a value here, ~75 us a sequence per step; this takes a few).
+// (B, V) float32 logits -> (B,) int64: each row's argmax, as torch.argmax(dim=-1) (56-76 us for
+// a 50257-wide row on the AVX2 build machine; this ~20, Python call included).
 torch::Tensor argmax_rows(torch::Tensor logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.size(1) > 0,
               "logits must be a non-empty (B, V) float32");
