@@ -88,17 +88,22 @@ void norm_rows(const Step& s, const Norm& norm, const float* in, float* out, int
     layer_norm_row(in + b * s.n_embd, norm.weight, norm.bias, s.n_embd, s.eps, out + b * s.n_embd);
 }
 
-// This thread's output columns of out = in @ W^T (+ bias); with `residual`, then residual += out
-// over the same columns (the layer's x + sublayer(x), in that order of operands).
-void linear_part(const Step& s, const SkinnyWeight& w, const float* in, float* out, float* residual,
-                 int64_t thread, int64_t threads) {
+// What a thread does to its output columns of a linear once they are computed, while in cache.
+enum class Then { kNothing, kGelu, kAddToResidual };
+
+// This thread's output columns of out = in @ W^T (+ bias), then `then` on the same columns:
+// GELU in place, or residual += out (the layer's x + sublayer(x), in that order of operands).
+void linear_part(const Step& s, const SkinnyWeight& w, const float* in, float* out, int64_t thread,
+                 int64_t threads, Then then = Then::kNothing, float* residual = nullptr) {
   int64_t begin, end;
   thread_rows(w.rows, thread, threads, &begin, &end);
   if (begin >= end) return;
   skinny_rows(in, w, s.batch, begin, end, out);
-  if (residual)
-    for (int64_t b = 0; b < s.batch; ++b)
-      for (int64_t n = begin; n < end; ++n) residual[b * w.rows + n] = residual[b * w.rows + n] + out[b * w.rows + n];
+  for (int64_t b = 0; b < s.batch && then != Then::kNothing; ++b) {
+    float* row = out + b * w.rows;
+    if (then == Then::kGelu) gelu_tanh_inplace(row + begin, end - begin);
+    else for (int64_t n = begin; n < end; ++n) residual[b * w.rows + n] = residual[b * w.rows + n] + row[n];
+  }
 }
 
 // This thread's share of (sequence, head group) tasks: store the new token's k and v of those
@@ -211,27 +216,22 @@ torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torc
       const Layer& L = layers[l];
       norm_rows(s, L.ln_1, s.x, s.h, thread, team);  // x = x + attn(ln_1(x))
 #pragma omp barrier
-      linear_part(s, L.c_attn, s.h, s.qkv, nullptr, thread, team);
+      linear_part(s, L.c_attn, s.h, s.qkv, thread, team);
 #pragma omp barrier
       attention_part(s, l, my_scratch, thread, team);
 #pragma omp barrier
-      linear_part(s, L.attn_proj, s.y, s.t, s.x, thread, team);
+      linear_part(s, L.attn_proj, s.y, s.t, thread, team, Then::kAddToResidual, s.x);
 #pragma omp barrier
       norm_rows(s, L.ln_2, s.x, s.h, thread, team);  // x = x + mlp(ln_2(x))
 #pragma omp barrier
-      linear_part(s, L.c_fc, s.h, s.f, nullptr, thread, team);
-      {
-        int64_t begin, end;
-        thread_rows(4 * n_embd, thread, team, &begin, &end);
-        for (int64_t b = 0; b < batch && begin < end; ++b) gelu_tanh_inplace(s.f + b * 4 * n_embd + begin, end - begin);
-      }
+      linear_part(s, L.c_fc, s.h, s.f, thread, team, Then::kGelu);
 #pragma omp barrier
-      linear_part(s, L.mlp_proj, s.f, s.t, s.x, thread, team);
+      linear_part(s, L.mlp_proj, s.f, s.t, thread, team, Then::kAddToResidual, s.x);
 #pragma omp barrier
     }
     norm_rows(s, ln_f, s.x, s.h, thread, team);
 #pragma omp barrier
-    linear_part(s, head, s.h, s.logits, nullptr, thread, team);
+    linear_part(s, head, s.h, s.logits, thread, team);
   }
   return logits;
 }
