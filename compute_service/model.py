@@ -162,11 +162,13 @@ class Block(nn.Module):
 
     def decode_params(self) -> list[torch.Tensor]:
         """This layer's 16 tensors in the order csrc/decode_step.cpp reads them."""
-        def norm(ln: nn.LayerNorm) -> list[torch.Tensor]:
-            return [ln.weight, NO_TENSOR if ln.bias is None else ln.bias]
+        return [*norm_args(self.ln_1), *self.attn.c_attn.decode_args(), *self.attn.c_proj.decode_args(),
+                *norm_args(self.ln_2), *self.mlp.c_fc.decode_args(), *self.mlp.c_proj.decode_args()]
 
-        return [*norm(self.ln_1), *self.attn.c_attn.decode_args(), *self.attn.c_proj.decode_args(),
-                *norm(self.ln_2), *self.mlp.c_fc.decode_args(), *self.mlp.c_proj.decode_args()]
+
+def norm_args(ln: nn.LayerNorm) -> list[torch.Tensor]:
+    """(weight, bias) of a layer norm as the C++ decode step reads them (empty: no bias)."""
+    return [ln.weight, NO_TENSOR if ln.bias is None else ln.bias]
 
 
 class GPT(nn.Module):
@@ -247,10 +249,8 @@ class GPT(nn.Module):
         tensor list is made at first use, after set_weight_format (which resets it) and the move to
         huge pages; it holds the Parameter objects, so parameters moved later keep working."""
         if self._decode_params is None:
-            ln_f = self.transformer.ln_f
             self._decode_params = [*(t for block in self.transformer.h for t in block.decode_params()),
-                                   ln_f.weight, NO_TENSOR if ln_f.bias is None else ln_f.bias,
-                                   *self.lm_head.decode_args()]
+                                   *norm_args(self.transformer.ln_f), *self.lm_head.decode_args()]
         cfg = self.config
         return skinny_kernel().decode_step(input_ids, positions, self.transformer.wte.weight,
                                            self.transformer.wpe.weight, self._decode_params, kv_cache.pool,
