@@ -1,10 +1,12 @@
-"""What every service's grpc.aio server has: health (grpc.health.v1), reflection, large message
-limits, and an interceptor that logs unexpected exceptions once and answers INTERNAL."""
+"""What every service's grpc.aio server has: health (grpc.health.v1), reflection, message limits
+(large for the internal services, a public listener's own), and an interceptor that logs
+unexpected exceptions once and answers INTERNAL with an error id."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,36 +20,81 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def _internal_error(method: str) -> str:
+    """Log the exception being handled under a fresh id and return the caller's message: the id,
+    never the exception's text (which may show internals)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("%s failed (error id %s)", method, error_id)
+    return f"internal error (id {error_id}; the server's log has the details)"
+
+
 class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
+    """An unexpected exception in a handler is a bug, not a client error: log it once and end the
+    call INTERNAL with an error id (grpc's own answer would be UNKNOWN with the exception's text)."""
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streams handle their own errors (they must send a final message)
-        inner = handler.unary_unary
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        method = handler_call_details.method
+        codec = dict(request_deserializer=handler.request_deserializer,
+                     response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
 
-        async def guarded(request, context):
+            async def guarded(request, context):
+                try:
+                    return await inner(request, context)
+                except (grpc.RpcError, grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception:
+                    await context.abort(grpc.StatusCode.INTERNAL, _internal_error(method))
+
+            return grpc.unary_unary_rpc_method_handler(guarded, **codec)
+        inner_stream = handler.unary_stream
+
+        async def guarded_stream(request, context):
             try:
-                return await inner(request, context)
-            except (grpc.RpcError, grpc.aio.AbortError):
+                async for response in inner_stream(request, context):
+                    yield response
+            except (grpc.RpcError, grpc.aio.AbortError, asyncio.CancelledError):
                 raise
-            except Exception as exc:  # a bug, not a client error: log once, answer INTERNAL
-                log.exception("%s failed", handler_call_details.method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            except Exception:
+                await context.abort(grpc.StatusCode.INTERNAL, _internal_error(method))
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return grpc.unary_stream_rpc_method_handler(guarded_stream, **codec)
 
 
-def make_server(service_names: list[str], interceptors: tuple = ()) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def make_server(service_names: list[str], interceptors: tuple = (), options: list[tuple] | None = None,
+                maximum_concurrent_rpcs: int | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with health (NOT_SERVING until `set_serving`) and reflection wired; the caller
-    adds its services (and interceptors that run before the exception guard, such as auth)."""
-    server = grpc.aio.server(interceptors=[*interceptors, _ExceptionInterceptor()], options=CHANNEL_OPTIONS)
+    adds its services (and interceptors that run before the exception guard, such as auth).
+    `options` replace the internal services' CHANNEL_OPTIONS (a public listener passes its own
+    bounds: public_server_options); calls beyond `maximum_concurrent_rpcs` get RESOURCE_EXHAUSTED."""
+    server = grpc.aio.server(interceptors=[*interceptors, _ExceptionInterceptor()],
+                             options=CHANNEL_OPTIONS if options is None else options,
+                             maximum_concurrent_rpcs=maximum_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return server, health_servicer
+
+
+def public_server_options(max_receive_bytes: int, keepalive_time_s: float,
+                          min_client_ping_interval_s: float) -> list[tuple]:
+    """A public listener's bounds: a request message of at most `max_receive_bytes` (sized for the
+    longest prompt, not the internal 64 MiB); the server pings an idle connection every
+    `keepalive_time_s` and drops one that does not answer; a client pinging more often than
+    `min_client_ping_interval_s` gets GOAWAY after two strikes (keepalive enforcement)."""
+    return [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(min_client_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, service_names: list[str],

@@ -29,12 +29,15 @@ class HttpServer:
 
 
 async def start_http(app, host: str, port: int, tls_cert_file: str = "", tls_key_file: str = "",
-                     graceful_timeout_s: float | None = None) -> HttpServer:
-    """Serve `app`; listening once this returns (RuntimeError if it cannot)."""
+                     graceful_timeout_s: float | None = None, http_protocol: type | None = None,
+                     keepalive_s: float = 5.0) -> HttpServer:
+    """Serve `app`; listening once this returns (RuntimeError if it cannot). `http_protocol`
+    replaces uvicorn's own (the gateway's adds its bounds: gateway/http_bounds.py)."""
     server = _Server(uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
         ssl_certfile=tls_cert_file or None, ssl_keyfile=tls_key_file or None,
-        timeout_graceful_shutdown=graceful_timeout_s))
+        timeout_graceful_shutdown=graceful_timeout_s, http=http_protocol or "auto",
+        timeout_keep_alive=keepalive_s))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

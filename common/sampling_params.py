@@ -19,6 +19,10 @@ MAX_N = 16  # samples per request: each holds its own blocks once they diverge
 MAX_CACHE_SALT_CHARS = 256
 MAX_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions API allows 5)
 MAX_TOP_K = (1 << 32) - 1  # the protos carry top_k as uint32 (any value >= the vocabulary = no filter)
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a
+# smaller one overflows to inf, and softmax turns that into NaN. The argmax is what such a
+# temperature picks anyway, bar exact ties.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class FieldError(ValueError):
@@ -54,6 +58,11 @@ class SamplingParams:
     # Not a sampling parameter, but it travels with them to every process that hashes blocks.
     cache_salt: str = ""
     logprobs: int | None = None  # None = none; k = the sampled token's logprob and the top k (k <= 5)
+
+    @property
+    def greedy(self) -> bool:
+        """Picks the argmax: temperature 0, or one so small that it is 0 in effect (GREEDY_TEMPERATURE)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -114,12 +123,33 @@ def sample_seed(seed: int, index: int) -> int:
     return seed if index == 0 else position_seed(seed, -1 - index)
 
 
+def check_prompt_size(prompt: str | bytes | list[int], context_length: int, max_token_bytes: int,
+                      field_name: str = "prompt") -> None:
+    """Refuse, before any tokenizing or decoding, a prompt that cannot fit the context: more token
+    ids than the context holds, or a text longer than `context_length` of the longest token
+    (`max_token_bytes`) would be. Costs O(1), or O(bound) for a text under the bound."""
+    if isinstance(prompt, (str, bytes)):
+        limit = context_length * max_token_bytes
+        # A character is at least one UTF-8 byte: the length alone refuses most oversized texts.
+        size = len(prompt) if isinstance(prompt, bytes) or len(prompt) > limit else len(prompt.encode("utf-8", "replace"))
+        if size > limit:
+            raise FieldError(field_name, f"{field_name} is {size} bytes of text; the {context_length}-token context "
+                             f"holds at most {limit} (the longest token is {max_token_bytes} bytes)")
+    elif len(prompt) >= context_length:
+        raise FieldError(field_name, f"{field_name} has {len(prompt)} tokens; the context is {context_length}")
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, field_name: str = "prompt") -> None:
+    """Every id an integer in [0, vocab_size): checked before an id is decoded or embedded anywhere."""
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in token_ids):
+        raise FieldError(field_name, f"{field_name} token ids must be integers in [0, {vocab_size})")
+
+
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, context_length: int, vocab_size: int) -> None:
     """ValueError naming the field, for a prompt and params that cannot run on this model."""
     if not prompt_token_ids:
         raise FieldError("prompt", "prompt must not be empty")
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise FieldError("prompt", f"prompt token ids must be integers in [0, {vocab_size})")
+    check_token_ids(prompt_token_ids, vocab_size)
     params.validate()
     if len(prompt_token_ids) >= context_length:
         raise FieldError("prompt", f"prompt has {len(prompt_token_ids)} tokens; the context is {context_length}")

@@ -43,6 +43,9 @@ class Tokenizer:
         )
         self.eot_token_id = EOT_TOKEN_ID
         self.vocab_size = self._enc.n_vocab  # 50257
+        # The longest token's bytes (128 for GPT-2): a text of more than context x this many bytes
+        # cannot fit a context, whatever it tokenizes to (checked before tokenizing).
+        self.max_token_bytes = max(len(token) for token in self._enc.token_byte_values())
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids; "<|endoftext|>" in user text is encoded as text, not as EOT."""

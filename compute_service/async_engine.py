@@ -16,9 +16,11 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from common.failures import REPLICA_SCOPE, REQUEST_SCOPE
 from common.sampling_params import SamplingParams
 from compute_service.engine import InferenceEngine, RequestOutput
 from compute_service.memory_client import MemoryClient
+from compute_service.sequence import FinishReason
 from memory_service.step import MemoryLost
 
 log = logging.getLogger(__name__)
@@ -28,10 +30,12 @@ log = logging.getLogger(__name__)
 class EngineFailure:
     """Put on a request's queue when the engine cannot finish it; `status` is the gRPC status
     the servicer ends the call with (INTERNAL: the engine loop failed; UNAVAILABLE: this replica
-    gives the request up, e.g. draining, and the gateway continues it elsewhere)."""
+    gives the request up, e.g. draining, and the gateway continues it elsewhere), `scope` who it
+    is about (common.failures; "" = none)."""
 
     message: str
     status: str = "INTERNAL"
+    scope: str = ""
 
 
 class AsyncEngine:
@@ -144,7 +148,7 @@ class AsyncEngine:
         time ran out. Called from the event loop; the engine thread frees their blocks."""
         for request_id in list(self._streams):
             self.abort(request_id)
-            self._deliver_failure(request_id, message, "UNAVAILABLE")
+            self._deliver_failure(request_id, message, "UNAVAILABLE", REPLICA_SCOPE)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -165,26 +169,34 @@ class AsyncEngine:
                     self._streams.pop(item[1], None)  # not in the engine (yet): nothing to free
 
     def _deliver_undelivered(self) -> None:
-        """One wake-up of each event loop per step, however many requests got tokens."""
+        """One wake-up of each event loop per step, however many requests got tokens. A request
+        that failed by itself (finish_reason "error") ends with an EngineFailure of REQUEST_SCOPE
+        in place of its result."""
         outputs, self._undelivered = self._undelivered, []
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        ended = set()
+        ended, failed = set(), set()
         for out in outputs:
             target = self._streams.get(out.group_id)  # every sample of a request feeds its stream
             if out.finished and not self.engine.is_active(out.group_id):  # its last sample ended
                 ended.add(out.group_id)  # (its other samples may have ended in the same step)
-            if target is not None:
+            if target is None or out.group_id in failed:
+                continue
+            if out.finish_reason == FinishReason.ERROR.value:
+                failed.add(out.group_id)  # its other samples ended with it: one failure ends the call
+                by_loop.setdefault(target[0], []).append(
+                    (target[1], EngineFailure(f"request failed: {out.error}", "INTERNAL", REQUEST_SCOPE)))
+            else:
                 by_loop.setdefault(target[0], []).append((target[1], out))
         for request_id in ended:
             self._streams.pop(request_id, None)
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    def _deliver_failure(self, request_id: str, message: str, status: str = "INTERNAL") -> None:
+    def _deliver_failure(self, request_id: str, message: str, status: str = "INTERNAL", scope: str = "") -> None:
         target = self._streams.pop(request_id, None)
         if target is not None:
             loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, EngineFailure(message, status))
+            loop.call_soon_threadsafe(q.put_nowait, EngineFailure(message, status, scope))
 
     def _fail_all(self, message: str) -> None:
         for request_id in list(self._streams):

@@ -57,6 +57,10 @@ class EngineConfig:
     # Automatic prefix caching (paged mode): full blocks are kept, keyed by a hash of their
     # tokens and everything before them, and a prompt that starts the same way reuses them.
     prefix_caching: str = "on"  # on | off
+    # Testing only: a request whose cache_salt equals this fails inside the engine's per-row output
+    # handling, as a bug hit by one request's data would (tests/test_poison_requests.py proves that
+    # it ends that request alone). Empty = off.
+    fault_injection_salt: str = ""
 
     def validate(self) -> None:
         if self.mode not in MODES:

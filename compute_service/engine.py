@@ -45,6 +45,7 @@ class RequestOutput:
     group_id: str = ""  # the request's id (every sample's outputs go to its stream)
     index: int = 0  # which sample
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # of new_token_ids, if the request asked
+    error: str = ""  # finish_reason "error": why this request failed (the rest of the batch did not)
 
 
 @dataclass
@@ -260,26 +261,52 @@ class InferenceEngine:
         logits = self.runner.execute(prepared)
         seqs, logits = self._with_forked_samples(batch.seqs, logits)
         params = [s.params for s in seqs]
-        tokens = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs])
+        tokens, failures = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs])
         logprobs = token_logprobs(logits, params, tokens)
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
-        for seq, token, token_lp in zip(seqs, tokens, logprobs):
-            token_lps = [token_lp] if token_lp is not None else []
-            if self.kv_cache is not None and seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
-                seq.num_cached_tokens = seq.num_tokens
-            seq.token_ids.append(token)
-            seq.first_token_time = seq.first_token_time or now
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                outputs.append(self._finished_output(seq, [token], token_lps))
-            else:
-                outputs.append(RequestOutput(seq.request_id, [token], False, group_id=seq.group_id, index=seq.index,
-                                             logprobs=token_lps))
+        for row, (seq, token, token_lp) in enumerate(zip(seqs, tokens, logprobs)):
+            if seq.is_finished:  # a sample of a request that failed earlier in this loop
+                continue
+            if row in failures:
+                outputs += self._fail_request(seq, failures[row])
+                continue
+            try:
+                outputs.append(self._append_token(seq, token, token_lp, now))
+            except Exception:  # one request's data must not end the step for the others
+                log.exception("request %s: processing its output failed; failing it alone", seq.group_id)
+                outputs += self._fail_request(seq, "the engine failed while processing this request's output "
+                                                   "(logged on the replica)")
         if not self.scheduler.running and not self.scheduler.waiting:
             self._flush_frees()  # idle: give the blocks back now, not at the next step
         self._forget(outputs)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, token_lp: TokenLogprobs | None, now: float) -> RequestOutput:
+        """Append one sampled token to `seq`, end it if the token finishes it, and say so."""
+        if self.config.fault_injection_salt and seq.params.cache_salt == self.config.fault_injection_salt:
+            raise RuntimeError("injected row fault (fault_injection_salt)")
+        token_lps = [token_lp] if token_lp is not None else []
+        if self.kv_cache is not None and seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
+            seq.num_cached_tokens = seq.num_tokens
+        seq.token_ids.append(token)
+        seq.first_token_time = seq.first_token_time or now
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            return self._finished_output(seq, [token], token_lps)
+        return RequestOutput(seq.request_id, [token], False, group_id=seq.group_id, index=seq.index,
+                             logprobs=token_lps)
+
+    def _fail_request(self, seq: Sequence, reason: str) -> list[RequestOutput]:
+        """End every sample of `seq`'s request with FinishReason.ERROR (a request fails whole);
+        their blocks go back in the next memory call, as an abort's do."""
+        outputs = []
+        for sample in self._groups.get(seq.group_id, [seq]):
+            if not sample.is_finished:
+                sample.error = reason
+                self.scheduler.finish(sample, FinishReason.ERROR)
+                outputs.append(self._finished_output(sample))
         return outputs
 
     @staticmethod
@@ -321,6 +348,9 @@ class InferenceEngine:
 
     def _finished_output(self, seq: Sequence, new_tokens: list[int] | None = None,
                          logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
+        if seq.finish_reason is FinishReason.ERROR:  # no decode: it may be what failed
+            return RequestOutput(seq.request_id, [], True, seq.finish_reason.value, seq, group_id=seq.group_id,
+                                 index=seq.index, error=seq.error)
         if seq.finish_reason is not FinishReason.STOP:
             ids = seq.output_token_ids
             if seq.finish_reason is FinishReason.EOS:

@@ -7,6 +7,8 @@ computed the tokens before this one.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from common.sampling_params import SamplingParams, TokenLogprobs, position_seed
@@ -38,19 +40,35 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> list[int]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+           positions: list[int]) -> tuple[list[int], dict[int, str]]:
     """One next token per row of logits (B, vocab), each row under its own params; row i's draw
-    is seeded by (seeds[i], positions[i])."""
+    is seeded by (seeds[i], positions[i]).
+
+    A row that cannot be sampled (the model's logits are not finite, or its own sampling values
+    leave no valid distribution) fails alone: it is in the returned {row: reason} and its token
+    is meaningless; every other row gets exactly the token it would get in a batch without it."""
     logits = logits.float()
     tokens = greedy_tokens(logits)  # for every row, overwritten where sampling
+    failures: dict[int, str] = {}
+    # One float64 pass: NaN and inf propagate into the sum, and 50257 finite float32s cannot overflow it.
+    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float64)).tolist()
     generator = torch.Generator()
     for row, (p, seed, position) in enumerate(zip(params, seeds, positions)):
-        if p.temperature == 0:
+        if not finite[row]:
+            failures[row] = f"the model's logits at position {position} are not finite (NaN or inf)"
+            continue
+        if p.greedy:
             continue
         probs = filtered_logits(logits[row], p).softmax(-1)
+        total = float(probs.sum())
+        if not (math.isfinite(total) and total > 0):
+            failures[row] = (f"sampling at position {position} with temperature={p.temperature}, top_k={p.top_k}, "
+                             f"top_p={p.top_p} left no valid distribution (non-finite probabilities)")
+            continue
         generator.manual_seed(position_seed(seed, position))
         tokens[row] = int(torch.multinomial(probs, 1, generator=generator).item())
-    return tokens
+    return tokens, failures
 
 
 def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]) -> list[TokenLogprobs | None]:

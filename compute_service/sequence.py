@@ -24,6 +24,7 @@ class FinishReason(str, Enum):
     STOP = "stop"
     EOS = "eos"
     ABORT = "abort"
+    ERROR = "error"  # this request alone failed (Sequence.error says why); the batch went on
 
 
 @dataclass(eq=False)
@@ -48,6 +49,7 @@ class Sequence:
     num_hit_tokens: int = 0  # prompt tokens found cached at its last admission (OpenAI's cached_tokens)
     finish_reason: FinishReason | None = None
     output_text: str = ""  # set when stop strings are checked or the sequence finishes
+    error: str = ""  # why it ended with FinishReason.ERROR: a message for its client, no internals
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None

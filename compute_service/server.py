@@ -15,6 +15,7 @@ import grpc
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
+from common.failures import FAILURE_SCOPE_KEY, REPLICA_SCOPE
 from compute_service.async_engine import AsyncEngine, EngineFailure
 from compute_service.config import ComputeServiceConfig, EngineConfig
 from compute_service.engine import InferenceEngine, RequestOutput
@@ -47,7 +48,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         engine = self.engine.engine
         if self.draining or not self.engine.memory_ok:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "compute replica is not serving: "
-                                + ("draining" if self.draining else "its memory service is unreachable"))
+                                + ("draining" if self.draining else "its memory service is unreachable"),
+                                ((FAILURE_SCOPE_KEY, REPLICA_SCOPE),))
         prompt, params = list(request.prompt_token_ids), sampling_params_from_proto(request.params)
         outputs_before = list(request.output_token_ids)
         sample_outputs = {s.index: list(s.output_token_ids) for s in request.samples} or None
@@ -68,7 +70,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                 out = await outputs.get()
                 if isinstance(out, EngineFailure):
                     finished = True
-                    await context.abort(grpc.StatusCode[out.status], out.message)
+                    scope = ((FAILURE_SCOPE_KEY, out.scope),) if out.scope else ()
+                    await context.abort(grpc.StatusCode[out.status], out.message, scope)
                 if out.finished:
                     remaining -= 1
                     finished = remaining == 0

@@ -69,6 +69,10 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler)
 
 
+def _unread(body: bytes) -> None:
+    return None
+
+
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that ends the call UNAUTHENTICATED."""
     message = "missing or invalid API key: send metadata 'authorization: Bearer <key>'"
@@ -80,7 +84,9 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # an async generator, as a streaming handler must be
 
-    codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    # The body is never parsed: an unauthenticated caller costs no deserializing (only the public
+    # receive limit's bytes, which grpc reads before any handler runs).
+    codec = dict(request_deserializer=_unread, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(refuse_unary, **codec)
     if handler.unary_stream:

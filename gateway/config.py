@@ -31,6 +31,19 @@ class GatewayConfig:
     startup_timeout_s: float = 600.0
     replica_wait_s: float = 30.0  # how long a request waits for a SERVING replica before UNAVAILABLE
     max_migrations: int = 8  # times one request may be continued on another replica after faults
+    max_replica_deaths: int = 2  # a request whose replicas died under it this often is failed (query of death)
     health_poll_s: float = 0.5  # how often each replica's grpc.health.v1 status is read
     replica_down_after_s: float = 2.0  # no health answer for this long = down: its streams move
     drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight streams may still finish
+    # Bounds on what a client can make the gateway hold or do (README "Bounds"); each is applied
+    # before the work it bounds.
+    max_request_s: float = 600.0  # a request's whole duration (both fronts; a shorter client deadline wins)
+    max_request_bytes: int = 1 << 20  # an HTTP body, and a public gRPC message (a 1024-token text is <= 128 KiB)
+    max_concurrent_rpcs: int = 1024  # public gRPC calls at once (streams included); more: RESOURCE_EXHAUSTED
+    http_max_connections: int = 1024  # open HTTP connections; more are answered 429 and closed
+    http_header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    http_body_timeout_s: float = 30.0  # and its body within this
+    http_keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    stream_write_timeout_s: float = 30.0  # a stream whose client reads nothing for this long is ended (blocks freed)
+    grpc_keepalive_s: float = 60.0  # the gateway pings an idle client connection this often (dead peers found)
+    grpc_min_client_ping_s: float = 10.0  # clients pinging more often than this are disconnected

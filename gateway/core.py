@@ -17,9 +17,11 @@ from typing import AsyncIterator
 
 import grpc
 
+from common.failures import REPLICA_SCOPE, REQUEST_SCOPE, failure_scope
 from common.grpc_server import CHANNEL_OPTIONS
 from common.protocol import logprobs_from_proto, sampling_params_to_proto
-from common.sampling_params import FieldError, SamplingParams, TokenLogprobs, new_seed, validate_request
+from common.sampling_params import (FieldError, SamplingParams, TokenLogprobs, check_prompt_size, new_seed,
+                                    validate_request)
 from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
 from gateway.config import GatewayConfig
@@ -32,6 +34,7 @@ log = logging.getLogger("gateway")
 # Replica statuses that are about the request itself: the client sees them as they are. Any other
 # failure is the replica's, and the request continues on another one.
 _CLIENT_ERRORS = {"INVALID_ARGUMENT", "ALREADY_EXISTS", "DEADLINE_EXCEEDED"}
+_TOKENIZE_INLINE_CHARS = 4096  # shorter texts tokenize in ~50 us: cheaper than a hop to a thread
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -109,6 +112,7 @@ class _Stream:
     params: SamplingParams
     samples: list[_Sample]
     migrations: int = 0
+    replica_deaths: int = 0  # attempts whose replica broke under it (common.failures)
 
     @property
     def num_generated(self) -> int:
@@ -167,19 +171,33 @@ class GatewayCore:
     def num_in_flight(self) -> int:
         return len(self._requests)
 
-    def _stream(self, request: ClientRequest) -> _Stream:
+    async def tokenize(self, text: str | bytes, field_name: str = "prompt") -> list[int]:
+        """A prompt's token ids, after the size bound (FieldError naming `field_name` for a text
+        the context cannot hold, or bytes that are not UTF-8). A long text is tokenized on a
+        worker thread (tiktoken releases the GIL): never on the event loop every stream shares."""
+        check_prompt_size(text, self.model_info.context_length, self.tokenizer.max_token_bytes, field_name)
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FieldError(field_name, f"{field_name}.text is not valid UTF-8 ({exc.reason} at byte "
+                                 f"{exc.start})") from None
+        if len(text) <= _TOKENIZE_INLINE_CHARS:
+            return self.tokenizer.encode(text)
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    async def _stream(self, request: ClientRequest) -> _Stream:
         """The request as the gateway follows it, after the one validation this process applies
         (ValueError names the field at fault). A request without a seed gets one here."""
         info = self.model_info
         prompt = request.prompt
         if prompt is None:
             raise FieldError("prompt", "prompt must be set: give prompt text or prompt token_ids")
-        if isinstance(prompt, bytes):
-            try:
-                prompt = prompt.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise FieldError("prompt", f"prompt.text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        prompt = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, (str, bytes)):
+            prompt = await self.tokenize(prompt)
+        else:
+            check_prompt_size(prompt, info.context_length, self.tokenizer.max_token_bytes)
+            prompt = list(prompt)
         validate_request(prompt, request.params, info.context_length, info.vocab_size)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._requests:
@@ -198,14 +216,19 @@ class GatewayCore:
         GatewayError; a front that stops iterating must close the generator (aclosing) so the
         replica's call is cancelled and its blocks freed."""
         timer = RequestTimer()
+        if len(self._requests) >= self.config.max_in_flight:  # before any work on the request
+            self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
+            raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
         try:
-            stream = self._stream(request)
+            stream = await self._stream(request)
         except ValueError as exc:
             self.metrics.record_request("INVALID_ARGUMENT", timer, None)
             raise GatewayError("INVALID_ARGUMENT", str(exc), getattr(exc, "field", "")) from None
-        if len(self._requests) >= self.config.max_in_flight:
+        if len(self._requests) >= self.config.max_in_flight:  # others arrived while it was tokenized
             self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
             raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
+        if self.config.max_request_s > 0:  # no request outlives the bound, whatever its client asked
+            timeout_s = self.config.max_request_s if timeout_s is None else min(timeout_s, self.config.max_request_s)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         request_id, status, queue_ms = stream.request_id, None, None
         failed: set[str] = set()  # replicas that failed this request: another is preferred
@@ -253,7 +276,7 @@ class GatewayCore:
                                 status = "OK"
                                 return  # done: whatever happens to the call from here on is not the client's
                     failed.add(replica.address)  # the stream ended with no result: the replica's fault
-                    self._migrate(stream, replica, "the stream ended without a result")
+                    self._migrate(stream, replica, "the stream ended without a result", died=True)
                 except asyncio.CancelledError:
                     if request_id in self._aborted:
                         status = "OK"
@@ -263,21 +286,22 @@ class GatewayCore:
                     if request_id in self._evicted:  # the replica is down: continue elsewhere
                         failed.add(replica.address)
                         self.router.suspect(replica)
-                        self._migrate(stream, replica, "its replica stopped answering")
+                        self._migrate(stream, replica, "its replica stopped answering", died=True)
                         continue
                     status = "CANCELLED"
                     raise  # the client went away; `finally` cancels the upstream call
                 except grpc.aio.AioRpcError as exc:
-                    code = exc.code().name
-                    if code in _CLIENT_ERRORS:
+                    code, scope = exc.code().name, failure_scope(exc.trailing_metadata())
+                    if code in _CLIENT_ERRORS or scope == REQUEST_SCOPE:  # about the request: not retried
                         status = code
                         raise GatewayError(code, f"compute replica {replica.address}: {exc.details()}") from None
                     if code == "RESOURCE_EXHAUSTED":
                         full.add(replica.address)  # try one with room; at once RESOURCE_EXHAUSTED if none
                         continue
                     failed.add(replica.address)
-                    self.router.suspect(replica)
-                    self._migrate(stream, replica, f"{code}: {exc.details()}")
+                    if scope != REPLICA_SCOPE:  # it broke under the request (else: healthy, giving it back)
+                        self.router.suspect(replica)
+                    self._migrate(stream, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE)
                 finally:
                     route.release()
                     if call is not None:
@@ -308,8 +332,16 @@ class GatewayCore:
             timer.on_tokens(len(ids))
             self.metrics.record_tokens(len(ids))
 
-    def _migrate(self, stream: _Stream, replica: Replica, why: str) -> None:
-        """Count one more continuation of `stream`, or give up (UNAVAILABLE) past the budget."""
+    def _migrate(self, stream: _Stream, replica: Replica, why: str, died: bool = False) -> None:
+        """Count one more continuation of `stream`, or give up past the budget (UNAVAILABLE). A
+        request whose replica died under it (`died`) max_replica_deaths times is a query of
+        death: failed (INTERNAL), so that it cannot take down one replica after another."""
+        stream.replica_deaths += died
+        if stream.replica_deaths >= self.config.max_replica_deaths:
+            log.error("request %s: its replica died under it %d times (last %s: %s); failing it as a query of death",
+                      stream.request_id, stream.replica_deaths, replica.address, why)
+            raise GatewayError("INTERNAL", f"request failed: the replicas running it died under it "
+                               f"{stream.replica_deaths} times (last: {why}); it is not retried")
         if stream.migrations >= self.config.max_migrations:
             raise GatewayError("UNAVAILABLE", f"request failed on {stream.migrations + 1} replicas; last: {why}")
         stream.migrations += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 
 from fastapi import FastAPI, Request
@@ -23,40 +24,12 @@ from starlette.exceptions import HTTPException
 from common.sampling_params import FieldError
 from gateway.auth import ApiKeys
 from gateway.core import GatewayCore, GatewayError, ModelInfo
+from gateway.http_bounds import BodyLimit, HttpBounds
+from gateway.openai_errors import OpenAIError
 from gateway.openai_answer import Answer, EventStreamResponse, collect, stream
 from gateway.openai_protocol import ChatCompletionRequest, CompletionRequest, Prepared, prepare_chat, prepare_completion
 
-# The core's gRPC status names as HTTP statuses and OpenAI error types.
-STATUSES = {
-    "INVALID_ARGUMENT": (400, "invalid_request_error"), "UNAUTHENTICATED": (401, "authentication_error"),
-    "NOT_FOUND": (404, "invalid_request_error"), "ALREADY_EXISTS": (409, "invalid_request_error"),
-    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"), "UNAVAILABLE": (503, "service_unavailable_error"),
-    "DEADLINE_EXCEEDED": (504, "timeout_error"), "INTERNAL": (500, "internal_error"),
-}
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: str, message: str, param: str | None = None, code: str | None = None,
-                 http_status: int | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.http_status, self.kind = STATUSES.get(status, STATUSES["INTERNAL"])
-        self.http_status = http_status or self.http_status
-        self.headers = headers
-
-    @classmethod
-    def from_gateway(cls, exc: GatewayError, prepared: Prepared | None = None) -> "OpenAIError":
-        """The core's error, its field renamed as the client named it."""
-        param = prepared.param_name(exc.field) if prepared and exc.field else exc.field or None
-        message = exc.message.replace(exc.field, param) if exc.field and param else exc.message
-        return cls(exc.status, message, param)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code or self.status.lower()}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.http_status, headers=self.headers)
+log = logging.getLogger("gateway")
 
 
 class _RequireKey:
@@ -96,12 +69,25 @@ async def _until_disconnect(request: Request, awaitable):
                 await task
 
 
-def create_app(core: GatewayCore, keys: ApiKeys) -> FastAPI:
-    """The app; `app.state.draining = True` turns /health to 503 while the gateway drains."""
+def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = None,
+               stream_write_timeout_s: float | None = None) -> FastAPI:
+    """The app; `app.state.draining = True` turns /health to 503 while the gateway drains. The key
+    check runs before the body is read, the body bound (`bounds`) before any route parses it; a
+    stream whose client reads nothing for `stream_write_timeout_s` is ended and its blocks freed."""
     # No /docs: Swagger UI loads from a CDN. The schema stays at /openapi.json.
     app = FastAPI(title="paged-nanogpt gateway (OpenAI-compatible)", docs_url=None, redoc_url=None)
     app.state.draining = False
-    app.add_middleware(_RequireKey, keys=keys)
+    if bounds is not None:
+        app.add_middleware(BodyLimit, bounds=bounds)
+    app.add_middleware(_RequireKey, keys=keys)  # added last = runs first
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug, not the client's: logged with an id, answered with the id and no internals
+        (Starlette's own answer would be a plain-text 500)."""
+        error_id = uuid.uuid4().hex[:12]
+        log.error("%s %s failed (error id %s)", request.method, request.url.path, error_id, exc_info=exc)
+        return OpenAIError("INTERNAL", f"internal error (id {error_id}; the server's log has the details)").response()
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -138,8 +124,7 @@ def create_app(core: GatewayCore, keys: ApiKeys) -> FastAPI:
     async def run(request: Request, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Response:
         info = model_info(body.model)
         try:
-            prepared = (prepare_chat if chat else prepare_completion)(body, uuid.uuid4().hex, core.tokenizer,
-                                                                      info.context_length)
+            prepared = await (prepare_chat if chat else prepare_completion)(body, uuid.uuid4().hex, core)
         except FieldError as exc:
             raise OpenAIError("INVALID_ARGUMENT", str(exc), exc.field) from None
         answer = Answer(chat, prepared, info.model, core.tokenizer)
@@ -153,7 +138,7 @@ def create_app(core: GatewayCore, keys: ApiKeys) -> FastAPI:
                 body_iterator = stream(answer, first, events, body.include_usage,
                                        lambda exc: OpenAIError.from_gateway(exc, prepared).body())
                 streaming = True
-                return EventStreamResponse(body_iterator, events)  # it closes `events` when it ends
+                return EventStreamResponse(body_iterator, events, stream_write_timeout_s)  # closes `events` at its end
             result = await _until_disconnect(request, collect(answer, first, events))
         except GatewayError as exc:
             raise OpenAIError.from_gateway(exc, prepared) from None

@@ -12,10 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams
-from common.tokenizer import Tokenizer
+from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams, check_prompt_size, check_token_ids
 from gateway.chat_template import END_OF_TURN, ChatMessage, render
-from gateway.core import ClientRequest
+from gateway.core import ClientRequest, GatewayCore
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -121,21 +120,25 @@ def _default_max_tokens(requested: int | None, prompt_ids: list[int], context_le
     return requested if requested is not None else max(context_length - len(prompt_ids), 1)
 
 
-def prompt_ids(prompt: Any, tokenizer: Tokenizer) -> list[int]:
-    """OpenAI's prompt: a string, a list of token ids, or a one-element list of either."""
+async def prompt_ids(prompt: Any, core: GatewayCore) -> list[int]:
+    """OpenAI's prompt: a string, a list of token ids, or a one-element list of either. Bounded and
+    checked before anything reads it: a text by the core's size bound (then tokenized off the event
+    loop), ids by count and range (an id outside the vocabulary is never decoded, e.g. for echo)."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return await core.tokenize(prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        info = core.model_info
+        check_prompt_size(prompt, info.context_length, core.tokenizer.max_token_bytes)
+        check_token_ids(prompt, info.vocab_size)
         return list(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         raise FieldError("prompt", "batched prompts are not supported: send one request per prompt")
     raise FieldError("prompt", "prompt must be a string or a list of token ids")
 
 
-def prepare_completion(body: CompletionRequest, request_id: str, tokenizer: Tokenizer,
-                       context_length: int) -> Prepared:
+async def prepare_completion(body: CompletionRequest, request_id: str, core: GatewayCore) -> Prepared:
     body.refuse_unsupported()
     if body.suffix:
         raise FieldError("suffix", "suffix is not supported by this server")
@@ -143,21 +146,21 @@ def prepare_completion(body: CompletionRequest, request_id: str, tokenizer: Toke
         raise FieldError("best_of", "best_of is not supported by this server (only equal to n)")
     if body.echo and body.logprobs is not None:
         raise FieldError("echo", "echo with logprobs needs the prompt's logprobs, which this server does not compute")
-    ids = prompt_ids(body.prompt, tokenizer)
-    params = body.params(_default_max_tokens(body.max_tokens, ids, context_length), body.logprobs)
-    return Prepared(ClientRequest(ids, params, request_id), ids, tokenizer.decode(ids) if body.echo else "",
+    ids = await prompt_ids(body.prompt, core)
+    params = body.params(_default_max_tokens(body.max_tokens, ids, core.model_info.context_length), body.logprobs)
+    return Prepared(ClientRequest(ids, params, request_id), ids, core.tokenizer.decode(ids) if body.echo else "",
                     {"max_new_tokens": "max_tokens"})
 
 
-def prepare_chat(body: ChatCompletionRequest, request_id: str, tokenizer: Tokenizer, context_length: int) -> Prepared:
+async def prepare_chat(body: ChatCompletionRequest, request_id: str, core: GatewayCore) -> Prepared:
     body.refuse_unsupported()
     if body.top_logprobs is not None and not body.logprobs:
         raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
-    text = render([m.message() for m in body.messages])
-    ids = tokenizer.encode(text)
+    text = render([m.message() for m in body.messages])  # linear in the body, which is bounded
+    ids = await core.tokenize(text, "messages")
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = body.params(_default_max_tokens(limit, ids, context_length), logprobs, [END_OF_TURN])
+    params = body.params(_default_max_tokens(limit, ids, core.model_info.context_length), logprobs, [END_OF_TURN])
     names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
              "logprobs": "top_logprobs", "prompt": "messages"}
     return Prepared(ClientRequest(ids, params, request_id), ids, text, names)

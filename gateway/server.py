@@ -13,12 +13,13 @@ import grpc
 from prometheus_client import start_http_server
 
 from common.http_server import start_http
-from common.grpc_server import bind, make_server, set_serving, until_stop_signal
+from common.grpc_server import bind, make_server, public_server_options, set_serving, until_stop_signal
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import parse_config
 from gateway.auth import ApiKeys, GrpcAuthInterceptor
 from gateway.config import GatewayConfig
 from gateway.core import ClientRequest, Completion, GatewayCore, GatewayError
+from gateway.http_bounds import HttpBounds, bounded_protocol
 from gateway.openai_api import create_app
 from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 
@@ -120,13 +121,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 async def serve(config: GatewayConfig) -> None:
     keys = ApiKeys.load(config.api_keys_file, config.api_keys)
     core = GatewayCore(config)
-    server, health = make_server([SERVICE], interceptors=(GrpcAuthInterceptor(keys),))
+    server, health = make_server(
+        [SERVICE], interceptors=(GrpcAuthInterceptor(keys),), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=public_server_options(config.max_request_bytes, config.grpc_keepalive_s, config.grpc_min_client_ping_s))
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
     port = bind(server, config.host, config.port, config.tls_cert_file, config.tls_key_file)
     await server.start()  # health answers NOT_SERVING until a replica has told us the model
-    app = create_app(core, keys)
+    bounds = HttpBounds.from_config(config)
+    app = create_app(core, keys, bounds, config.stream_write_timeout_s)
     http = await start_http(app, config.host, config.http_port, config.tls_cert_file, config.tls_key_file,
-                            config.drain_timeout_s) if config.http_port else None  # /health: 503 until a replica answers
+                            config.drain_timeout_s, bounded_protocol(bounds),
+                            config.http_keepalive_s) if config.http_port else None
+    # (/health answers 503 until a replica answers)
     scheme = "https" if config.tls_cert_file else "http"
     log.info("gateway listening on %s:%d (gRPC%s)%s, API keys %s; waiting for compute at %s (routing %s)",
              config.host, port, ", TLS" if config.tls_cert_file else "",
