@@ -28,6 +28,28 @@ def _internal_error(method: str) -> str:
     return f"internal error (id {error_id}; the server's log has the details)"
 
 
+class _Undecodable:
+    """What a request message that does not parse becomes (grpc's own answer would be INTERNAL)."""
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(body: bytes):
+        try:
+            return deserializer(body)
+        except Exception:  # DecodeError, or any other failure to parse what a client sent
+            return _Undecodable()
+
+    return parse
+
+
+async def _refuse_undecodable(request, context, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message for {method}")
+
+
 class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
     """An unexpected exception in a handler is a bug, not a client error: log it once and end the
     call INTERNAL with an error id (grpc's own answer would be UNKNOWN with the exception's text)."""
@@ -37,12 +59,13 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not (handler.unary_unary or handler.unary_stream):
             return handler
         method = handler_call_details.method
-        codec = dict(request_deserializer=handler.request_deserializer,
+        codec = dict(request_deserializer=_tolerant(handler.request_deserializer),
                      response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def guarded(request, context):
+                await _refuse_undecodable(request, context, method)
                 try:
                     return await inner(request, context)
                 except (grpc.RpcError, grpc.aio.AbortError, asyncio.CancelledError):
@@ -54,6 +77,7 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream
 
         async def guarded_stream(request, context):
+            await _refuse_undecodable(request, context, method)
             try:
                 async for response in inner_stream(request, context):
                     yield response

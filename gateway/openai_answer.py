@@ -189,7 +189,7 @@ class EventStreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         except WriteStalled:
-            log.warning("stream %s: its client read nothing for %.0f s; ended", self._events, self._write_timeout_s)
+            log.warning("a stream's client read nothing for %.0f s: ended, its request cancelled", self._write_timeout_s)
         finally:
             await self.body_iterator.aclose()
             await self._events.aclose()

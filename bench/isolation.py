@@ -1,0 +1,134 @@
+"""What the poison-request test and the fuzzer share: a stack with tight bounds, innocent greedy
+streams that run beside the attack and are compared token by token with a run alone, and the
+check that no block leaked.
+
+An attack passes when every innocent run got exactly its reference tokens, no replica was marked
+down or left by a migration, and once the stack is idle every pool's blocks are free.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+
+from deploy.run_local import running_stack
+from deploy.services import free_ports, local_services
+from gateway.client import auth_metadata, stream_generate
+from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
+from rpc.v1 import gateway_pb2, gateway_pb2_grpc
+
+API_KEY = "isolation-test-key"
+FAULT_SALT = "inject-a-row-fault"  # compute's fault_injection_salt in these stacks
+INNOCENT_PROMPTS = [f"Innocent stream {i} keeps telling its story:" for i in range(8)]
+# Bounds tighter than the defaults, so that the timeouts are seen within a test.
+GATEWAY_BOUNDS = {"http_header_timeout_s": "2", "http_body_timeout_s": "2", "stream_write_timeout_s": "2",
+                  "http_max_connections": "64", "max_request_s": "120"}
+
+
+@dataclass
+class Stack:
+    grpc: str
+    http: str
+    memory: str
+    log_dir: str
+
+
+@contextmanager
+def isolation_stack(log_dir: str, model: str = "dummy:tiny", replicas: int = 2, **gateway_settings):
+    """Memory, `replicas` compute replicas (fault injection on: FAULT_SALT) and a gateway with an
+    API key and GATEWAY_BOUNDS (overridden by `gateway_settings`), on free loopback ports."""
+    ports = free_ports(5 + replicas)
+    memory, gateway, m1, m2, http, *computes = ports
+    compute = {"model": model, "kv_budget_tokens": "8192", "max_num_seqs": "32", "fault_injection_salt": FAULT_SALT}
+    services = local_services(memory, tuple(computes), gateway, m1, m2, compute_settings=compute,
+                              gateway_http_port=http,
+                              gateway_settings={"api_keys": API_KEY, **GATEWAY_BOUNDS, **gateway_settings})
+    with running_stack(services, timeout_s=180, log_dir=log_dir):
+        yield Stack(f"127.0.0.1:{gateway}", f"http://127.0.0.1:{http}", f"127.0.0.1:{memory}", log_dir)
+
+
+def reference_tokens(model: str, max_new_tokens: int) -> list[list[int]]:
+    """Each innocent prompt's greedy tokens from the in-process engine (the batch does not matter:
+    a sequence's logits are the same bits alone or in any batch)."""
+    from common.sampling_params import SamplingParams
+    from compute_service.engine import InferenceEngine
+
+    engine = InferenceEngine(model=model, kv_budget_tokens=8192)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
+    return [r.token_ids for r in engine.generate(INNOCENT_PROMPTS, [params] * len(INNOCENT_PROMPTS))]
+
+
+@dataclass
+class Innocents:
+    """The innocent streams, each repeated until `stop()`: every run is checked against its reference."""
+
+    address: str
+    expected: list[list[int]]
+    runs: int = 0
+    broken: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(len(self.expected))]
+
+    def start(self) -> "Innocents":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> tuple[int, list[str]]:
+        """Let every stream finish its current run; (runs completed, what broke)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=300)
+        return self.runs, self.broken
+
+    def _loop(self, i: int) -> None:
+        want = self.expected[i]
+        while not self._stop.is_set():
+            tokens, error = [], ""
+            try:
+                for response in stream_generate(self.address, INNOCENT_PROMPTS[i], timeout_s=120, api_key=API_KEY,
+                                                max_new_tokens=len(want), temperature=0, ignore_eos=True):
+                    if response.HasField("chunk"):
+                        tokens += response.chunk.token_ids
+            except grpc.RpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+            with self._lock:
+                self.runs += 1
+                if error or tokens != want:
+                    self.broken.append(f"innocent {i}: {error or 'tokens differ from the run alone'}")
+
+
+def replicas_state(stack: Stack) -> list[gateway_pb2.ReplicaRouting]:
+    with grpc.insecure_channel(stack.grpc) as channel:
+        stats = gateway_pb2_grpc.GatewayStub(channel).GetStats(gateway_pb2.StatsRequest(), timeout=10,
+                                                               metadata=auth_metadata(API_KEY))
+    return list(stats.replicas)
+
+
+def migrations(stack: Stack) -> float:
+    """gateway_migrations_total from the gateway's /metrics."""
+    for line in httpx.get(f"{stack.http}/metrics", timeout=10).text.splitlines():
+        if line.startswith("gateway_migrations_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def leaked_blocks(stack: Stack, settle_s: float = 15.0) -> int:
+    """Blocks still in use (and sequences still held) in any pool once nothing runs: waits up to
+    `settle_s` for the last frees, then counts what is left."""
+    deadline = time.monotonic() + settle_s
+    with grpc.insecure_channel(stack.memory) as channel:
+        stub = memory_pb2_grpc.MemoryServiceStub(channel)
+        while True:
+            pools = stub.Stats(memory_pb2.StatsRequest(), timeout=10).pools
+            used = sum(p.num_used_blocks + p.num_sequences for p in pools)
+            if used == 0 or time.monotonic() > deadline:
+                return used
+            time.sleep(0.2)
