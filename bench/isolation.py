@@ -7,6 +7,7 @@ down or left by a migration, and once the stack is idle every pool's blocks are 
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ def isolation_stack(log_dir: str, model: str = "dummy:tiny", replicas: int = 2, 
     services = local_services(memory, tuple(computes), gateway, m1, m2, compute_settings=compute,
                               gateway_http_port=http,
                               gateway_settings={"api_keys": API_KEY, **GATEWAY_BOUNDS, **gateway_settings})
+    os.makedirs(log_dir, exist_ok=True)
     with running_stack(services, timeout_s=180, log_dir=log_dir):
         yield Stack(f"127.0.0.1:{gateway}", f"http://127.0.0.1:{http}", f"127.0.0.1:{memory}", log_dir)
 
