@@ -15,7 +15,8 @@ requests one after another, half over each front:
 Generated requests ask for at most 4 tokens and 2 samples (a value that is not a number is left as
 drawn: it must be refused), so the run is about the edge, not decoding.
 
-A server error is an HTTP 5xx, an HTTP error whose body is not OpenAI's JSON error, an `error`
+A server error is an HTTP 5xx, a connection dropped with no answer, an HTTP error whose body is
+not OpenAI's JSON error, an `error`
 event of type internal_error inside a stream, or a gRPC INTERNAL or UNKNOWN. Ends with one line:
     fuzz_requests=N server_errors=N innocent_broken=N leaked_blocks=N
 """
@@ -191,7 +192,12 @@ class Tally:
 
 def send_http(client: httpx.Client, method: str, path: str, body, tally: Tally) -> None:
     content = body if isinstance(body, bytes) else None if body is None else json.dumps(capped(path, body)).encode()
-    reply = client.request(method, path, content=content, headers={"content-type": "application/json"})
+    try:
+        reply = client.request(method, path, content=content, headers={"content-type": "application/json"})
+    except httpx.TransportError as exc:  # the server dropped the connection: no answer is a failure too
+        tally.outcomes["http no answer"] += 1
+        tally.error(f"no HTTP answer ({type(exc).__name__}) for {method} {path} {content[:200]!r}")
+        return
     tally.outcomes[f"http {reply.status_code}"] += 1
     text = reply.text
     if reply.status_code >= 500:

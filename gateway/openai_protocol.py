@@ -58,10 +58,12 @@ class _Common(_Strict):
             raise FieldError("stop", f"chat requests take at most {MAX_STOP_STRINGS - len(extra)} stop strings: the "
                              f"chat template's end of turn {END_OF_TURN!r} is one of the {MAX_STOP_STRINGS}")
         stop += extra
-        return SamplingParams(
+        params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=stop,
             ignore_eos=self.ignore_eos, n=self.n, cache_salt=self.cache_salt, logprobs=logprobs)
+        params.validate()  # now: the answer is shaped by n and logprobs before the core sees the request
+        return params
 
     @property
     def include_usage(self) -> bool:

@@ -81,6 +81,14 @@ def test_echo_of_an_id_outside_the_vocabulary_is_a_400_naming_the_prompt(attack)
     assert reply.json()["error"]["param"] == "prompt" and "[0, 50257)" in reply.json()["error"]["message"]
 
 
+def test_sampling_values_that_shape_the_answer_are_checked_before_it_is_built(attack):
+    """Found by bench.fuzz: an n of -5.5e27 reached the answer builder before validation (a 500)."""
+    stack, _ = attack
+    reply = httpx.post(f"{stack.http}/v1/chat/completions", headers=HEADERS, timeout=30,
+                       json={"messages": [{"role": "user", "content": "hi"}], "n": -5549754830523851263189188608})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
+
+
 def test_prompts_over_the_bound_are_refused_before_tokenizing(attack):
     stack, _ = attack
     started = time.monotonic()
