@@ -108,10 +108,10 @@ class AsyncEngine:
                 self._deliver_undelivered()
                 self._recover_memory(str(exc))
                 continue
-            except Exception as exc:  # keep serving: fail the requests in flight, log once
+            except Exception:  # keep serving: fail the requests in flight, log once
                 log.exception("engine step failed")
                 self._deliver_undelivered()
-                self._fail_all(f"engine step failed: {exc}")
+                self._fail_all("the engine step failed (logged on the replica)")
                 continue
             self._undelivered = outputs
         self._deliver_undelivered()
@@ -164,6 +164,10 @@ class AsyncEngine:
                     self.engine.enqueue_validated(prompt, params, request_id, outputs_before, sample_outputs)
                 except ValueError as exc:  # the id is still in the engine (its stream just ended)
                     self._deliver_failure(request_id, str(exc))
+                except Exception:  # this request's data broke its admission: it alone fails
+                    log.exception("request %s: queueing it failed; failing it alone", request_id)
+                    self._deliver_failure(request_id, "request failed: the engine could not queue it "
+                                          "(logged on the replica)", "INTERNAL", REQUEST_SCOPE)
             else:
                 if not self.engine.abort(item[1]):
                     self._streams.pop(item[1], None)  # not in the engine (yet): nothing to free

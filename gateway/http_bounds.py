@@ -64,6 +64,13 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
             self._stop_header_timer()
             super().connection_lost(exc)
 
+        def send_400_response(self, msg: str) -> None:
+            """A request the HTTP parser refused (uvicorn's own answer is plain text)."""
+            error = OpenAIError("INVALID_ARGUMENT", f"malformed HTTP request: {msg}", code="bad_http_request")
+            if not self.transport.is_closing():
+                self.transport.write(error.raw_http())
+                self.transport.close()
+
         def _start_header_timer(self) -> None:
             self._stop_header_timer()
             self._header_timer = self.loop.call_later(bounds.header_timeout_s, self._headers_too_slow)

@@ -153,6 +153,14 @@ def test_slow_headers_and_slow_bodies_are_cut_off(attack):
         assert b" 408 " in answer.split(b"\r\n")[0] and b"request_timeout" in answer
 
 
+def test_a_malformed_http_request_gets_a_json_400(attack):
+    stack, _ = attack
+    with http_socket(stack) as sock:
+        sock.sendall(b"NOT AN HTTP REQUEST\x00\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400") and b'"code": "bad_http_request"' in answer
+
+
 def test_connections_past_the_limit_get_429(tmp_path):
     """A stack of its own: the limit counts every open connection, innocents' included."""
     with isolation_stack(str(tmp_path), MODEL, replicas=1, http_max_connections="4") as stack:
