@@ -299,8 +299,8 @@ class GatewayCore:
                         full.add(replica.address)  # try one with room; at once RESOURCE_EXHAUSTED if none
                         continue
                     failed.add(replica.address)
-                    if scope != REPLICA_SCOPE:  # it broke under the request (else: healthy, giving it back)
-                        self.router.suspect(replica)
+                    self.router.suspect(replica)  # broken, or not serving (draining, no memory): none until SERVING
+                    # A replica giving the request back (REPLICA_SCOPE) did not die under it.
                     self._migrate(stream, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE)
                 finally:
                     route.release()

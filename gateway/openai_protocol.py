@@ -7,6 +7,7 @@ Parsing (pydantic, strict types, unknown fields refused as OpenAI does) turns a 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -117,6 +118,17 @@ class Prepared:
         return self.param_names.get(core_field, core_field) or None
 
 
+@contextmanager
+def _client_names(names: dict[str, str]):
+    """A FieldError raised inside names the field as the client sent it (the core's names -> OpenAI's)."""
+    try:
+        yield
+    except FieldError as exc:
+        if exc.field not in names:
+            raise
+        raise FieldError(names[exc.field], str(exc).replace(exc.field, names[exc.field])) from None
+
+
 def _default_max_tokens(requested: int | None, prompt_ids: list[int], context_length: int) -> int:
     """Up to the context when the client set no limit (a too-long prompt is then the error)."""
     return requested if requested is not None else max(context_length - len(prompt_ids), 1)
@@ -149,9 +161,11 @@ async def prepare_completion(body: CompletionRequest, request_id: str, core: Gat
     if body.echo and body.logprobs is not None:
         raise FieldError("echo", "echo with logprobs needs the prompt's logprobs, which this server does not compute")
     ids = await prompt_ids(body.prompt, core)
-    params = body.params(_default_max_tokens(body.max_tokens, ids, core.model_info.context_length), body.logprobs)
+    names = {"max_new_tokens": "max_tokens"}
+    with _client_names(names):
+        params = body.params(_default_max_tokens(body.max_tokens, ids, core.model_info.context_length), body.logprobs)
     return Prepared(ClientRequest(ids, params, request_id), ids, core.tokenizer.decode(ids) if body.echo else "",
-                    {"max_new_tokens": "max_tokens"})
+                    names)
 
 
 async def prepare_chat(body: ChatCompletionRequest, request_id: str, core: GatewayCore) -> Prepared:
@@ -162,7 +176,8 @@ async def prepare_chat(body: ChatCompletionRequest, request_id: str, core: Gatew
     ids = await core.tokenize(text, "messages")
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = body.params(_default_max_tokens(limit, ids, core.model_info.context_length), logprobs, [END_OF_TURN])
     names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
              "logprobs": "top_logprobs", "prompt": "messages"}
+    with _client_names(names):
+        params = body.params(_default_max_tokens(limit, ids, core.model_info.context_length), logprobs, [END_OF_TURN])
     return Prepared(ClientRequest(ids, params, request_id), ids, text, names)
