@@ -75,7 +75,7 @@ def row(arm: str, caching: str, run: dict, engine: InferenceEngine, num_requests
                 num_blocks=engine.scheduler.config.num_blocks, block_size=engine.scheduler.config.block_size)
 
 
-def shared_prefix(args: argparse.Namespace, make_engine) -> tuple[list[dict], str]:
+def shared_prefix_run(args: argparse.Namespace, make_engine) -> tuple[list[dict], str]:
     rows, runs = [], {}
     for caching in args.prefix_caching:
         engine = make_engine(args, "paged", args.kv_budget_tokens, prefix_caching=caching)
@@ -167,7 +167,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, make_engine) -> tuple[list[dict], str]:
     """The sharing benchmark `args` names: rows for the CSV and the machine-readable last line."""
     if args.workload == "shared-prefix":
-        return shared_prefix(args, make_engine)
+        return shared_prefix_run(args, make_engine)
     if args.workload == "parallel-sampling":
         return parallel_sampling(args, make_engine)
     return no_sharing_overhead(args, make_engine)
