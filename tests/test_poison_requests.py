@@ -161,9 +161,10 @@ def test_a_malformed_http_request_gets_a_json_400(attack):
     assert answer.startswith(b"HTTP/1.1 400") and b'"code": "bad_http_request"' in answer
 
 
-def test_connections_past_the_limit_get_429(tmp_path):
-    """A stack of its own: the limit counts every open connection, innocents' included."""
-    with isolation_stack(str(tmp_path), MODEL, replicas=1, http_max_connections="4") as stack:
+def test_connections_and_calls_past_their_limits_are_refused_at_once(tmp_path):
+    """A stack of its own: the limits count every open connection and call, innocents' included."""
+    with isolation_stack(str(tmp_path), MODEL, replicas=1, http_max_connections="4",
+                         max_concurrent_rpcs="2") as stack:
         held = [http_socket(stack) for _ in range(4)]
         try:
             with http_socket(stack) as extra:
@@ -174,6 +175,16 @@ def test_connections_past_the_limit_get_429(tmp_path):
                 sock.close()
         time.sleep(0.2)
         assert httpx.get(f"{stack.http}/health", timeout=10).status_code == 200  # room again
+        long = dict(max_new_tokens=1000, n=16, ignore_eos=True, temperature=0)
+        streams = [stream_generate(stack.grpc, "Hold the line", timeout_s=120, api_key=API_KEY, **long)
+                   for _ in range(2)]
+        for stream in streams:
+            next(stream)  # both calls are running
+        started = time.monotonic()
+        error = grpc_error(stack, "one call too many", max_new_tokens=2)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - started < 2
+        for stream in streams:
+            stream.close()
 
 
 def test_a_stream_whose_client_stops_reading_is_ended_and_frees_its_blocks(attack):
