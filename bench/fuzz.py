@@ -34,7 +34,7 @@ import httpx
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from bench.isolation import API_KEY, Innocents, isolation_stack, leaked_blocks, reference_tokens
+from bench.isolation import API_KEY, Innocents, isolation_stack, leaked_blocks, reference_outputs
 from gateway.client import auth_metadata
 from rpc.v1 import generate_pb2
 
@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--innocent-tokens", type=int, default=64)
     ap.add_argument("--log-dir", default="", help="the services' logs (default: a temporary folder)")
     args = ap.parse_args(argv)
-    expected = reference_tokens(args.model, args.innocent_tokens)
+    expected = reference_outputs(args.model, args.innocent_tokens)
     with tempfile.TemporaryDirectory() as tmp, isolation_stack(args.log_dir or tmp, args.model) as stack:
-        innocents = Innocents(stack.grpc, expected).start()
+        innocents = Innocents(stack, expected).start()
         started = time.monotonic()
         tally = fuzz(stack, args.requests, args.seed)
         elapsed = time.monotonic() - started

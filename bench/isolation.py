@@ -7,6 +7,7 @@ down or left by a migration, and once the stack is idle every pool's blocks are 
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -24,7 +25,12 @@ from rpc.v1 import gateway_pb2, gateway_pb2_grpc
 
 API_KEY = "isolation-test-key"
 FAULT_SALT = "inject-a-row-fault"  # compute's fault_injection_salt in these stacks
-INNOCENT_PROMPTS = [f"Innocent stream {i} keeps telling its story:" for i in range(8)]
+# The innocents: greedy and seeded, n = 1 and 2, over both fronts (a poison must move none of them).
+INNOCENTS = [("grpc", f"Innocent stream {i} keeps telling its story:", {"temperature": 0}) for i in range(5)] + [
+    ("grpc", "Two innocent samples, seeded:", {"temperature": 0.8, "top_k": 50, "seed": 11, "n": 2}),
+    ("http", "An innocent reader over HTTP:", {"temperature": 0}),
+    ("http", "A seeded innocent over HTTP:", {"temperature": 0.9, "seed": 5}),
+]
 # Bounds tighter than the defaults, so that the timeouts are seen within a test.
 GATEWAY_BOUNDS = {"http_header_timeout_s": "2", "http_body_timeout_s": "2", "stream_write_timeout_s": "2",
                   "http_max_connections": "64", "max_request_s": "120"}
@@ -53,30 +59,33 @@ def isolation_stack(log_dir: str, model: str = "dummy:tiny", replicas: int = 2, 
         yield Stack(f"127.0.0.1:{gateway}", f"http://127.0.0.1:{http}", f"127.0.0.1:{memory}", log_dir)
 
 
-def reference_tokens(model: str, max_new_tokens: int) -> list[list[int]]:
-    """Each innocent prompt's greedy tokens from the in-process engine (the batch does not matter:
-    a sequence's logits are the same bits alone or in any batch)."""
+def reference_outputs(model: str, max_new_tokens: int) -> list[list[tuple[list[int], str]]]:
+    """Each innocent's samples, (tokens, text) each, from the in-process engine: what the stack
+    must stream whatever runs beside them (a sequence's logits are the same bits alone or in any
+    batch, and every draw is seeded by its seed and position)."""
     from common.sampling_params import SamplingParams
     from compute_service.engine import InferenceEngine
 
     engine = InferenceEngine(model=model, kv_budget_tokens=8192)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
-    return [r.token_ids for r in engine.generate(INNOCENT_PROMPTS, [params] * len(INNOCENT_PROMPTS))]
+    params = [SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **p) for _, _, p in INNOCENTS]
+    results = engine.generate([prompt for _, prompt, _ in INNOCENTS], params)
+    return [[(s.token_ids, s.text) for s in (r.samples or [r])] for r in results]
 
 
 @dataclass
 class Innocents:
-    """The innocent streams, each repeated until `stop()`: every run is checked against its reference."""
+    """The innocent streams, each repeated until `stop()`: every run is checked against its
+    reference (gRPC: every sample's tokens; HTTP, streamed: every choice's text)."""
 
-    address: str
-    expected: list[list[int]]
+    stack: Stack
+    expected: list[list[tuple[list[int], str]]]
     runs: int = 0
     broken: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(len(self.expected))]
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(len(INNOCENTS))]
 
     def start(self) -> "Innocents":
         for thread in self._threads:
@@ -91,20 +100,47 @@ class Innocents:
         return self.runs, self.broken
 
     def _loop(self, i: int) -> None:
+        front, prompt, params = INNOCENTS[i]
         want = self.expected[i]
+        max_new_tokens = len(want[0][0])
         while not self._stop.is_set():
-            tokens, error = [], ""
+            error = ""
             try:
-                for response in stream_generate(self.address, INNOCENT_PROMPTS[i], timeout_s=120, api_key=API_KEY,
-                                                max_new_tokens=len(want), temperature=0, ignore_eos=True):
-                    if response.HasField("chunk"):
-                        tokens += response.chunk.token_ids
-            except grpc.RpcError as exc:
-                error = f"{exc.code().name}: {exc.details()}"
+                if front == "grpc":
+                    got = self._grpc(prompt, params, max_new_tokens, len(want))
+                    ok = got == [tokens for tokens, _ in want]
+                else:
+                    got = self._http(prompt, params, max_new_tokens, len(want))
+                    ok = got == [text for _, text in want]
+            except (grpc.RpcError, httpx.HTTPError) as exc:
+                ok, error = False, f"{type(exc).__name__}: {getattr(exc, 'details', lambda: exc)()}"
             with self._lock:
                 self.runs += 1
-                if error or tokens != want:
-                    self.broken.append(f"innocent {i}: {error or 'tokens differ from the run alone'}")
+                if not ok:
+                    self.broken.append(f"innocent {i} ({front}): {error or 'output differs from the run alone'}")
+
+    def _grpc(self, prompt: str, params: dict, max_new_tokens: int, n: int) -> list[list[int]]:
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        for response in stream_generate(self.stack.grpc, prompt, timeout_s=120, api_key=API_KEY,
+                                        max_new_tokens=max_new_tokens, ignore_eos=True, **params):
+            if response.HasField("chunk"):
+                tokens[response.chunk.index] += response.chunk.token_ids
+        return tokens
+
+    def _http(self, prompt: str, params: dict, max_new_tokens: int, n: int) -> list[str]:
+        texts = [""] * n
+        body = {"prompt": prompt, "max_tokens": max_new_tokens, "ignore_eos": True, "stream": True, **params}
+        with httpx.stream("POST", f"{self.stack.http}/v1/completions", json=body, timeout=120,
+                          headers={"authorization": f"Bearer {API_KEY}"}) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[len("data: "):])
+                    if "error" in event:
+                        raise httpx.HTTPError(f"error event: {event['error']}")
+                    for choice in event["choices"]:
+                        texts[choice["index"]] += choice["text"]
+        return texts
 
 
 def replicas_state(stack: Stack) -> list[gateway_pb2.ReplicaRouting]:

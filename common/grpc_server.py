@@ -4,9 +4,11 @@ unexpected exceptions once and answers INTERNAL with an error id."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import uuid
+from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,7 +34,9 @@ class _Undecodable:
     """What a request message that does not parse becomes (grpc's own answer would be INTERNAL)."""
 
 
-def _tolerant(deserializer):
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, but a body that does not parse becomes _Undecodable instead of an exception
+    (which grpc would answer INTERNAL, as if the server had failed)."""
     if deserializer is None:
         return None
 
@@ -45,7 +49,8 @@ def _tolerant(deserializer):
     return parse
 
 
-async def _refuse_undecodable(request, context, method: str) -> None:
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext, method: str) -> None:
+    """End the call INVALID_ARGUMENT if its message did not parse."""
     if isinstance(request, _Undecodable):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message for {method}")
 
@@ -78,9 +83,10 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded_stream(request, context):
             await _refuse_undecodable(request, context, method)
-            try:
-                async for response in inner_stream(request, context):
-                    yield response
+            try:  # closed here, not by the garbage collector: a handler's `finally` (freeing blocks) runs now
+                async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except (grpc.RpcError, grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception:
@@ -89,15 +95,14 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_stream_rpc_method_handler(guarded_stream, **codec)
 
 
-def make_server(service_names: list[str], interceptors: tuple = (), options: list[tuple] | None = None,
-                maximum_concurrent_rpcs: int | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def make_server(service_names: list[str], interceptors: tuple = (),
+                options: list[tuple] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with health (NOT_SERVING until `set_serving`) and reflection wired; the caller
     adds its services (and interceptors that run before the exception guard, such as auth).
     `options` replace the internal services' CHANNEL_OPTIONS (a public listener passes its own
-    bounds: public_server_options); calls beyond `maximum_concurrent_rpcs` get RESOURCE_EXHAUSTED."""
+    bounds: public_server_options)."""
     server = grpc.aio.server(interceptors=[*interceptors, _ExceptionInterceptor()],
-                             options=CHANNEL_OPTIONS if options is None else options,
-                             maximum_concurrent_rpcs=maximum_concurrent_rpcs)
+                             options=CHANNEL_OPTIONS if options is None else options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -109,7 +114,8 @@ def public_server_options(max_receive_bytes: int, keepalive_time_s: float,
     """A public listener's bounds: a request message of at most `max_receive_bytes` (sized for the
     longest prompt, not the internal 64 MiB); the server pings an idle connection every
     `keepalive_time_s` and drops one that does not answer; a client pinging more often than
-    `min_client_ping_interval_s` gets GOAWAY after two strikes (keepalive enforcement)."""
+    `min_client_ping_interval_s` gets GOAWAY after two strikes (keepalive enforcement); a
+    connection idle (no call) for 5 minutes is closed."""
     return [
         ("grpc.max_receive_message_length", max_receive_bytes),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -118,6 +124,7 @@ def public_server_options(max_receive_bytes: int, keepalive_time_s: float,
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(min_client_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.max_connection_idle_ms", 300_000),  # a connection with no call for 5 minutes is closed
     ]
 
 

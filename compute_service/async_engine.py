@@ -166,6 +166,7 @@ class AsyncEngine:
                     self._deliver_failure(request_id, str(exc))
                 except Exception:  # this request's data broke its admission: it alone fails
                     log.exception("request %s: queueing it failed; failing it alone", request_id)
+                    self.engine.abort(request_id)  # whatever of it was queued
                     self._deliver_failure(request_id, "request failed: the engine could not queue it "
                                           "(logged on the replica)", "INTERNAL", REQUEST_SCOPE)
             else:

@@ -9,6 +9,7 @@ and scrapers carry no keys, and neither shows a prompt or a token.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 from pathlib import Path
@@ -70,6 +71,7 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _unread(body: bytes) -> None:
+    """The deserializer of a refused call: the body is dropped unparsed."""
     return None
 
 
@@ -94,3 +96,52 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(refuse_unary, **codec)
     return grpc.stream_stream_rpc_method_handler(refuse_stream, **codec)
+
+
+class GrpcCallLimits(grpc.aio.ServerInterceptor):
+    """At most `max_calls` keyed calls (Generate, Abort, stats) in flight, and apart from them at
+    most `max_open_calls` open ones (health, reflection); past either, RESOURCE_EXHAUSTED at once.
+    Two counts, not grpc's one `maximum_concurrent_rpcs`: open health `Watch` streams, which need
+    no key, must not be able to take every slot from the clients that hold one, nor the clients'
+    load the probes'. Placed after the key check, so an unauthenticated call takes no slot."""
+
+    def __init__(self, max_calls: int, max_open_calls: int = 256) -> None:
+        self._limits = {False: max_calls, True: max_open_calls}
+        self._in_flight = {False: 0, True: 0}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        is_open = handler_call_details.method.startswith(OPEN_GRPC_PREFIXES)
+        codec = dict(request_deserializer=handler.request_deserializer,
+                     response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def limited(request, context):
+                await self._enter(is_open, context)
+                try:
+                    return await inner(request, context)
+                finally:
+                    self._in_flight[is_open] -= 1
+
+            return grpc.unary_unary_rpc_method_handler(limited, **codec)
+        inner_stream = handler.unary_stream
+
+        async def limited_stream(request, context):
+            await self._enter(is_open, context)
+            try:
+                async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            finally:
+                self._in_flight[is_open] -= 1
+
+        return grpc.unary_stream_rpc_method_handler(limited_stream, **codec)
+
+    async def _enter(self, is_open: bool, context) -> None:
+        if self._in_flight[is_open] >= self._limits[is_open]:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway runs its maximum of "
+                                f"{self._limits[is_open]} {'open' if is_open else ''} calls at once; retry later")
+        self._in_flight[is_open] += 1

@@ -294,14 +294,17 @@ class GatewayCore:
                     code, scope = exc.code().name, failure_scope(exc.trailing_metadata())
                     if code in _CLIENT_ERRORS or scope == REQUEST_SCOPE:  # about the request: not retried
                         status = code
-                        raise GatewayError(code, f"compute replica {replica.address}: {exc.details()}") from None
+                        log.info("request %s: replica %s answered %s: %s", request_id, replica.address, code,
+                                 exc.details())
+                        raise GatewayError(code, exc.details()) from None  # the replica's own words for the client
                     if code == "RESOURCE_EXHAUSTED":
                         full.add(replica.address)  # try one with room; at once RESOURCE_EXHAUSTED if none
                         continue
                     failed.add(replica.address)
                     self.router.suspect(replica)  # broken, or not serving (draining, no memory): none until SERVING
                     # A replica giving the request back (REPLICA_SCOPE) did not die under it.
-                    self._migrate(stream, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE)
+                    self._migrate(stream, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE,
+                                  client_why=code)  # transport details (addresses) stay in the log
                 finally:
                     route.release()
                     if call is not None:
@@ -332,18 +335,24 @@ class GatewayCore:
             timer.on_tokens(len(ids))
             self.metrics.record_tokens(len(ids))
 
-    def _migrate(self, stream: _Stream, replica: Replica, why: str, died: bool = False) -> None:
+    def _migrate(self, stream: _Stream, replica: Replica, why: str, died: bool = False,
+                 client_why: str | None = None) -> None:
         """Count one more continuation of `stream`, or give up past the budget (UNAVAILABLE). A
         request whose replica died under it (`died`) max_replica_deaths times is a query of
-        death: failed (INTERNAL), so that it cannot take down one replica after another."""
+        death: failed (INTERNAL), so that it cannot take down one replica after another. `why`
+        goes to the log; the client is told `client_why` (default `why`)."""
         stream.replica_deaths += died
+        client_why = why if client_why is None else client_why
         if stream.replica_deaths >= self.config.max_replica_deaths:
             log.error("request %s: its replica died under it %d times (last %s: %s); failing it as a query of death",
                       stream.request_id, stream.replica_deaths, replica.address, why)
             raise GatewayError("INTERNAL", f"request failed: the replicas running it died under it "
-                               f"{stream.replica_deaths} times (last: {why}); it is not retried")
+                               f"{stream.replica_deaths} times (last: {client_why}); it is not retried")
         if stream.migrations >= self.config.max_migrations:
-            raise GatewayError("UNAVAILABLE", f"request failed on {stream.migrations + 1} replicas; last: {why}")
+            log.warning("request %s: failed on %d replicas; last %s: %s", stream.request_id, stream.migrations + 1,
+                        replica.address, why)
+            raise GatewayError("UNAVAILABLE", f"request failed on {stream.migrations + 1} replicas; "
+                               f"last: {client_why}")
         stream.migrations += 1
         MIGRATIONS.inc()
         log.warning("request %s: replica %s failed (%s); continuing elsewhere after %d tokens", stream.request_id,

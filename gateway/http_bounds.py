@@ -1,15 +1,17 @@
 """The HTTP front's bounds, applied before the work they bound (README "Bounds").
 
-- `bounded_protocol`: uvicorn's HTTP protocol with two guards uvicorn lacks: a connection past
-  `max_connections` is answered 429 (OpenAI JSON) and closed before anything is parsed, and a
-  request whose headers have not all arrived `header_timeout_s` after its first byte (or after
-  the connection opened) is dropped: a slow client cannot hold a connection open byte by byte.
+- `bounded_protocol`: uvicorn's HTTP protocol with the guards uvicorn lacks: a connection past
+  `max_connections` is answered 429 (OpenAI JSON) and closed before anything is parsed; a
+  request's line and headers must arrive within `header_timeout_s` of the connection opening or
+  the last response (431 past MAX_HEADER_BYTES, 408 past the time), so a slow client cannot hold
+  a connection byte by byte; and a client that reads nothing of a response for `write_timeout_s`
+  (the socket's buffers full) is dropped, which ends a stream as if it had left (its blocks freed).
 - `BodyLimit`: ASGI middleware that refuses a body over `max_body_bytes` (413, from its
   Content-Length before reading, or as soon as a chunked body passes the cap) and a body that
   takes longer than `body_timeout_s` to arrive (408). The app then reads the body from memory.
 
-Like Envoy's `request_headers_timeout`, `max_request_bytes` and connection limits; the write-idle
-timeout of a stream whose client stopped reading is the SSE response's (gateway/openai_answer.py).
+Like Envoy's `request_headers_timeout`, `max_request_headers_kb`, `max_request_bytes`, connection
+limits and stream idle timeout. Every refusal closes the connection (`connection: close`).
 """
 from __future__ import annotations
 
@@ -29,18 +31,25 @@ class HttpBounds:
     body_timeout_s: float
     max_connections: int
     keepalive_s: float
+    write_timeout_s: float
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> "HttpBounds":
         return cls(config.max_request_bytes, config.http_header_timeout_s, config.http_body_timeout_s,
-                   config.http_max_connections, config.http_keepalive_s)
+                   config.http_max_connections, config.http_keepalive_s, config.stream_write_timeout_s)
+
+
+MAX_HEADER_BYTES = 64 * 1024  # a request line and headers past this: 431 (uvicorn buffers them unbounded)
 
 
 def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with the connection limit and the header timeout."""
+    """uvicorn's httptools protocol with the connection limit, the header size and time bounds,
+    and the write-idle bound."""
 
     class BoundedProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _header_bytes: int | None = None  # bytes of the request being read, until its headers are complete
+        _write_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -50,29 +59,54 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
                 transport.write(error.raw_http())
                 transport.close()
                 return
-            self._start_header_timer()
+            self._await_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._header_bytes is not None and not self.transport.is_closing():
+                self._header_bytes += len(data)
+                if self._header_bytes > MAX_HEADER_BYTES:
+                    self._refuse(OpenAIError("INVALID_ARGUMENT", f"the request line and headers are larger than "
+                                             f"{MAX_HEADER_BYTES} bytes", code="headers_too_large", http_status=431))
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._start_header_timer()  # each request on a kept-alive connection gets its own
+            self._await_headers()  # each request on a kept-alive connection gets its own bounds
 
         def on_headers_complete(self) -> None:
             self._stop_header_timer()
+            self._header_bytes = None
             super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            """Kept alive: whatever comes next (a request, stray bytes, a body nobody reads) must
+            make a request's headers within the bound, or the connection goes."""
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_headers()
+
+        def pause_writing(self) -> None:
+            """The client is not reading what we send: it has `write_timeout_s` to start again."""
+            super().pause_writing()
+            if self._write_timer is None and bounds.write_timeout_s > 0:
+                self._write_timer = self.loop.call_later(bounds.write_timeout_s, self._writes_stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
 
         def connection_lost(self, exc) -> None:
             self._stop_header_timer()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
             super().connection_lost(exc)
 
-        def send_400_response(self, msg: str) -> None:
-            """A request the HTTP parser refused (uvicorn's own answer is plain text)."""
-            error = OpenAIError("INVALID_ARGUMENT", f"malformed HTTP request: {msg}", code="bad_http_request")
-            if not self.transport.is_closing():
-                self.transport.write(error.raw_http())
-                self.transport.close()
-
-        def _start_header_timer(self) -> None:
+        def _await_headers(self) -> None:
             self._stop_header_timer()
+            self._header_bytes = 0
             self._header_timer = self.loop.call_later(bounds.header_timeout_s, self._headers_too_slow)
 
         def _stop_header_timer(self) -> None:
@@ -82,14 +116,34 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
 
         def _headers_too_slow(self) -> None:
             self._header_timer = None
-            if self.cycle is None or self.cycle.response_complete:  # no request of it is being answered
-                error = OpenAIError("INVALID_ARGUMENT", f"the request's headers did not arrive within "
-                                    f"{bounds.header_timeout_s:g} s", code="request_timeout", http_status=408)
-                if not self.transport.is_closing():
-                    self.transport.write(error.raw_http())
-                    self.transport.close()
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a pipelined request waits for this response; its bounds restart when it is sent
+            self._refuse(OpenAIError("INVALID_ARGUMENT", f"the request's headers did not arrive within "
+                                     f"{bounds.header_timeout_s:g} s", code="request_timeout", http_status=408))
+
+        def _writes_stalled(self) -> None:
+            """Drop the connection: its response (and the request behind it) ends as if the client
+            had left, so a stream's blocks are freed. `abort`, not `close`: close would wait for
+            the unread buffer to drain, and the connection would keep its slot."""
+            self._write_timer = None
+            self.logger.warning("an HTTP client read nothing for %g s: connection dropped", bounds.write_timeout_s)
+            self.transport.abort()
+
+        def _refuse(self, error: OpenAIError) -> None:
+            self._stop_header_timer()
+            self._header_bytes = None
+            if not self.transport.is_closing():
+                self.transport.write(error.raw_http())
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            """A request the HTTP parser refused (uvicorn's own answer is plain text)."""
+            self._refuse(OpenAIError("INVALID_ARGUMENT", f"malformed HTTP request: {msg}", code="bad_http_request"))
 
     return BoundedProtocol
+
+
+CLOSE = {"connection": "close"}  # a refused request's connection is not kept: its unread body stays unread
 
 
 class _BodyTooLarge(Exception):
@@ -112,7 +166,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit = self.bounds.max_body_bytes
         too_large = OpenAIError("INVALID_ARGUMENT", f"the request body is larger than {limit} bytes "
-                                "(max_request_bytes)", code="request_too_large", http_status=413)
+                                "(max_request_bytes)", code="request_too_large", http_status=413, headers=CLOSE)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.strip().isdigit() or int(length) > limit):
             return await too_large.response()(scope, receive, send)
@@ -122,7 +176,8 @@ class BodyLimit:
             return await too_large.response()(scope, receive, send)
         except asyncio.TimeoutError:
             error = OpenAIError("INVALID_ARGUMENT", f"the request body did not arrive within "
-                                f"{self.bounds.body_timeout_s:g} s", code="request_timeout", http_status=408)
+                                f"{self.bounds.body_timeout_s:g} s", code="request_timeout", http_status=408,
+                                headers=CLOSE)
             return await error.response()(scope, receive, send)
         except _ClientGone:
             return None

@@ -2,10 +2,8 @@
 streamed, or its server-sent events (chunks, usage, `[DONE]`) for one that was."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import logging
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -16,7 +14,6 @@ from common.tokenizer import Tokenizer
 from gateway.core import Completion, GatewayError, TokenChunk
 from gateway.openai_protocol import Prepared
 
-log = logging.getLogger("gateway")
 # Our finish reasons as OpenAI's (an EOS token is a natural stop, as OpenAI reports it).
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
 
@@ -171,39 +168,17 @@ async def stream(answer: Answer, first, events: AsyncIterator, include_usage: bo
 
 class EventStreamResponse(StreamingResponse):
     """A server-sent-event response that always closes its generator and the core's events when
-    it ends, however it ends (the client gone mid-send, or before the first byte): closing them
-    cancels the replica's call at once, rather than whenever the garbage collector runs.
+    it ends, however it ends (the client gone mid-send, or before the first byte; a client that
+    stopped reading is dropped by the protocol's write bound, gateway/http_bounds.py): closing them
+    cancels the replica's call at once, rather than whenever the garbage collector runs."""
 
-    A client that stops reading but keeps its connection open would hold the request (and its KV
-    blocks) for as long as it likes: once the socket's buffers are full, a send that cannot
-    complete within `write_timeout_s` ends the stream the same way."""
-
-    def __init__(self, body: AsyncIterator[str], events: AsyncIterator, write_timeout_s: float | None = None) -> None:
+    def __init__(self, body: AsyncIterator[str], events: AsyncIterator) -> None:
         super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
         self._events = events
-        self._write_timeout_s = write_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
-        if self._write_timeout_s:
-            send = _bounded_send(send, self._write_timeout_s)
         try:
             await super().__call__(scope, receive, send)
-        except WriteStalled:
-            log.warning("a stream's client read nothing for %.0f s: ended, its request cancelled", self._write_timeout_s)
         finally:
             await self.body_iterator.aclose()
             await self._events.aclose()
-
-
-class WriteStalled(Exception):
-    """A stream's client stopped reading (EventStreamResponse's write timeout)."""
-
-
-def _bounded_send(send, timeout_s: float):
-    async def bounded(message) -> None:
-        try:
-            await asyncio.wait_for(send(message), timeout_s)
-        except asyncio.TimeoutError:
-            raise WriteStalled() from None
-
-    return bounded

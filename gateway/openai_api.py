@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from common.sampling_params import FieldError
 from gateway.auth import ApiKeys
 from gateway.core import GatewayCore, GatewayError, ModelInfo
-from gateway.http_bounds import BodyLimit, HttpBounds
+from gateway.http_bounds import CLOSE, BodyLimit, HttpBounds
 from gateway.openai_errors import OpenAIError
 from gateway.openai_answer import Answer, EventStreamResponse, collect, stream
 from gateway.openai_protocol import ChatCompletionRequest, CompletionRequest, Prepared, prepare_chat, prepare_completion
@@ -43,7 +43,7 @@ class _RequireKey:
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not self.keys.allows(authorization):
                 error = OpenAIError("UNAUTHENTICATED", "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                    code="invalid_api_key")
+                                    code="invalid_api_key", headers=CLOSE)  # its body is never read
                 return await error.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -69,11 +69,9 @@ async def _until_disconnect(request: Request, awaitable):
                 await task
 
 
-def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = None,
-               stream_write_timeout_s: float | None = None) -> FastAPI:
+def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = None) -> FastAPI:
     """The app; `app.state.draining = True` turns /health to 503 while the gateway drains. The key
-    check runs before the body is read, the body bound (`bounds`) before any route parses it; a
-    stream whose client reads nothing for `stream_write_timeout_s` is ended and its blocks freed."""
+    check runs before the body is read, the body bound (`bounds`) before any route parses it."""
     # No /docs: Swagger UI loads from a CDN. The schema stays at /openapi.json.
     app = FastAPI(title="paged-nanogpt gateway (OpenAI-compatible)", docs_url=None, redoc_url=None)
     app.state.draining = False
@@ -138,7 +136,7 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
                 body_iterator = stream(answer, first, events, body.include_usage,
                                        lambda exc: OpenAIError.from_gateway(exc, prepared).body())
                 streaming = True
-                return EventStreamResponse(body_iterator, events, stream_write_timeout_s)  # closes `events` at its end
+                return EventStreamResponse(body_iterator, events)  # it closes `events` when it ends
             result = await _until_disconnect(request, collect(answer, first, events))
         except GatewayError as exc:
             raise OpenAIError.from_gateway(exc, prepared) from None

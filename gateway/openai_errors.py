@@ -49,6 +49,7 @@ class OpenAIError(Exception):
         """The whole HTTP/1.1 response, closing the connection: for answers written before any
         request was parsed (the connection limit), where there is no ASGI response to send."""
         body = json.dumps(self.body()).encode()
-        reason = {400: "Bad Request", 429: "Too Many Requests", 408: "Request Timeout"}.get(self.http_status, "Error")
+        reason = {400: "Bad Request", 408: "Request Timeout", 429: "Too Many Requests",
+                  431: "Request Header Fields Too Large"}.get(self.http_status, "Error")
         return (f"HTTP/1.1 {self.http_status} {reason}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body

@@ -16,7 +16,7 @@ from common.http_server import start_http
 from common.grpc_server import bind, make_server, public_server_options, set_serving, until_stop_signal
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import parse_config
-from gateway.auth import ApiKeys, GrpcAuthInterceptor
+from gateway.auth import ApiKeys, GrpcAuthInterceptor, GrpcCallLimits
 from gateway.config import GatewayConfig
 from gateway.core import ClientRequest, Completion, GatewayCore, GatewayError
 from gateway.http_bounds import HttpBounds, bounded_protocol
@@ -122,13 +122,13 @@ async def serve(config: GatewayConfig) -> None:
     keys = ApiKeys.load(config.api_keys_file, config.api_keys)
     core = GatewayCore(config)
     server, health = make_server(
-        [SERVICE], interceptors=(GrpcAuthInterceptor(keys),), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        [SERVICE], interceptors=(GrpcAuthInterceptor(keys), GrpcCallLimits(config.max_concurrent_rpcs)),
         options=public_server_options(config.max_request_bytes, config.grpc_keepalive_s, config.grpc_min_client_ping_s))
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
     port = bind(server, config.host, config.port, config.tls_cert_file, config.tls_key_file)
     await server.start()  # health answers NOT_SERVING until a replica has told us the model
     bounds = HttpBounds.from_config(config)
-    app = create_app(core, keys, bounds, config.stream_write_timeout_s)
+    app = create_app(core, keys, bounds)
     http = await start_http(app, config.host, config.http_port, config.tls_cert_file, config.tls_key_file,
                             config.drain_timeout_s, bounded_protocol(bounds),
                             config.http_keepalive_s) if config.http_port else None

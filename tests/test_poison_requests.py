@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bench.isolation import (API_KEY, FAULT_SALT, Innocents, isolation_stack, leaked_blocks, migrations,
-                             reference_tokens, replicas_state)
+                             reference_outputs, replicas_state)
 from gateway.client import auth_metadata, stream_generate
 from rpc.v1 import generate_pb2
 from tests.openai_stack import cancelled_requests
@@ -25,9 +25,9 @@ HEADERS = {"authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def attack(tmp_path_factory):
-    expected = reference_tokens(MODEL, 160)
+    expected = reference_outputs(MODEL, 160)
     with isolation_stack(str(tmp_path_factory.mktemp("poison")), MODEL) as stack:
-        innocents = Innocents(stack.grpc, expected).start()
+        innocents = Innocents(stack, expected).start()
         time.sleep(1.0)  # they are running when the first poison arrives
         yield stack, innocents
         innocents.stop()
@@ -149,8 +149,21 @@ def test_slow_headers_and_slow_bodies_are_cut_off(attack):
     with http_socket(stack) as slow_body:
         slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + API_KEY.encode()
                           + b"\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\"")
-        answer = read_all(slow_body)
+        started = time.monotonic()
+        answer = read_all(slow_body)  # returns when the gateway closes the connection
         assert b" 408 " in answer.split(b"\r\n")[0] and b"request_timeout" in answer
+        assert time.monotonic() - started < 4  # closed with the answer (the keep-alive would take 5 s more)
+    with http_socket(stack) as idle_after_answer:  # after a response, stray bytes do not hold it open
+        idle_after_answer.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        started = time.monotonic()
+        with pytest.raises(OSError):  # the gateway closes it: a send fails (broken pipe or reset)
+            while time.monotonic() - started < 8:  # blank lines, which never begin a request
+                idle_after_answer.sendall(b"\r\n")
+                time.sleep(0.25)
+        assert time.monotonic() - started < 4  # the 2 s header bound, not the keep-alive or never
+    with http_socket(stack) as huge_headers:
+        huge_headers.sendall(b"GET /health HTTP/1.1\r\nx-filler: " + b"a" * 100_000)
+        assert read_all(huge_headers).startswith(b"HTTP/1.1 431")
 
 
 def test_a_malformed_http_request_gets_a_json_400(attack):
