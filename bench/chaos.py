@@ -8,7 +8,9 @@ runs a fixed seeded workload (greedy and seeded-sampling requests of mixed lengt
 model's context, half with stop strings, a third free to end by EOS) once without faults to record every request's
 tokens, then again while a seeded schedule SIGKILLs compute replicas (each restarted at once),
 SIGSTOPs one past its lease (then SIGCONT), and SIGKILLs and restarts the memory service, spread
-over the run. It never takes both replicas down at once: the next fault waits until every
+over the run. The gateway's query-of-death rule is set past the number of replica faults (faults
+that strike replicas whatever runs there are not a request's doing; with the default of 2 deaths,
+a request struck twice would be failed, as the rule says). It never takes both replicas down at once: the next fault waits until every
 service serves again.
 The memory service writes its block events to `<log-dir>/events.jsonl` (numbered on across its
 restarts), and the run ends by auditing it (memory_service.audit: no block owned twice, ref
@@ -193,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(event_log):
         os.remove(event_log)  # this run's events only
     services[0].settings["event_log"] = event_log
-    services[-1].settings.update(health_poll_s="0.2", replica_down_after_s="1.0", replica_wait_s="120")
+    # The kills and pauses strike replicas whatever runs there, every few seconds: a request that two
+    # of them strike is no query of death, and this run is about what faults do to tokens. So the
+    # query-of-death rule (default 2 deaths) is set past the number of replica faults.
+    replica_faults = faults.get("kill", 0) + faults.get("pause", 0)
+    services[-1].settings.update(health_poll_s="0.2", replica_down_after_s="1.0", replica_wait_s="120",
+                                 max_replica_deaths=str(replica_faults + 1))
     with running_stack(services, timeout_s=300, log_dir=args.log_dir) as procs:
         stack = dict(services=services, procs=procs, log_dir=args.log_dir)
         gateway, memory = f"127.0.0.1:{ports[3]}", f"127.0.0.1:{ports[0]}"
