@@ -31,6 +31,8 @@ proto: $(PROTO_STAMP)
 install: $(STAMP) $(PROTO_STAMP) $(KERNEL_STAMP)
 
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 # The three services as local processes, a demo generation, then serving until Ctrl-C.

@@ -5,6 +5,7 @@ One GPT-2-small layer (12 heads x 64), one decode query per sequence, fp32. Ever
 reads the same tokens from blocks scattered through the pool (random block tables), and is
 checked against the contiguous result before it is timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,19 +59,27 @@ def main(argv: list[str] | None = None) -> float:
         return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, scale=scale).squeeze(2)
 
     arms = {
-        "contiguous SDPA (floor)": lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k_contig, v_contig, scale=scale),
+        "contiguous SDPA (floor)": lambda: F.scaled_dot_product_attention(
+            q.unsqueeze(2), k_contig, v_contig, scale=scale
+        ),
         "naive gather + SDPA": naive_gather,
-        "PyTorch fallback (index_select + SDPA)": lambda: torch_paged_decode_attention(q, k_pool, v_pool, tables, lens, scale),
+        "PyTorch fallback (index_select + SDPA)": lambda: torch_paged_decode_attention(
+            q, k_pool, v_pool, tables, lens, scale
+        ),
     }
     ext = load_extension()
     if ext is not None:
-        arms["C++ kernel, blocks read in place"] = lambda: ext.paged_attention_decode(q, k_pool, v_pool, tables, lens, scale)
+        arms["C++ kernel, blocks read in place"] = lambda: ext.paged_attention_decode(
+            q, k_pool, v_pool, tables, lens, scale
+        )
     for name, fn in arms.items():
         if name != "contiguous SDPA (floor)":
             err = (fn() - reference).abs().max().item()
             assert err < 1e-4, f"{name} disagrees with contiguous attention by {err}"
     mb = 2 * B * T * H * D * 4 / 1e6
-    print(f"batch {B} x context {T}, {H} heads x {D}, block {bs}: {mb:.0f} MB of K+V per call, median of {args.repeats}")
+    print(
+        f"batch {B} x context {T}, {H} heads x {D}, block {bs}: {mb:.0f} MB of K+V per call, median of {args.repeats}"
+    )
     floor = median_ms(arms["contiguous SDPA (floor)"], args.repeats)
     print(f"{'arm':42} {'ms':>8} {'x floor':>8}")
     ratio = float("nan")

@@ -11,6 +11,7 @@ Two shapes of run, one CSV (bench/results/benchmark_results.csv, one row per arm
 - shared KV blocks (bench.sharing): `--workload shared-prefix --prefix-caching on,off`,
   `--workload parallel-sampling --n 4`, and any workload with `--prefix-caching on,off --rounds 3`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,36 +28,72 @@ from bench import sharing
 from bench.decode_speed import decode_scaling, llama_peer_names, single_stream_comparison
 from bench.roofline import ReadProbe
 from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
 
 RESULTS = Path(__file__).parent / "results" / "benchmark_results.csv"
 COLUMNS = [
-    "timestamp_utc", "mode", "model", "device", "dtype", "workload", "prompt_tokens", "new_tokens",
-    "block_size", "num_blocks", "kv_budget_tokens", "concurrency", "num_requests", "runs",
-    "avg_seconds", "median_seconds", "min_seconds", "max_seconds", "wall_seconds",
-    "tokens_per_second", "output_tokens_per_second", "speedup_vs_no_cache", "kv_blocks_used",
-    "kv_utilization", "peak_concurrent_seqs", "mean_concurrent_seqs", "preemptions",
-    "prefix_caching", "prefix_hit_rate", "ttft_p50_seconds", "quantize",
+    "timestamp_utc",
+    "mode",
+    "model",
+    "device",
+    "dtype",
+    "workload",
+    "prompt_tokens",
+    "new_tokens",
+    "block_size",
+    "num_blocks",
+    "kv_budget_tokens",
+    "concurrency",
+    "num_requests",
+    "runs",
+    "avg_seconds",
+    "median_seconds",
+    "min_seconds",
+    "max_seconds",
+    "wall_seconds",
+    "tokens_per_second",
+    "output_tokens_per_second",
+    "speedup_vs_no_cache",
+    "kv_blocks_used",
+    "kv_utilization",
+    "peak_concurrent_seqs",
+    "mean_concurrent_seqs",
+    "preemptions",
+    "prefix_caching",
+    "prefix_hit_rate",
+    "ttft_p50_seconds",
+    "quantize",
 ]
 SHARING_WORKLOADS = ("shared-prefix", "parallel-sampling")
 PAIRED_PROBE_TRIES = 3  # probe passes just before and just after each timed single-stream run
 
 
-def make_engine(args: argparse.Namespace, mode: str, kv_budget_tokens: int, prefix_caching: str | None = None
-                ) -> InferenceEngine:
+def make_engine(
+    args: argparse.Namespace, mode: str, kv_budget_tokens: int, prefix_caching: str | None = None
+) -> InferenceEngine:
     budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
     return InferenceEngine(
-        model=args.model, mode=mode, block_size=args.block_size, kv_budget_tokens=kv_budget_tokens,
-        reserve=args.reserve, max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, prefix_caching=prefix_caching or args.prefix_caching[0], **budget,
+        model=args.model,
+        mode=mode,
+        block_size=args.block_size,
+        kv_budget_tokens=kv_budget_tokens,
+        reserve=args.reserve,
+        max_num_seqs=args.max_num_seqs,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        prefix_caching=prefix_caching or args.prefix_caching[0],
+        **budget,
     )
 
 
 def run_requests(engine: InferenceEngine, requests: list[Request], progress: tqdm | None = None) -> float:
     """All requests at t=0, greedy, fixed output lengths (ignore_eos); returns wall seconds."""
     for r in requests:
-        engine.add_request(r.prompt_token_ids, SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True))
+        engine.add_request(
+            r.prompt_token_ids, SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True)
+        )
     start = time.perf_counter()
     while engine.has_unfinished():
         outputs = engine.step()
@@ -81,22 +118,35 @@ def single_stream(args: argparse.Namespace) -> list[dict]:
                 if probe:
                     run_bandwidths.append(max(before, probe.best_gb_per_s(PAIRED_PROBE_TRIES)))
         del probe
-        rows.append(dict(
-            mode=mode, concurrency=1, num_requests=1, runs=args.runs, avg_seconds=statistics.mean(times),
-            median_seconds=statistics.median(times), min_seconds=min(times), max_seconds=max(times),
-            tokens_per_second=args.new_tokens / statistics.median(times),
-            kv_blocks_used=engine.stats.peak_used_blocks, kv_utilization=engine.stats.mean_utilization,
-            num_blocks=engine.scheduler.config.num_blocks, block_size=engine.scheduler.config.block_size,
-        ))
+        rows.append(
+            dict(
+                mode=mode,
+                concurrency=1,
+                num_requests=1,
+                runs=args.runs,
+                avg_seconds=statistics.mean(times),
+                median_seconds=statistics.median(times),
+                min_seconds=min(times),
+                max_seconds=max(times),
+                tokens_per_second=args.new_tokens / statistics.median(times),
+                kv_blocks_used=engine.stats.peak_used_blocks,
+                kv_utilization=engine.stats.mean_utilization,
+                num_blocks=engine.scheduler.config.num_blocks,
+                block_size=engine.scheduler.config.block_size,
+            )
+        )
         if mode == "paged" and (args.roofline or llama_peer_names(args.peers)):
-            paired = [(args.new_tokens / t, bw) for t, bw in zip(times, run_bandwidths)]
+            paired = [(args.new_tokens / t, bw) for t, bw in zip(times, run_bandwidths, strict=False)]
             comparisons.append((engine, rows[-1]["tokens_per_second"], paired))
     for engine, tok_s, paired in comparisons:  # after every mode ran: peers never share the CPU with us
         single_stream_comparison(args, engine, tok_s, paired)
     no_cache = next((r["median_seconds"] for r in rows if r["mode"] == "no-cache"), None)
     for row in rows:
-        row.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                   speedup_vs_no_cache=no_cache / row["median_seconds"] if no_cache else "")
+        row.update(
+            prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens,
+            speedup_vs_no_cache=no_cache / row["median_seconds"] if no_cache else "",
+        )
     return rows
 
 
@@ -116,17 +166,29 @@ def workload_run(args: argparse.Namespace) -> list[dict]:
         with tqdm(total=total_out, desc=f"{mode:>10}", unit="tok") as bar:
             wall = run_requests(engine, requests, bar)
         st = engine.stats
-        rows.append(dict(
-            mode=mode, wall_seconds=wall, output_tokens_per_second=total_out / wall,
-            peak_concurrent_seqs=st.peak_running, mean_concurrent_seqs=st.mean_running,
-            preemptions=engine.scheduler.num_preemptions, kv_utilization=st.mean_utilization,
-            kv_blocks_used=st.peak_used_blocks, num_blocks=engine.scheduler.config.num_blocks,
-            block_size=engine.scheduler.config.block_size,
-        ))
+        rows.append(
+            dict(
+                mode=mode,
+                wall_seconds=wall,
+                output_tokens_per_second=total_out / wall,
+                peak_concurrent_seqs=st.peak_running,
+                mean_concurrent_seqs=st.mean_running,
+                preemptions=engine.scheduler.num_preemptions,
+                kv_utilization=st.mean_utilization,
+                kv_blocks_used=st.peak_used_blocks,
+                num_blocks=engine.scheduler.config.num_blocks,
+                block_size=engine.scheduler.config.block_size,
+            )
+        )
     rows += peer_rows(args, requests, total_out, rows)
     for row in rows:
-        row.update(workload=args.workload, num_requests=len(requests), kv_budget_tokens=args.kv_budget_tokens,
-                   concurrency=row.get("peak_concurrent_seqs", ""), runs=1)
+        row.update(
+            workload=args.workload,
+            num_requests=len(requests),
+            kv_budget_tokens=args.kv_budget_tokens,
+            concurrency=row.get("peak_concurrent_seqs", ""),
+            runs=1,
+        )
     return rows
 
 
@@ -146,8 +208,14 @@ def peer_rows(args: argparse.Namespace, requests: list[Request], total_out: int,
                 wall = run_hf_generate_batch(hf, requests, bar)
             else:
                 raise ValueError(f"unknown peer {peer!r}")
-        rows.append(dict(mode=peer, wall_seconds=wall, output_tokens_per_second=total_out / wall,
-                         peak_concurrent_seqs=batch_size if peer == "hf-generate" else ""))
+        rows.append(
+            dict(
+                mode=peer,
+                wall_seconds=wall,
+                output_tokens_per_second=total_out / wall,
+                peak_concurrent_seqs=batch_size if peer == "hf-generate" else "",
+            )
+        )
     return rows
 
 
@@ -163,8 +231,16 @@ def write_rows(rows: list[dict], args: argparse.Namespace, path: Path = RESULTS)
         writer.writeheader()
         writer.writerows(existing)
         for row in rows:
-            writer.writerow({"timestamp_utc": stamp, "model": args.model, "device": args.device,
-                             "dtype": args.dtype, "quantize": getattr(args, "quantize", "none"), **row})
+            writer.writerow(
+                {
+                    "timestamp_utc": stamp,
+                    "model": args.model,
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "quantize": getattr(args, "quantize", "none"),
+                    **row,
+                }
+            )
 
 
 def print_table(rows: list[dict]) -> None:
@@ -186,11 +262,16 @@ def ratio_lines(rows: list[dict]) -> list[str]:
     lines = []
     if "paged" in by and "contiguous" in by and "output_tokens_per_second" in by["paged"]:
         p, c = by["paged"], by["contiguous"]
-        lines.append(f"paged/contiguous: peak concurrency {p['peak_concurrent_seqs'] / c['peak_concurrent_seqs']:.2f}x, "
-                     f"output tok/s {p['output_tokens_per_second'] / c['output_tokens_per_second']:.2f}x")
+        lines.append(
+            f"paged/contiguous: peak concurrency {p['peak_concurrent_seqs'] / c['peak_concurrent_seqs']:.2f}x, "
+            f"output tok/s {p['output_tokens_per_second'] / c['output_tokens_per_second']:.2f}x"
+        )
         for peer in ("hf-generate", "hf-generate-batch"):
             if peer in by:
-                lines.append(f"paged/{peer}: output tok/s {p['output_tokens_per_second'] / by[peer]['output_tokens_per_second']:.2f}x")
+                lines.append(
+                    f"paged/{peer}: output tok/s "
+                    f"{p['output_tokens_per_second'] / by[peer]['output_tokens_per_second']:.2f}x"
+                )
     if "paged" in by and by["paged"].get("speedup_vs_no_cache"):
         lines.append(f"paged speedup over no-cache: {by['paged']['speedup_vs_no_cache']:.2f}x")
     return lines
@@ -209,18 +290,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-blocks", type=int, default=256, help="single stream: pool = num_blocks x block_size")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--roofline", action="store_true", help="single stream: decode as a fraction of bytes/bandwidth (the paged mode's timed runs "
-                    "each get 3 probe passes over 1 GiB just before and after them)")
+    ap.add_argument(
+        "--roofline",
+        action="store_true",
+        help="single stream: decode as a fraction of bytes/bandwidth (the paged mode's timed runs "
+        "each get 3 probe passes over 1 GiB just before and after them)",
+    )
     ap.add_argument("--workload", choices=sorted([*WORKLOADS, *SHARING_WORKLOADS]))
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--kv-budget-tokens", type=int, default=4096)
     ap.add_argument("--reserve", default="max-model-len", choices=["max-model-len", "max-new-tokens"])
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-num-batched-tokens", type=int, help="tokens a prefill step computes at most "
-                                                                 "(default: the engine's)")
-    ap.add_argument("--peers", default="", type=lambda s: [p for p in s.split(",") if p],
-                    help="workload: hf-generate,hf-generate-batch; single stream and --decode-scaling: "
-                         "llama-cpp-f32,llama-cpp-f16,llama-cpp-q8_0 (`make peers`)")
+    ap.add_argument(
+        "--max-num-batched-tokens", type=int, help="tokens a prefill step computes at most (default: the engine's)"
+    )
+    ap.add_argument(
+        "--peers",
+        default="",
+        type=lambda s: [p for p in s.split(",") if p],
+        help="workload: hf-generate,hf-generate-batch; single stream and --decode-scaling: "
+        "llama-cpp-f32,llama-cpp-f16,llama-cpp-q8_0 (`make peers`)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--decode-scaling", default="", help="e.g. 1,32: decode tok/s at these batch sizes")
     ap.add_argument("--decode-context", type=int, default=128)

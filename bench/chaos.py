@@ -10,7 +10,8 @@ tokens, then again while a seeded schedule SIGKILLs compute replicas (each resta
 SIGSTOPs one past its lease (then SIGCONT), and SIGKILLs and restarts the memory service, spread
 over the run. The gateway's query-of-death rule is set past the number of replica faults (faults
 that strike replicas whatever runs there are not a request's doing; with the default of 2 deaths,
-a request struck twice would be failed, as the rule says). It never takes both replicas down at once: the next fault waits until every
+a request struck twice would be failed, as the rule says). It never takes both replicas down at
+once: the next fault waits until every
 service serves again.
 The memory service writes its block events to `<log-dir>/events.jsonl` (numbered on across its
 restarts), and the run ends by auditing it (memory_service.audit: no block owned twice, ref
@@ -21,6 +22,7 @@ leaked_blocks: after the run settles, blocks still in use in any pool, plus ever
 whose replica is gone (a dead pool must be released). max_stall_s: the longest a client waited
 for its next token (or its first).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -161,8 +163,11 @@ def leaked_blocks(memory: str, replicas: list[str], settle_s: float) -> int:
             pools = stub.Stats(memory_pb2.StatsRequest(), timeout=5).pools
             leaked = sum(p.num_used_blocks for p in pools)
             for name in {p.replica for p in pools}:
-                extra = [p for p in pools if p.replica == name][1:] if name in replicas else \
-                    [p for p in pools if p.replica == name]
+                extra = (
+                    [p for p in pools if p.replica == name][1:]
+                    if name in replicas
+                    else [p for p in pools if p.replica == name]
+                )
                 leaked += sum(p.num_blocks for p in extra)
             if leaked == 0 or time.monotonic() > deadline:
                 return leaked
@@ -176,9 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the workload's")
     ap.add_argument("--faults", default="kill=4,pause=1,memory=2")
     ap.add_argument("--fault-seed", type=int, default=0)
-    ap.add_argument("--fault-every-s", type=float, default=0.0,
-                    help="time between two faults; 0 = the fault-free run's duration / (faults + 4), so that "
-                         "every fault (each takes seconds) strikes while requests are in flight")
+    ap.add_argument(
+        "--fault-every-s",
+        type=float,
+        default=0.0,
+        help="time between two faults; 0 = the fault-free run's duration / (faults + 4), so that "
+        "every fault (each takes seconds) strikes while requests are in flight",
+    )
     ap.add_argument("--model", default="shakespeare")
     ap.add_argument("--lease-ttl-s", type=float, default=3.0)
     ap.add_argument("--log-dir", default="/tmp/chaos-logs")
@@ -187,9 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.log_dir, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = "1"  # two replicas share this machine's cores: one torch thread each
     ports = free_ports(7)
-    services = local_services(ports[0], (ports[1], ports[2]), ports[3], ports[4], ports[5],
-                              compute_settings={"model": args.model, "kv_budget_tokens": "8192"},
-                              gateway_http_port=ports[6])
+    services = local_services(
+        ports[0],
+        (ports[1], ports[2]),
+        ports[3],
+        ports[4],
+        ports[5],
+        compute_settings={"model": args.model, "kv_budget_tokens": "8192"},
+        gateway_http_port=ports[6],
+    )
     services[0].settings["lease_ttl_s"] = str(args.lease_ttl_s)
     event_log = os.path.join(args.log_dir, "events.jsonl")
     if os.path.exists(event_log):
@@ -199,17 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     # of them strike is no query of death, and this run is about what faults do to tokens. So the
     # query-of-death rule (default 2 deaths) is set past the number of replica faults.
     replica_faults = faults.get("kill", 0) + faults.get("pause", 0)
-    services[-1].settings.update(health_poll_s="0.2", replica_down_after_s="1.0", replica_wait_s="120",
-                                 max_replica_deaths=str(replica_faults + 1))
+    services[-1].settings.update(
+        health_poll_s="0.2",
+        replica_down_after_s="1.0",
+        replica_wait_s="120",
+        max_replica_deaths=str(replica_faults + 1),
+    )
     with running_stack(services, timeout_s=300, log_dir=args.log_dir) as procs:
         stack = dict(services=services, procs=procs, log_dir=args.log_dir)
         gateway, memory = f"127.0.0.1:{ports[3]}", f"127.0.0.1:{ports[0]}"
         requests = workload(args.num_requests, args.seed, served_model_limits(gateway).context_length)
         started = time.monotonic()
         reference = run_workload(gateway, requests, args.concurrency)
-        print(f"fault-free run: {time.monotonic() - started:.0f} s, "
-              f"{sum(len(o.tokens) for o in reference)} tokens, {sum(bool(o.error) for o in reference)} failed",
-              file=sys.stderr)
+        print(
+            f"fault-free run: {time.monotonic() - started:.0f} s, "
+            f"{sum(len(o.tokens) for o in reference)} tokens, {sum(bool(o.error) for o in reference)} failed",
+            file=sys.stderr,
+        )
         every_s = args.fault_every_s or (time.monotonic() - started) / (sum(faults.values()) + 4)
         schedule = FaultSchedule(stack, faults, args.fault_seed, args.lease_ttl_s, every_s)
         schedule.t0 = started = time.monotonic()
@@ -218,26 +239,34 @@ def main(argv: list[str] | None = None) -> int:
         finished = time.monotonic() - started
         print(f"faults run: {finished:.0f} s; faults every {every_s:.1f} s", file=sys.stderr)
         schedule.done.wait()  # faults not injected yet (a short run) still happen, then everything settles
-        print("faults: " + "; ".join(f"{kind} at +{at:.1f}s ({took:.1f}s)" for kind, at, took in schedule.log),
-              file=sys.stderr)
+        print(
+            "faults: " + "; ".join(f"{kind} at +{at:.1f}s ({took:.1f}s)" for kind, at, took in schedule.log),
+            file=sys.stderr,
+        )
         during = sum(at < finished for _, at, _ in schedule.log)
         leaked = leaked_blocks(memory, [s.settings["replica"] for s in services[1:3]], args.lease_ttl_s * 3 + 10)
         schedule.release.set()
     failed = sum(bool(o.error) for o in outcomes)
-    mismatches = sum(not o.error and (o.tokens, o.text) != (r.tokens, r.text) for o, r in zip(outcomes, reference))
+    mismatches = sum(
+        not o.error and (o.tokens, o.text) != (r.tokens, r.text) for o, r in zip(outcomes, reference, strict=False)
+    )
     # the stack has stopped, so the log is complete; every request finished, so no pool may hold a sequence
     audit_ok, audit_message = audit(read_log(event_log), idle_at_end=True)
     print(f"audit of {event_log}: {audit_message}", file=sys.stderr)
     for o in outcomes:
         if o.error:
             print("failed:", o.error, file=sys.stderr)
-    print(f"{during} of {len(schedule.log)} faults struck while requests were in flight; the stall bound is the "
-          f"lease ({args.lease_ttl_s:.1f} s) + the memory service's downtime (up to "
-          f"{max([t for k, _, t in schedule.log if k == 'memory'], default=0):.1f} s) + recomputing a context",
-          file=sys.stderr)
-    print(f"requests={len(requests)} completed={len(requests) - failed} failed={failed} token_mismatches={mismatches} "
-          f"leaked_blocks={leaked} max_stall_s={max(o.max_gap_s for o in outcomes):.2f} "
-          f"audit={'passed' if audit_ok else 'failed'}")
+    print(
+        f"{during} of {len(schedule.log)} faults struck while requests were in flight; the stall bound is the "
+        f"lease ({args.lease_ttl_s:.1f} s) + the memory service's downtime (up to "
+        f"{max([t for k, _, t in schedule.log if k == 'memory'], default=0):.1f} s) + recomputing a context",
+        file=sys.stderr,
+    )
+    print(
+        f"requests={len(requests)} completed={len(requests) - failed} failed={failed} token_mismatches={mismatches} "
+        f"leaked_blocks={leaked} max_stall_s={max(o.max_gap_s for o in outcomes):.2f} "
+        f"audit={'passed' if audit_ok else 'failed'}"
+    )
     return 0 if failed == mismatches == leaked == 0 and audit_ok else 1
 
 

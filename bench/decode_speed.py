@@ -8,6 +8,7 @@ before anything is timed), the ratio, and decode as a fraction of the roofline
 machine-readable (`vs_llama_cpp=...`, `vs_llama_cpp_b1=... vs_llama_cpp_b4=...`).
 llama.cpp runs with the same 2 threads (torch.get_num_threads()), one engine at a time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import torch
 
 from bench.roofline import read_bandwidth_gb_per_s, roofline_tokens_per_second, weight_bytes_per_step
 from bench.workloads import fixed_length
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
 
 LLAMA_PEERS = {"llama-cpp-f32": "f32", "llama-cpp-f16": "f16", "llama-cpp-q8_0": "q8_0"}
 GGUF_CACHE = Path.home() / ".cache" / "paged-nanogpt" / "gguf"
@@ -39,10 +40,11 @@ def load_llama_peer(name: str, model_spec: str, model, n_seq_max: int = 1, n_ctx
     try:
         from bench.llama_cpp_peer import LlamaCppPeer, cached_gguf, check_logits
     except ImportError as exc:
-        raise SystemExit(f"{name} needs llama-cpp-python and gguf: run `make peers` ({exc})")
+        raise SystemExit(f"{name} needs llama-cpp-python and gguf: run `make peers` ({exc})") from None
     ftype = LLAMA_PEERS[name]
-    peer = LlamaCppPeer(cached_gguf(model_spec, ftype, GGUF_CACHE), n_threads=torch.get_num_threads(),
-                        n_ctx=n_ctx, n_seq_max=n_seq_max)
+    peer = LlamaCppPeer(
+        cached_gguf(model_spec, ftype, GGUF_CACHE), n_threads=torch.get_num_threads(), n_ctx=n_ctx, n_seq_max=n_seq_max
+    )
     prompt = fixed_length(1, 32, 1, seed=1)[0].prompt_token_ids
     diff = check_logits(peer, model, prompt, ftype)
     print(f"{name}: logits agree with HF on our weights (max |diff| {diff:.2e})")
@@ -50,12 +52,15 @@ def load_llama_peer(name: str, model_spec: str, model, n_seq_max: int = 1, n_ctx
 
 
 def _machine_line(bandwidth: float) -> str:
-    return (f"threads={torch.get_num_threads()} read_bandwidth={bandwidth:.1f} GB/s "
-            f"(probe: best of 7 passes over 1 GiB)")
+    return f"threads={torch.get_num_threads()} read_bandwidth={bandwidth:.1f} GB/s (probe: best of 7 passes over 1 GiB)"
 
 
-def single_stream_comparison(args: argparse.Namespace, engine: InferenceEngine, ours_tok_s: float,
-                             paired_runs: Sequence[tuple[float, float]] = ()) -> None:
+def single_stream_comparison(
+    args: argparse.Namespace,
+    engine: InferenceEngine,
+    ours_tok_s: float,
+    paired_runs: Sequence[tuple[float, float]] = (),
+) -> None:
     """Our paged single-stream decode vs each llama.cpp peer, and vs the roofline: once against
     a probe taken now (best of 7), and, given `paired_runs` ((tok/s, GB/s) of each timed run and
     the best probe pass just before or after it), run by run: on a VM whose bandwidth drifts
@@ -65,14 +70,21 @@ def single_stream_comparison(args: argparse.Namespace, engine: InferenceEngine, 
     context = args.prompt_tokens + args.new_tokens // 2  # mean context over the run
     roofline = roofline_tokens_per_second(model, 1, context, bandwidth)
     print(_machine_line(bandwidth))
-    print(f"roofline: {weight_bytes_per_step(model) / 1e6:.0f} MB of weights ({engine.config.weight_format}) + KV "
-          f"per token at {bandwidth:.1f} GB/s = {roofline:.1f} tok/s; paged decode {ours_tok_s:.1f} tok/s = "
-          f"{ours_tok_s / roofline:.0%} of it")
+    print(
+        f"roofline: {weight_bytes_per_step(model) / 1e6:.0f} MB of weights ({engine.config.weight_format}) + KV "
+        f"per token at {bandwidth:.1f} GB/s = {roofline:.1f} tok/s; paged decode {ours_tok_s:.1f} tok/s = "
+        f"{ours_tok_s / roofline:.0%} of it"
+    )
     if paired_runs:
         fractions = [tok_s / roofline_tokens_per_second(model, 1, context, bw) for tok_s, bw in paired_runs]
-        runs = ", ".join(f"{tok_s:.1f} tok/s at {bw:.1f} GB/s = {f:.1%}" for (tok_s, bw), f in zip(paired_runs, fractions))
-        print(f"roofline, paired (each run against the best of the probe passes just before and after it): "
-              f"{runs}; median {statistics.median(fractions):.1%}")
+        runs = ", ".join(
+            f"{tok_s:.1f} tok/s at {bw:.1f} GB/s = {f:.1%}"
+            for (tok_s, bw), f in zip(paired_runs, fractions, strict=False)
+        )
+        print(
+            f"roofline, paired (each run against the best of the probe passes just before and after it): "
+            f"{runs}; median {statistics.median(fractions):.1%}"
+        )
     prompt = fixed_length(1, args.prompt_tokens, 1, seed=args.seed)[0].prompt_token_ids
     ratios = []
     for name in llama_peer_names(args.peers):
@@ -89,12 +101,20 @@ def single_stream_comparison(args: argparse.Namespace, engine: InferenceEngine, 
 def decode_tokens_per_second(args: argparse.Namespace, batch: int, context: int, steps: int = 24) -> float:
     """Our decode tok/s with `batch` sequences of `context` tokens each (prefill not timed)."""
     blocks_per_seq = -(-(context + steps + 2) // args.block_size) + 1
-    engine = InferenceEngine(model=args.model, mode="paged", block_size=args.block_size,
-                             kv_budget_tokens=(batch * blocks_per_seq + 2) * args.block_size,
-                             headroom_blocks_per_seq=0, max_num_seqs=max(batch, 1), dtype=args.dtype,
-                             quantize=args.quantize)
+    engine = InferenceEngine(
+        model=args.model,
+        mode="paged",
+        block_size=args.block_size,
+        kv_budget_tokens=(batch * blocks_per_seq + 2) * args.block_size,
+        headroom_blocks_per_seq=0,
+        max_num_seqs=max(batch, 1),
+        dtype=args.dtype,
+        quantize=args.quantize,
+    )
     for r in fixed_length(batch, context, steps + 2, seed=args.seed):
-        engine.add_request(r.prompt_token_ids, SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True))
+        engine.add_request(
+            r.prompt_token_ids, SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True)
+        )
     while any(s.num_tokens == s.prompt_len for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill everyone first
     engine.step()  # one untimed decode step
@@ -116,10 +136,14 @@ def decode_scaling(args: argparse.Namespace) -> None:
     names = llama_peer_names(args.peers)
     model = InferenceEngine(model=args.model, mode="no-cache", dtype=args.dtype, quantize=args.quantize).model
     bandwidth = read_bandwidth_gb_per_s()
-    print(f"decode at {context}-token context, {args.model}, weights {args.dtype}/{args.quantize}; "
-          + _machine_line(bandwidth))
-    peers = {name: load_llama_peer(name, args.model, model, n_seq_max=max(batches),
-                                   n_ctx=max(batches) * (context + 64)) for name in names}
+    print(
+        f"decode at {context}-token context, {args.model}, weights {args.dtype}/{args.quantize}; "
+        + _machine_line(bandwidth)
+    )
+    peers = {
+        name: load_llama_peer(name, args.model, model, n_seq_max=max(batches), n_ctx=max(batches) * (context + 64))
+        for name in names
+    }
     header = f"{'batch':>6} {'ours tok/s':>11} {'roofline':>9} {'of roofline':>12}"
     header += "".join(f" {name:>16} {'ours/' + name.removeprefix('llama-cpp-'):>11}" for name in names)
     print(header)

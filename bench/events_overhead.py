@@ -11,6 +11,7 @@ sequence ends and a new one of `--prompt-tokens` is admitted every step), timing
 round trip. Arms alternate (on, off, off, on, ...) so drift of the machine favours neither; the
 last line is `events_step_ratio=<p50 on / p50 off>` (goal: <= 1.10).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,20 @@ from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 def start_memory(events: bool, log_dir: str, event_log: str = ""):
     port, metrics = free_ports(2)
-    settings = {"metrics_port": str(metrics), "http_port": "0", "block_events": str(events).lower(),
-                "event_log": event_log}
-    spec = ServiceSpec(f"memory-{'on' if events else 'off'}", "memory", "memory_service.server", port,
-                       "rpc.internal.v1.MemoryService", settings)
+    settings = {
+        "metrics_port": str(metrics),
+        "http_port": "0",
+        "block_events": str(events).lower(),
+        "event_log": event_log,
+    }
+    spec = ServiceSpec(
+        f"memory-{'on' if events else 'off'}",
+        "memory",
+        "memory_service.server",
+        port,
+        "rpc.internal.v1.MemoryService",
+        settings,
+    )
     return start_serving(spec, log_dir, timeout_s=60), f"127.0.0.1:{port}"
 
 
@@ -53,21 +64,30 @@ def run_steps(address: str, args: argparse.Namespace, round_no: int) -> list[flo
     """One round: register a pool, `--steps` timed steps, release. Returns each step's seconds."""
     with grpc.insecure_channel(address) as channel:
         stub = memory_pb2_grpc.MemoryServiceStub(channel)
-        pool = stub.RegisterPool(memory_pb2.RegisterPoolRequest(num_blocks=args.num_blocks, block_size=16,
-                                                                replica=f"bench-{round_no}")).pool_id
+        pool = stub.RegisterPool(
+            memory_pb2.RegisterPoolRequest(num_blocks=args.num_blocks, block_size=16, replica=f"bench-{round_no}")
+        ).pool_id
         requests: queue.SimpleQueue = queue.SimpleQueue()
         answers = stub.StepStream(iter(requests.get, None))
         live = [f"r{round_no}-s{i}" for i in range(args.seqs)]
-        requests.put(memory_pb2.StepRequest(pool_id=pool, step=1, allocate=[
-            memory_pb2.Allocation(seq_id=s, num_tokens=args.prompt_tokens) for s in live]))
+        requests.put(
+            memory_pb2.StepRequest(
+                pool_id=pool,
+                step=1,
+                allocate=[memory_pb2.Allocation(seq_id=s, num_tokens=args.prompt_tokens) for s in live],
+            )
+        )
         next(answers)
         times = []
         for step in range(2, args.steps + 2):
             new = f"r{round_no}-s{args.seqs + step}"
             message = memory_pb2.StepRequest(
-                pool_id=pool, step=step, free=[live[0]],
+                pool_id=pool,
+                step=step,
+                free=[live[0]],
                 allocate=[memory_pb2.Allocation(seq_id=new, num_tokens=args.prompt_tokens)],
-                append=[memory_pb2.Append(seq_id=s, num_new_tokens=1) for s in live[1:]])
+                append=[memory_pb2.Append(seq_id=s, num_new_tokens=1) for s in live[1:]],
+            )
             start = time.perf_counter()
             requests.put(message)
             next(answers)
@@ -108,8 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         stop_service(off_proc)
     p50 = {arm: float(np.median(t)) * 1000 for arm, t in times.items()}
     p99 = {arm: float(np.percentile(t, 99)) * 1000 for arm, t in times.items()}
-    print(f"{len(times['on'])} steps per arm ({args.seqs} sequences, {args.rounds} alternating rounds), "
-          f"{counted.value} events read by the subscriber{', logged to a file' if args.event_log else ''}")
+    print(
+        f"{len(times['on'])} steps per arm ({args.seqs} sequences, {args.rounds} alternating rounds), "
+        f"{counted.value} events read by the subscriber{', logged to a file' if args.event_log else ''}"
+    )
     print("| arm | step p50 (ms) | step p99 (ms) |\n| --- | --- | --- |")
     for arm, name in (("off", "events off"), ("on", "events on + subscriber")):
         print(f"| {name} | {p50[arm]:.3f} | {p99[arm]:.3f} |")

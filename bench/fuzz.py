@@ -20,6 +20,7 @@ not OpenAI's JSON error, an `error`
 event of type internal_error inside a stream, or a gRPC INTERNAL or UNKNOWN. Ends with one line:
     fuzz_requests=N server_errors=N innocent_broken=N leaked_blocks=N
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,11 @@ from rpc.v1 import generate_pb2
 
 MAX_TOKENS, MAX_N = 4, 2
 ROUTES = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest"}
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
-                           lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
-                                                                                      max_size=5), max_leaves=20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=20,
+)
 edge_ints = st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1), st.sampled_from([2**31 - 1, 2**32 - 1]))
 edge_floats = st.one_of(st.floats(width=32), st.sampled_from([0.0, 1e-45, 1e-5, 1.0, 3.4e38, -0.0]))
 
@@ -82,8 +85,10 @@ def schema_values(schema: dict, components: dict, depth: int = 0):
     if kind == "object" and "properties" in schema:
         required = set(schema.get("required", ()))
         props = {name: schema_values(sub, components, depth + 1) for name, sub in schema["properties"].items()}
-        return st.fixed_dictionaries({k: v for k, v in props.items() if k in required},
-                                     optional={k: v for k, v in props.items() if k not in required})
+        return st.fixed_dictionaries(
+            {k: v for k, v in props.items() if k in required},
+            optional={k: v for k, v in props.items() if k not in required},
+        )
     if kind == "object":
         values = schema.get("additionalProperties")
         inner = schema_values(values, components, depth + 1) if isinstance(values, dict) else json_values
@@ -91,24 +96,51 @@ def schema_values(schema: dict, components: dict, depth: int = 0):
     if kind == "array":
         items = schema.get("items")
         return st.lists(schema_values(items, components, depth + 1) if items else json_values, max_size=4)
-    simple = {"string": st.text(max_size=60), "integer": edge_ints | st.integers(), "boolean": st.booleans(),
-              "number": edge_floats | st.floats(), "null": st.none()}
+    simple = {
+        "string": st.text(max_size=60),
+        "integer": edge_ints | st.integers(),
+        "boolean": st.booleans(),
+        "number": edge_floats | st.floats(),
+        "null": st.none(),
+    }
     return simple.get(kind, json_values)
 
 
 PLAUSIBLE_SAMPLING = {
-    "temperature": st.floats(0, 2) | st.sampled_from([0.0, 1e-45, 1e-6, 3.4e38]), "top_p": st.floats(1e-45, 1.0),
-    "top_k": st.integers(0, 60000), "seed": st.integers(0, 2**63 - 1), "n": st.integers(1, MAX_N),
-    "stop": st.lists(st.text(min_size=1, max_size=8), max_size=4), "logprobs": st.integers(0, 5),
-    "stream": st.booleans(), "ignore_eos": st.booleans(), "cache_salt": st.text(max_size=20)}
+    "temperature": st.floats(0, 2) | st.sampled_from([0.0, 1e-45, 1e-6, 3.4e38]),
+    "top_p": st.floats(1e-45, 1.0),
+    "top_k": st.integers(0, 60000),
+    "seed": st.integers(0, 2**63 - 1),
+    "n": st.integers(1, MAX_N),
+    "stop": st.lists(st.text(min_size=1, max_size=8), max_size=4),
+    "logprobs": st.integers(0, 5),
+    "stream": st.booleans(),
+    "ignore_eos": st.booleans(),
+    "cache_salt": st.text(max_size=20),
+}
 
 
 def _plausible(case) -> tuple[str, dict]:
     (route, body), prompt, sampling = case
-    body = {k: v for k, v in body.items() if k not in ("stream_options", "logit_bias", "presence_penalty",
-                                                       "frequency_penalty", "model", "suffix", "best_of", "echo",
-                                                       "logprobs", "top_logprobs", "max_tokens",
-                                                       "max_completion_tokens")}
+    body = {
+        k: v
+        for k, v in body.items()
+        if k
+        not in (
+            "stream_options",
+            "logit_bias",
+            "presence_penalty",
+            "frequency_penalty",
+            "model",
+            "suffix",
+            "best_of",
+            "echo",
+            "logprobs",
+            "top_logprobs",
+            "max_tokens",
+            "max_completion_tokens",
+        )
+    }
     body.update(sampling)
     if route == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": prompt if isinstance(prompt, str) else "hello"}]
@@ -121,22 +153,29 @@ def _plausible(case) -> tuple[str, dict]:
 
 def http_cases(openapi: dict):
     components = openapi["components"]["schemas"]
-    valid = st.one_of(*(st.tuples(st.just(route), schema_values(components[name], components))
-                        for route, name in ROUTES.items()))
+    valid = st.one_of(
+        *(st.tuples(st.just(route), schema_values(components[name], components)) for route, name in ROUTES.items())
+    )
     mutated = st.tuples(valid, st.text(max_size=20), json_values).map(
-        lambda t: (t[0][0], {**t[0][1], (t[1] if t[1] else next(iter(t[0][1]), "prompt")): t[2]}))
+        lambda t: (t[0][0], {**t[0][1], (t[1] if t[1] else next(iter(t[0][1]), "prompt")): t[2]})
+    )
     # Schema-valid bodies whose prompt and sampling values are also plausible: these get served,
     # so the run reaches the engine and the stream's end, not only validation.
-    plausible = st.tuples(valid, st.one_of(st.text(min_size=1, max_size=200), st.lists(st.integers(0, 50256), min_size=1,
-                                                                          max_size=30)),
-                          st.fixed_dictionaries({}, optional=PLAUSIBLE_SAMPLING)).map(_plausible)
+    plausible = st.tuples(
+        valid,
+        st.one_of(st.text(min_size=1, max_size=200), st.lists(st.integers(0, 50256), min_size=1, max_size=30)),
+        st.fixed_dictionaries({}, optional=PLAUSIBLE_SAMPLING),
+    ).map(_plausible)
     anything = st.tuples(st.sampled_from(list(ROUTES)), json_values)
     raw = st.tuples(st.sampled_from(list(ROUTES)), st.binary(max_size=200))
     post = st.one_of(plausible, plausible, plausible, valid, mutated, mutated, anything, raw).map(
-        lambda c: ("POST", c[0], c[1]))
-    other = st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "POST"]),
-                      st.sampled_from(["/v1/models", "/health", "/v1/completions", "/v1/nope", "/", "/metrics"]),
-                      st.none())
+        lambda c: ("POST", c[0], c[1])
+    )
+    other = st.tuples(
+        st.sampled_from(["GET", "PUT", "DELETE", "POST"]),
+        st.sampled_from(["/v1/models", "/health", "/v1/completions", "/v1/nope", "/", "/metrics"]),
+        st.none(),
+    )
     return st.one_of(post, post, post, other).map(lambda c: ("http", *c))
 
 
@@ -150,20 +189,41 @@ def _message(text, ids, use_ids, params: dict) -> bytes:
 
 
 def grpc_cases():
-    params = st.fixed_dictionaries({"max_new_tokens": st.integers(0, MAX_TOKENS)}, optional={
-        "temperature": edge_floats, "top_k": edge_ints, "top_p": edge_floats, "seed": st.integers(0, 2**64 - 1),
-        "stop": st.lists(st.text(max_size=70), max_size=6), "ignore_eos": st.booleans(), "n": st.integers(0, MAX_N),
-        "cache_salt": st.text(max_size=300), "logprobs": st.integers(0, 8)})
+    params = st.fixed_dictionaries(
+        {"max_new_tokens": st.integers(0, MAX_TOKENS)},
+        optional={
+            "temperature": edge_floats,
+            "top_k": edge_ints,
+            "top_p": edge_floats,
+            "seed": st.integers(0, 2**64 - 1),
+            "stop": st.lists(st.text(max_size=70), max_size=6),
+            "ignore_eos": st.booleans(),
+            "n": st.integers(0, MAX_N),
+            "cache_salt": st.text(max_size=300),
+            "logprobs": st.integers(0, 8),
+        },
+    )
     ids = st.lists(st.integers(0, 2**32 - 1) | st.integers(0, 50256), max_size=40)
-    messages = st.builds(_message, st.none() | st.binary(max_size=300) | st.text(max_size=300).map(str.encode),
-                         ids, st.booleans(), params)
-    mutated = st.tuples(messages, st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1,
-                                           max_size=4)).map(_mutate)
-    plausible = st.builds(_message, st.text(min_size=1, max_size=200).map(str.encode),
-                          st.lists(st.integers(0, 50256), min_size=1, max_size=30), st.booleans(),
-                          st.fixed_dictionaries({"max_new_tokens": st.integers(1, MAX_TOKENS)},
-                                                optional={k: v for k, v in PLAUSIBLE_SAMPLING.items()
-                                                          if k not in ("stream",)}))
+    messages = st.builds(
+        _message,
+        st.none() | st.binary(max_size=300) | st.text(max_size=300).map(str.encode),
+        ids,
+        st.booleans(),
+        params,
+    )
+    mutated = st.tuples(
+        messages, st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4)
+    ).map(_mutate)
+    plausible = st.builds(
+        _message,
+        st.text(min_size=1, max_size=200).map(str.encode),
+        st.lists(st.integers(0, 50256), min_size=1, max_size=30),
+        st.booleans(),
+        st.fixed_dictionaries(
+            {"max_new_tokens": st.integers(1, MAX_TOKENS)},
+            optional={k: v for k, v in PLAUSIBLE_SAMPLING.items() if k not in ("stream",)},
+        ),
+    )
     return st.one_of(plausible, plausible, messages, mutated, st.binary(max_size=200)).map(lambda b: ("grpc", b))
 
 
@@ -231,11 +291,19 @@ def fuzz(stack, num_requests: int, seed: int) -> Tally:
     tally = Tally()
     openapi = httpx.get(f"{stack.http}/openapi.json", timeout=10).json()
     cases = st.one_of(http_cases(openapi), grpc_cases())
-    with httpx.Client(base_url=stack.http, timeout=60, headers={"authorization": f"Bearer {API_KEY}"}) as client, \
-            grpc.insecure_channel(stack.grpc) as channel:
+    with (
+        httpx.Client(base_url=stack.http, timeout=60, headers={"authorization": f"Bearer {API_KEY}"}) as client,
+        grpc.insecure_channel(stack.grpc) as channel,
+    ):
 
-        @settings(max_examples=num_requests, database=None, deadline=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck), derandomize=False)
+        @settings(
+            max_examples=num_requests,
+            database=None,
+            deadline=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+            derandomize=False,
+        )
         @given(case=cases)
         def one(case) -> None:
             tally.requests += 1
@@ -272,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key} x{count}: {tally.refusal_examples[key]}")
     for example in tally.examples + broken[:20]:
         print("  " + example)
-    print(f"fuzz_requests={tally.requests} server_errors={tally.server_errors} innocent_broken={len(broken)} "
-          f"leaked_blocks={leaked}")
+    print(
+        f"fuzz_requests={tally.requests} server_errors={tally.server_errors} innocent_broken={len(broken)} "
+        f"leaked_blocks={leaked}"
+    )
     return 0 if tally.server_errors == 0 and not broken and leaked == 0 else 1
 
 

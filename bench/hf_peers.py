@@ -2,6 +2,7 @@
 
 transformers is a benchmark/test extra: this module is never imported by the services.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,10 +18,16 @@ def hf_model_from_spec(spec: str):
 
     ours = load_model(spec)
     cfg = ours.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.context_length,
-        vocab_size=cfg.vocab_size, layer_norm_epsilon=cfg.layer_norm_epsilon,
-    ))
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            n_positions=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            layer_norm_epsilon=cfg.layer_norm_epsilon,
+        )
+    )
     missing, unexpected = hf.load_state_dict(nanogpt_to_hf_state_dict(ours), strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), (missing, unexpected)
     hf.generation_config.eos_token_id = None  # ignore_eos, as every arm
@@ -50,8 +57,8 @@ def run_hf_generate(hf, requests: list[Request], batch_size: int, progress=None)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, r in enumerate(batch):
-            ids[row, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
-            mask[row, width - len(r.prompt_token_ids):] = 1
+            ids[row, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+            mask[row, width - len(r.prompt_token_ids) :] = 1
         with torch.inference_mode():
             hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max(r.output_len for r in batch))
         if progress is not None:
@@ -65,13 +72,16 @@ def run_hf_generate_batch(hf, requests: list[Request], progress=None) -> float:
     from transformers import GenerationConfig
 
     config = GenerationConfig(
-        max_new_tokens=max(r.output_len for r in requests), do_sample=False, eos_token_id=None, pad_token_id=0,
+        max_new_tokens=max(r.output_len for r in requests), do_sample=False, eos_token_id=None, pad_token_id=0
     )
     hints = _workload_hints(requests)
     start = time.perf_counter()
-    with torch.inference_mode(), hf.continuous_batching_context_manager(
-        generation_config=config, block=True, timeout=5, workload_hints=hints
-    ) as manager:
+    with (
+        torch.inference_mode(),
+        hf.continuous_batching_context_manager(
+            generation_config=config, block=True, timeout=5, workload_hints=hints
+        ) as manager,
+    ):
         for r in requests:
             manager.add_request(r.prompt_token_ids, max_new_tokens=r.output_len, eos_token_id=-1)
         finished = 0

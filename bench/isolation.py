@@ -5,6 +5,7 @@ check that no block leaked.
 An attack passes when every innocent run got exactly its reference tokens, no replica was marked
 down or left by a migration, and once the stack is idle every pool's blocks are free.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ INNOCENTS = [("grpc", f"Innocent stream {i} keeps telling its story:", {"tempera
     ("http", "A seeded innocent over HTTP:", {"temperature": 0.9, "seed": 5}),
 ]
 # Bounds tighter than the defaults, so that the timeouts are seen within a test.
-GATEWAY_BOUNDS = {"http_header_timeout_s": "2", "http_body_timeout_s": "2", "stream_write_timeout_s": "2",
-                  "http_max_connections": "64", "max_request_s": "120"}
+GATEWAY_BOUNDS = {
+    "http_header_timeout_s": "2",
+    "http_body_timeout_s": "2",
+    "stream_write_timeout_s": "2",
+    "http_max_connections": "64",
+    "max_request_s": "120",
+}
 
 
 @dataclass
@@ -51,9 +57,16 @@ def isolation_stack(log_dir: str, model: str = "dummy:tiny", replicas: int = 2, 
     ports = free_ports(5 + replicas)
     memory, gateway, m1, m2, http, *computes = ports
     compute = {"model": model, "kv_budget_tokens": "8192", "max_num_seqs": "32", "fault_injection_salt": FAULT_SALT}
-    services = local_services(memory, tuple(computes), gateway, m1, m2, compute_settings=compute,
-                              gateway_http_port=http,
-                              gateway_settings={"api_keys": API_KEY, **GATEWAY_BOUNDS, **gateway_settings})
+    services = local_services(
+        memory,
+        tuple(computes),
+        gateway,
+        m1,
+        m2,
+        compute_settings=compute,
+        gateway_http_port=http,
+        gateway_settings={"api_keys": API_KEY, **GATEWAY_BOUNDS, **gateway_settings},
+    )
     os.makedirs(log_dir, exist_ok=True)
     with running_stack(services, timeout_s=180, log_dir=log_dir):
         yield Stack(f"127.0.0.1:{gateway}", f"http://127.0.0.1:{http}", f"127.0.0.1:{memory}", log_dir)
@@ -113,7 +126,8 @@ class Innocents:
                     got = self._http(prompt, params, max_new_tokens, len(want))
                     ok = got == [text for _, text in want]
             except (grpc.RpcError, httpx.HTTPError) as exc:
-                ok, error = False, f"{type(exc).__name__}: {getattr(exc, 'details', lambda: exc)()}"
+                details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+                ok, error = False, f"{type(exc).__name__}: {details}"
             with self._lock:
                 self.runs += 1
                 if not ok:
@@ -121,8 +135,15 @@ class Innocents:
 
     def _grpc(self, prompt: str, params: dict, max_new_tokens: int, n: int) -> list[list[int]]:
         tokens: list[list[int]] = [[] for _ in range(n)]
-        for response in stream_generate(self.stack.grpc, prompt, timeout_s=120, api_key=API_KEY,
-                                        max_new_tokens=max_new_tokens, ignore_eos=True, **params):
+        for response in stream_generate(
+            self.stack.grpc,
+            prompt,
+            timeout_s=120,
+            api_key=API_KEY,
+            max_new_tokens=max_new_tokens,
+            ignore_eos=True,
+            **params,
+        ):
             if response.HasField("chunk"):
                 tokens[response.chunk.index] += response.chunk.token_ids
         return tokens
@@ -130,12 +151,17 @@ class Innocents:
     def _http(self, prompt: str, params: dict, max_new_tokens: int, n: int) -> list[str]:
         texts = [""] * n
         body = {"prompt": prompt, "max_tokens": max_new_tokens, "ignore_eos": True, "stream": True, **params}
-        with httpx.stream("POST", f"{self.stack.http}/v1/completions", json=body, timeout=120,
-                          headers={"authorization": f"Bearer {API_KEY}"}) as reply:
+        with httpx.stream(
+            "POST",
+            f"{self.stack.http}/v1/completions",
+            json=body,
+            timeout=120,
+            headers={"authorization": f"Bearer {API_KEY}"},
+        ) as reply:
             reply.raise_for_status()
             for line in reply.iter_lines():
                 if line.startswith("data: {"):
-                    event = json.loads(line[len("data: "):])
+                    event = json.loads(line[len("data: ") :])
                     if "error" in event:
                         raise httpx.HTTPError(f"error event: {event['error']}")
                     for choice in event["choices"]:
@@ -145,8 +171,9 @@ class Innocents:
 
 def replicas_state(stack: Stack) -> list[gateway_pb2.ReplicaRouting]:
     with grpc.insecure_channel(stack.grpc) as channel:
-        stats = gateway_pb2_grpc.GatewayStub(channel).GetStats(gateway_pb2.StatsRequest(), timeout=10,
-                                                               metadata=auth_metadata(API_KEY))
+        stats = gateway_pb2_grpc.GatewayStub(channel).GetStats(
+            gateway_pb2.StatsRequest(), timeout=10, metadata=auth_metadata(API_KEY)
+        )
     return list(stats.replicas)
 
 

@@ -7,6 +7,7 @@ unmodified GPT-2 path), then driven through llama-cpp-python's low-level API: th
 several sequences in one `llama_batch`, which is how llama.cpp's server batches.
 llama-cpp-python, gguf and transformers are benchmark extras: never imported by the services.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,14 @@ set_verbose(False)  # llama.cpp logs through llama-cpp-python's callback; keep o
 GGUF_FORMAT_VERSION = 1  # bump when write_gguf's output changes, so cached files are rebuilt
 _Q, _F = gguf.GGMLQuantizationType, gguf.LlamaFileType
 _FTYPES = {"f32": (_F.ALL_F32, _Q.F32), "f16": (_F.MOSTLY_F16, _Q.F16), "q8_0": (_F.MOSTLY_Q8_0, _Q.Q8_0)}
-_LAYER_TENSORS = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-                  "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+_LAYER_TENSORS = {
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -39,7 +46,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=False))
 
 
 def _recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
@@ -49,13 +56,13 @@ def _recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) == 1:
             continue
-        parts = [token[i:i + 1] for i in range(len(token))]
+        parts = [token[i : i + 1] for i in range(len(token))]
         while len(parts) > 2:
             pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
             best, i = min(pairs)
             if best >= rank:
                 raise ValueError(f"cannot recover the merge of token {token!r}")
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         merges.append((parts[0], parts[1]))
     return merges
 
@@ -89,10 +96,16 @@ def write_gguf(model, path: str | os.PathLike, ftype: str = "f32") -> Path:
     file_type, qtype = _FTYPES[ftype]
     cfg, sd = model.config, {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     writer = gguf.GGUFWriter(str(path), "gpt2")
-    for add_kv, value in ((writer.add_name, "nanogpt"), (writer.add_context_length, cfg.context_length),
-                          (writer.add_embedding_length, cfg.n_embd), (writer.add_feed_forward_length, 4 * cfg.n_embd),
-                          (writer.add_block_count, cfg.n_layer), (writer.add_head_count, cfg.n_head),
-                          (writer.add_layer_norm_eps, cfg.layer_norm_epsilon), (writer.add_file_type, file_type)):
+    for add_kv, value in (
+        (writer.add_name, "nanogpt"),
+        (writer.add_context_length, cfg.context_length),
+        (writer.add_embedding_length, cfg.n_embd),
+        (writer.add_feed_forward_length, 4 * cfg.n_embd),
+        (writer.add_block_count, cfg.n_layer),
+        (writer.add_head_count, cfg.n_head),
+        (writer.add_layer_norm_eps, cfg.layer_norm_epsilon),
+        (writer.add_file_type, file_type),
+    ):
         add_kv(value)
     _add_tokenizer(writer, cfg.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -142,9 +155,16 @@ class LlamaCppPeer:
     kv_unified=False (one KV stream per sequence) each sequence gets n_ctx // n_seq_max cells and
     attends only over its own stream. flash_attn=None keeps llama.cpp's default (auto)."""
 
-    def __init__(self, gguf_path: str | os.PathLike, n_threads: int = 2, n_ctx: int = 1024,
-                 n_seq_max: int = 1, n_batch: int = 512, kv_unified: bool = False,
-                 flash_attn: bool | None = None) -> None:
+    def __init__(
+        self,
+        gguf_path: str | os.PathLike,
+        n_threads: int = 2,
+        n_ctx: int = 1024,
+        n_seq_max: int = 1,
+        n_batch: int = 512,
+        kv_unified: bool = False,
+        flash_attn: bool | None = None,
+    ) -> None:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -182,7 +202,7 @@ class LlamaCppPeer:
     def _decode(self, tokens: list[int], pos: list[int], seqs: list[int], want: list[bool]) -> None:
         b = self._batch
         b.n_tokens = len(tokens)
-        for i, (t, p, s, w) in enumerate(zip(tokens, pos, seqs, want)):
+        for i, (t, p, s, w) in enumerate(zip(tokens, pos, seqs, want, strict=False)):
             b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = t, p, 1, s, w
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
@@ -195,10 +215,14 @@ class LlamaCppPeer:
     def _prefill(self, ids: list[int], seq: int = 0) -> int:
         """Prompt into `seq` in n_batch chunks; the greedy next token."""
         for start in range(0, len(ids), self.n_batch):
-            chunk = ids[start:start + self.n_batch]
+            chunk = ids[start : start + self.n_batch]
             last = start + len(chunk) == len(ids)
-            self._decode(chunk, list(range(start, start + len(chunk))), [seq] * len(chunk),
-                         [last and i == len(chunk) - 1 for i in range(len(chunk))])
+            self._decode(
+                chunk,
+                list(range(start, start + len(chunk))),
+                [seq] * len(chunk),
+                [last and i == len(chunk) - 1 for i in range(len(chunk))],
+            )
         return int(np.argmax(self._logits_row(-1)))
 
     def clear(self) -> None:
@@ -269,9 +293,16 @@ def check_logits(peer: LlamaCppPeer, model, prompt_ids: list[int], ftype: str) -
     from compute_service.weights import nanogpt_to_hf_state_dict
 
     cfg = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.context_length,
-        vocab_size=cfg.vocab_size, layer_norm_epsilon=cfg.layer_norm_epsilon)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            n_positions=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            layer_norm_epsilon=cfg.layer_norm_epsilon,
+        )
+    ).eval()
     missing, unexpected = hf.load_state_dict(nanogpt_to_hf_state_dict(model), strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing)
     with torch.inference_mode():
@@ -280,6 +311,8 @@ def check_logits(peer: LlamaCppPeer, model, prompt_ids: list[int], ftype: str) -
     diff, top2 = float(np.max(np.abs(got - want))), np.sort(want)[-2:]
     gap, a_got, a_want = float(top2[1] - top2[0]), int(np.argmax(got)), int(np.argmax(want))
     if not diff < TOLERANCES[ftype] or (a_got != a_want and gap >= 2 * diff):
-        raise RuntimeError(f"llama.cpp {ftype} logits disagree with HF: max|diff| {diff:.4g} (tol "
-                           f"{TOLERANCES[ftype]}), argmax {a_got} vs {a_want} (HF top-2 gap {gap:.4g})")
+        raise RuntimeError(
+            f"llama.cpp {ftype} logits disagree with HF: max|diff| {diff:.4g} (tol "
+            f"{TOLERANCES[ftype]}), argmax {a_got} vs {a_want} (HF top-2 gap {gap:.4g})"
+        )
     return diff

@@ -17,6 +17,7 @@ MAX_NEW_TOKENS (cap on the drawn output lengths; default none), API_KEY (sent as
 `authorization: Bearer <key>`, on either transport), TLS_CA (a PEM certificate to verify a TLS
 gateway against; gRPC then uses TLS, HTTP takes an https:// host).
 """
+
 from __future__ import annotations
 
 import grpc.experimental.gevent as grpc_gevent
@@ -53,8 +54,10 @@ def next_request(gateway_address: str) -> Request:
     with _workload_lock:
         if _next_request is None:
             requests_ = WORKLOADS[os.environ.get("WORKLOAD", "sharegpt-synth")](
-                int(os.environ.get("WORKLOAD_SIZE", "1000")), seed=int(os.environ.get("WORKLOAD_SEED", "0")),
-                limits=served_model_limits(gateway_address, api_key=API_KEY, tls_ca_file=TLS_CA))
+                int(os.environ.get("WORKLOAD_SIZE", "1000")),
+                seed=int(os.environ.get("WORKLOAD_SEED", "0")),
+                limits=served_model_limits(gateway_address, api_key=API_KEY, tls_ca_file=TLS_CA),
+            )
             _next_request = itertools.cycle(requests_).__next__
     return _next_request()
 
@@ -65,8 +68,12 @@ class _GatewayUser(User):
 
     def _fire(self, name: str, start: float, length: int, exc: Exception | None) -> None:
         self.environment.events.request.fire(
-            request_type=TRANSPORT, name=name, response_time=(time.perf_counter() - start) * 1000,
-            response_length=length, exception=exc, context={},
+            request_type=TRANSPORT,
+            name=name,
+            response_time=(time.perf_counter() - start) * 1000,
+            response_length=length,
+            exception=exc,
+            context={},
         )
 
     def _request(self) -> tuple[Request, int]:
@@ -126,13 +133,20 @@ class OpenAIHttpUser(_GatewayUser):
     @task
     def generate(self) -> None:
         req, max_new = self._request()
-        body = {"prompt": req.prompt_token_ids, "max_tokens": max_new, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "prompt": req.prompt_token_ids,
+            "max_tokens": max_new,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         start = time.perf_counter()
         tokens, first_text, error = 0, False, None
         try:
-            with self.session.post(f"{self.host.rstrip('/')}/v1/completions", json=body, stream=True,
-                                   timeout=600) as response:
+            with self.session.post(
+                f"{self.host.rstrip('/')}/v1/completions", json=body, stream=True, timeout=600
+            ) as response:
                 if response.status_code != 200:
                     error = RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
                 else:

@@ -5,6 +5,7 @@ next to decode steps (the measurements behind the scheduler's choices in the REA
 Packed = every prompt's real tokens concatenated (what the engine does); padded = every prompt
 padded to the longest, so the linear layers and attention also process the pad tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-tokens", type=int, default=512, help="one prompt of this length vs --peers")
-    ap.add_argument("--peers", default="", type=lambda s: [p for p in s.split(",") if p],
-                    help="llama-cpp-f32,... : prefill tok/s of the same prompt on the same weights")
+    ap.add_argument(
+        "--peers",
+        default="",
+        type=lambda s: [p for p in s.split(",") if p],
+        help="llama-cpp-f32,... : prefill tok/s of the same prompt on the same weights",
+    )
     args = ap.parse_args(argv)
     model = load_model(args.model)
     lens = np.random.default_rng(args.seed).integers(20, 300, size=args.num_prompts).tolist()
@@ -70,7 +75,9 @@ def compare_with_llama_cpp(args: argparse.Namespace, model) -> None:
         theirs = peer.prefill_tok_per_s(prompt, repeats=args.repeats)
         peer.close()
         ratios.append(ours / theirs)
-        print(f"prefill of {n} tokens: ours {ours:.0f} tok/s, {name} {theirs:.0f} tok/s, ours/{name} = {ratios[-1]:.2f}x")
+        print(
+            f"prefill of {n} tokens: ours {ours:.0f} tok/s, {name} {theirs:.0f} tok/s, ours/{name} = {ratios[-1]:.2f}x"
+        )
     if ratios:
         print(f"prefill_vs_llama_cpp={ratios[0]:.3f}")
 

@@ -6,6 +6,7 @@ row) and each sequence's keys and values; at small batch it does little else, so
 streaming a buffer of at least 1 GiB with the engine's threads (csrc/read_probe.cpp), best of
 several tries: a probe slower than some program's implied bandwidth would be measuring itself.
 """
+
 from __future__ import annotations
 
 import time

@@ -17,6 +17,7 @@ and --routing names the gateway's policies to compare (bench/routing.py sums the
 arms alternate (services, in-process, in-process, services for --compare-rounds 2) so that drift
 of a shared machine during the run cancels instead of landing on one arm.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,16 @@ def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[f
     return np.cumsum(gaps).tolist()
 
 
-async def run_load(gateway: str, http_url: str, requests: list[Request], rate: float, burstiness: float, seed: int,
-                   backend: str = "grpc", credentials: tuple[str, str] = ("", "")):
+async def run_load(
+    gateway: str,
+    http_url: str,
+    requests: list[Request],
+    rate: float,
+    burstiness: float,
+    seed: int,
+    backend: str = "grpc",
+    credentials: tuple[str, str] = ("", ""),
+):
     """Open-loop arrivals, each request streamed over `backend` (grpc | openai-http)."""
     offsets = arrival_offsets(len(requests), rate, burstiness, seed)
     records = [RequestRecord() for _ in requests]
@@ -71,7 +80,7 @@ async def run_load(gateway: str, http_url: str, requests: list[Request], rate: f
         with tqdm(total=len(requests), desc=f"rate {rate}", unit="req") as progress:
             start = time.perf_counter()
             tasks = []
-            for req, rec, offset in zip(requests, records, offsets):
+            for req, rec, offset in zip(requests, records, offsets, strict=False):
                 delay = start + offset - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -89,11 +98,16 @@ def summarize(records: list[RequestRecord], requests: list[Request], wall: float
     itl = ms([gap for r in ok for gap in r.itl])
     norm = ms([r.e2el / r.output_tokens for r in ok if r.output_tokens])
     out_tokens = sum(r.output_tokens for r in ok)
-    row = dict(completed=len(ok), failed=len(records) - len(ok), wall_seconds=wall,
-               request_throughput=len(ok) / wall, output_token_throughput=out_tokens / wall,
-               total_token_throughput=(out_tokens + sum(len(q.prompt_token_ids) for q in requests)) / wall,
-               mean_normalized_latency_ms=float(norm.mean()) if len(norm) else math.nan,
-               prefix_hit_rate=sum(r.cached_tokens for r in ok) / max(sum(r.prompt_tokens for r in ok), 1))
+    row = dict(
+        completed=len(ok),
+        failed=len(records) - len(ok),
+        wall_seconds=wall,
+        request_throughput=len(ok) / wall,
+        output_token_throughput=out_tokens / wall,
+        total_token_throughput=(out_tokens + sum(len(q.prompt_token_ids) for q in requests)) / wall,
+        mean_normalized_latency_ms=float(norm.mean()) if len(norm) else math.nan,
+        prefix_hit_rate=sum(r.cached_tokens for r in ok) / max(sum(r.prompt_tokens for r in ok), 1),
+    )
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
         row[f"mean_{name}_ms"] = float(values.mean()) if len(values) else math.nan
         row[f"median_{name}_ms"] = float(np.median(values)) if len(values) else math.nan
@@ -108,10 +122,22 @@ def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: 
     from deploy.services import free_ports, local_services
 
     memory, gateway, m1, m2, http, *computes = free_ports(5 + args.replicas)
-    settings = {"model": args.model, "mode": mode, "kv_budget_tokens": str(args.kv_budget_tokens),
-                "max_num_seqs": str(args.max_num_seqs)}
-    services = local_services(memory, tuple(computes), gateway, m1, m2, compute_settings=settings,
-                              gateway_settings={"routing": routing}, gateway_http_port=http)
+    settings = {
+        "model": args.model,
+        "mode": mode,
+        "kv_budget_tokens": str(args.kv_budget_tokens),
+        "max_num_seqs": str(args.max_num_seqs),
+    }
+    services = local_services(
+        memory,
+        tuple(computes),
+        gateway,
+        m1,
+        m2,
+        compute_settings=settings,
+        gateway_settings={"routing": routing},
+        gateway_http_port=http,
+    )
     threads = os.environ.get("OMP_NUM_THREADS")
     if args.replicas > 1:  # the replicas share this machine's cores: no oversubscription
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.replicas))
@@ -136,15 +162,19 @@ def in_process_run(args: argparse.Namespace, mode: str, requests: list[Request])
     from bench.benchmark import run_requests
     from compute_service.engine import InferenceEngine
 
-    engine = InferenceEngine(model=args.model, mode=mode, kv_budget_tokens=args.kv_budget_tokens,
-                             max_num_seqs=args.max_num_seqs)
+    engine = InferenceEngine(
+        model=args.model, mode=mode, kv_budget_tokens=args.kv_budget_tokens, max_num_seqs=args.max_num_seqs
+    )
     run_requests(engine, requests[:2])  # warm-up, as the served stack got one
     sched = engine.scheduler
     steps, preemptions = sched.num_schedule_rounds, sched.num_preemptions
     with tqdm(total=sum(r.output_len for r in requests), desc="in-process", unit="tok") as bar:
         wall = run_requests(engine, requests, bar)
-    return dict(output_token_throughput=sum(r.output_len for r in requests) / wall,
-                num_steps=sched.num_schedule_rounds - steps, num_preemptions=sched.num_preemptions - preemptions)
+    return dict(
+        output_token_throughput=sum(r.output_len for r in requests) / wall,
+        num_steps=sched.num_schedule_rounds - steps,
+        num_preemptions=sched.num_preemptions - preemptions,
+    )
 
 
 def compare_split(args: argparse.Namespace, requests: list[Request], rate: float, first: dict) -> None:
@@ -152,23 +182,35 @@ def compare_split(args: argparse.Namespace, requests: list[Request], rate: float
     a machine that speeds up or slows down during the run favours neither; `first` is the services
     run already made. Ends with the machine-readable line."""
     mode = args.modes[0]
-    order = [arm for r in range(args.compare_rounds) for arm in
-             (("services", "in-process") if r % 2 == 0 else ("in-process", "services"))]
+    order = [
+        arm
+        for r in range(args.compare_rounds)
+        for arm in (("services", "in-process") if r % 2 == 0 else ("in-process", "services"))
+    ]
     services, local = [first], []
     for arm in order[1:]:
         if arm == "services":
             services.append(bench_one(args, mode, rate)[0])
         else:
             local.append(in_process_run(args, mode, requests))
-            print(f"in-process: {local[-1]['output_token_throughput']:.1f} output tok/s, {local[-1]['num_steps']} "
-                  f"steps, {local[-1]['num_preemptions']} preemptions")
+            print(
+                f"in-process: {local[-1]['output_token_throughput']:.1f} output tok/s, {local[-1]['num_steps']} "
+                f"steps, {local[-1]['num_preemptions']} preemptions"
+            )
     mean = lambda rows, key: float(np.mean([r.get(key, math.nan) for r in rows]))  # noqa: E731
     through, in_process = mean(services, "output_token_throughput"), mean(local, "output_token_throughput")
-    print(f"order {' '.join(order)}: services " + " / ".join(f"{r['output_token_throughput']:.1f}" for r in services)
-          + " tok/s, in-process " + " / ".join(f"{r['output_token_throughput']:.1f}" for r in local) + " tok/s")
-    print(f"split_efficiency={through / in_process:.3f} "
-          f"memory_rpc_p50_ms={mean(services, 'memory_rpc_p50_ms'):.3f} "
-          f"memory_calls_per_step={mean(services, 'memory_calls_per_step'):.2f}")
+    print(
+        f"order {' '.join(order)}: services "
+        + " / ".join(f"{r['output_token_throughput']:.1f}" for r in services)
+        + " tok/s, in-process "
+        + " / ".join(f"{r['output_token_throughput']:.1f}" for r in local)
+        + " tok/s"
+    )
+    print(
+        f"split_efficiency={through / in_process:.3f} "
+        f"memory_rpc_p50_ms={mean(services, 'memory_rpc_p50_ms'):.3f} "
+        f"memory_calls_per_step={mean(services, 'memory_calls_per_step'):.2f}"
+    )
 
 
 def write_row(row: dict, path: Path = RESULTS) -> None:
@@ -188,8 +230,9 @@ def write_row(row: dict, path: Path = RESULTS) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def draw_requests(workload: str, num_requests: int, seed: int, limits: ModelLimits,
-                  shape: tuple[int, ...] = ()) -> list[Request]:
+def draw_requests(
+    workload: str, num_requests: int, seed: int, limits: ModelLimits, shape: tuple[int, ...] = ()
+) -> list[Request]:
     """The workload's requests; `shape` = (groups, per group, system, question, new tokens, prompt
     tokens) for shared-prefix and fixed."""
     if workload == "fixed":  # every request: --prompt-tokens random tokens, --new-tokens out
@@ -197,8 +240,10 @@ def draw_requests(workload: str, num_requests: int, seed: int, limits: ModelLimi
     elif workload == "shared-prefix":  # num_groups x prompts_per_group requests (--num-requests does not apply)
         system, question, new = shape[2:5]
         if system + question + new > limits.context_length:
-            raise ValueError(f"shared-prefix requests of {system + question + new} tokens do not fit the served "
-                             f"model's context ({limits.context_length})")
+            raise ValueError(
+                f"shared-prefix requests of {system + question + new} tokens do not fit the served "
+                f"model's context ({limits.context_length})"
+            )
         requests = shared_prefix(*shape[:5], seed=seed, vocab_size=limits.vocab_size)
     else:
         requests = WORKLOADS[workload](num_requests, seed=seed, limits=limits)
@@ -207,8 +252,14 @@ def draw_requests(workload: str, num_requests: int, seed: int, limits: ModelLimi
 
 
 def workload_shape(args: argparse.Namespace) -> tuple[int, ...]:
-    return (args.num_groups, args.prompts_per_group, args.system_prompt_tokens, args.question_tokens,
-            args.new_tokens, args.prompt_tokens)
+    return (
+        args.num_groups,
+        args.prompts_per_group,
+        args.system_prompt_tokens,
+        args.question_tokens,
+        args.new_tokens,
+        args.prompt_tokens,
+    )
 
 
 def compare_transports(args: argparse.Namespace) -> None:
@@ -224,7 +275,9 @@ def compare_transports(args: argparse.Namespace) -> None:
 
         async def run() -> dict:
             async with Transports(gateway, http_url, args.api_key, args.tls_ca) as transports:
-                await paired_run(transports, fixed_length(4, 40, 4, seed=args.seed + 999), 0.0, RequestRecord)  # warm-up
+                await paired_run(
+                    transports, fixed_length(4, 40, 4, seed=args.seed + 999), 0.0, RequestRecord
+                )  # warm-up
                 return await paired_run(transports, requests, gap, RequestRecord)
 
         records = asyncio.run(run())
@@ -242,26 +295,52 @@ def bench_one(args, mode: str, rate: float, routing: str = "") -> tuple[dict, li
         limits = served_model_limits(gateway, api_key=args.api_key, tls_ca_file=args.tls_ca)
         requests = draw_requests(args.workload, args.num_requests, args.seed, limits, workload_shape(args))
         # Warm-up on prompts that share nothing with the workload: no measured prompt is cached by it.
-        asyncio.run(run_load(gateway, http_url, fixed_length(2 * max(len(computes), 1), 40, 4, seed=args.seed + 999),
-                             math.inf, 1.0, args.seed, args.backend, (args.api_key, args.tls_ca)))
+        asyncio.run(
+            run_load(
+                gateway,
+                http_url,
+                fixed_length(2 * max(len(computes), 1), 40, 4, seed=args.seed + 999),
+                math.inf,
+                1.0,
+                args.seed,
+                args.backend,
+                (args.api_key, args.tls_ca),
+            )
+        )
         before = [compute_info(c) for c in computes]
-        records, wall = asyncio.run(run_load(gateway, http_url, requests, rate, args.burstiness, args.seed,
-                                             args.backend, (args.api_key, args.tls_ca)))
+        records, wall = asyncio.run(
+            run_load(
+                gateway, http_url, requests, rate, args.burstiness, args.seed, args.backend, (args.api_key, args.tls_ca)
+            )
+        )
         after = [compute_info(c) for c in computes]
-    row = dict(timestamp_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=args.model,
-               mode=mode, workload=args.workload, num_requests=len(requests), request_rate=rate,
-               burstiness=args.burstiness, kv_budget_tokens=args.kv_budget_tokens, replicas=max(len(computes), 1),
-               routing=routing, backend=args.backend, **summarize(records, requests, wall))
-    for b, a in zip(before, after):
-        print(f"compute replica {a.replica}: {a.num_schedule_rounds - b.num_schedule_rounds} steps, "
-              f"{a.num_preemptions - b.num_preemptions} preemptions, "
-              f"{sum(r.replica == a.replica for r in records)} requests")
+    row = dict(
+        timestamp_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=args.model,
+        mode=mode,
+        workload=args.workload,
+        num_requests=len(requests),
+        request_rate=rate,
+        burstiness=args.burstiness,
+        kv_budget_tokens=args.kv_budget_tokens,
+        replicas=max(len(computes), 1),
+        routing=routing,
+        backend=args.backend,
+        **summarize(records, requests, wall),
+    )
+    for b, a in zip(before, after, strict=False):
+        print(
+            f"compute replica {a.replica}: {a.num_schedule_rounds - b.num_schedule_rounds} steps, "
+            f"{a.num_preemptions - b.num_preemptions} preemptions, "
+            f"{sum(r.replica == a.replica for r in records)} requests"
+        )
     if len(computes) > 1:
         row["requests_per_replica"] = "/".join(str(sum(r.replica == a.replica for r in records)) for a in after)
     elif computes:
         (b,), (a,) = before, after
         row["memory_calls_per_step"] = (a.num_memory_calls - b.num_memory_calls) / max(
-            a.num_schedule_rounds - b.num_schedule_rounds, 1)
+            a.num_schedule_rounds - b.num_schedule_rounds, 1
+        )
         row["memory_rpc_p50_ms"] = a.memory_rpc_p50_ms
     write_row(row, args.output)
     return row, requests
@@ -273,7 +352,7 @@ def sustainable_rate(rows: list[dict], factor: float = 2.0) -> tuple[float, floa
     rows = sorted(rows, key=lambda r: r["request_rate"])
     limit = factor * rows[0]["mean_normalized_latency_ms"]
     best, crossing = rows[0]["request_rate"], math.nan
-    for lo, hi in zip(rows, rows[1:]):
+    for lo, hi in zip(rows, rows[1:], strict=False):
         if hi["mean_normalized_latency_ms"] >= limit:
             x0, x1 = math.log(lo["request_rate"]), math.log(hi["request_rate"])
             y0, y1 = math.log(lo["mean_normalized_latency_ms"]), math.log(hi["mean_normalized_latency_ms"])
@@ -296,23 +375,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--question-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32, help="shared-prefix: output tokens of each request")
     ap.add_argument("--replicas", type=int, default=1, help="compute replicas of the stack the benchmark starts")
-    ap.add_argument("--routing", default="kv-aware", type=lambda s: s.split(","),
-                    help="the gateway's routing policies to run (comma-separated): kv-aware, least-loaded, round-robin")
+    ap.add_argument(
+        "--routing",
+        default="kv-aware",
+        type=lambda s: s.split(","),
+        help="the gateway's routing policies to run (comma-separated): kv-aware, least-loaded, round-robin",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--address", default="", help="a running gateway; empty = start a stack")
     ap.add_argument("--http-address", default="http://127.0.0.1:8000", help="its HTTP front (with --address)")
     ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""), help="for a gateway with API keys")
     ap.add_argument("--tls-ca", default="", help="PEM certificate to verify a TLS gateway (with --address)")
-    ap.add_argument("--backend", default="grpc", choices=BACKENDS,
-                    help="transport to the gateway; both = the paired gRPC vs HTTP comparison (bench/transports.py)")
+    ap.add_argument(
+        "--backend",
+        default="grpc",
+        choices=BACKENDS,
+        help="transport to the gateway; both = the paired gRPC vs HTTP comparison (bench/transports.py)",
+    )
     ap.add_argument("--model", default="dummy:gpt2")
     ap.add_argument("--modes", default="paged", type=lambda s: s.split(","))
     ap.add_argument("--kv-budget-tokens", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--sweep", default="", help="comma-separated request rates, run for every mode")
     ap.add_argument("--compare-in-process", action="store_true")
-    ap.add_argument("--compare-rounds", type=int, default=2,
-                    help="rounds of (services, in-process), alternating which goes first")
+    ap.add_argument(
+        "--compare-rounds", type=int, default=2, help="rounds of (services, in-process), alternating which goes first"
+    )
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.backend == "both":
@@ -325,14 +413,21 @@ def main(argv: list[str] | None = None) -> None:
             for rate in rates:
                 row, requests = bench_one(args, mode, rate, policy)
                 by_arm.setdefault((mode, policy), []).append(row)
-                print(f"{mode} {policy} rate={rate}: " + ", ".join(
-                    f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                    if k not in ("timestamp_utc", "model", "workload", "mode", "request_rate", "routing")))
+                print(
+                    f"{mode} {policy} rate={rate}: "
+                    + ", ".join(
+                        f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()
+                        if k not in ("timestamp_utc", "model", "workload", "mode", "request_rate", "routing")
+                    )
+                )
     if len(rates) > 1:
         sustained = {arm: sustainable_rate(rows) for arm, rows in by_arm.items()}
         for (mode, policy), (best, crossing) in sustained.items():
-            print(f"{mode} {policy}: normalized latency under 2x its {min(rates)} req/s value up to {best} req/s "
-                  f"(crosses 2x at {crossing:.3f} req/s)")
+            print(
+                f"{mode} {policy}: normalized latency under 2x its {min(rates)} req/s value up to {best} req/s "
+                f"(crosses 2x at {crossing:.3f} req/s)"
+            )
         first = args.routing[0]
         if {("paged", first), ("contiguous", first)} <= set(sustained):
             (p_best, p_cross), (c_best, c_cross) = sustained[("paged", first)], sustained[("contiguous", first)]

@@ -14,15 +14,14 @@
   sample_seed(seed, i) in both arms, so both produce exactly the same tokens (checked). Rounds
   alternate as above; last line `n4_block_ratio=<peak KV blocks, n / separate> n4_speedup=<tok/s>`.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
 
-import numpy as np
-
-from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length, shared_prefix
+from bench.workloads import WORKLOADS, ModelLimits, describe, fixed_length, shared_prefix
 from common.sampling_params import SamplingParams, sample_seed
 from compute_service.engine import InferenceEngine
 
@@ -48,7 +47,7 @@ def timed_run(engine: InferenceEngine, work: list[tuple[list[int], SamplingParam
     engine.scheduler.num_preemptions = 0
     ids = [engine.add_request(prompt, params) for prompt, params in work]
     first: dict[str, float] = {}
-    outputs: dict[str, list[list[int]]] = {i: [[] for _ in range(p.n)] for i, (_, p) in zip(ids, work)}
+    outputs: dict[str, list[list[int]]] = {i: [[] for _ in range(p.n)] for i, (_, p) in zip(ids, work, strict=False)}
     start = time.perf_counter()
     while engine.has_unfinished():
         for out in engine.step():
@@ -56,9 +55,14 @@ def timed_run(engine: InferenceEngine, work: list[tuple[list[int], SamplingParam
                 first.setdefault(out.group_id, time.perf_counter() - start)
                 outputs[out.group_id][out.index].extend(out.new_token_ids)
     wall = time.perf_counter() - start
-    result = dict(wall_seconds=wall, output_tokens=sum(len(t) for o in outputs.values() for t in o),
-                  ttft_p50_seconds=statistics.median(first[i] for i in ids), outputs=[outputs[i] for i in ids],
-                  peak_blocks=engine.stats.peak_used_blocks, hit_rate=0.0)
+    result = dict(
+        wall_seconds=wall,
+        output_tokens=sum(len(t) for o in outputs.values() for t in o),
+        ttft_p50_seconds=statistics.median(first[i] for i in ids),
+        outputs=[outputs[i] for i in ids],
+        peak_blocks=engine.stats.peak_used_blocks,
+        hit_rate=0.0,
+    )
     if before is not None:
         after = engine.allocator.stats()
         queried = after.prefix_query_tokens - before.prefix_query_tokens
@@ -68,19 +72,35 @@ def timed_run(engine: InferenceEngine, work: list[tuple[list[int], SamplingParam
 
 
 def row(arm: str, caching: str, run: dict, engine: InferenceEngine, num_requests: int) -> dict:
-    return dict(mode=arm, prefix_caching=caching, wall_seconds=run["wall_seconds"],
-                output_tokens_per_second=run["output_tokens_per_second"], ttft_p50_seconds=run["ttft_p50_seconds"],
-                prefix_hit_rate=run["hit_rate"], kv_blocks_used=run["peak_blocks"], num_requests=num_requests,
-                peak_concurrent_seqs=engine.stats.peak_running, preemptions=engine.scheduler.num_preemptions,
-                num_blocks=engine.scheduler.config.num_blocks, block_size=engine.scheduler.config.block_size)
+    return dict(
+        mode=arm,
+        prefix_caching=caching,
+        wall_seconds=run["wall_seconds"],
+        output_tokens_per_second=run["output_tokens_per_second"],
+        ttft_p50_seconds=run["ttft_p50_seconds"],
+        prefix_hit_rate=run["hit_rate"],
+        kv_blocks_used=run["peak_blocks"],
+        num_requests=num_requests,
+        peak_concurrent_seqs=engine.stats.peak_running,
+        preemptions=engine.scheduler.num_preemptions,
+        num_blocks=engine.scheduler.config.num_blocks,
+        block_size=engine.scheduler.config.block_size,
+    )
 
 
 def shared_prefix_run(args: argparse.Namespace, make_engine) -> tuple[list[dict], str]:
     rows, runs = [], {}
     for caching in args.prefix_caching:
         engine = make_engine(args, "paged", args.kv_budget_tokens, prefix_caching=caching)
-        requests = shared_prefix(args.num_groups, args.prompts_per_group, args.system_prompt_tokens,
-                                 args.question_tokens, args.new_tokens, args.seed, engine.model.config.vocab_size)
+        requests = shared_prefix(
+            args.num_groups,
+            args.prompts_per_group,
+            args.system_prompt_tokens,
+            args.question_tokens,
+            args.new_tokens,
+            args.seed,
+            engine.model.config.vocab_size,
+        )
         if not rows:
             print("workload shared-prefix -", describe(requests))
         warm_up(engine, args.seed)
@@ -90,8 +110,10 @@ def shared_prefix_run(args: argparse.Namespace, make_engine) -> tuple[list[dict]
     if {"on", "off"} <= set(runs):
         on, off = runs["on"], runs["off"]
         assert on["outputs"] == off["outputs"], "prefix caching changed a token"
-        line = (f"prefix_cache_speedup={on['output_tokens_per_second'] / off['output_tokens_per_second']:.2f} "
-                f"ttft_ratio={off['ttft_p50_seconds'] / on['ttft_p50_seconds']:.2f} hit_rate={on['hit_rate']:.3f}")
+        line = (
+            f"prefix_cache_speedup={on['output_tokens_per_second'] / off['output_tokens_per_second']:.2f} "
+            f"ttft_ratio={off['ttft_p50_seconds'] / on['ttft_p50_seconds']:.2f} hit_rate={on['hit_rate']:.3f}"
+        )
     return rows, line
 
 
@@ -117,11 +139,15 @@ def no_sharing_overhead(args: argparse.Namespace, make_engine) -> tuple[list[dic
         run = timed_run(engines[caching], work)
         by_arm[caching].append(run)
         rows.append(row(f"paged prefix-caching={caching}", caching, run, engines[caching], len(requests)))
-        print(f"  prefix-caching={caching}: {run['output_tokens_per_second']:.1f} tok/s, hit rate {run['hit_rate']:.3f}")
+        print(
+            f"  prefix-caching={caching}: {run['output_tokens_per_second']:.1f} tok/s, hit rate {run['hit_rate']:.3f}"
+        )
     line = ""
     if {"on", "off"} <= set(by_arm):
-        ratios = [on["output_tokens_per_second"] / off["output_tokens_per_second"]
-                  for on, off in zip(by_arm["on"], by_arm["off"])]
+        ratios = [
+            on["output_tokens_per_second"] / off["output_tokens_per_second"]
+            for on, off in zip(by_arm["on"], by_arm["off"], strict=False)
+        ]
         print("rounds' on/off throughput ratios:", " ".join(f"{r:.3f}" for r in ratios))
         line = f"no_sharing_overhead={1 - statistics.median(ratios):.4f}"
     return rows, line
@@ -132,8 +158,10 @@ def parallel_sampling(args: argparse.Namespace, make_engine) -> tuple[list[dict]
     sampled = dict(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
     arms = {  # the same n draws either way: sample i is seeded sample_seed(seed, i)
         f"n={args.n} (one request)": ("on", [(prompt, SamplingParams(**sampled, seed=args.seed, n=args.n))]),
-        f"{args.n} separate requests": ("off", [(prompt, SamplingParams(**sampled, seed=sample_seed(args.seed, i)))
-                                               for i in range(args.n)]),
+        f"{args.n} separate requests": (
+            "off",
+            [(prompt, SamplingParams(**sampled, seed=sample_seed(args.seed, i))) for i in range(args.n)],
+        ),
     }
     engines = {arm: make_engine(args, "paged", args.kv_budget_tokens, prefix_caching=c) for arm, (c, _) in arms.items()}
     for engine in engines.values():
@@ -146,16 +174,23 @@ def parallel_sampling(args: argparse.Namespace, make_engine) -> tuple[list[dict]
         print(f"  {arm}: {run['output_tokens_per_second']:.1f} tok/s, peak {run['peak_blocks']} KV blocks")
     together, separate = (by_arm[a] for a in arms)
     flat = lambda outputs: [t for o in outputs for t in o]  # noqa: E731
-    assert all(flat(a["outputs"]) == flat(b["outputs"]) for a, b in zip(together, separate)), "the arms drew different tokens"
-    blocks = statistics.median(a["peak_blocks"] / b["peak_blocks"] for a, b in zip(together, separate))
-    speedup = statistics.median(a["output_tokens_per_second"] / b["output_tokens_per_second"]
-                                for a, b in zip(together, separate))
+    assert all(flat(a["outputs"]) == flat(b["outputs"]) for a, b in zip(together, separate, strict=False)), (
+        "the arms drew different tokens"
+    )
+    blocks = statistics.median(a["peak_blocks"] / b["peak_blocks"] for a, b in zip(together, separate, strict=False))
+    speedup = statistics.median(
+        a["output_tokens_per_second"] / b["output_tokens_per_second"] for a, b in zip(together, separate, strict=False)
+    )
     return rows, f"n{args.n}_block_ratio={blocks:.3f} n{args.n}_speedup={speedup:.2f}"
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--prefix-caching", default="on", type=lambda s: s.split(","),
-                    help="on | off | on,off (paged mode): workloads run once per value")
+    ap.add_argument(
+        "--prefix-caching",
+        default="on",
+        type=lambda s: s.split(","),
+        help="on | off | on,off (paged mode): workloads run once per value",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="on,off comparisons: alternate the arms this many times")
     ap.add_argument("--num-groups", type=int, default=8, help="shared-prefix: system prompts")
     ap.add_argument("--prompts-per-group", type=int, default=8)

@@ -11,6 +11,7 @@ chunk - send, TPOT = (E2EL - TTFT) / (output tokens -
 then the medians: `http_ttft_delta_ms` = TTFT p50 over HTTP - TTFT p50 over gRPC, beside the median
 of the paired differences, and TPOT p50 over HTTP / over gRPC.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,10 +32,18 @@ from rpc.v1 import gateway_pb2_grpc, generate_pb2
 BACKENDS = ("grpc", "openai-http", "both")
 
 
-async def one_http_request(session: aiohttp.ClientSession, base_url: str, req: Request, record,
-                           progress: tqdm, cache_salt: str = "") -> None:
-    body = {"prompt": req.prompt_token_ids, "max_tokens": req.output_len, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}, "cache_salt": cache_salt}
+async def one_http_request(
+    session: aiohttp.ClientSession, base_url: str, req: Request, record, progress: tqdm, cache_salt: str = ""
+) -> None:
+    body = {
+        "prompt": req.prompt_token_ids,
+        "max_tokens": req.output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "cache_salt": cache_salt,
+    }
     start = last = time.perf_counter()
     try:
         async with session.post(f"{base_url}/v1/completions", json=body) as response:
@@ -51,7 +60,9 @@ async def one_http_request(session: aiohttp.ClientSession, base_url: str, req: R
                     record.output_tokens = usage["completion_tokens"]
                     record.prompt_tokens = usage["prompt_tokens"]
                     record.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
-                elif event["choices"] and event["choices"][0]["finish_reason"] is None:  # a token (text may be held back)
+                elif (
+                    event["choices"] and event["choices"][0]["finish_reason"] is None
+                ):  # a token (text may be held back)
                     now = time.perf_counter()
                     if math.isnan(record.ttft):
                         record.ttft = now - start
@@ -64,12 +75,14 @@ async def one_http_request(session: aiohttp.ClientSession, base_url: str, req: R
     progress.update(1)
 
 
-async def one_grpc_request(stub, req: Request, record, progress: tqdm, cache_salt: str = "",
-                           metadata: list[tuple[str, str]] = ()) -> None:
+async def one_grpc_request(
+    stub, req: Request, record, progress: tqdm, cache_salt: str = "", metadata: list[tuple[str, str]] = ()
+) -> None:
     message = generate_pb2.GenerateRequest(
         token_ids=generate_pb2.TokenIds(ids=req.prompt_token_ids),
-        params=generate_pb2.SamplingParams(max_new_tokens=req.output_len, temperature=0, ignore_eos=True,
-                                           cache_salt=cache_salt),
+        params=generate_pb2.SamplingParams(
+            max_new_tokens=req.output_len, temperature=0, ignore_eos=True, cache_salt=cache_salt
+        ),
     )
     start = last = time.perf_counter()
     try:
@@ -84,8 +97,11 @@ async def one_grpc_request(stub, req: Request, record, progress: tqdm, cache_sal
                 record.output_tokens += len(response.chunk.token_ids)
             elif response.HasField("complete"):
                 done = response.complete
-                record.replica, record.prompt_tokens, record.cached_tokens = \
-                    done.replica, done.prompt_tokens, done.cached_tokens
+                record.replica, record.prompt_tokens, record.cached_tokens = (
+                    done.replica,
+                    done.prompt_tokens,
+                    done.cached_tokens,
+                )
         record.e2el = last - start
     except grpc.aio.AioRpcError as exc:
         record.error = exc.code().name
@@ -111,8 +127,11 @@ class Transports:
         self.metadata = auth_metadata(self.api_key)
         # aiohttp, as vLLM's serving benchmark: its client costs ~0.35 ms a request here, httpx's ~1.3 ms
         ssl_context = ssl.create_default_context(cafile=self.tls_ca_file) if self.tls_ca_file else None
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context or True),
-                                          timeout=aiohttp.ClientTimeout(total=3600), headers=dict(self.metadata))
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context or True),
+            timeout=aiohttp.ClientTimeout(total=3600),
+            headers=dict(self.metadata),
+        )
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -146,7 +165,9 @@ async def paired_run(transports: Transports, requests: list[Request], gap_s: flo
 def report_pairs(records: dict) -> dict:
     """Medians per transport and of the paired differences; the last printed line is the
     machine-readable one."""
-    pairs = [(g, h) for g, h in zip(records["grpc"], records["openai-http"]) if not g.error and not h.error]
+    pairs = [
+        (g, h) for g, h in zip(records["grpc"], records["openai-http"], strict=False) if not g.error and not h.error
+    ]
     failed = sum(bool(r.error) for rs in records.values() for r in rs)
     tpot = lambda r: (r.e2el - r.ttft) / (r.output_tokens - 1)  # noqa: E731
     ttft = {"grpc": _ms([g.ttft for g, _ in pairs]), "openai-http": _ms([h.ttft for _, h in pairs])}
@@ -160,11 +181,20 @@ def report_pairs(records: dict) -> dict:
     for name, index in (("gRPC", 0), ("OpenAI HTTP (SSE)", 1)):
         key = ("grpc", "openai-http")[index]
         e2e = _ms([p[index].e2el for p in pairs])
-        print(f"| {name} | {np.median(ttft[key]):.2f} | {np.percentile(ttft[key], 90):.2f} | "
-              f"{np.median(tpots[key]):.2f} | {np.median(e2e):.1f} |")
-    print(f"paired TTFT difference (HTTP - gRPC): median {paired:.2f} ms, "
-          f"p10 {np.percentile(ttft['openai-http'] - ttft['grpc'], 10):.2f}, "
-          f"p90 {np.percentile(ttft['openai-http'] - ttft['grpc'], 90):.2f}")
+        print(
+            f"| {name} | {np.median(ttft[key]):.2f} | {np.percentile(ttft[key], 90):.2f} | "
+            f"{np.median(tpots[key]):.2f} | {np.median(e2e):.1f} |"
+        )
+    print(
+        f"paired TTFT difference (HTTP - gRPC): median {paired:.2f} ms, "
+        f"p10 {np.percentile(ttft['openai-http'] - ttft['grpc'], 10):.2f}, "
+        f"p90 {np.percentile(ttft['openai-http'] - ttft['grpc'], 90):.2f}"
+    )
     print(f"http_ttft_delta_ms={delta:.2f} http_ttft_paired_median_ms={paired:.2f} http_tpot_ratio={ratio:.3f}")
-    return dict(http_ttft_delta_ms=delta, http_ttft_paired_median_ms=paired, http_tpot_ratio=ratio, pairs=len(pairs),
-                failed=failed)
+    return dict(
+        http_ttft_delta_ms=delta,
+        http_ttft_paired_median_ms=paired,
+        http_tpot_ratio=ratio,
+        pairs=len(pairs),
+        failed=failed,
+    )

@@ -13,12 +13,12 @@ redrawn (prompt and output length drawn again), and the output length is clipped
 left. For a 1024-token context nothing is redrawn or clipped further, so seed 0 draws exactly
 the requests the README's numbers were measured on.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 LOGNORMAL_INPUT_MEAN, LOGNORMAL_OUTPUT_MEAN, SIGMA = 163, 376, 0.8
@@ -41,9 +41,11 @@ class ModelLimits:
 
 def sharegpt_synth(num_requests: int, seed: int = 0, limits: ModelLimits = ModelLimits()) -> list[Request]:
     if limits.context_length < 2 * MIN_LEN:
-        raise ValueError(f"context_length {limits.context_length} leaves no room for a {MIN_LEN}-token prompt and output")
+        raise ValueError(
+            f"context_length {limits.context_length} leaves no room for a {MIN_LEN}-token prompt and output"
+        )
     rng = np.random.default_rng(seed)
-    mu_shift = -SIGMA**2 / 2  # lognormal mean = exp(mu + sigma^2 / 2)
+    mu_shift = -(SIGMA**2) / 2  # lognormal mean = exp(mu + sigma^2 / 2)
     total = min(MAX_TOTAL_LEN, limits.context_length)
     requests = []
     for _ in range(num_requests):
@@ -65,22 +67,33 @@ def fixed_length(num_requests: int, prompt_tokens: int, new_tokens: int, seed: i
     return [Request(rng.integers(0, 50256, size=prompt_tokens).tolist(), new_tokens) for _ in range(num_requests)]
 
 
-def shared_prefix(num_groups: int, prompts_per_group: int, system_prompt_tokens: int, question_tokens: int,
-                  new_tokens: int, seed: int = 0, vocab_size: int = 50257) -> list[Request]:
+def shared_prefix(
+    num_groups: int,
+    prompts_per_group: int,
+    system_prompt_tokens: int,
+    question_tokens: int,
+    new_tokens: int,
+    seed: int = 0,
+    vocab_size: int = 50257,
+) -> list[Request]:
     """SGLang's "generated shared prefix" workload: `num_groups` system prompts, each followed by
     `prompts_per_group` questions, in a seeded order that interleaves the groups."""
     rng = np.random.default_rng(seed)
     systems = [rng.integers(0, vocab_size - 1, system_prompt_tokens).tolist() for _ in range(num_groups)]
-    requests = [Request(system + rng.integers(0, vocab_size - 1, question_tokens).tolist(), new_tokens)
-                for system in systems for _ in range(prompts_per_group)]
+    requests = [
+        Request(system + rng.integers(0, vocab_size - 1, question_tokens).tolist(), new_tokens)
+        for system in systems
+        for _ in range(prompts_per_group)
+    ]
     return [requests[i] for i in rng.permutation(len(requests))]
 
 
 WORKLOADS = {"sharegpt-synth": sharegpt_synth}
 
 
-def served_model_limits(gateway_address: str, timeout_s: float = 30.0, api_key: str = "",
-                        tls_ca_file: str = "") -> ModelLimits:
+def served_model_limits(
+    gateway_address: str, timeout_s: float = 30.0, api_key: str = "", tls_ca_file: str = ""
+) -> ModelLimits:
     """Ask a running gateway what its model can take: GetModelInfo over gRPC (host:port), or
     GET /v1/models over HTTP (an http:// or https:// address). TLS is verified against
     `tls_ca_file` when given (a self-signed gateway's certificate), else the system's CAs."""
@@ -90,20 +103,31 @@ def served_model_limits(gateway_address: str, timeout_s: float = 30.0, api_key: 
         import httpx
 
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        card = httpx.get(f"{gateway_address.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s,
-                         verify=ssl.create_default_context(cafile=tls_ca_file or None)).raise_for_status().json()["data"][0]
+        card = (
+            httpx.get(
+                f"{gateway_address.rstrip('/')}/v1/models",
+                headers=headers,
+                timeout=timeout_s,
+                verify=ssl.create_default_context(cafile=tls_ca_file or None),
+            )
+            .raise_for_status()
+            .json()["data"][0]
+        )
         return ModelLimits(card["max_model_len"], card["vocab_size"])
     from gateway.client import auth_metadata, gateway_channel
     from rpc.v1 import gateway_pb2, gateway_pb2_grpc
 
     with gateway_channel(gateway_address, tls_ca_file) as channel:
-        info = gateway_pb2_grpc.GatewayStub(channel).GetModelInfo(gateway_pb2.ModelInfoRequest(), timeout=timeout_s,
-                                                                   wait_for_ready=True, metadata=auth_metadata(api_key))
+        info = gateway_pb2_grpc.GatewayStub(channel).GetModelInfo(
+            gateway_pb2.ModelInfoRequest(), timeout=timeout_s, wait_for_ready=True, metadata=auth_metadata(api_key)
+        )
     return ModelLimits(info.context_length, info.vocab_size)
 
 
 def describe(requests: list[Request]) -> str:
     prompts = [len(r.prompt_token_ids) for r in requests]
     outputs = [r.output_len for r in requests]
-    return (f"{len(requests)} requests: prompt mean {np.mean(prompts):.1f} (max {max(prompts)}), "
-            f"output mean {np.mean(outputs):.1f} (max {max(outputs)})")
+    return (
+        f"{len(requests)} requests: prompt mean {np.mean(prompts):.1f} (max {max(prompts)}), "
+        f"output mean {np.mean(outputs):.1f} (max {max(outputs)})"
+    )

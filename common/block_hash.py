@@ -11,6 +11,7 @@ integers, so every process and machine computes the same hashes (the gateway wil
 to route by). Hashes are truncated to 16 bytes: a collision among 2^40 blocks has probability
 about 2^-49.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,7 @@ def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: i
     place; returns it). Called as a sequence grows, so each block is hashed once."""
     for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hashes[-1] if hashes else root
-        hashes.append(block_hash(parent, token_ids[start:start + block_size]))
+        hashes.append(block_hash(parent, token_ids[start : start + block_size]))
     return hashes
 
 

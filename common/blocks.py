@@ -5,6 +5,7 @@ scheduler plans a step before the memory side answers (admission, preemption), s
 same numbers. Both call these functions, so the two sides can never disagree on how many blocks
 a number of tokens takes.
 """
+
 from __future__ import annotations
 
 

@@ -10,6 +10,7 @@ The replica sends it as the call's trailing metadata FAILURE_SCOPE_KEY (internal
   it elsewhere and counts a replica death against the request: a request whose replicas died
   under it `max_replica_deaths` times is a query of death and is failed, not moved again.
 """
+
 from __future__ import annotations
 
 FAILURE_SCOPE_KEY = "failure-scope"

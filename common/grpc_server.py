@@ -1,6 +1,7 @@
 """What every service's grpc.aio server has: health (grpc.health.v1), reflection, message limits
 (large for the internal services, a public listener's own), and an interceptor that logs
 unexpected exceptions once and answers INTERNAL with an error id."""
+
 from __future__ import annotations
 
 import asyncio
@@ -64,8 +65,10 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not (handler.unary_unary or handler.unary_stream):
             return handler
         method = handler_call_details.method
-        codec = dict(request_deserializer=_tolerant(handler.request_deserializer),
-                     response_serializer=handler.response_serializer)
+        codec = dict(
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
@@ -95,22 +98,25 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_stream_rpc_method_handler(guarded_stream, **codec)
 
 
-def make_server(service_names: list[str], interceptors: tuple = (),
-                options: list[tuple] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def make_server(
+    service_names: list[str], interceptors: tuple = (), options: list[tuple] | None = None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with health (NOT_SERVING until `set_serving`) and reflection wired; the caller
     adds its services (and interceptors that run before the exception guard, such as auth).
     `options` replace the internal services' CHANNEL_OPTIONS (a public listener passes its own
     bounds: public_server_options)."""
-    server = grpc.aio.server(interceptors=[*interceptors, _ExceptionInterceptor()],
-                             options=CHANNEL_OPTIONS if options is None else options)
+    server = grpc.aio.server(
+        interceptors=[*interceptors, _ExceptionInterceptor()], options=CHANNEL_OPTIONS if options is None else options
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return server, health_servicer
 
 
-def public_server_options(max_receive_bytes: int, keepalive_time_s: float,
-                          min_client_ping_interval_s: float) -> list[tuple]:
+def public_server_options(
+    max_receive_bytes: int, keepalive_time_s: float, min_client_ping_interval_s: float
+) -> list[tuple]:
     """A public listener's bounds: a request message of at most `max_receive_bytes` (sized for the
     longest prompt, not the internal 64 MiB); the server pings an idle connection every
     `keepalive_time_s` and drops one that does not answer; a client pinging more often than
@@ -128,8 +134,9 @@ def public_server_options(max_receive_bytes: int, keepalive_time_s: float,
     ]
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, service_names: list[str],
-                      serving: bool = True) -> None:
+async def set_serving(
+    health_servicer: health.aio.HealthServicer, service_names: list[str], serving: bool = True
+) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *service_names):
         await health_servicer.set(name, status)

@@ -1,5 +1,6 @@
 """Exit 0 when a gRPC service reports SERVING (container healthchecks):
-    python -m common.healthcheck 127.0.0.1:50051 rpc.internal.v1.MemoryService"""
+python -m common.healthcheck 127.0.0.1:50051 rpc.internal.v1.MemoryService"""
+
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,9 @@ def main(argv: list[str]) -> int:
     address, service = argv[0], argv[1] if len(argv) > 1 else ""
     try:
         with grpc.insecure_channel(address) as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2
+            )
     except grpc.RpcError as exc:
         print(f"{address} {service}: {exc.code().name}", file=sys.stderr)
         return 1

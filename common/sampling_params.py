@@ -4,6 +4,7 @@ No torch here: the gateway validates a request with exactly these functions befo
 it, and a compute replica validates what arrives with them once more (each process boundary
 checks once). Every ValueError names the request field at fault.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,9 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise FieldError("max_new_tokens", f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise FieldError(
+                "max_new_tokens", f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
+            )
         if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
             raise FieldError("temperature", f"temperature must be a number >= 0, got {self.temperature!r}")
         if math.isinf(self.temperature):
@@ -123,18 +126,24 @@ def sample_seed(seed: int, index: int) -> int:
     return seed if index == 0 else position_seed(seed, -1 - index)
 
 
-def check_prompt_size(prompt: str | bytes | list[int], context_length: int, max_token_bytes: int,
-                      field_name: str = "prompt") -> None:
+def check_prompt_size(
+    prompt: str | bytes | list[int], context_length: int, max_token_bytes: int, field_name: str = "prompt"
+) -> None:
     """Refuse, before any tokenizing or decoding, a prompt that cannot fit the context: more token
     ids than the context holds, or a text longer than `context_length` of the longest token
     (`max_token_bytes`) would be. Costs O(1), or O(bound) for a text under the bound."""
     if isinstance(prompt, (str, bytes)):
         limit = context_length * max_token_bytes
         # A character is at least one UTF-8 byte: the length alone refuses most oversized texts.
-        size = len(prompt) if isinstance(prompt, bytes) or len(prompt) > limit else len(prompt.encode("utf-8", "replace"))
+        size = (
+            len(prompt) if isinstance(prompt, bytes) or len(prompt) > limit else len(prompt.encode("utf-8", "replace"))
+        )
         if size > limit:
-            raise FieldError(field_name, f"{field_name} is {size} bytes of text; the {context_length}-token context "
-                             f"holds at most {limit} (the longest token is {max_token_bytes} bytes)")
+            raise FieldError(
+                field_name,
+                f"{field_name} is {size} bytes of text; the {context_length}-token context "
+                f"holds at most {limit} (the longest token is {max_token_bytes} bytes)",
+            )
     elif len(prompt) >= context_length:
         raise FieldError(field_name, f"{field_name} has {len(prompt)} tokens; the context is {context_length}")
 
@@ -155,6 +164,7 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, contex
         raise FieldError("prompt", f"prompt has {len(prompt_token_ids)} tokens; the context is {context_length}")
     if len(prompt_token_ids) + params.max_new_tokens > context_length:
         raise FieldError(
-            "max_new_tokens", f"max_new_tokens={params.max_new_tokens} with a {len(prompt_token_ids)}-token prompt "
-            f"exceeds the context of {context_length} tokens"
+            "max_new_tokens",
+            f"max_new_tokens={params.max_new_tokens} with a {len(prompt_token_ids)}-token prompt "
+            f"exceeds the context of {context_length} tokens",
         )

@@ -5,6 +5,7 @@ A field `kv_budget_tokens` of a config whose `env_prefix` is "COMPUTE" is the fl
 services' variables apart in a shared environment (`GATEWAY_PORT` vs `COMPUTE_PORT`).
 Precedence: flag, then env var, then the dataclass default. No torch here (the memory service uses it).
 """
+
 from __future__ import annotations
 
 import argparse

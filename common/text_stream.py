@@ -1,4 +1,5 @@
 """Text deltas for a stream of token ids, as a client reads them."""
+
 from __future__ import annotations
 
 from common.tokenizer import Tokenizer
@@ -20,12 +21,12 @@ class IncrementalText:
         end = len(text) - self.hold
         while end > self.sent and text[end - 1] == "\ufffd":
             end -= 1
-        delta = text[self.sent:end] if end > self.sent else ""
+        delta = text[self.sent : end] if end > self.sent else ""
         self.sent += len(delta)
         return delta
 
     def finish(self, final_text: str) -> str:
         """What is left of the final (stop-truncated) text."""
-        rest = final_text[self.sent:]
+        rest = final_text[self.sent :]
         self.sent = len(final_text)
         return rest

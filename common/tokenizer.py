@@ -4,6 +4,7 @@ The ranks come from `assets/gpt2.tiktoken` shipped with the project (the MIT-lic
 the openai-whisper sdist; see assets/LICENSE-gpt2-tiktoken.txt). `tiktoken.get_encoding("gpt2")`
 is not used because it fetches files over the network when its cache is cold.
 """
+
 from __future__ import annotations
 
 import base64

@@ -9,6 +9,7 @@ longest-prefix-first idea in a starvation-free form: prompts this replica has a 
 go first and alone in their step, and the next admission is in plain queue order; a prompt whose
 prefix another sequence is computing right now waits for its commit (it will hit then).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -25,8 +26,9 @@ MAX_SCAN = 256  # waiting sequences an admission considers (from the front of th
 
 
 class Admission:
-    def __init__(self, config: SchedulerConfig, prefix: PrefixCacheView | None,
-                 reserve: Callable[[Sequence], int]) -> None:
+    def __init__(
+        self, config: SchedulerConfig, prefix: PrefixCacheView | None, reserve: Callable[[Sequence], int]
+    ) -> None:
         """`reserve(seq)`: the KV slots the sequence takes at admission beyond its tokens
         (contiguous mode's reservation; 0 when paged)."""
         self.config = config
@@ -35,8 +37,9 @@ class Admission:
         self.holding = False  # the last admission held prompts back for a prefix being computed
         self.took_hits_only = False  # the last admission preferred prompts with a cached prefix
 
-    def admit(self, waiting: deque[Sequence], running: list[Sequence], free_blocks: int,
-              num_running: int) -> list[Sequence]:
+    def admit(
+        self, waiting: deque[Sequence], running: list[Sequence], free_blocks: int, num_running: int
+    ) -> list[Sequence]:
         """Waiting sequences to admit now. With prefix caching, as SGLang's longest-prefix-first
         policy does: prompts whose prefix this replica has cached go first, and a step that takes
         some takes no cold prompt (a cold prompt's long prefill would delay every cheap one in
@@ -55,8 +58,9 @@ class Admission:
         self.holding = bool(held)
         admitted: list[Sequence] = []
         if hits and not self.took_hits_only:
-            admitted = self._take([s for s in candidates if hits[id(s)] and id(s) not in held], hits,
-                                  free_blocks, num_running)
+            admitted = self._take(
+                [s for s in candidates if hits[id(s)] and id(s) not in held], hits, free_blocks, num_running
+            )
         self.took_hits_only = bool(admitted)
         if not admitted:
             admitted = self._take([s for s in candidates if id(s) not in held], hits, free_blocks, num_running)
@@ -67,12 +71,13 @@ class Admission:
             waiting.extend(remaining)
         if self.prefix is not None and not held:  # prompts held for a prefix one admitted now computes
             for seq in admitted:
-                computing.update(self.prefix.lookup(seq)[hits[id(seq)] // self.config.block_size:])
+                computing.update(self.prefix.lookup(seq)[hits[id(seq)] // self.config.block_size :])
             self.holding = any(h in computing for s in candidates if id(s) not in taken for h in self.prefix.lookup(s))
         return admitted
 
-    def _take(self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int,
-              num_running: int) -> list[Sequence]:
+    def _take(
+        self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int, num_running: int
+    ) -> list[Sequence]:
         """The longest run of candidates, in order, that fits: sequences (samples count each),
         the step's token budget (tokens to compute: less a likely cached prefix) and free blocks
         (counted as if nothing were cached), keeping headroom for the running ones to grow."""
@@ -98,7 +103,7 @@ class Admission:
             free_blocks -= needed
             num_tokens += to_compute
             num_running += samples
-            computing.update(lookup[hits.get(id(seq), 0) // self.config.block_size:])
+            computing.update(lookup[hits.get(id(seq), 0) // self.config.block_size :])
         return admitted
 
     def _headroom(self, num_running: int) -> int:

@@ -7,6 +7,7 @@ It also keeps the replica's link to the memory service: when the memory side los
 through meanwhile), drops the sequences whose streams are gone, and recomputes the others in
 the new pool: their clients see a stall, never an error or a changed token.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,13 @@ class EngineFailure:
 
 
 class AsyncEngine:
-    def __init__(self, engine: InferenceEngine, max_waiting: int = 256, memory: MemoryClient | None = None,
-                 on_serving_change: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        max_waiting: int = 256,
+        memory: MemoryClient | None = None,
+        on_serving_change: Callable[[bool], None] | None = None,
+    ) -> None:
         """`on_serving_change(serving)` is called from the engine thread when the memory link
         is lost or back (the server flips its health status there)."""
         self.engine = engine
@@ -70,8 +76,14 @@ class AsyncEngine:
     def num_pending(self) -> int:
         return len(self._streams)
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               output_token_ids: list[int] = (), sample_outputs: dict[int, list[int]] | None = None) -> asyncio.Queue:
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: list[int] = (),
+        sample_outputs: dict[int, list[int]] | None = None,
+    ) -> asyncio.Queue:
         """Validate now (ValueError for the caller), queue for the engine thread, return the
         stream (every sample's outputs, with their index)."""
         if request_id in self._streams:
@@ -119,8 +131,11 @@ class AsyncEngine:
     def _recover_memory(self, why: str) -> None:
         """Not serving until the pool is registered again; then every sequence still streamed is
         recomputed there, and the ones nobody waits for any more (cancelled meanwhile) are dropped."""
-        log.warning("memory link lost (%s): not serving; %d sequence(s) will be recomputed", why,
-                    self.engine.scheduler.forget_memory())
+        log.warning(
+            "memory link lost (%s): not serving; %d sequence(s) will be recomputed",
+            why,
+            self.engine.scheduler.forget_memory(),
+        )
         self._set_serving(False)
         while True:
             if self._stop.is_set():
@@ -167,8 +182,12 @@ class AsyncEngine:
                 except Exception:  # this request's data broke its admission: it alone fails
                     log.exception("request %s: queueing it failed; failing it alone", request_id)
                     self.engine.abort(request_id)  # whatever of it was queued
-                    self._deliver_failure(request_id, "request failed: the engine could not queue it "
-                                          "(logged on the replica)", "INTERNAL", REQUEST_SCOPE)
+                    self._deliver_failure(
+                        request_id,
+                        "request failed: the engine could not queue it (logged on the replica)",
+                        "INTERNAL",
+                        REQUEST_SCOPE,
+                    )
             else:
                 if not self.engine.abort(item[1]):
                     self._streams.pop(item[1], None)  # not in the engine (yet): nothing to free
@@ -189,7 +208,8 @@ class AsyncEngine:
             if out.finish_reason == FinishReason.ERROR.value:
                 failed.add(out.group_id)  # its other samples ended with it: one failure ends the call
                 by_loop.setdefault(target[0], []).append(
-                    (target[1], EngineFailure(f"request failed: {out.error}", "INTERNAL", REQUEST_SCOPE)))
+                    (target[1], EngineFailure(f"request failed: {out.error}", "INTERNAL", REQUEST_SCOPE))
+                )
             else:
                 by_loop.setdefault(target[0], []).append((target[1], out))
         for request_id in ended:

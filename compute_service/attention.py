@@ -4,6 +4,7 @@ pure-PyTorch fallback (gather into a reused buffer, then SDPA) for other devices
 The backend is chosen by PAGED_ATTENTION_BACKEND = auto (default) | cpp | torch. The kernel is
 one of the CPU kernels compute_service.native builds.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from compute_service.native import load_extension
+
 
 def _backend() -> str:
     backend = os.environ.get("PAGED_ATTENTION_BACKEND", "auto")

@@ -4,6 +4,7 @@ engine's (EngineConfig).
 The service reads both from CLI flags and environment variables (`--kv-budget-tokens` /
 `COMPUTE_KV_BUDGET_TOKENS`) through common.settings.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

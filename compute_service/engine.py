@@ -5,6 +5,7 @@ Thin glue (as nano-vllm's LLMEngine): the Scheduler decides who runs, the memory
 ModelRunner runs the forward, `sample` picks tokens. `step()` advances every running request by
 one token; `generate()` and `stream()` are loops over it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -15,17 +16,17 @@ from typing import Callable, Iterator
 
 import torch
 
-from compute_service.config import EngineConfig
-from compute_service.kv_cache import KVCache
-from compute_service.model_runner import ModelRunner
-from compute_service.sampling import sample, token_logprobs
 from common.blocks import blocks_to_admit
 from common.sampling_params import SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
+from common.tokenizer import get_tokenizer
+from compute_service.config import EngineConfig
+from compute_service.hugepages import move_to_hugepages
+from compute_service.kv_cache import KVCache
+from compute_service.model_runner import ModelRunner
+from compute_service.native import load_extension
+from compute_service.sampling import sample, token_logprobs
 from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
-from common.tokenizer import get_tokenizer
-from compute_service.hugepages import move_to_hugepages
-from compute_service.native import load_extension
 from compute_service.weights import load_model
 from memory_service.block_allocator import BlockAllocator
 from memory_service.step import LocalMemory, MemoryConnection, MemoryLost
@@ -85,8 +86,12 @@ class StepStats:
 
 
 class InferenceEngine:
-    def __init__(self, config: EngineConfig | None = None,
-                 connect_memory: Callable[[int, int], MemoryConnection] | None = None, **overrides) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        connect_memory: Callable[[int, int], MemoryConnection] | None = None,
+        **overrides,
+    ) -> None:
         """`connect_memory(num_blocks, block_size)` replaces the in-process BlockAllocator (the
         compute service registers its pool with the memory service there); by default the
         engine keeps its own allocator."""
@@ -106,8 +111,9 @@ class InferenceEngine:
             num_blocks, block_size, kv_cache = 0, 1, None
         else:
             num_blocks, block_size = config.pool_shape(self.max_model_len)
-            kv_cache = KVCache(cfg.n_layer, cfg.n_head, cfg.head_dim, num_blocks, block_size,
-                               config.device, config.torch_dtype)
+            kv_cache = KVCache(
+                cfg.n_layer, cfg.n_head, cfg.head_dim, num_blocks, block_size, config.device, config.torch_dtype
+            )
             if connect_memory is None:
                 self.allocator = BlockAllocator(num_blocks, block_size)
                 memory = LocalMemory(self.allocator)
@@ -116,13 +122,16 @@ class InferenceEngine:
         self.kv_cache = kv_cache
         self.scheduler = Scheduler(
             SchedulerConfig(
-                num_blocks=num_blocks, block_size=block_size, max_model_len=self.max_model_len,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                max_model_len=self.max_model_len,
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
                 watermark_blocks=max(1, num_blocks // 100) if config.mode == "paged" else 0,
                 headroom_blocks_per_seq=config.headroom_blocks_per_seq if config.mode == "paged" else 0,
                 reserve=config.reserve if config.mode == "contiguous" else None,
-                prefix_caching=config.caches_prefixes, cache_namespace=config.cache_namespace,
+                prefix_caching=config.caches_prefixes,
+                cache_namespace=config.cache_namespace,
             ),
             memory,
         )
@@ -138,8 +147,13 @@ class InferenceEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                         output_token_ids: list[int] = (), sample_outputs: dict[int, list[int]] | None = None) -> None:
+    def validate_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: list[int] = (),
+        sample_outputs: dict[int, list[int]] | None = None,
+    ) -> None:
         """ValueError naming the field, for anything a client can get wrong: the shared request
         rules, then whether this replica's pool can ever hold the request. `output_token_ids`
         are tokens already generated for it (elsewhere: a request continued after a fault);
@@ -165,8 +179,9 @@ class InferenceEngine:
             longest = len(prompt_token_ids) + params.max_new_tokens
             reserve = self.scheduler.reserve_tokens(len(prompt_token_ids), params.max_new_tokens)
             if blocks_to_admit(longest, reserve, sc.block_size) > sc.num_blocks:
-                raise ValueError(f"request needs {max(longest, reserve)} KV slots; "
-                                 f"the pool holds {sc.num_blocks * sc.block_size}")
+                raise ValueError(
+                    f"request needs {max(longest, reserve)} KV slots; the pool holds {sc.num_blocks * sc.block_size}"
+                )
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -177,8 +192,14 @@ class InferenceEngine:
         self.validate_request(prompt_token_ids, params)
         return self.enqueue_validated(prompt_token_ids, params, request_id)
 
-    def enqueue_validated(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                          output_token_ids: list[int] = (), sample_outputs: dict[int, list[int]] | None = None) -> str:
+    def enqueue_validated(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        output_token_ids: list[int] = (),
+        sample_outputs: dict[int, list[int]] | None = None,
+    ) -> str:
         """Queue a request that `validate_request` has already accepted (the service validates
         on arrival, before it reaches the engine thread; checking again would be a second rule
         set to keep in step). With `output_token_ids` the request continues where another
@@ -194,9 +215,18 @@ class InferenceEngine:
         seed = params.seed if params.seed is not None else new_seed()
         if sample_outputs is None:
             sample_outputs = {0: list(output_token_ids)} if params.n == 1 else {i: [] for i in range(params.n)}
-        samples = [Sequence(request_id if i == 0 else f"{request_id}#{i}", prompt_token_ids, params,
-                            sample_seed(seed, i), token_ids=[*prompt_token_ids, *outputs], group_id=request_id, index=i)
-                   for i, outputs in sorted(sample_outputs.items())]
+        samples = [
+            Sequence(
+                request_id if i == 0 else f"{request_id}#{i}",
+                prompt_token_ids,
+                params,
+                sample_seed(seed, i),
+                token_ids=[*prompt_token_ids, *outputs],
+                group_id=request_id,
+                index=i,
+            )
+            for i, outputs in sorted(sample_outputs.items())
+        ]
         if request_id in self._groups or any(s.request_id in self._requests for s in samples):
             raise ValueError(f"request_id {request_id!r} is already in use (or one of its samples' ids)")
         self._groups[request_id] = samples
@@ -265,7 +295,7 @@ class InferenceEngine:
         logprobs = token_logprobs(logits, params, tokens)
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
-        for row, (seq, token, token_lp) in enumerate(zip(seqs, tokens, logprobs)):
+        for row, (seq, token, token_lp) in enumerate(zip(seqs, tokens, logprobs, strict=False)):
             if seq.is_finished:  # a sample of a request that failed earlier in this loop
                 continue
             if row in failures:
@@ -275,8 +305,9 @@ class InferenceEngine:
                 outputs.append(self._append_token(seq, token, token_lp, now))
             except Exception:  # one request's data must not end the step for the others
                 log.exception("request %s: processing its output failed; failing it alone", seq.group_id)
-                outputs += self._fail_request(seq, "the engine failed while processing this request's output "
-                                                   "(logged on the replica)")
+                outputs += self._fail_request(
+                    seq, "the engine failed while processing this request's output (logged on the replica)"
+                )
         if not self.scheduler.running and not self.scheduler.waiting:
             self._flush_frees()  # idle: give the blocks back now, not at the next step
         self._forget(outputs)
@@ -295,18 +326,17 @@ class InferenceEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             return self._finished_output(seq, [token], token_lps)
-        return RequestOutput(seq.request_id, [token], False, group_id=seq.group_id, index=seq.index,
-                             logprobs=token_lps)
+        return RequestOutput(seq.request_id, [token], False, group_id=seq.group_id, index=seq.index, logprobs=token_lps)
 
     def _fail_request(self, seq: Sequence, reason: str) -> list[RequestOutput]:
         """End every sample of `seq`'s request with FinishReason.ERROR (a request fails whole);
         their blocks go back in the next memory call, as an abort's do."""
         outputs = []
-        for sample in self._groups.get(seq.group_id, [seq]):
-            if not sample.is_finished:
-                sample.error = reason
-                self.scheduler.finish(sample, FinishReason.ERROR)
-                outputs.append(self._finished_output(sample))
+        for member in self._groups.get(seq.group_id, [seq]):
+            if not member.is_finished:
+                member.error = reason
+                self.scheduler.finish(member, FinishReason.ERROR)
+                outputs.append(self._finished_output(member))
         return outputs
 
     @staticmethod
@@ -346,18 +376,35 @@ class InferenceEngine:
             return FinishReason.LENGTH
         return None
 
-    def _finished_output(self, seq: Sequence, new_tokens: list[int] | None = None,
-                         logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
+    def _finished_output(
+        self, seq: Sequence, new_tokens: list[int] | None = None, logprobs: list[TokenLogprobs] | None = None
+    ) -> RequestOutput:
         if seq.finish_reason is FinishReason.ERROR:  # no decode: it may be what failed
-            return RequestOutput(seq.request_id, [], True, seq.finish_reason.value, seq, group_id=seq.group_id,
-                                 index=seq.index, error=seq.error)
+            return RequestOutput(
+                seq.request_id,
+                [],
+                True,
+                seq.finish_reason.value,
+                seq,
+                group_id=seq.group_id,
+                index=seq.index,
+                error=seq.error,
+            )
         if seq.finish_reason is not FinishReason.STOP:
             ids = seq.output_token_ids
             if seq.finish_reason is FinishReason.EOS:
                 ids = ids[:-1]
             seq.output_text = self.tokenizer.decode(ids)
-        return RequestOutput(seq.request_id, new_tokens or [], True, seq.finish_reason.value, seq,
-                             group_id=seq.group_id, index=seq.index, logprobs=logprobs or [])
+        return RequestOutput(
+            seq.request_id,
+            new_tokens or [],
+            True,
+            seq.finish_reason.value,
+            seq,
+            group_id=seq.group_id,
+            index=seq.index,
+            logprobs=logprobs or [],
+        )
 
     def _forget(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -384,7 +431,7 @@ class InferenceEngine:
     ) -> list[GenerationResult]:
         """Run every prompt to completion (continuously batched); results in prompt order."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=False)]
         done: dict[str, list[Sequence]] = {}
         while self.has_unfinished():
             for out in self.step():

@@ -7,6 +7,7 @@ transparent huge pages to `madvise`, so memory gets them only when asked: we all
 anonymous mapping, madvise(MADV_HUGEPAGE) it and place tensors inside (llama.cpp gets the same
 effect from mmap-ing its model file). Elsewhere (no MADV_HUGEPAGE) tensors stay where they are.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ def hugepage_bytes(nbytes: int) -> torch.Tensor:
         pass
     whole = torch.frombuffer(mapping, dtype=torch.uint8)
     start = (-whole.data_ptr()) % HUGE_PAGE
-    return whole[start:start + nbytes]
+    return whole[start : start + nbytes]
 
 
 def hugepage_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -52,8 +53,11 @@ def move_to_hugepages(model: nn.Module) -> None:
     slots: list[tuple[object, str, torch.Tensor]] = []  # (owner, attribute, tensor)
     seen: set[int] = set()
     for module in model.modules():
-        named = [*module._parameters.items(), *module._buffers.items(),
-                 *((n, getattr(module, n, None)) for n in ("decode_weight", "decode_scale"))]
+        named = [
+            *module._parameters.items(),
+            *module._buffers.items(),
+            *((n, getattr(module, n, None)) for n in ("decode_weight", "decode_scale")),
+        ]
         for name, tensor in named:
             if tensor is None or tensor.device.type != "cpu" or id(tensor) in seen:
                 continue
@@ -62,9 +66,9 @@ def move_to_hugepages(model: nn.Module) -> None:
     sizes = [(t.numel() * t.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN for _, _, t in slots]
     arena = hugepage_bytes(sum(sizes))
     offset = 0
-    for (module, name, tensor), size in zip(slots, sizes):
+    for (module, name, tensor), size in zip(slots, sizes, strict=False):
         nbytes = tensor.numel() * tensor.element_size()
-        moved = arena[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        moved = arena[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
         moved.copy_(tensor.detach())
         if isinstance(tensor, nn.Parameter):
             tensor.data = moved  # the Parameter object (and every tie to it) stays

@@ -6,6 +6,7 @@ context block by block without gathering it first (see bench/attention.py for th
 Which blocks belong to whom is decided elsewhere (memory_service.block_allocator); this class
 only moves tensors.
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ copies serve the kernel's few-row products (decode); prefill keeps the float32 w
 resident (speed, not memory, is what these formats buy here). Multiply-adds are float32 in every
 format: only the weights are rounded.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,11 @@ WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 NO_TENSOR = torch.empty(0)  # "none" for the kernels: no scale, no bias
 # Many-row products (prefill) through oneDNN: 2.2x MKL's sgemm at 512 rows on the AMD build
 # machine (MKL takes its AVX2 path there; README, "Decode speed"). Inference only: no autograd.
-_onednn_linear = (torch.ops.mkldnn._linear_pointwise.default
-                  if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") else None)
+_onednn_linear = (
+    torch.ops.mkldnn._linear_pointwise.default
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    else None
+)
 _kernel = None
 _kernel_checked = False
 
@@ -86,8 +90,11 @@ class Linear(nn.Linear):
     def decode_args(self) -> list[torch.Tensor]:
         """(weight, scale, bias) as the few-row kernel reads them (empty tensors for none)."""
         weight = self.weight if self.decode_weight is None else self.decode_weight
-        return [weight, NO_TENSOR if self.decode_scale is None else self.decode_scale,
-                NO_TENSOR if self.bias is None else self.bias]
+        return [
+            weight,
+            NO_TENSOR if self.decode_scale is None else self.decode_scale,
+            NO_TENSOR if self.bias is None else self.bias,
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The fast paths are inference only (no autograd), as the engine runs. The decode copy is

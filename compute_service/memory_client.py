@@ -10,6 +10,7 @@ is down or restarted, the lease ran out while this process was paused) raises Me
 send/receive, or sets `lost` from the heartbeat; the engine loop then calls `reconnect()` and
 recomputes its sequences in the new pool (compute_service.async_engine).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class MemoryClient:
-    def __init__(self, address: str, num_blocks: int, block_size: int, replica: str, timeout_s: float = 30.0,
-                 on_lost: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        num_blocks: int,
+        block_size: int,
+        replica: str,
+        timeout_s: float = 30.0,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         self.stub = memory_pb2_grpc.MemoryServiceStub(self.channel)
@@ -53,9 +61,12 @@ class MemoryClient:
         self._heartbeat.start()
 
     def _register(self) -> None:
-        reply = self.stub.RegisterPool(memory_pb2.RegisterPoolRequest(
-            num_blocks=self.num_blocks, block_size=self.block_size, replica=self.replica, address=self.address),
-            timeout=5)
+        reply = self.stub.RegisterPool(
+            memory_pb2.RegisterPoolRequest(
+                num_blocks=self.num_blocks, block_size=self.block_size, replica=self.replica, address=self.address
+            ),
+            timeout=5,
+        )
         self.pool_id, self.lease_ttl_s = reply.pool_id, reply.lease_ttl_s
 
     def reconnect(self) -> None:
@@ -88,17 +99,30 @@ class MemoryClient:
         if self._responses is None:
             self._requests = queue.SimpleQueue()
             self._responses = self.stub.StepStream(iter(self._requests.get, None))
-        self._requests.put(memory_pb2.StepRequest(
-            pool_id=self.pool_id,
-            commit=[memory_pb2.Commit(seq_id=str(c.seq_id), first_block=c.first_block, block_hashes=c.block_hashes)
-                    for c in request.commit],
-            free=[str(s) for s in request.free],
-            allocate=[memory_pb2.Allocation(seq_id=str(a.seq_id), num_tokens=a.num_tokens, reserve_tokens=a.reserve_tokens,
-                                            block_hashes=a.block_hashes) for a in request.allocate],
-            fork=[memory_pb2.Fork(parent=str(p), child=str(c)) for p, c in request.fork],
-            append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
-            num_waiting=request.num_waiting, step=request.step, preempted=[str(s) for s in request.preempted],
-        ))
+        self._requests.put(
+            memory_pb2.StepRequest(
+                pool_id=self.pool_id,
+                commit=[
+                    memory_pb2.Commit(seq_id=str(c.seq_id), first_block=c.first_block, block_hashes=c.block_hashes)
+                    for c in request.commit
+                ],
+                free=[str(s) for s in request.free],
+                allocate=[
+                    memory_pb2.Allocation(
+                        seq_id=str(a.seq_id),
+                        num_tokens=a.num_tokens,
+                        reserve_tokens=a.reserve_tokens,
+                        block_hashes=a.block_hashes,
+                    )
+                    for a in request.allocate
+                ],
+                fork=[memory_pb2.Fork(parent=str(p), child=str(c)) for p, c in request.fork],
+                append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
+                num_waiting=request.num_waiting,
+                step=request.step,
+                preempted=[str(s) for s in request.preempted],
+            )
+        )
         self._send_seconds = time.perf_counter() - start
 
     def receive(self) -> StepResponse:
@@ -116,9 +140,17 @@ class MemoryClient:
             block_tables={t.seq_id: list(t.block_ids) for t in reply.block_tables},
             copies=[(c.src, c.dst) for c in reply.copies],
             rejected=list(reply.rejected),
-            stats=AllocatorStats(st.num_blocks, st.block_size, st.num_free_blocks, st.num_used_blocks,
-                                 st.num_tokens_stored, st.num_sequences, st.num_cached_blocks,
-                                 st.prefix_query_tokens, st.prefix_hit_tokens),
+            stats=AllocatorStats(
+                st.num_blocks,
+                st.block_size,
+                st.num_free_blocks,
+                st.num_used_blocks,
+                st.num_tokens_stored,
+                st.num_sequences,
+                st.num_cached_blocks,
+                st.prefix_query_tokens,
+                st.prefix_hit_tokens,
+            ),
             hit_tokens={t.seq_id: t.hit_tokens for t in reply.block_tables if t.hit_tokens},
         )
         self.call_seconds.append(self._send_seconds + time.perf_counter() - start)
@@ -134,8 +166,10 @@ class MemoryClient:
             pool_id = self.pool_id
             try:
                 with self._address_lock:
-                    self.stub.Heartbeat(memory_pb2.HeartbeatRequest(pool_id=pool_id, address=self.address),
-                                        timeout=max(self.lease_ttl_s / 2, 0.5))
+                    self.stub.Heartbeat(
+                        memory_pb2.HeartbeatRequest(pool_id=pool_id, address=self.address),
+                        timeout=max(self.lease_ttl_s / 2, 0.5),
+                    )
             except grpc.RpcError as exc:
                 if self._closed.is_set() or pool_id != self.pool_id:
                     continue  # closing, or the engine registered a new pool meanwhile: not about it

@@ -6,6 +6,7 @@ A step runs a *batch* of sequences packed into one token dimension N (no padding
 The KV cache is optional: without one the model is plain nanoGPT (the `no-cache` mode).
 Weights use nanoGPT's parameter names; `compute_service.weights` maps Hugging Face names to them.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,9 +66,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.head_dim
 
-    def forward(
-        self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None, layer: int
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         n_tokens, n_embd = x.shape  # (N, C)
         q, k, v = self.c_attn(x).split(n_embd, dim=1)
         q = q.view(n_tokens, self.n_head, self.head_dim)  # (N, nh, hs)
@@ -89,22 +88,24 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(n_tokens, n_embd))
 
     @staticmethod
-    def _prefill_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
-    ) -> torch.Tensor:
+    def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
         """Causal attention of each sequence over its own tokens (packed, one SDPA per sequence)."""
         if len(seq_lens) == 1:
             qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, nh, T, hs)
             return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1)
         outputs = []
-        for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens)):
+        for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=False):
             qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))  # (1, nh, T, hs)
             outputs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
         return torch.cat(outputs, dim=0)  # (N, nh, hs)
 
     @classmethod
     def _prefill_after_prefix(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
         kv_layer: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """Prefill where some sequences start past a cached prefix: their T new tokens attend to
@@ -115,8 +116,14 @@ class CausalSelfAttention(nn.Module):
         block_size = k_cache.shape[2]
         prefixes: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         outputs = []
-        splits = zip(q.split(meta.seq_lens), k.split(meta.seq_lens), v.split(meta.seq_lens),
-                     meta.prefix_lens, meta.prefix_tables)
+        splits = zip(
+            q.split(meta.seq_lens),
+            k.split(meta.seq_lens),
+            v.split(meta.seq_lens),
+            meta.prefix_lens,
+            meta.prefix_tables,
+            strict=False,
+        )
         for qi, ki, vi, prefix, table in splits:
             if prefix == 0:
                 outputs.append(cls._prefill_attention(qi, ki, vi, [qi.shape[0]]))
@@ -124,13 +131,20 @@ class CausalSelfAttention(nn.Module):
             blocks = table[: prefix // block_size]
             key = tuple(blocks.tolist())
             if key not in prefixes:  # (nb, nh, bs, hs) -> (nh, P, hs)
-                prefixes[key] = tuple(c.index_select(0, blocks).transpose(0, 1).flatten(1, 2) for c in (k_cache, v_cache))
+                prefixes[key] = tuple(
+                    c.index_select(0, blocks).transpose(0, 1).flatten(1, 2) for c in (k_cache, v_cache)
+                )
             k_prefix, v_prefix = prefixes[key]
             keys = torch.cat([k_prefix, ki.transpose(0, 1)], dim=1)[None]  # (1, nh, P + T, hs)
             values = torch.cat([v_prefix, vi.transpose(0, 1)], dim=1)[None]
             new = qi.shape[0]
-            allowed = torch.arange(prefix + new, device=q.device)[None, :] <= prefix + torch.arange(new, device=q.device)[:, None]
-            out = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], keys, values, attn_mask=allowed)  # (1, nh, T, hs)
+            allowed = (
+                torch.arange(prefix + new, device=q.device)[None, :]
+                <= prefix + torch.arange(new, device=q.device)[:, None]
+            )
+            out = F.scaled_dot_product_attention(
+                qi.transpose(0, 1)[None], keys, values, attn_mask=allowed
+            )  # (1, nh, T, hs)
             outputs.append(out[0].transpose(0, 1))
         return torch.cat(outputs, dim=0)  # (N, nh, hs)
 
@@ -154,16 +168,20 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None, layer: int
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), meta, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
     def decode_params(self) -> list[torch.Tensor]:
         """This layer's 16 tensors in the order csrc/decode_step.cpp reads them."""
-        return [*norm_args(self.ln_1), *self.attn.c_attn.decode_args(), *self.attn.c_proj.decode_args(),
-                *norm_args(self.ln_2), *self.mlp.c_fc.decode_args(), *self.mlp.c_proj.decode_args()]
+        return [
+            *norm_args(self.ln_1),
+            *self.attn.c_attn.decode_args(),
+            *self.attn.c_proj.decode_args(),
+            *norm_args(self.ln_2),
+            *self.mlp.c_fc.decode_args(),
+            *self.mlp.c_proj.decode_args(),
+        ]
 
 
 def norm_args(ln: nn.LayerNorm) -> list[torch.Tensor]:
@@ -223,8 +241,14 @@ class GPT(nn.Module):
             return self._fused_decode(input_ids, positions, meta, kv_cache)  # (B, vocab): all below in one C++ call
         return self.lm_head(self.features(input_ids, positions, meta, kv_cache, logits_indices))  # (B, vocab)
 
-    def features(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 kv_cache: KVCache | None = None, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache | None = None,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The final hidden states (after ln_f) that lm_head turns into logits; training takes
         them to compute the softmax in chunks."""
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
@@ -238,21 +262,44 @@ class GPT(nn.Module):
         """A decode step on the CPU in float32, a batch the few-row kernel takes, the C++ attention
         kernel chosen, no autograd: where csrc/decode_step.cpp computes the same function."""
         wte = self.transformer.wte.weight
-        return (not meta.is_prefill and kv_cache is not None and not torch.is_grad_enabled()
-                and wte.device.type == "cpu" and wte.dtype == torch.float32 and kv_cache.pool.dtype == torch.float32
-                and input_ids.shape[0] <= SKINNY_MAX_ROWS and self.config.n_embd % 16 == 0
-                and skinny_kernel() is not None and cpp_attention_enabled() and FUSED_DECODE)
+        return (
+            not meta.is_prefill
+            and kv_cache is not None
+            and not torch.is_grad_enabled()
+            and wte.device.type == "cpu"
+            and wte.dtype == torch.float32
+            and kv_cache.pool.dtype == torch.float32
+            and input_ids.shape[0] <= SKINNY_MAX_ROWS
+            and self.config.n_embd % 16 == 0
+            and skinny_kernel() is not None
+            and cpp_attention_enabled()
+            and FUSED_DECODE
+        )
 
-    def _fused_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                      kv_cache: KVCache) -> torch.Tensor:
+    def _fused_decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
+    ) -> torch.Tensor:
         """A decode step's logits in one parallel region (README "Decode speed", step 9). The
         tensor list is made at first use, after set_weight_format (which resets it) and the move to
         huge pages; it holds the Parameter objects, so parameters moved later keep working."""
         if self._decode_params is None:
-            self._decode_params = [*(t for block in self.transformer.h for t in block.decode_params()),
-                                   *norm_args(self.transformer.ln_f), *self.lm_head.decode_args()]
+            self._decode_params = [
+                *(t for block in self.transformer.h for t in block.decode_params()),
+                *norm_args(self.transformer.ln_f),
+                *self.lm_head.decode_args(),
+            ]
         cfg = self.config
-        return skinny_kernel().decode_step(input_ids, positions, self.transformer.wte.weight,
-                                           self.transformer.wpe.weight, self._decode_params, kv_cache.pool,
-                                           meta.slot_mapping, meta.block_tables, meta.context_lens, cfg.n_head,
-                                           cfg.layer_norm_epsilon, 1.0 / math.sqrt(cfg.head_dim))
+        return skinny_kernel().decode_step(
+            input_ids,
+            positions,
+            self.transformer.wte.weight,
+            self.transformer.wpe.weight,
+            self._decode_params,
+            kv_cache.pool,
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.context_lens,
+            cfg.n_head,
+            cfg.layer_norm_epsilon,
+            1.0 / math.sqrt(cfg.head_dim),
+        )

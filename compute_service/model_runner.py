@@ -6,6 +6,7 @@ offset) for the new tokens, and for decode the padded `block_tables` and `contex
 A prefill computes only the tokens past a sequence's cached prefix (`num_cached_tokens`: found
 in the prefix cache at admission); those attend to the prefix through its block table.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,9 +67,13 @@ class ModelRunner:
                 slots.append(table[pos // bs] * bs + pos % bs)
                 tables.append(table.to(self.device) if start else None)
         slot_mapping = torch.cat(slots).to(self.device) if slots else None
-        meta = AttentionMetadata(is_prefill=True, seq_lens=seq_lens, slot_mapping=slot_mapping,
-                                 prefix_lens=prefix_lens if any(prefix_lens) else None,
-                                 prefix_tables=tables if any(prefix_lens) else None)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            seq_lens=seq_lens,
+            slot_mapping=slot_mapping,
+            prefix_lens=prefix_lens if any(prefix_lens) else None,
+            prefix_tables=tables if any(prefix_lens) else None,
+        )
         return torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), meta
 
     def _prepare_decode(self, batch: ScheduledBatch):
@@ -76,7 +81,7 @@ class ModelRunner:
         bs = self.kv_cache.block_size
         seqs = batch.seqs
         positions = [seq.num_tokens - 1 for seq in seqs]
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=False)]
         max_blocks = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
         meta = AttentionMetadata(

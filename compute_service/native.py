@@ -8,6 +8,7 @@ baseline, with wider instructions picked at load time (target_clones, or AVX2/AV
 regions chosen by __builtin_cpu_supports), never
 -march=native, so an image built on an AVX-512 host runs on any x86-64 node.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,13 @@ def build_extension(verbose: bool = False):
     Raises whatever the build raises."""
     from torch.utils.cpp_extension import load
 
-    return load(name="paged_nanogpt_cpu_kernels", sources=SOURCES, extra_cflags=EXTRA_CFLAGS,
-                extra_ldflags=["-fopenmp"], verbose=verbose)
+    return load(
+        name="paged_nanogpt_cpu_kernels",
+        sources=SOURCES,
+        extra_cflags=EXTRA_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        verbose=verbose,
+    )
 
 
 def load_extension():

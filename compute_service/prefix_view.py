@@ -7,6 +7,7 @@ until a prefix being computed is committed, and how many tokens an admission wil
 have to compute (for the step's token budget; the block estimate still assumes no hit).
 No tensors, no RPC.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -43,7 +44,7 @@ class PrefixCacheView:
         end = min(seq.num_cached_tokens // self.block_size, len(seq.block_table))
         if end <= seq.num_committed_blocks:
             return None
-        hashes = self.hashes(seq)[seq.num_committed_blocks:end]
+        hashes = self.hashes(seq)[seq.num_committed_blocks : end]
         commit = Commit(seq.request_id, seq.num_committed_blocks, hashes)
         seq.num_committed_blocks = end
         for block_hash in hashes:
@@ -64,7 +65,7 @@ class PrefixCacheView:
         in flight or was just planned): a prompt that starts with one of them waits for it."""
         computing: set[bytes] = set()
         for seq in running:
-            computing.update(seq.block_hashes[seq.num_committed_blocks:])
+            computing.update(seq.block_hashes[seq.num_committed_blocks :])
         return computing
 
     def forget(self) -> None:

@@ -5,6 +5,7 @@ Each draw is seeded by the sequence's seed and the position of the token it pick
 sequences share the batch, on preemption, on the order requests arrived in, or on which replica
 computed the tokens before this one.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
-           positions: list[int]) -> tuple[list[int], dict[int, str]]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]
+) -> tuple[list[int], dict[int, str]]:
     """One next token per row of logits (B, vocab), each row under its own params; row i's draw
     is seeded by (seeds[i], positions[i]).
 
@@ -54,7 +56,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     # One float64 pass: NaN and inf propagate into the sum, and 50257 finite float32s cannot overflow it.
     finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float64)).tolist()
     generator = torch.Generator()
-    for row, (p, seed, position) in enumerate(zip(params, seeds, positions)):
+    for row, (p, seed, position) in enumerate(zip(params, seeds, positions, strict=False)):
         if not finite[row]:
             failures[row] = f"the model's logits at position {position} are not finite (NaN or inf)"
             continue
@@ -63,8 +65,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
         probs = filtered_logits(logits[row], p).softmax(-1)
         total = float(probs.sum())
         if not (math.isfinite(total) and total > 0):
-            failures[row] = (f"sampling at position {position} with temperature={p.temperature}, top_k={p.top_k}, "
-                             f"top_p={p.top_p} left no valid distribution (non-finite probabilities)")
+            failures[row] = (
+                f"sampling at position {position} with temperature={p.temperature}, top_k={p.top_k}, "
+                f"top_p={p.top_p} left no valid distribution (non-finite probabilities)"
+            )
             continue
         generator.manual_seed(position_seed(seed, position))
         tokens[row] = int(torch.multinomial(probs, 1, generator=generator).item())
@@ -80,11 +84,13 @@ def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: l
     if not rows:
         return result
     logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # (R, vocab)
-    chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows], device=logprobs.device)).squeeze(1).tolist()
+    chosen = (
+        logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows], device=logprobs.device)).squeeze(1).tolist()
+    )
     k = max(params[row].logprobs for row in rows)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
     for i, row in enumerate(rows):
         want = params[row].logprobs
-        result[row] = TokenLogprobs(chosen[i], list(zip(top_ids[i][:want], top_values[i][:want])))
+        result[row] = TokenLogprobs(chosen[i], list(zip(top_ids[i][:want], top_values[i][:want], strict=False)))
     return result

@@ -15,6 +15,7 @@ token; `schedule()` reads the answer. A sequence that ends by EOS or a stop stri
 had one slot asked for it in vain: its blocks go back one call later. One that ends by length is
 foreseen and asks for nothing.
 """
+
 from __future__ import annotations
 
 import time
@@ -75,8 +76,11 @@ class Scheduler:
         self._preempted: set[str] = set()  # of those, the ones preempted (not finished)
         self._commits: list[Commit] = []  # blocks of sequences that left, cached before they are freed
         self._in_flight: _Plan | None = None
-        self.prefix = (PrefixCacheView(config.block_size, config.cache_namespace, config.num_blocks)
-                       if config.prefix_caching else None)
+        self.prefix = (
+            PrefixCacheView(config.block_size, config.cache_namespace, config.num_blocks)
+            if config.prefix_caching
+            else None
+        )
         self.admission = Admission(config, self.prefix, self._reserve)
 
     # ---- requests ------------------------------------------------------------------------
@@ -214,10 +218,16 @@ class Scheduler:
                         self.running.append(child)
                         forks.append((seq, child))
             caching = self.prefix is not None
-            allocs = [Allocation(s.request_id, s.num_tokens, self._reserve(s), list(s.block_hashes) if caching else [])
-                      for s in admitted]
-            request = StepRequest(commit=self._take_commits(), free=self._take_frees(), allocate=allocs,
-                                  fork=[(parent.request_id, child.request_id) for parent, child in forks])
+            allocs = [
+                Allocation(s.request_id, s.num_tokens, self._reserve(s), list(s.block_hashes) if caching else [])
+                for s in admitted
+            ]
+            request = StepRequest(
+                commit=self._take_commits(),
+                free=self._take_frees(),
+                allocate=allocs,
+                fork=[(parent.request_id, child.request_id) for parent, child in forks],
+            )
             self._send(request, _Plan(True, admitted, [child for _, child in forks]))
             return True
         needs = {s.request_id: self._needs_new_block(s, ahead) for s in going_on}
@@ -230,8 +240,9 @@ class Scheduler:
         if not going_on:
             return False
         append = [(s.request_id, 1) for s in going_on]
-        self._send(StepRequest(commit=self._take_commits(), free=self._take_frees(), append=append),
-                   _Plan(False, going_on))
+        self._send(
+            StepRequest(commit=self._take_commits(), free=self._take_frees(), append=append), _Plan(False, going_on)
+        )
         return True
 
     def _needs_new_block(self, seq: Sequence, ahead: set) -> int:
@@ -315,7 +326,9 @@ class Scheduler:
             seq = by_id[seq_id]
             if seq.is_finished:  # ended while its request was in flight: free what it got
                 if plan.is_prefill:  # the whole table is news; its cached prefix (or, n > 1, all) is shared
-                    shared = len(table) if seq.params.n > 1 else response.hit_tokens.get(seq_id, 0) // self.config.block_size
+                    shared = (
+                        len(table) if seq.params.n > 1 else response.hit_tokens.get(seq_id, 0) // self.config.block_size
+                    )
                     self._to_free[seq_id] = max(len(table) - shared, 0)
                 else:  # finish() counted the table it knew; the block this answer may add is not counted
                     self._to_free.setdefault(seq_id, 0)

@@ -4,6 +4,7 @@ A request with n > 1 samples is n Sequences: sample 0 carries the request's id a
 admitted and prefilled; samples 1..n-1 (`forks`) are forked off its blocks in the same memory
 call and draw their first token from its prompt's logits.
 """
+
 from __future__ import annotations
 
 import time

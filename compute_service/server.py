@@ -2,6 +2,7 @@
 memory service. The servicer only translates the internal protobuf <-> engine calls.
 Run it with `python -m compute_service.server` (flags/env: ComputeServiceConfig + EngineConfig).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,10 @@ import time
 
 import grpc
 
+from common.failures import FAILURE_SCOPE_KEY, REPLICA_SCOPE
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
-from common.failures import FAILURE_SCOPE_KEY, REPLICA_SCOPE
 from compute_service.async_engine import AsyncEngine, EngineFailure
 from compute_service.config import ComputeServiceConfig, EngineConfig
 from compute_service.engine import InferenceEngine, RequestOutput
@@ -29,10 +30,16 @@ SERVICE = "rpc.internal.v1.ComputeService"
 def complete_message(out: RequestOutput, replica: str) -> compute_pb2.Complete:
     seq = out.sequence
     return compute_pb2.Complete(
-        finish_reason=out.finish_reason, prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_token_ids),
-        num_preemptions=seq.num_preemptions, replica=replica, token_ids=out.new_token_ids,
-        output_text=seq.output_text, queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
-        cached_tokens=seq.cached_prompt_tokens, index=seq.index,
+        finish_reason=out.finish_reason,
+        prompt_tokens=seq.prompt_len,
+        completion_tokens=len(seq.output_token_ids),
+        num_preemptions=seq.num_preemptions,
+        replica=replica,
+        token_ids=out.new_token_ids,
+        output_text=seq.output_text,
+        queue_ms=((seq.first_scheduled_time or seq.finish_time) - seq.arrival_time) * 1000,
+        cached_tokens=seq.cached_prompt_tokens,
+        index=seq.index,
         logprobs=logprobs_to_proto(out.logprobs, compute_pb2.TokenLogprobs),
     )
 
@@ -47,9 +54,12 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
     async def Generate(self, request, context):
         engine = self.engine.engine
         if self.draining or not self.engine.memory_ok:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "compute replica is not serving: "
-                                + ("draining" if self.draining else "its memory service is unreachable"),
-                                ((FAILURE_SCOPE_KEY, REPLICA_SCOPE),))
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "compute replica is not serving: "
+                + ("draining" if self.draining else "its memory service is unreachable"),
+                ((FAILURE_SCOPE_KEY, REPLICA_SCOPE),),
+            )
         prompt, params = list(request.prompt_token_ids), sampling_params_from_proto(request.params)
         outputs_before = list(request.output_token_ids)
         sample_outputs = {s.index: list(s.output_token_ids) for s in request.samples} or None
@@ -58,8 +68,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         if self.engine.num_pending >= self.config.max_waiting + engine.config.max_num_seqs:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "compute replica queue is full; retry later")
         try:
-            outputs = self.engine.submit(request.request_id, prompt, params, outputs_before,
-                                         sample_outputs)  # validates, once
+            outputs = self.engine.submit(
+                request.request_id, prompt, params, outputs_before, sample_outputs
+            )  # validates, once
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KeyError:
@@ -77,9 +88,13 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                     finished = remaining == 0
                     yield compute_pb2.GenerateResponse(complete=complete_message(out, self.config.replica))
                 elif out.new_token_ids:
-                    yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(
-                        token_ids=out.new_token_ids, index=out.index,
-                        logprobs=logprobs_to_proto(out.logprobs, compute_pb2.TokenLogprobs)))
+                    yield compute_pb2.GenerateResponse(
+                        chunk=compute_pb2.Chunk(
+                            token_ids=out.new_token_ids,
+                            index=out.index,
+                            logprobs=logprobs_to_proto(out.logprobs, compute_pb2.TokenLogprobs),
+                        )
+                    )
         finally:
             if not finished:  # the caller cancelled or its deadline passed: free the blocks
                 self.engine.abort(request.request_id)
@@ -88,13 +103,21 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         engine = self.engine.engine
         sched = engine.scheduler
         return compute_pb2.InfoResponse(
-            model=engine.config.model, context_length=engine.max_model_len, block_size=sched.config.block_size,
-            num_blocks=sched.config.num_blocks, mode=engine.config.mode, replica=self.config.replica,
-            num_running=len(sched.running), num_waiting=len(sched.waiting), num_preemptions=sched.num_preemptions,
-            vocab_size=engine.model.config.vocab_size, num_schedule_rounds=sched.num_schedule_rounds,
+            model=engine.config.model,
+            context_length=engine.max_model_len,
+            block_size=sched.config.block_size,
+            num_blocks=sched.config.num_blocks,
+            mode=engine.config.mode,
+            replica=self.config.replica,
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            num_preemptions=sched.num_preemptions,
+            vocab_size=engine.model.config.vocab_size,
+            num_schedule_rounds=sched.num_schedule_rounds,
             num_memory_calls=sched.num_memory_calls,
             memory_rpc_p50_ms=self.memory.p50_ms() if self.memory is not None else 0.0,
-            cache_namespace=engine.config.cache_namespace, caches_prefixes=engine.config.caches_prefixes,
+            cache_namespace=engine.config.cache_namespace,
+            caches_prefixes=engine.config.caches_prefixes,
         )
 
 
@@ -112,17 +135,26 @@ def advertised_address(config: ComputeServiceConfig, port: int) -> str:
                 probe.connect((memory_host.strip("[]"), int(memory_port or 0)))
                 host = probe.getsockname()[0]
         except (OSError, ValueError):
-            log.warning("cannot find the interface towards %r; advertising %s (set advertise_address)",
-                        config.memory_address, host)
+            log.warning(
+                "cannot find the interface towards %r; advertising %s (set advertise_address)",
+                config.memory_address,
+                host,
+            )
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def build_engine(engine_config: EngineConfig, config: ComputeServiceConfig) -> tuple[InferenceEngine, MemoryClient | None]:
+def build_engine(
+    engine_config: EngineConfig, config: ComputeServiceConfig
+) -> tuple[InferenceEngine, MemoryClient | None]:
     """The engine with its block tables in the memory service (or in-process when no address)."""
     if not config.memory_address or engine_config.mode == "no-cache":
         return InferenceEngine(engine_config), None
-    engine = InferenceEngine(engine_config, connect_memory=lambda num_blocks, block_size: MemoryClient(
-        config.memory_address, num_blocks, block_size, config.replica))
+    engine = InferenceEngine(
+        engine_config,
+        connect_memory=lambda num_blocks, block_size: MemoryClient(
+            config.memory_address, num_blocks, block_size, config.replica
+        ),
+    )
     return engine, engine.scheduler.memory
 
 
@@ -130,10 +162,17 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
     config.replica = config.replica or f"{socket.gethostname()}:{config.port}"
     started = time.perf_counter()
     engine, memory = build_engine(engine_config, config)
-    log.info("loaded %s (%s, %s) in %.1fs: %s mode, %d blocks x %d tokens, memory at %s", engine_config.model,
-             engine_config.device, engine_config.dtype, time.perf_counter() - started, engine_config.mode,
-             engine.scheduler.config.num_blocks, engine.scheduler.config.block_size,
-             f"{config.memory_address} ({memory.pool_id})" if memory else "in-process")
+    log.info(
+        "loaded %s (%s, %s) in %.1fs: %s mode, %d blocks x %d tokens, memory at %s",
+        engine_config.model,
+        engine_config.device,
+        engine_config.dtype,
+        time.perf_counter() - started,
+        engine_config.mode,
+        engine.scheduler.config.num_blocks,
+        engine.scheduler.config.block_size,
+        f"{config.memory_address} ({memory.pool_id})" if memory else "in-process",
+    )
     loop = asyncio.get_running_loop()
     server, health = make_server([SERVICE])
 
@@ -151,8 +190,11 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
     if memory is not None:  # only now SERVING: the gateway may route here from this moment
         await asyncio.to_thread(memory.advertise, address)
     elif config.memory_address:
-        log.warning("%s mode keeps no pool in the memory service, so gateways cannot discover this replica: "
-                    "list it in their compute_addresses", engine_config.mode)
+        log.warning(
+            "%s mode keeps no pool in the memory service, so gateways cannot discover this replica: "
+            "list it in their compute_addresses",
+            engine_config.mode,
+        )
     log.info("compute replica %s listening on %s:%d, advertised as %s", config.replica, config.host, port, address)
     try:
         await until_stop_signal()

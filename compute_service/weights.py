@@ -9,6 +9,7 @@ Specs:
 - a name of a model shipped under `models/` (see SHIPPED_MODELS_DIR).
 No transformers import at run time: HF checkpoints are read with safetensors alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,11 @@ def _model_from_dir(path: Path) -> GPT:
     tensors = load_file(str(path / "model.safetensors"))
     if raw.get("model_type") == "gpt2":
         config = GPTConfig(
-            context_length=raw["n_positions"], vocab_size=raw["vocab_size"], n_layer=raw["n_layer"],
-            n_head=raw["n_head"], n_embd=raw["n_embd"],
+            context_length=raw["n_positions"],
+            vocab_size=raw["vocab_size"],
+            n_layer=raw["n_layer"],
+            n_head=raw["n_head"],
+            n_embd=raw["n_embd"],
             layer_norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
         )
         tensors = hf_to_nanogpt_state_dict(tensors)

@@ -5,14 +5,17 @@ debootstrap (no registry needed), build the project image with the CPU torch whe
 folder, then drive the compose file with Docker's own `docker-compose` (1.29, Debian) talking to
 `podman system service` through DOCKER_HOST: `up -d` (start-up ordered by service_healthy), stream
 a generation through the published gateway port with the project's client and compare it with
-the in-process engine (and the same text from POST /v1/completions on the published port 8000), `up -d --scale compute=2` and check both replicas serve (the gateway is not
-restarted: it discovers the new replica through the memory service), check the block map (published on
-loopback 9102) shows both replicas' pools, then `down` and delete everything. Container storage lives in a temporary folder, never the machine's default.
+the in-process engine (and the same text from POST /v1/completions on the published port 8000),
+`up -d --scale compute=2` and check both replicas serve (the gateway is not restarted: it
+discovers the new replica through the memory service), check the block map (published on
+loopback 9102) shows both replicas' pools, then `down` and delete everything. Container storage
+lives in a temporary folder, never the machine's default.
 Podman runs healthchecks from systemd timers, and there is no systemd here: a thread of this
 driver plays the timer (`podman healthcheck run` every 2 s), so `service_healthy` still means
 the service's own grpc.health check passed.
 Needs (Debian): podman runc debootstrap docker-compose catatonit.
 """
+
 from __future__ import annotations
 
 import glob
@@ -49,14 +52,20 @@ class Podman:
         self.work = work
         (work / "storage").mkdir(exist_ok=True)
         (work / "storage.conf").write_text(
-            f'[storage]\ndriver = "vfs"\ngraphroot = "{work}/storage/graph"\nrunroot = "{work}/storage/run"\n')
+            f'[storage]\ndriver = "vfs"\ngraphroot = "{work}/storage/graph"\nrunroot = "{work}/storage/run"\n'
+        )
         (work / "containers.conf").write_text(
-            '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n'
-            '[engine]\nruntime = "runc"\n')
+            '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n[engine]\nruntime = "runc"\n'
+        )
         self.socket = work / "podman.sock"
-        self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"),
-                    "CONTAINERS_CONF": str(work / "containers.conf"), "DOCKER_HOST": f"unix://{self.socket}",
-                    "BASE_IMAGE": BASE, "COMPOSE_HTTP_TIMEOUT": "600"}
+        self.env = {
+            **os.environ,
+            "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"),
+            "CONTAINERS_CONF": str(work / "containers.conf"),
+            "DOCKER_HOST": f"unix://{self.socket}",
+            "BASE_IMAGE": BASE,
+            "COMPOSE_HTTP_TIMEOUT": "600",
+        }
         self.env.pop("MODEL", None)  # the compose file's default model is the one under test
         self._service: subprocess.Popen | None = None
         self._stop = threading.Event()
@@ -64,8 +73,15 @@ class Podman:
 
     def run(self, *args: str, check: bool = True, capture: bool = False, timeout: float = 1800) -> str:
         print("+", " ".join(args), flush=True)
-        result = subprocess.run(args, env=self.env, cwd=ROOT, check=check, timeout=timeout,
-                                stdout=subprocess.PIPE if capture else None, text=True)
+        result = subprocess.run(
+            args,
+            env=self.env,
+            cwd=ROOT,
+            check=check,
+            timeout=timeout,
+            stdout=subprocess.PIPE if capture else None,
+            text=True,
+        )
         return result.stdout or ""
 
     def compose(self, *args: str, **kw) -> str:
@@ -73,8 +89,9 @@ class Podman:
 
     def start_api(self) -> None:
         """The Docker API that docker-compose talks to, and the healthcheck timer."""
-        self._service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{self.socket}"],
-                                         env=self.env)
+        self._service = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", f"unix://{self.socket}"], env=self.env
+        )
         deadline = time.monotonic() + 30
         while not self.socket.exists():
             if time.monotonic() > deadline or self._service.poll() is not None:
@@ -101,15 +118,24 @@ class Podman:
                 subprocess.run(["podman", "healthcheck", "run", cid], env=self.env, capture_output=True)
 
     def health(self, cid: str) -> str:
-        out = subprocess.run(["podman", "inspect", "--format", "{{.State.Health.Status}}", cid],
-                             env=self.env, capture_output=True, text=True)
+        out = subprocess.run(
+            ["podman", "inspect", "--format", "{{.State.Health.Status}}", cid],
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
         return out.stdout.strip()
 
 
 def make_base_image(podman: Podman) -> None:
     rootfs = podman.work / "rootfs"
-    podman.run("debootstrap", "--variant=minbase", "--include=python3,python3-dev,python3-pip,python-is-python3,ca-certificates",
-               "bookworm", str(rootfs))
+    podman.run(
+        "debootstrap",
+        "--variant=minbase",
+        "--include=python3,python3-dev,python3-pip,python-is-python3,ca-certificates",
+        "bookworm",
+        str(rootfs),
+    )
     # Debian marks its Python as externally managed; the official python image does not.
     for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
         marker.unlink()
@@ -131,9 +157,19 @@ def build_image(podman: Podman) -> None:
         # This machine's HTTPS goes through a proxy whose CA lives in the host's certificates:
         # the build borrows them read-only (Debian's pip reads the system bundle); nothing of
         # them lands in the image.
-        podman.run("podman", "build", "-t", IMAGE, "--build-arg", f"BASE_IMAGE={BASE}",
-                   "--build-arg", "TORCH_INDEX_URL=" if local else "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu",
-                   "--volume", "/etc/ssl/certs:/etc/ssl/certs:ro", str(ROOT))
+        podman.run(
+            "podman",
+            "build",
+            "-t",
+            IMAGE,
+            "--build-arg",
+            f"BASE_IMAGE={BASE}",
+            "--build-arg",
+            "TORCH_INDEX_URL=" if local else "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu",
+            "--volume",
+            "/etc/ssl/certs:/etc/ssl/certs:ro",
+            str(ROOT),
+        )
     finally:
         for target in copied:
             target.unlink()
@@ -172,8 +208,9 @@ def http_completion_text() -> str:
     import urllib.request
 
     body = json.dumps({"prompt": PROMPT, "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}).encode()
-    request = urllib.request.Request("http://127.0.0.1:8000/v1/completions", data=body,
-                                     headers={"content-type": "application/json"})
+    request = urllib.request.Request(
+        "http://127.0.0.1:8000/v1/completions", data=body, headers={"content-type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)["choices"][0]["text"]
 
@@ -189,8 +226,8 @@ def block_map_pools() -> list[dict]:
 
 
 def in_process_tokens() -> list[int]:
-    from compute_service.engine import InferenceEngine
     from common.sampling_params import SamplingParams
+    from compute_service.engine import InferenceEngine
 
     engine = InferenceEngine(model=DEFAULT_MODEL, kv_budget_tokens=1024)
     params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)

@@ -6,6 +6,7 @@ Any failure, Ctrl-C or SIGTERM stops every process it started, gateway first (ea
 exits 0); if the launcher is killed outright, the services get SIGTERM from the kernel
 (deploy/with_parent.py): no orphans either way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,21 @@ def demo_client(gateway: ServiceSpec, prompt: str) -> tuple[list[str], dict[str,
     `ps` and a failed command's message would show it."""
     keys = read_keys(gateway_setting(gateway, "api_keys_file"), gateway_setting(gateway, "api_keys"))
     cert = gateway_setting(gateway, "tls_cert_file")
-    command = [sys.executable, "-m", "gateway.client", prompt, "--max-new-tokens", "48", "--temperature", "0.8",
-               "--seed", "1", "--address", f"127.0.0.1:{gateway.port}", *(["--tls-ca", cert] if cert else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "gateway.client",
+        prompt,
+        "--max-new-tokens",
+        "48",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "1",
+        "--address",
+        f"127.0.0.1:{gateway.port}",
+        *(["--tls-ca", cert] if cert else []),
+    ]
     env = {**os.environ, "OPENAI_API_KEY": keys[0] if keys else ""}
     return command, env
 
@@ -70,11 +84,20 @@ def start_service(spec: ServiceSpec, log_dir: str | None = None) -> subprocess.P
     """One service as a child process in its own session, tied to the life of the thread that
     starts it (Linux's parent-death signal follows the creating thread: start services from a
     thread that lives as long as they should)."""
-    env = {**os.environ, **spec.environment(host="127.0.0.1"), "PYTHONUNBUFFERED": "1",
-           "LAUNCHER_PID": str(os.getpid())}
+    env = {
+        **os.environ,
+        **spec.environment(host="127.0.0.1"),
+        "PYTHONUNBUFFERED": "1",
+        "LAUNCHER_PID": str(os.getpid()),
+    }
     out = open(os.path.join(log_dir, f"{spec.name}.log"), "a") if log_dir else None
-    return subprocess.Popen([sys.executable, "-m", "deploy.with_parent", spec.module], env=env, stdout=out,
-                            stderr=subprocess.STDOUT if out else None, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "deploy.with_parent", spec.module],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        start_new_session=True,
+    )
 
 
 def start_serving(spec: ServiceSpec, log_dir: str | None = None, timeout_s: float = 600) -> subprocess.Popen:
@@ -132,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(command, env=env, check=True)
             if not args.no_wait:
                 scheme = "https" if gateway_setting(gateway, "tls_cert_file") else "http"
-                print(f"\n[run] gateway on 127.0.0.1:{gateway.port} (gRPC), {scheme}://127.0.0.1:"
-                      f"{gateway.settings['http_port']}/v1 (OpenAI API), metrics :{gateway.settings['metrics_port']}. "
-                      "Ctrl-C stops everything.", file=sys.stderr)
+                print(
+                    f"\n[run] gateway on 127.0.0.1:{gateway.port} (gRPC), {scheme}://127.0.0.1:"
+                    f"{gateway.settings['http_port']}/v1 (OpenAI API), metrics :{gateway.settings['metrics_port']}. "
+                    "Ctrl-C stops everything.",
+                    file=sys.stderr,
+                )
                 while True:
                     time.sleep(3600)
     except KeyboardInterrupt:

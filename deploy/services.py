@@ -5,6 +5,7 @@ other. docker-compose.yml starts the same modules with the same settings (as env
 Settings are named by their config field (`kv_budget_tokens`); `environment()` turns them into
 the service's variables (`COMPUTE_KV_BUDGET_TOKENS`) through common.settings.
 """
+
 from __future__ import annotations
 
 import socket
@@ -32,11 +33,18 @@ class ServiceSpec:
         return {env_name(ENV_PREFIXES[self.role], name): value for name, value in values.items()}
 
 
-def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (50052,), gateway_port: int = 50050,
-                   gateway_metrics_port: int = 9100, memory_metrics_port: int = 9101,
-                   compute_settings: dict[str, str] | None = None, discovery: bool = True,
-                   gateway_settings: dict[str, str] | None = None, gateway_http_port: int = 8000,
-                   memory_http_port: int | None = None) -> list[ServiceSpec]:
+def local_services(
+    memory_port: int = 50051,
+    compute_ports: tuple[int, ...] = (50052,),
+    gateway_port: int = 50050,
+    gateway_metrics_port: int = 9100,
+    memory_metrics_port: int = 9101,
+    compute_settings: dict[str, str] | None = None,
+    discovery: bool = True,
+    gateway_settings: dict[str, str] | None = None,
+    gateway_http_port: int = 8000,
+    memory_http_port: int | None = None,
+) -> list[ServiceSpec]:
     """Memory, then one compute per port, then the gateway, all on loopback. With `discovery`
     the gateway learns the replicas from the memory service (as in compose); else it is given
     their addresses. The block map (`memory_http_port`) is on 9102 for the default stack (`make
@@ -45,17 +53,43 @@ def local_services(memory_port: int = 50051, compute_ports: tuple[int, ...] = (5
     memory_address = f"127.0.0.1:{memory_port}"
     if memory_http_port is None:
         memory_http_port = 9102 if memory_port == 50051 else 0
-    services = [ServiceSpec("memory", "memory", "memory_service.server", memory_port, "rpc.internal.v1.MemoryService",
-                            {"metrics_port": str(memory_metrics_port), "http_port": str(memory_http_port)})]
+    services = [
+        ServiceSpec(
+            "memory",
+            "memory",
+            "memory_service.server",
+            memory_port,
+            "rpc.internal.v1.MemoryService",
+            {"metrics_port": str(memory_metrics_port), "http_port": str(memory_http_port)},
+        )
+    ]
     for i, port in enumerate(compute_ports):
-        services.append(ServiceSpec(f"compute-{i}" if len(compute_ports) > 1 else "compute", "compute",
-                                    "compute_service.server", port, "rpc.internal.v1.ComputeService",
-                                    {"memory_address": memory_address, "replica": f"compute-{i}", **(compute_settings or {})}))
-    services.append(ServiceSpec("gateway", "gateway", "gateway.server", gateway_port, "rpc.v1.Gateway", {
-        "compute_addresses": "" if discovery else ",".join(f"127.0.0.1:{p}" for p in compute_ports),
-        "memory_address": memory_address, "metrics_port": str(gateway_metrics_port),
-        "http_port": str(gateway_http_port), **(gateway_settings or {}),
-    }))
+        services.append(
+            ServiceSpec(
+                f"compute-{i}" if len(compute_ports) > 1 else "compute",
+                "compute",
+                "compute_service.server",
+                port,
+                "rpc.internal.v1.ComputeService",
+                {"memory_address": memory_address, "replica": f"compute-{i}", **(compute_settings or {})},
+            )
+        )
+    services.append(
+        ServiceSpec(
+            "gateway",
+            "gateway",
+            "gateway.server",
+            gateway_port,
+            "rpc.v1.Gateway",
+            {
+                "compute_addresses": "" if discovery else ",".join(f"127.0.0.1:{p}" for p in compute_ports),
+                "memory_address": memory_address,
+                "metrics_port": str(gateway_metrics_port),
+                "http_port": str(gateway_http_port),
+                **(gateway_settings or {}),
+            },
+        )
+    )
     return services
 
 

@@ -7,6 +7,7 @@ the model and `kv_budget_tokens`, on top of what Python, torch and gRPC take wha
 deploy/k8s/compute.yaml's memory request and limit must be at least `suggested_limit_bytes`
 (a test checks); resize them with the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,8 @@ def replica_memory(model: str, kv_budget_tokens: int, mode: str = "paged") -> Re
     net = load_model(model)
     weights = sum(p.numel() * p.element_size() for p in net.parameters())
     num_blocks, block_size = EngineConfig(model=model, mode=mode, kv_budget_tokens=kv_budget_tokens).pool_shape(
-        net.config.context_length)
+        net.config.context_length
+    )
     kv = net.config.n_layer * 2 * num_blocks * block_size * net.config.n_embd * torch.finfo(torch.float32).bits // 8
     return ReplicaMemory(weights, kv)
 
@@ -51,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     m = replica_memory(args.model, args.kv_budget_tokens)
     mib = 2**20
-    print(f"weights {m.weights_bytes / mib:.0f} MiB, KV pool {m.kv_pool_bytes / mib:.0f} MiB, "
-          f"runtime {RUNTIME_BYTES / mib:.0f} MiB -> memory request/limit >= {m.suggested_limit_bytes / mib:.0f} MiB")
+    print(
+        f"weights {m.weights_bytes / mib:.0f} MiB, KV pool {m.kv_pool_bytes / mib:.0f} MiB, "
+        f"runtime {RUNTIME_BYTES / mib:.0f} MiB -> memory request/limit >= {m.suggested_limit_bytes / mib:.0f} MiB"
+    )
     return 0
 
 

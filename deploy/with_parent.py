@@ -5,6 +5,7 @@ Ctrl-C reaches the launcher alone and it stops the services in order. If the lau
 killed outright (SIGKILL, a crash), Linux sends this process SIGTERM (PR_SET_PDEATHSIG), which
 the services take as a request to drain and exit: no service outlives its launcher.
 """
+
 from __future__ import annotations
 
 import ctypes

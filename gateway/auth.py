@@ -7,6 +7,7 @@ sends `authorization: Bearer <key>` (gRPC metadata or HTTP header, as OpenAI's c
 Health checks and Prometheus metrics stay open: load balancers
 and scrapers carry no keys, and neither shows a prompt or a token.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -114,8 +115,7 @@ class GrpcCallLimits(grpc.aio.ServerInterceptor):
         if handler is None or not (handler.unary_unary or handler.unary_stream):
             return handler
         is_open = handler_call_details.method.startswith(OPEN_GRPC_PREFIXES)
-        codec = dict(request_deserializer=handler.request_deserializer,
-                     response_serializer=handler.response_serializer)
+        codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
@@ -142,6 +142,9 @@ class GrpcCallLimits(grpc.aio.ServerInterceptor):
 
     async def _enter(self, is_open: bool, context) -> None:
         if self._in_flight[is_open] >= self._limits[is_open]:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway runs its maximum of "
-                                f"{self._limits[is_open]} {'open' if is_open else ''} calls at once; retry later")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the gateway runs its maximum of "
+                f"{self._limits[is_open]} {'open' if is_open else ''} calls at once; retry later",
+            )
         self._in_flight[is_open] += 1

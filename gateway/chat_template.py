@@ -16,6 +16,7 @@ A blank line ("\n\n") ends the reply: chat requests stop there (END_OF_TURN) bes
 stop strings. So `{"role": "user", "name": "Romeo", ...}` with an assistant named "Juliet" reads
 as the play does.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,8 +57,10 @@ def render(messages: list[ChatMessage]) -> str:
         if message.role not in ROLES:
             raise FieldError("messages", f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.role!r}")
         if message.name and not NAME.fullmatch(message.name):
-            raise FieldError("messages", f"messages[{i}].name must be 1-64 characters without a newline or ':' "
-                                         "(it becomes a speaker line)")
+            raise FieldError(
+                "messages",
+                f"messages[{i}].name must be 1-64 characters without a newline or ':' (it becomes a speaker line)",
+            )
         if message.role in ("system", "developer"):
             parts.append(message.content.strip() + END_OF_TURN)
         else:

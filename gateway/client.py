@@ -5,6 +5,7 @@
 Text goes to stdout as it arrives; timings (client-side, vLLM definitions) go to stderr. With
 --n > 1 each sample's text is printed when it ends.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def auth_metadata(api_key: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {api_key}")] if api_key else []
 
 
-def stream_generate(address: str, prompt: str | list[int], timeout_s: float = 600, *, api_key: str = "",
-                    tls_ca_file: str = "", **params):
+def stream_generate(
+    address: str, prompt: str | list[int], timeout_s: float = 600, *, api_key: str = "", tls_ca_file: str = "", **params
+):
     """Yield GenerateResponse messages; params are SamplingParams fields (None = server default)."""
     kwargs = {k: v for k, v in params.items() if v is not None}
     request = generate_pb2.GenerateRequest(params=generate_pb2.SamplingParams(**kwargs))
@@ -41,8 +43,9 @@ def stream_generate(address: str, prompt: str | list[int], timeout_s: float = 60
     else:
         request.token_ids.ids.extend(prompt)
     with gateway_channel(address, tls_ca_file) as channel:
-        yield from gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout_s,
-                                                                   metadata=auth_metadata(api_key))
+        yield from gateway_pb2_grpc.GatewayStub(channel).Generate(
+            request, timeout=timeout_s, metadata=auth_metadata(api_key)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, help="samples of the prompt")
     ap.add_argument("--cache-salt", help="prefix-cache namespace (requests share cached blocks only within one)")
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""),
-                    help="sent as 'authorization: Bearer <key>' (default: $OPENAI_API_KEY)")
+    ap.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY", ""),
+        help="sent as 'authorization: Bearer <key>' (default: $OPENAI_API_KEY)",
+    )
     ap.add_argument("--tls-ca", default="", help="PEM certificate(s) to verify a TLS gateway against")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -70,9 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         if not several:
             sys.stdout.write(args.prompt)
         for response in stream_generate(
-            args.address, args.prompt, args.timeout, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos or None,
-            n=args.n, cache_salt=args.cache_salt, api_key=args.api_key, tls_ca_file=args.tls_ca,
+            args.address,
+            args.prompt,
+            args.timeout,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+            ignore_eos=args.ignore_eos or None,
+            n=args.n,
+            cache_salt=args.cache_salt,
+            api_key=args.api_key,
+            tls_ca_file=args.tls_ca,
         ):
             if response.HasField("chunk"):
                 texts[response.chunk.index] = texts.get(response.chunk.index, "") + response.chunk.text
@@ -84,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                 t = c.timings
                 if several:
                     print(f"--- sample {c.index} ---\n{args.prompt}{texts.get(c.index, '')}")
-                print(f"\n\n[{c.finish_reason}] {c.prompt_tokens} prompt ({c.cached_tokens} cached) + "
-                      f"{c.completion_tokens} generated tokens on {c.replica or 'compute'}: TTFT {t.ttft_ms:.1f} ms, "
-                      f"TPOT {t.tpot_ms:.1f} ms, E2E {t.e2e_ms:.1f} ms, queue {t.queue_ms:.1f} ms "
-                      f"(client wall {(time.perf_counter() - start) * 1000:.0f} ms)", file=sys.stderr)
+                print(
+                    f"\n\n[{c.finish_reason}] {c.prompt_tokens} prompt ({c.cached_tokens} cached) + "
+                    f"{c.completion_tokens} generated tokens on {c.replica or 'compute'}: TTFT {t.ttft_ms:.1f} ms, "
+                    f"TPOT {t.tpot_ms:.1f} ms, E2E {t.e2e_ms:.1f} ms, queue {t.queue_ms:.1f} ms "
+                    f"(client wall {(time.perf_counter() - start) * 1000:.0f} ms)",
+                    file=sys.stderr,
+                )
     except grpc.RpcError as exc:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

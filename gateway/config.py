@@ -1,5 +1,6 @@
 """GatewayConfig: every setting of the gateway, as CLI flags and `GATEWAY_*` environment variables
 (common.settings)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

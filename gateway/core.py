@@ -6,6 +6,7 @@ one final `Completion`, and maps a `GatewayError`'s status (a gRPC status name) 
 protocol. The core talks to compute replicas over the internal API (rpc.internal.v1) and turns
 their token ids into text, so a request continued on another replica streams on seamlessly.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,14 @@ import grpc
 from common.failures import REPLICA_SCOPE, REQUEST_SCOPE, failure_scope
 from common.grpc_server import CHANNEL_OPTIONS
 from common.protocol import logprobs_from_proto, sampling_params_to_proto
-from common.sampling_params import (FieldError, SamplingParams, TokenLogprobs, check_prompt_size, new_seed,
-                                    validate_request)
+from common.sampling_params import (
+    FieldError,
+    SamplingParams,
+    TokenLogprobs,
+    check_prompt_size,
+    new_seed,
+    validate_request,
+)
 from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
 from gateway.config import GatewayConfig
@@ -123,13 +130,18 @@ class _Stream:
         n > 1 after a fault: the samples still running, each with its tokens). Each attempt has
         its own id, so a replica still cleaning up an earlier one never collides."""
         message = compute_pb2.GenerateRequest(
-            request_id=f"{self.request_id}/{self.migrations}", prompt_token_ids=self.prompt,
-            params=sampling_params_to_proto(self.params, compute_pb2.SamplingParams))
+            request_id=f"{self.request_id}/{self.migrations}",
+            prompt_token_ids=self.prompt,
+            params=sampling_params_to_proto(self.params, compute_pb2.SamplingParams),
+        )
         if self.params.n == 1:
             message.output_token_ids.extend(self.samples[0].generated)
         elif self.migrations:
-            message.samples.extend(compute_pb2.SampleOutputs(index=i, output_token_ids=s.generated)
-                                   for i, s in enumerate(self.samples) if not s.done)
+            message.samples.extend(
+                compute_pb2.SampleOutputs(index=i, output_token_ids=s.generated)
+                for i, s in enumerate(self.samples)
+                if not s.done
+            )
         return message
 
 
@@ -140,10 +152,16 @@ class GatewayCore:
         if config.memory_address:
             self._memory_channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
             self._memory = memory_pb2_grpc.MemoryServiceStub(self._memory_channel)
-        self.router = ReplicaRouter(config.compute_addresses, self._memory, config.health_poll_s,
-                                    config.replica_down_after_s, config.discovery_poll_s)
-        self.routing = Routing(config.routing, self.router, self._memory, config.kv_overlap_weight,
-                               config.match_timeout_s)
+        self.router = ReplicaRouter(
+            config.compute_addresses,
+            self._memory,
+            config.health_poll_s,
+            config.replica_down_after_s,
+            config.discovery_poll_s,
+        )
+        self.routing = Routing(
+            config.routing, self.router, self._memory, config.kv_overlap_weight, config.match_timeout_s
+        )
         self.tokenizer = get_tokenizer()
         self.metrics = GatewayMetrics()
         self._model_info: ModelInfo | None = None
@@ -180,8 +198,9 @@ class GatewayCore:
             try:
                 text = text.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise FieldError(field_name, f"{field_name}.text is not valid UTF-8 ({exc.reason} at byte "
-                                 f"{exc.start})") from None
+                raise FieldError(
+                    field_name, f"{field_name}.text is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from None
         if len(text) <= _TOKENIZE_INLINE_CHARS:
             return self.tokenizer.encode(text)
         return await asyncio.to_thread(self.tokenizer.encode, text)
@@ -206,8 +225,9 @@ class GatewayCore:
         samples = [_Sample(IncrementalText(self.tokenizer, params.stop)) for _ in range(params.n)]
         return _Stream(request_id, prompt, params, samples)
 
-    async def generate(self, request: ClientRequest,
-                       timeout_s: float | None = None) -> AsyncIterator[TokenChunk | Completion]:
+    async def generate(
+        self, request: ClientRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[TokenChunk | Completion]:
         """Stream one request: TokenChunks, then one Completion (with n > 1: every sample's
         chunks, by index, and one Completion per sample as it ends). If the replica serving it fails
         (its stream breaks, it stops answering health checks, it gives the request up while
@@ -254,8 +274,12 @@ class GatewayCore:
                         if response.HasField("chunk"):
                             ids, index = list(response.chunk.token_ids), response.chunk.index
                             self._count(ids, stream.samples[index], timer)
-                            yield TokenChunk(ids, stream.samples[index].text.add(ids), index,
-                                             logprobs_from_proto(response.chunk.logprobs))
+                            yield TokenChunk(
+                                ids,
+                                stream.samples[index].text.add(ids),
+                                index,
+                                logprobs_from_proto(response.chunk.logprobs),
+                            )
                         elif response.HasField("complete"):
                             done = response.complete
                             sample = stream.samples[done.index]
@@ -268,10 +292,20 @@ class GatewayCore:
                             if first_complete:  # an attempt's samples share one prompt: count it once
                                 first_complete = False
                                 route.count_prompt(done.prompt_tokens, done.cached_tokens)
-                            yield Completion(request_id, done.finish_reason, done.prompt_tokens, done.completion_tokens,
-                                             done.num_preemptions, done.replica, stream.params.seed, stream.migrations,
-                                             dict(queue_ms=queue_ms, **timer.timings()), done.cached_tokens, done.index,
-                                             route.matched_tokens)
+                            yield Completion(
+                                request_id,
+                                done.finish_reason,
+                                done.prompt_tokens,
+                                done.completion_tokens,
+                                done.num_preemptions,
+                                done.replica,
+                                stream.params.seed,
+                                stream.migrations,
+                                dict(queue_ms=queue_ms, **timer.timings()),
+                                done.cached_tokens,
+                                done.index,
+                                route.matched_tokens,
+                            )
                             if all(s.done for s in stream.samples):
                                 status = "OK"
                                 return  # done: whatever happens to the call from here on is not the client's
@@ -294,8 +328,9 @@ class GatewayCore:
                     code, scope = exc.code().name, failure_scope(exc.trailing_metadata())
                     if code in _CLIENT_ERRORS or scope == REQUEST_SCOPE:  # about the request: not retried
                         status = code
-                        log.info("request %s: replica %s answered %s: %s", request_id, replica.address, code,
-                                 exc.details())
+                        log.info(
+                            "request %s: replica %s answered %s: %s", request_id, replica.address, code, exc.details()
+                        )
                         raise GatewayError(code, exc.details()) from None  # the replica's own words for the client
                     if code == "RESOURCE_EXHAUSTED":
                         full.add(replica.address)  # try one with room; at once RESOURCE_EXHAUSTED if none
@@ -303,8 +338,9 @@ class GatewayCore:
                     failed.add(replica.address)
                     self.router.suspect(replica)  # broken, or not serving (draining, no memory): none until SERVING
                     # A replica giving the request back (REPLICA_SCOPE) did not die under it.
-                    self._migrate(stream, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE,
-                                  client_why=code)  # transport details (addresses) stay in the log
+                    self._migrate(
+                        stream, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE, client_why=code
+                    )  # transport details (addresses) stay in the log
                 finally:
                     route.release()
                     if call is not None:
@@ -325,9 +361,22 @@ class GatewayCore:
 
     def _aborted_completions(self, stream: _Stream, timer: RequestTimer, replica: str) -> list[Completion]:
         """An aborted request ends every sample still running with finish_reason abort."""
-        return [Completion(stream.request_id, "abort", len(stream.prompt), len(s.generated), 0, replica,
-                           stream.params.seed, stream.migrations, dict(queue_ms=0.0, **timer.timings()), index=i)
-                for i, s in enumerate(stream.samples) if not s.done]
+        return [
+            Completion(
+                stream.request_id,
+                "abort",
+                len(stream.prompt),
+                len(s.generated),
+                0,
+                replica,
+                stream.params.seed,
+                stream.migrations,
+                dict(queue_ms=0.0, **timer.timings()),
+                index=i,
+            )
+            for i, s in enumerate(stream.samples)
+            if not s.done
+        ]
 
     def _count(self, ids: list[int], sample: _Sample, timer: RequestTimer) -> None:
         if ids:
@@ -335,8 +384,9 @@ class GatewayCore:
             timer.on_tokens(len(ids))
             self.metrics.record_tokens(len(ids))
 
-    def _migrate(self, stream: _Stream, replica: Replica, why: str, died: bool = False,
-                 client_why: str | None = None) -> None:
+    def _migrate(
+        self, stream: _Stream, replica: Replica, why: str, died: bool = False, client_why: str | None = None
+    ) -> None:
         """Count one more continuation of `stream`, or give up past the budget (UNAVAILABLE). A
         request whose replica died under it (`died`) max_replica_deaths times is a query of
         death: failed (INTERNAL), so that it cannot take down one replica after another. `why`
@@ -344,22 +394,40 @@ class GatewayCore:
         stream.replica_deaths += died
         client_why = why if client_why is None else client_why
         if stream.replica_deaths >= self.config.max_replica_deaths:
-            log.error("request %s: its replica died under it %d times (last %s: %s); failing it as a query of death",
-                      stream.request_id, stream.replica_deaths, replica.address, why)
-            raise GatewayError("INTERNAL", f"request failed: the replicas running it died under it "
-                               f"{stream.replica_deaths} times (last: {client_why}); it is not retried")
+            log.error(
+                "request %s: its replica died under it %d times (last %s: %s); failing it as a query of death",
+                stream.request_id,
+                stream.replica_deaths,
+                replica.address,
+                why,
+            )
+            raise GatewayError(
+                "INTERNAL",
+                f"request failed: the replicas running it died under it "
+                f"{stream.replica_deaths} times (last: {client_why}); it is not retried",
+            )
         if stream.migrations >= self.config.max_migrations:
-            log.warning("request %s: failed on %d replicas; last %s: %s", stream.request_id, stream.migrations + 1,
-                        replica.address, why)
-            raise GatewayError("UNAVAILABLE", f"request failed on {stream.migrations + 1} replicas; "
-                               f"last: {client_why}")
+            log.warning(
+                "request %s: failed on %d replicas; last %s: %s",
+                stream.request_id,
+                stream.migrations + 1,
+                replica.address,
+                why,
+            )
+            raise GatewayError("UNAVAILABLE", f"request failed on {stream.migrations + 1} replicas; last: {client_why}")
         stream.migrations += 1
         MIGRATIONS.inc()
-        log.warning("request %s: replica %s failed (%s); continuing elsewhere after %d tokens", stream.request_id,
-                    replica.address, why, stream.num_generated)
+        log.warning(
+            "request %s: replica %s failed (%s); continuing elsewhere after %d tokens",
+            stream.request_id,
+            replica.address,
+            why,
+            stream.num_generated,
+        )
 
-    async def _wait_for_replica(self, request_id: str, key: PrefixKey, failed: set[str], full: set[str],
-                                deadline: float | None) -> Route | None:
+    async def _wait_for_replica(
+        self, request_id: str, key: PrefixKey, failed: set[str], full: set[str], deadline: float | None
+    ) -> Route | None:
         """The route of the next attempt, chosen by the routing policy: to a replica that has not
         failed this request if there is one, never to one that said it is full. With none SERVING
         (all restarting, or their memory service is down) wait up to replica_wait_s (and the
@@ -395,7 +463,9 @@ class GatewayCore:
             raise GatewayError("INVALID_ARGUMENT", f"request_id {request_id!r} is not in flight")
         self._aborted.add(request_id)
         if request_id in self._calls:  # else it is waiting for a replica, and stops waiting
-            self._calls[request_id][0].cancel()  # compute sees the cancel, aborts, and frees the blocks at its next step
+            self._calls[request_id][
+                0
+            ].cancel()  # compute sees the cancel, aborts, and frees the blocks at its next step
 
     async def close(self) -> None:
         await self.router.close()

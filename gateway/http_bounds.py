@@ -13,6 +13,7 @@
 Like Envoy's `request_headers_timeout`, `max_request_headers_kb`, `max_request_bytes`, connection
 limits and stream idle timeout. Every refusal closes the connection (`connection: close`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,14 @@ class HttpBounds:
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> "HttpBounds":
-        return cls(config.max_request_bytes, config.http_header_timeout_s, config.http_body_timeout_s,
-                   config.http_max_connections, config.http_keepalive_s, config.stream_write_timeout_s)
+        return cls(
+            config.max_request_bytes,
+            config.http_header_timeout_s,
+            config.http_body_timeout_s,
+            config.http_max_connections,
+            config.http_keepalive_s,
+            config.stream_write_timeout_s,
+        )
 
 
 MAX_HEADER_BYTES = 64 * 1024  # a request line and headers past this: 431 (uvicorn buffers them unbounded)
@@ -54,8 +61,11 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > bounds.max_connections:
-                error = OpenAIError("RESOURCE_EXHAUSTED", f"the gateway holds its maximum of {bounds.max_connections} "
-                                    "HTTP connections; retry later", code="too_many_connections")
+                error = OpenAIError(
+                    "RESOURCE_EXHAUSTED",
+                    f"the gateway holds its maximum of {bounds.max_connections} HTTP connections; retry later",
+                    code="too_many_connections",
+                )
                 transport.write(error.raw_http())
                 transport.close()
                 return
@@ -66,8 +76,14 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
             if self._header_bytes is not None and not self.transport.is_closing():
                 self._header_bytes += len(data)
                 if self._header_bytes > MAX_HEADER_BYTES:
-                    self._refuse(OpenAIError("INVALID_ARGUMENT", f"the request line and headers are larger than "
-                                             f"{MAX_HEADER_BYTES} bytes", code="headers_too_large", http_status=431))
+                    self._refuse(
+                        OpenAIError(
+                            "INVALID_ARGUMENT",
+                            f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes",
+                            code="headers_too_large",
+                            http_status=431,
+                        )
+                    )
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -118,8 +134,14 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
             self._header_timer = None
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # a pipelined request waits for this response; its bounds restart when it is sent
-            self._refuse(OpenAIError("INVALID_ARGUMENT", f"the request's headers did not arrive within "
-                                     f"{bounds.header_timeout_s:g} s", code="request_timeout", http_status=408))
+            self._refuse(
+                OpenAIError(
+                    "INVALID_ARGUMENT",
+                    f"the request's headers did not arrive within {bounds.header_timeout_s:g} s",
+                    code="request_timeout",
+                    http_status=408,
+                )
+            )
 
         def _writes_stalled(self) -> None:
             """Drop the connection: its response (and the request behind it) ends as if the client
@@ -165,8 +187,13 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.bounds.max_body_bytes
-        too_large = OpenAIError("INVALID_ARGUMENT", f"the request body is larger than {limit} bytes "
-                                "(max_request_bytes)", code="request_too_large", http_status=413, headers=CLOSE)
+        too_large = OpenAIError(
+            "INVALID_ARGUMENT",
+            f"the request body is larger than {limit} bytes (max_request_bytes)",
+            code="request_too_large",
+            http_status=413,
+            headers=CLOSE,
+        )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.strip().isdigit() or int(length) > limit):
             return await too_large.response()(scope, receive, send)
@@ -175,9 +202,13 @@ class BodyLimit:
         except _BodyTooLarge:
             return await too_large.response()(scope, receive, send)
         except asyncio.TimeoutError:
-            error = OpenAIError("INVALID_ARGUMENT", f"the request body did not arrive within "
-                                f"{self.bounds.body_timeout_s:g} s", code="request_timeout", http_status=408,
-                                headers=CLOSE)
+            error = OpenAIError(
+                "INVALID_ARGUMENT",
+                f"the request body did not arrive within {self.bounds.body_timeout_s:g} s",
+                code="request_timeout",
+                http_status=408,
+                headers=CLOSE,
+            )
             return await error.response()(scope, receive, send)
         except _ClientGone:
             return None

@@ -2,6 +2,7 @@
 TTFT = first token - request received; E2E = last token - received; TPOT = (E2E - TTFT) /
 (output tokens - 1); ITL = every gap between consecutive streamed chunks; queue = the engine's
 arrival -> first scheduled step. Exported to Prometheus and summarised for GetStats."""
+
 from __future__ import annotations
 
 import time
@@ -19,12 +20,15 @@ MIGRATIONS = Counter("gateway_migrations_total", "Requests continued on another 
 ROUTED = Counter("gateway_routing_decisions_total", "Replicas chosen for an attempt, by policy", ["policy", "replica"])
 PROMPT_TOKENS = Counter("gateway_prompt_tokens_total", "Prompt tokens of requests each replica finished", ["replica"])
 CACHED_TOKENS = Counter("gateway_cached_prompt_tokens_total", "Of those, found in its prefix cache", ["replica"])
-MATCHED_TOKENS = Counter("gateway_matched_prompt_tokens_total", "Of those, held there when the router chose it",
-                         ["replica"])
-HIT_RATE = Gauge("gateway_prefix_hit_rate", "Cached / prompt tokens of the requests each replica finished",
-                 ["replica"])
-MATCH_MS = Histogram("gateway_kv_match_ms", "Memory-service Match call (kv-aware routing)",
-                     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250))
+MATCHED_TOKENS = Counter(
+    "gateway_matched_prompt_tokens_total", "Of those, held there when the router chose it", ["replica"]
+)
+HIT_RATE = Gauge("gateway_prefix_hit_rate", "Cached / prompt tokens of the requests each replica finished", ["replica"])
+MATCH_MS = Histogram(
+    "gateway_kv_match_ms",
+    "Memory-service Match call (kv-aware routing)",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250),
+)
 MATCH_FAILURES = Counter("gateway_kv_match_failures_total", "Match calls that failed (routed on local state)")
 _PER_REPLICA = (PROMPT_TOKENS, CACHED_TOKENS, MATCHED_TOKENS, HIT_RATE)
 
@@ -43,9 +47,13 @@ def forget_replica(address: str) -> None:
 TOKENS_PER_SECOND = Gauge("gateway_output_tokens_per_second", "Output tokens/s over the last 10 s")
 HISTOGRAMS = {
     name: Histogram(f"gateway_{name}_ms", help_text, buckets=_BUCKETS_MS)
-    for name, help_text in [("ttft", "Time to first token"), ("tpot", "Time per output token"),
-                            ("itl", "Inter-token latency"), ("e2e", "End-to-end latency"),
-                            ("queue", "Engine queue time")]
+    for name, help_text in [
+        ("ttft", "Time to first token"),
+        ("tpot", "Time per output token"),
+        ("itl", "Inter-token latency"),
+        ("e2e", "End-to-end latency"),
+        ("queue", "Engine queue time"),
+    ]
 }
 
 
@@ -101,9 +109,13 @@ class GatewayMetrics:
             self.requests_failed += 1
             return
         values = timer.timings()
-        samples = {"ttft": [values["ttft_ms"]], "e2e": [values["e2e_ms"]], "itl": timer.itl_ms,
-                   "tpot": [values["tpot_ms"]] if timer.num_tokens > 1 else [],
-                   "queue": [queue_ms] if queue_ms is not None else []}
+        samples = {
+            "ttft": [values["ttft_ms"]],
+            "e2e": [values["e2e_ms"]],
+            "itl": timer.itl_ms,
+            "tpot": [values["tpot_ms"]] if timer.num_tokens > 1 else [],
+            "queue": [queue_ms] if queue_ms is not None else [],
+        }
         for name, vals in samples.items():
             for v in vals:
                 HISTOGRAMS[name].observe(v)
@@ -111,8 +123,9 @@ class GatewayMetrics:
 
     def summary(self, name: str) -> dict[str, float]:
         vals = np.array(self.recent[name]) if self.recent[name] else np.zeros(1)
-        return dict(mean_ms=float(vals.mean()), p50_ms=float(np.percentile(vals, 50)),
-                    p99_ms=float(np.percentile(vals, 99)))
+        return dict(
+            mean_ms=float(vals.mean()), p50_ms=float(np.percentile(vals, 50)), p99_ms=float(np.percentile(vals, 99))
+        )
 
     @property
     def output_tokens_per_second(self) -> float:

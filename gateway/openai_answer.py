@@ -1,5 +1,6 @@
 """OpenAI's answers built from the core's events: the whole JSON object of a request that was not
 streamed, or its server-sent events (chunks, usage, `[DONE]`) for one that was."""
+
 from __future__ import annotations
 
 import contextlib
@@ -50,27 +51,43 @@ class Answer:
 
     def envelope(self, choices: list[dict], stream: bool, **extra: Any) -> dict:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
-                **extra}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     def _logprobs(self, index: int, ids: list[int], lps: list[TokenLogprobs]) -> dict | None:
         if not self.want_logprobs:
             return None
         names = [token_string(self.tokenizer, t) for t in ids]
         if self.chat:
+
             def entry(token_id: int, name: str, value: float) -> dict:
                 return {"token": name, "logprob": value, "bytes": list(self.tokenizer.token_bytes(token_id))}
 
-            return {"content": [{**entry(t, name, lp.logprob),
-                                 "top_logprobs": [entry(i, token_string(self.tokenizer, i), v) for i, v in lp.top]}
-                                for t, name, lp in zip(ids, names, lps)]}
+            return {
+                "content": [
+                    {
+                        **entry(t, name, lp.logprob),
+                        "top_logprobs": [entry(i, token_string(self.tokenizer, i), v) for i, v in lp.top],
+                    }
+                    for t, name, lp in zip(ids, names, lps, strict=False)
+                ]
+            }
         offsets = []
         for name in names:
             offsets.append(self.offsets[index])
             self.offsets[index] += len(name)
-        return {"tokens": names, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{token_string(self.tokenizer, t): v for t, v in lp.top} for lp in lps],
-                "text_offset": offsets}
+        return {
+            "tokens": names,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{token_string(self.tokenizer, t): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
 
     def _choice(self, index: int, text: str | None, logprobs: dict | None, reason: str | None) -> dict:
         if self.chat:
@@ -81,8 +98,10 @@ class Answer:
     def opening(self) -> list[dict]:
         """The first stream chunk's choices: the role (chat) or the echoed prompt (completions)."""
         if self.chat:
-            return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None} for i in range(len(self.texts))]
+            return [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(len(self.texts))
+            ]
         return [self._choice(i, t, None, None) for i, t in enumerate(self.texts) if t]
 
     def chunk(self, event: TokenChunk) -> dict | None:
@@ -113,16 +132,26 @@ class Answer:
         completion = sum(c.completion_tokens for c in self.completions.values())
         # after a continuation elsewhere a replica's hit may include generated tokens: at most the prompt
         cached = min(max((c.cached_tokens for c in self.completions.values()), default=0), prompt)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def result(self) -> dict:
         choices = []
         for i, text in enumerate(self.texts):
             logprobs = self._logprobs(i, self.token_ids[i], self.logprobs[i])
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                                "finish_reason": self.finish_reason(i)})
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs,
+                        "finish_reason": self.finish_reason(i),
+                    }
+                )
             else:
                 choices.append(self._choice(i, text, logprobs, self.finish_reason(i)))
         return self.envelope(choices, stream=False, usage=self.usage())
@@ -141,8 +170,9 @@ async def collect(answer: Answer, first, events: AsyncIterator) -> dict:
     return answer.result()
 
 
-async def stream(answer: Answer, first, events: AsyncIterator, include_usage: bool,
-                 error_body: Callable[[GatewayError], dict]) -> AsyncIterator[str]:
+async def stream(
+    answer: Answer, first, events: AsyncIterator, include_usage: bool, error_body: Callable[[GatewayError], dict]
+) -> AsyncIterator[str]:
     """Server-sent events: the opening chunk, one per TokenChunk and per finished choice, the usage
     chunk if asked, then [DONE]. A failure after the first event becomes an error event."""
     extra = {"usage": None} if include_usage else {}

@@ -8,6 +8,7 @@ before the first token gets its real status; a failure after it arrives as an `e
 `data: [DONE]`. A client that disconnects cancels its request (stream or not), which frees its
 blocks on the replica, as a cancelled gRPC call does.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,9 +26,9 @@ from common.sampling_params import FieldError
 from gateway.auth import ApiKeys
 from gateway.core import GatewayCore, GatewayError, ModelInfo
 from gateway.http_bounds import CLOSE, BodyLimit, HttpBounds
-from gateway.openai_errors import OpenAIError
 from gateway.openai_answer import Answer, EventStreamResponse, collect, stream
-from gateway.openai_protocol import ChatCompletionRequest, CompletionRequest, Prepared, prepare_chat, prepare_completion
+from gateway.openai_errors import OpenAIError
+from gateway.openai_protocol import ChatCompletionRequest, CompletionRequest, prepare_chat, prepare_completion
 
 log = logging.getLogger("gateway")
 
@@ -42,8 +43,12 @@ class _RequireKey:
         if scope["type"] == "http" and scope["path"].startswith("/v1/") and self.keys.enabled:
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not self.keys.allows(authorization):
-                error = OpenAIError("UNAUTHENTICATED", "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                    code="invalid_api_key", headers=CLOSE)  # its body is never read
+                error = OpenAIError(
+                    "UNAUTHENTICATED",
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                    headers=CLOSE,
+                )  # its body is never read
                 return await error.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -99,15 +104,20 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
         if error["type"] == "json_invalid":
             return OpenAIError("INVALID_ARGUMENT", "the request body is not valid JSON").response()
         if error["type"] == "extra_forbidden":
-            return OpenAIError("INVALID_ARGUMENT", f"Unrecognized request argument supplied: {'.'.join(where)}",
-                               param).response()
+            return OpenAIError(
+                "INVALID_ARGUMENT", f"Unrecognized request argument supplied: {'.'.join(where)}", param
+            ).response()
         return OpenAIError("INVALID_ARGUMENT", f"{'.'.join(where) or 'body'}: {error['msg']}", param).response()
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         status = "NOT_FOUND" if exc.status_code == 404 else "INVALID_ARGUMENT"
-        return OpenAIError(status, f"{request.method} {request.url.path}: {exc.detail}", http_status=exc.status_code,
-                           headers=exc.headers).response()
+        return OpenAIError(
+            status,
+            f"{request.method} {request.url.path}: {exc.detail}",
+            http_status=exc.status_code,
+            headers=exc.headers,
+        ).response()
 
     def model_info(requested: str | None = None) -> ModelInfo:
         try:
@@ -115,8 +125,12 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
         except GatewayError as exc:
             raise OpenAIError.from_gateway(exc) from None
         if requested not in (None, info.model):
-            raise OpenAIError("NOT_FOUND", f"the model {requested!r} does not exist; this server serves "
-                              f"{info.model!r}", "model", "model_not_found")
+            raise OpenAIError(
+                "NOT_FOUND",
+                f"the model {requested!r} does not exist; this server serves {info.model!r}",
+                "model",
+                "model_not_found",
+            )
         return info
 
     async def run(request: Request, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Response:
@@ -133,8 +147,13 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
             if first is None:  # the client left before the first token: generate() was cancelled
                 return Response(status_code=499)
             if body.stream:
-                body_iterator = stream(answer, first, events, body.include_usage,
-                                       lambda exc: OpenAIError.from_gateway(exc, prepared).body())
+                body_iterator = stream(
+                    answer,
+                    first,
+                    events,
+                    body.include_usage,
+                    lambda exc: OpenAIError.from_gateway(exc, prepared).body(),
+                )
                 streaming = True
                 return EventStreamResponse(body_iterator, events)  # it closes `events` when it ends
             result = await _until_disconnect(request, collect(answer, first, events))
@@ -156,9 +175,19 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
     @app.get("/v1/models")
     async def models() -> dict:
         info = model_info()
-        return {"object": "list", "data": [{"id": info.model, "object": "model", "created": 0,
-                                            "owned_by": "paged-nanogpt", "max_model_len": info.context_length,
-                                            "vocab_size": info.vocab_size}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": info.model,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "paged-nanogpt",
+                    "max_model_len": info.context_length,
+                    "vocab_size": info.vocab_size,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -1,10 +1,11 @@
 """OpenAI's completions and chat-completions requests, in our core's terms.
 
 Parsing (pydantic, strict types, unknown fields refused as OpenAI does) turns a JSON body into a
-`ClientRequest` (gateway/openai_answer.py builds the answers). Value rules (ranges, context length) are the core's own validation
-(common.sampling_params), not repeated here: the front only renames the field at fault
-(`param_name`) so an error names the field the client sent.
+`ClientRequest` (gateway/openai_answer.py builds the answers). Value rules (ranges, context
+length) are the core's own validation (common.sampling_params), not repeated here: the front
+only renames the field at fault (`param_name`) so an error names the field the client sent.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams, check_prompt_size, check_token_ids
 from gateway.chat_template import END_OF_TURN, ChatMessage, render
 from gateway.core import ClientRequest, GatewayCore
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -56,13 +58,24 @@ class _Common(_Strict):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         extra = [s for s in extra_stop if s not in stop]
         if extra and len(stop) + len(extra) > MAX_STOP_STRINGS:
-            raise FieldError("stop", f"chat requests take at most {MAX_STOP_STRINGS - len(extra)} stop strings: the "
-                             f"chat template's end of turn {END_OF_TURN!r} is one of the {MAX_STOP_STRINGS}")
+            raise FieldError(
+                "stop",
+                f"chat requests take at most {MAX_STOP_STRINGS - len(extra)} stop strings: the "
+                f"chat template's end of turn {END_OF_TURN!r} is one of the {MAX_STOP_STRINGS}",
+            )
         stop += extra
         params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=stop,
-            ignore_eos=self.ignore_eos, n=self.n, cache_salt=self.cache_salt, logprobs=logprobs)
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k or 0,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+            stop=stop,
+            ignore_eos=self.ignore_eos,
+            n=self.n,
+            cache_salt=self.cache_salt,
+            logprobs=logprobs,
+        )
         params.validate()  # now: the answer is shaped by n and logprobs before the core sees the request
         return params
 
@@ -164,8 +177,7 @@ async def prepare_completion(body: CompletionRequest, request_id: str, core: Gat
     names = {"max_new_tokens": "max_tokens"}
     with _client_names(names):
         params = body.params(_default_max_tokens(body.max_tokens, ids, core.model_info.context_length), body.logprobs)
-    return Prepared(ClientRequest(ids, params, request_id), ids, core.tokenizer.decode(ids) if body.echo else "",
-                    names)
+    return Prepared(ClientRequest(ids, params, request_id), ids, core.tokenizer.decode(ids) if body.echo else "", names)
 
 
 async def prepare_chat(body: ChatCompletionRequest, request_id: str, core: GatewayCore) -> Prepared:
@@ -176,8 +188,11 @@ async def prepare_chat(body: ChatCompletionRequest, request_id: str, core: Gatew
     ids = await core.tokenize(text, "messages")
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
-             "logprobs": "top_logprobs", "prompt": "messages"}
+    names = {
+        "max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+        "logprobs": "top_logprobs",
+        "prompt": "messages",
+    }
     with _client_names(names):
         params = body.params(_default_max_tokens(limit, ids, core.model_info.context_length), logprobs, [END_OF_TURN])
     return Prepared(ClientRequest(ids, params, request_id), ids, text, names)

@@ -20,6 +20,7 @@ that does not answer for `down_after_s` is down: the gateway continues its strea
 ran out while it was paused, not dead) is retired: no new requests, watched until they end.
 Which serving replica a request goes to is gateway.routing's choice.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,8 +65,14 @@ class Replica:
 
 
 class ReplicaRouter:
-    def __init__(self, compute_addresses: str, memory: memory_pb2_grpc.MemoryServiceStub | None = None,
-                 poll_s: float = 0.5, down_after_s: float = 2.0, discovery_poll_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        compute_addresses: str,
+        memory: memory_pb2_grpc.MemoryServiceStub | None = None,
+        poll_s: float = 0.5,
+        down_after_s: float = 2.0,
+        discovery_poll_s: float = 0.5,
+    ) -> None:
         addresses = [a.strip() for a in compute_addresses.split(",") if a.strip()]
         if not addresses and memory is None:
             raise ValueError("compute_addresses is empty and there is no memory_address to discover replicas from")
@@ -89,8 +96,13 @@ class ReplicaRouter:
         if address.startswith("dns:"):
             options.append(("grpc.lb_policy_name", "round_robin"))
         channel = grpc.aio.insecure_channel(address, options=options)
-        replica = Replica(address, channel, compute_pb2_grpc.ComputeServiceStub(channel),
-                          watched=not address.startswith("dns:"), serving=serving)
+        replica = Replica(
+            address,
+            channel,
+            compute_pb2_grpc.ComputeServiceStub(channel),
+            watched=not address.startswith("dns:"),
+            serving=serving,
+        )
         self.replicas.append(replica)
         if self._on_down is not None:  # started: watch it from now on
             self._start_watching(replica)
@@ -122,8 +134,11 @@ class ReplicaRouter:
         while True:
             for replica in list(self.replicas):
                 try:
-                    return await replica.stub.Info(compute_pb2.InfoRequest(), wait_for_ready=True,
-                                                   timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                    return await replica.stub.Info(
+                        compute_pb2.InfoRequest(),
+                        wait_for_ready=True,
+                        timeout=max(0.1, min(5.0, deadline - time.monotonic())),
+                    )
                 except grpc.aio.AioRpcError as exc:
                     last_error = exc
             if time.monotonic() >= deadline:
@@ -137,8 +152,12 @@ class ReplicaRouter:
         nobody leaves for `lease_ttl_s`."""
         if epoch != self._epoch:
             if self._epoch:
-                log.info("memory service restarted (epoch %s -> %s): no replica leaves for %.1f s", self._epoch,
-                         epoch, lease_ttl_s + self.discovery_poll_s)
+                log.info(
+                    "memory service restarted (epoch %s -> %s): no replica leaves for %.1f s",
+                    self._epoch,
+                    epoch,
+                    lease_ttl_s + self.discovery_poll_s,
+                )
                 self._keep_until = time.monotonic() + lease_ttl_s + self.discovery_poll_s
             self._epoch = epoch
         listed = set(addresses)
@@ -192,8 +211,11 @@ class ReplicaRouter:
                 replica.serving = False
                 if not down and time.monotonic() - replica.last_answer >= self.down_after_s:
                     down = True
-                    log.warning("compute replica %s is down (no health answer for %.1f s)", replica.address,
-                                time.monotonic() - replica.last_answer)
+                    log.warning(
+                        "compute replica %s is down (no health answer for %.1f s)",
+                        replica.address,
+                        time.monotonic() - replica.last_answer,
+                    )
                     on_down(replica)
             await asyncio.sleep(self.poll_s)
 

@@ -37,6 +37,7 @@
   (memory service down, or slower than `match_timeout_s`), the cost uses this gateway's view
   alone (its in-flight requests as the load).
 """
+
 from __future__ import annotations
 
 import logging
@@ -108,8 +109,14 @@ class Route:
 
 
 class Routing:
-    def __init__(self, policy: str, router: ReplicaRouter, memory: memory_pb2_grpc.MemoryServiceStub | None,
-                 overlap_weight: float = 2.0, match_timeout_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        policy: str,
+        router: ReplicaRouter,
+        memory: memory_pb2_grpc.MemoryServiceStub | None,
+        overlap_weight: float = 2.0,
+        match_timeout_s: float = 0.25,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"routing must be one of {POLICIES}, got {policy!r}")
         if overlap_weight < 0:
@@ -126,8 +133,11 @@ class Routing:
 
     def key(self, prompt: list[int], cache_salt: str) -> PrefixKey:
         """The request's prefix key, computed once (kv-aware only: the others never look)."""
-        hashes = (prompt_block_hashes(prompt, self.block_size, self.namespace, cache_salt)
-                  if self.policy == "kv-aware" and self.caches_prefixes else [])
+        hashes = (
+            prompt_block_hashes(prompt, self.block_size, self.namespace, cache_salt)
+            if self.policy == "kv-aware" and self.caches_prefixes
+            else []
+        )
         return PrefixKey(hashes, -(-len(prompt) // self.block_size))
 
     async def choose(self, key: PrefixKey, exclude: set[str] = frozenset()) -> Route | None:
@@ -152,8 +162,10 @@ class Routing:
             replica = min(enumerate(candidates), key=lambda c: (c[1].in_flight, rotation(c[0])))[1]
         else:
             matched = {r.address: self._matched(key, r, known) for r in candidates}
-            _, replica = min(enumerate(candidates),
-                             key=lambda c: (*self._rank(key, c[1], known, matched[c[1].address]), rotation(c[0])))
+            _, replica = min(
+                enumerate(candidates),
+                key=lambda c: (*self._rank(key, c[1], known, matched[c[1].address]), rotation(c[0])),
+            )
             matched_blocks = matched[replica.address]
         prefill = max(key.prompt_blocks - matched_blocks, 0)
         replica.in_flight += 1
@@ -194,7 +206,10 @@ class Routing:
         known = {r.address: r for r in reply.replicas}
         if not self._warned and not any(r.address in known for r in self.router.replicas):
             self._warned = True
-            log.warning("no replica's address %s is among those the replicas advertise (%s): kv-aware routing "
-                        "sees no cached blocks; give compute_addresses exactly as the replicas advertise them",
-                        [r.address for r in self.router.replicas], sorted(known))
+            log.warning(
+                "no replica's address %s is among those the replicas advertise (%s): kv-aware routing "
+                "sees no cached blocks; give compute_addresses exactly as the replicas advertise them",
+                [r.address for r in self.router.replicas],
+                sorted(known),
+            )
         return known

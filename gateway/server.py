@@ -3,6 +3,7 @@ messages to and from the transport-free core (gateway.core), which validates, ro
 measures; beside it, in the same event loop, the OpenAI-compatible HTTP front (gateway.openai_api).
 Run it with `python -m gateway.server` (flags/env: GatewayConfig).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,8 @@ import logging
 import grpc
 from prometheus_client import start_http_server
 
-from common.http_server import start_http
 from common.grpc_server import bind, make_server, public_server_options, set_serving, until_stop_signal
+from common.http_server import start_http
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import parse_config
 from gateway.auth import ApiKeys, GrpcAuthInterceptor, GrpcCallLimits
@@ -41,10 +42,18 @@ def client_request(message: generate_pb2.GenerateRequest) -> ClientRequest:
 
 def complete_message(done: Completion) -> generate_pb2.Complete:
     return generate_pb2.Complete(
-        request_id=done.request_id, finish_reason=done.finish_reason, prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens, timings=generate_pb2.Timings(**done.timings),
-        num_preemptions=done.num_preemptions, replica=done.replica, seed=done.seed, num_migrations=done.num_migrations,
-        cached_tokens=done.cached_tokens, index=done.index, matched_tokens=done.matched_tokens,
+        request_id=done.request_id,
+        finish_reason=done.finish_reason,
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        timings=generate_pb2.Timings(**done.timings),
+        num_preemptions=done.num_preemptions,
+        replica=done.replica,
+        seed=done.seed,
+        num_migrations=done.num_migrations,
+        cached_tokens=done.cached_tokens,
+        index=done.index,
+        matched_tokens=done.matched_tokens,
     )
 
 
@@ -54,15 +63,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request, context):
         try:
-            async with contextlib.aclosing(self.core.generate(client_request(request),
-                                                              context.time_remaining())) as events:
+            async with contextlib.aclosing(
+                self.core.generate(client_request(request), context.time_remaining())
+            ) as events:
                 async for event in events:
                     if isinstance(event, Completion):
                         yield generate_pb2.GenerateResponse(complete=complete_message(event))
                     else:
-                        yield generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(
-                            token_ids=event.token_ids, text=event.text, index=event.index,
-                            logprobs=logprobs_to_proto(event.logprobs, generate_pb2.TokenLogprobs)))
+                        yield generate_pb2.GenerateResponse(
+                            chunk=generate_pb2.Chunk(
+                                token_ids=event.token_ids,
+                                text=event.text,
+                                index=event.index,
+                                logprobs=logprobs_to_proto(event.logprobs, generate_pb2.TokenLogprobs),
+                            )
+                        )
         except GatewayError as exc:
             await context.abort(grpc.StatusCode[exc.status], exc.message)
 
@@ -80,9 +95,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 result.complete.CopyFrom(response.complete)
         first = samples.get(0, generate_pb2.GenerateResult())
         if len(samples) > 1:
-            every = [generate_pb2.GenerateResult(token_ids=r.token_ids, text=r.text, complete=r.complete,
-                                                   logprobs=r.logprobs)
-                     for r in (samples[i] for i in sorted(samples))]  # copies, taken before sample 0 gets them
+            every = [
+                generate_pb2.GenerateResult(
+                    token_ids=r.token_ids, text=r.text, complete=r.complete, logprobs=r.logprobs
+                )
+                for r in (samples[i] for i in sorted(samples))
+            ]  # copies, taken before sample 0 gets them
             first.samples.extend(every)
         return first
 
@@ -98,23 +116,39 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             info = self.core.model_info
         except GatewayError as exc:
             await context.abort(grpc.StatusCode[exc.status], exc.message)
-        return gateway_pb2.ModelInfo(model=info.model, context_length=info.context_length, block_size=info.block_size,
-                                     replicas=len(self.core.router.replicas), mode=info.mode,
-                                     vocab_size=info.vocab_size)
+        return gateway_pb2.ModelInfo(
+            model=info.model,
+            context_length=info.context_length,
+            block_size=info.block_size,
+            replicas=len(self.core.router.replicas),
+            mode=info.mode,
+            vocab_size=info.vocab_size,
+        )
 
     async def GetStats(self, request, context):
         m = self.core.metrics
         return gateway_pb2.GatewayStats(
-            requests_total=m.requests_total, requests_failed=m.requests_failed,
-            requests_in_flight=self.core.num_in_flight, output_tokens_total=m.output_tokens,
+            requests_total=m.requests_total,
+            requests_failed=m.requests_failed,
+            requests_in_flight=self.core.num_in_flight,
+            output_tokens_total=m.output_tokens,
             output_tokens_per_second=m.output_tokens_per_second,
             **{name: gateway_pb2.LatencySummary(**m.summary(name)) for name in ("ttft", "tpot", "itl", "e2e", "queue")},
             pools=[gateway_pb2.PoolStats(**pool) for pool in await self.core.pool_stats(request.pool_id)],
             routing=self.core.routing.policy,
-            replicas=[gateway_pb2.ReplicaRouting(
-                address=r.address, serving=r.serving, in_flight=r.in_flight, requests_routed=r.requests_routed,
-                prompt_tokens=r.prompt_tokens, matched_tokens=r.matched_tokens, cached_tokens=r.cached_tokens,
-                prefix_hit_rate=r.prefix_hit_rate) for r in self.core.router.replicas],
+            replicas=[
+                gateway_pb2.ReplicaRouting(
+                    address=r.address,
+                    serving=r.serving,
+                    in_flight=r.in_flight,
+                    requests_routed=r.requests_routed,
+                    prompt_tokens=r.prompt_tokens,
+                    matched_tokens=r.matched_tokens,
+                    cached_tokens=r.cached_tokens,
+                    prefix_hit_rate=r.prefix_hit_rate,
+                )
+                for r in self.core.router.replicas
+            ],
         )
 
 
@@ -122,30 +156,53 @@ async def serve(config: GatewayConfig) -> None:
     keys = ApiKeys.load(config.api_keys_file, config.api_keys)
     core = GatewayCore(config)
     server, health = make_server(
-        [SERVICE], interceptors=(GrpcAuthInterceptor(keys), GrpcCallLimits(config.max_concurrent_rpcs)),
-        options=public_server_options(config.max_request_bytes, config.grpc_keepalive_s, config.grpc_min_client_ping_s))
+        [SERVICE],
+        interceptors=(GrpcAuthInterceptor(keys), GrpcCallLimits(config.max_concurrent_rpcs)),
+        options=public_server_options(config.max_request_bytes, config.grpc_keepalive_s, config.grpc_min_client_ping_s),
+    )
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
     port = bind(server, config.host, config.port, config.tls_cert_file, config.tls_key_file)
     await server.start()  # health answers NOT_SERVING until a replica has told us the model
     bounds = HttpBounds.from_config(config)
     app = create_app(core, keys, bounds)
-    http = await start_http(app, config.host, config.http_port, config.tls_cert_file, config.tls_key_file,
-                            config.drain_timeout_s, bounded_protocol(bounds),
-                            config.http_keepalive_s) if config.http_port else None
+    http = (
+        await start_http(
+            app,
+            config.host,
+            config.http_port,
+            config.tls_cert_file,
+            config.tls_key_file,
+            config.drain_timeout_s,
+            bounded_protocol(bounds),
+            config.http_keepalive_s,
+        )
+        if config.http_port
+        else None
+    )
     # (/health answers 503 until a replica answers)
     scheme = "https" if config.tls_cert_file else "http"
-    log.info("gateway listening on %s:%d (gRPC%s)%s, API keys %s; waiting for compute at %s (routing %s)",
-             config.host, port, ", TLS" if config.tls_cert_file else "",
-             f" and {scheme}://{config.host}:{config.http_port} (OpenAI API)" if http else "",
-             "required" if keys.enabled else "off",
-             config.compute_addresses or f"the replicas the memory service at {config.memory_address} lists",
-             config.routing)
+    log.info(
+        "gateway listening on %s:%d (gRPC%s)%s, API keys %s; waiting for compute at %s (routing %s)",
+        config.host,
+        port,
+        ", TLS" if config.tls_cert_file else "",
+        f" and {scheme}://{config.host}:{config.http_port} (OpenAI API)" if http else "",
+        "required" if keys.enabled else "off",
+        config.compute_addresses or f"the replicas the memory service at {config.memory_address} lists",
+        config.routing,
+    )
     info = await core.start()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     await set_serving(health, [SERVICE])
-    log.info("gateway serving %s (context %d, %s mode) via %d replica(s); metrics on :%s", info.model,
-             info.context_length, info.mode, len(core.router.replicas), config.metrics_port or "off")
+    log.info(
+        "gateway serving %s (context %d, %s mode) via %d replica(s); metrics on :%s",
+        info.model,
+        info.context_length,
+        info.mode,
+        len(core.router.replicas),
+        config.metrics_port or "off",
+    )
     await until_stop_signal()
     # Drain: leave the load balancer's rotation, refuse new calls, let streams finish.
     await set_serving(health, [SERVICE], serving=False)

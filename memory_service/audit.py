@@ -15,6 +15,7 @@ freed shows there. Prints the first violation with its event number and step and
 a summary (which names pools whose log ends without a closing snapshot: their last tables were
 not cross-checked) and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,13 @@ class PoolState:
         self.refs[block] = 1
 
     def check_refs(self, event: dict, blocks: list[int]) -> None:
-        for block, reported in zip(blocks, event.get("refs", [])):
+        for block, reported in zip(blocks, event.get("refs", []), strict=False):
             counted = sum(t.count(block) for t in self.tables.values())
             if reported != counted or self.refs.get(block, 0) != counted:
-                raise Violation(f"block {block}: ref count {reported} reported, {counted} tables point at it "
-                                f"({self.holders(block)})")
+                raise Violation(
+                    f"block {block}: ref count {reported} reported, {counted} tables point at it "
+                    f"({self.holders(block)})"
+                )
 
 
 class Auditor:
@@ -159,20 +162,25 @@ class Auditor:
     def _snapshot(self, pool: PoolState, e: dict) -> None:
         for seq, table in pool.tables.items():
             if seq not in e["tables"]:
-                raise Violation(f"sequence {seq} still holds blocks {table}, but the memory service no longer lists "
-                                "it: they leaked")
+                raise Violation(
+                    f"sequence {seq} still holds blocks {table}, but the memory service no longer lists it: they leaked"
+                )
             if e["tables"][seq] != table:
                 raise Violation(f"sequence {seq}: table {e['tables'][seq]} at the snapshot, {table} replayed")
         for seq in e["tables"]:
             if seq not in pool.tables:
                 raise Violation(f"sequence {seq} is live at the snapshot but was never allocated in the log")
         if set(e["hashed"]) != pool.hashed:
-            raise Violation(f"blocks holding a hash at the snapshot differ from the replay: "
-                            f"{sorted(set(e['hashed']) ^ pool.hashed)[:8]}")
+            raise Violation(
+                f"blocks holding a hash at the snapshot differ from the replay: "
+                f"{sorted(set(e['hashed']) ^ pool.hashed)[:8]}"
+            )
         parked = {b for b in pool.hashed if not pool.refs.get(b, 0)}
         if set(e["cached"]) != parked:
-            raise Violation(f"cached (unreferenced) blocks at the snapshot differ from the replay: "
-                            f"{sorted(set(e['cached']) ^ parked)[:8]}")
+            raise Violation(
+                f"cached (unreferenced) blocks at the snapshot differ from the replay: "
+                f"{sorted(set(e['cached']) ^ parked)[:8]}"
+            )
         self.closed.add(e["pool"])
 
     def _pool_released(self, pool: PoolState, e: dict) -> None:
@@ -188,16 +196,20 @@ class Auditor:
         """At the end of a run whose requests all finished: no live pool holds a sequence."""
         for pool_id, pool in self.pools.items():
             if pool.tables:
-                raise Violation(f"pool {pool_id} still holds sequences {sorted(pool.tables)[:4]} at the end "
-                                f"({len(pool.tables)} in all): they were never freed")
+                raise Violation(
+                    f"pool {pool_id} still holds sequences {sorted(pool.tables)[:4]} at the end "
+                    f"({len(pool.tables)} in all): they were never freed"
+                )
 
     def summary(self) -> str:
         held = sum(len(p.tables) for p in self.pools.values())
         unclosed = sorted(set(self.pools) - self.closed)
-        return (f"{self.events} events, {len(self.pools)} live pool(s), {held} live sequence(s) holding "
-                f"{sum(sum(1 for r in p.refs.values() if r) for p in self.pools.values())} blocks, "
-                f"{len(self.dead)} pool(s) released: every invariant holds"
-                + (f"; the log ends without a closing snapshot of {', '.join(unclosed)}" if unclosed else ""))
+        return (
+            f"{self.events} events, {len(self.pools)} live pool(s), {held} live sequence(s) holding "
+            f"{sum(sum(1 for r in p.refs.values() if r) for p in self.pools.values())} blocks, "
+            f"{len(self.dead)} pool(s) released: every invariant holds"
+            + (f"; the log ends without a closing snapshot of {', '.join(unclosed)}" if unclosed else "")
+        )
 
 
 def audit(events: list[dict], idle_at_end: bool = False) -> tuple[bool, str]:
@@ -211,8 +223,11 @@ def audit(events: list[dict], idle_at_end: bool = False) -> tuple[bool, str]:
             event = {"seq": auditor.last_seq, "type": "end of the log"}
             auditor.check_idle()
     except Violation as v:
-        return False, f"violation at event {event['seq']} (step {event.get('step', 0)}, pool " \
-                      f"{event.get('pool', '')}, {event['type']}): {v}"
+        return (
+            False,
+            f"violation at event {event['seq']} (step {event.get('step', 0)}, pool "
+            f"{event.get('pool', '')}, {event['type']}): {v}",
+        )
     return True, auditor.summary()
 
 
@@ -233,16 +248,29 @@ def replay_states(events: list[dict], upto_seq: int) -> dict[str, list[int]]:
     """Every live pool's block states after the events numbered up to `upto_seq` (the truth a
     block map showing that event number must equal)."""
     auditor = replay(events, upto_seq)
-    return {pool_id: [SHARED if pool.refs.get(b, 0) > 1 else USED if pool.refs.get(b, 0) == 1
-                      else CACHED if b in pool.hashed else FREE for b in range(pool.num_blocks)]
-            for pool_id, pool in auditor.pools.items()}
+    return {
+        pool_id: [
+            SHARED
+            if pool.refs.get(b, 0) > 1
+            else USED
+            if pool.refs.get(b, 0) == 1
+            else CACHED
+            if b in pool.hashed
+            else FREE
+            for b in range(pool.num_blocks)
+        ]
+        for pool_id, pool in auditor.pools.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("log", help="a JSON-lines event log (the memory service's --event-log)")
-    ap.add_argument("--idle-at-end", action="store_true",
-                    help="every request of the run finished: no pool may hold a sequence at the end")
+    ap.add_argument(
+        "--idle-at-end",
+        action="store_true",
+        help="every request of the run finished: no pool may hold a sequence at the end",
+    )
     args = ap.parse_args(argv)
     ok, message = audit(read_log(args.log), idle_at_end=args.idle_at_end)
     print(message, file=sys.stdout if ok else sys.stderr)

@@ -17,6 +17,7 @@ Invariants (checked by tests/test_block_allocator_state_machine.py after every o
 - a cached (hashed) block is full and never written; it loses its hash only when evicted.
 Every public mutation checks before it changes anything, so a failed call changes nothing.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -159,7 +160,9 @@ class BlockAllocator:
         state = self._state(seq_id)
         needed = new_blocks_to_append(state.num_tokens, len(state.block_table), num_new_tokens, self.block_size)
         last = state.num_tokens + num_new_tokens - 1
-        for logical in range(state.num_tokens // self.block_size, min(last // self.block_size + 1, len(state.block_table))):
+        for logical in range(
+            state.num_tokens // self.block_size, min(last // self.block_size + 1, len(state.block_table))
+        ):
             if self._ref_counts[state.block_table[logical]] > 1:
                 needed += 1
         return needed
@@ -168,8 +171,9 @@ class BlockAllocator:
         return self.blocks_needed_to_append(seq_id, num_new_tokens) <= self.num_free_blocks
 
     # ---- mutations -----------------------------------------------------------------------
-    def allocate(self, seq_id: SeqId, num_tokens: int, reserve_tokens: int = 0,
-                 block_hashes: list[bytes] = ()) -> list[int]:
+    def allocate(
+        self, seq_id: SeqId, num_tokens: int, reserve_tokens: int = 0, block_hashes: list[bytes] = ()
+    ) -> list[int]:
         """Give a new sequence blocks for its `num_tokens` prompt tokens.
 
         `block_hashes` (the prompt's full blocks, common.block_hash) are looked up in the prefix
@@ -187,9 +191,7 @@ class BlockAllocator:
         total = blocks_to_admit(num_tokens, reserve_tokens, self.block_size)
         needed = total - sum(1 for b in hits if self._ref_counts[b] > 0)  # a parked hit is taken from the free count
         if needed > self.num_free_blocks:
-            raise OutOfBlocksError(
-                f"sequence {seq_id!r} needs {needed} blocks, only {self.num_free_blocks} free"
-            )
+            raise OutOfBlocksError(f"sequence {seq_id!r} needs {needed} blocks, only {self.num_free_blocks} free")
         for block in hits:  # claimed before any new block is taken, so none of them is evicted
             self._reference(block)
         table = hits + [self._take_block() for _ in range(total - len(hits))]
@@ -199,8 +201,10 @@ class BlockAllocator:
         self._seqs[seq_id] = state
         self._fill(state, num_tokens - hit_tokens)
         if self.listener is not None:
-            self.listener("allocate", dict(seq_id=seq_id, blocks=list(table), hits=len(hits), tokens=num_tokens,
-                                           refs=self._refs(table)))
+            self.listener(
+                "allocate",
+                dict(seq_id=seq_id, blocks=list(table), hits=len(hits), tokens=num_tokens, refs=self._refs(table)),
+            )
         return list(table)
 
     def commit(self, seq_id: SeqId, first_block: int, block_hashes: list[bytes]) -> None:
@@ -208,11 +212,15 @@ class BlockAllocator:
         `first_block`) has run: make them matchable under their hashes. Blocks already cached
         (a hit, or an earlier commit) and contents another block already holds are skipped."""
         table = self.check_commit(seq_id, first_block, len(block_hashes))
-        stored = [(table[logical], block_hash) for logical, block_hash in enumerate(block_hashes, first_block)
-                  if self.cache.register(table[logical], block_hash)]
+        stored = [
+            (table[logical], block_hash)
+            for logical, block_hash in enumerate(block_hashes, first_block)
+            if self.cache.register(table[logical], block_hash)
+        ]
         if stored and self.listener is not None:
-            self.listener("BlockStored", dict(seq_id=seq_id, blocks=[b for b, _ in stored],
-                                              hashes=[h.hex() for _, h in stored]))
+            self.listener(
+                "BlockStored", dict(seq_id=seq_id, blocks=[b for b, _ in stored], hashes=[h.hex() for _, h in stored])
+            )
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks start cold with it; vLLM has the same). Blocks in
@@ -227,8 +235,10 @@ class BlockAllocator:
     def check_commit(self, seq_id: SeqId, first_block: int, count: int) -> list[int]:
         state = self._state(seq_id)
         if first_block < 0 or first_block + count > state.num_tokens // self.block_size:
-            raise ValueError(f"commit of {seq_id!r}: blocks [{first_block}, {first_block + count}) are not all "
-                             f"full (it holds {state.num_tokens} tokens)")
+            raise ValueError(
+                f"commit of {seq_id!r}: blocks [{first_block}, {first_block + count}) are not all "
+                f"full (it holds {state.num_tokens} tokens)"
+            )
         return state.block_table
 
     def append_slots(self, seq_id: SeqId, num_new_tokens: int = 1) -> AppendResult:
@@ -256,13 +266,16 @@ class BlockAllocator:
                 src = state.block_table[logical]
                 dst = self._take_block()
                 self._ref_counts[src] -= 1
-                self._filled[dst] = min(max(state.num_tokens - logical * self.block_size, 0), self.block_size)  # its own slots
+                self._filled[dst] = min(
+                    max(state.num_tokens - logical * self.block_size, 0), self.block_size
+                )  # its own slots
                 self._tokens_stored += self._filled[dst]
                 state.block_table[logical] = dst
                 result.copies.append((src, dst))
                 if self.listener is not None:
-                    self.listener("cow", dict(seq_id=seq_id, src=src, dst=dst, logical=logical,
-                                              refs=self._refs([src, dst])))
+                    self.listener(
+                        "cow", dict(seq_id=seq_id, src=src, dst=dst, logical=logical, refs=self._refs([src, dst]))
+                    )
         self._fill(state, num_new_tokens)
         if result.new_blocks and self.listener is not None:
             self.listener("append", dict(seq_id=seq_id, blocks=list(result.new_blocks), tokens=state.num_tokens))
@@ -277,8 +290,15 @@ class BlockAllocator:
             self._ref_counts[block] += 1
         self._seqs[child_id] = _SeqState(list(parent.block_table), parent.num_tokens)
         if self.listener is not None:
-            self.listener("fork", dict(seq_id=child_id, parent=parent_id, blocks=list(parent.block_table),
-                                       refs=self._refs(parent.block_table)))
+            self.listener(
+                "fork",
+                dict(
+                    seq_id=child_id,
+                    parent=parent_id,
+                    blocks=list(parent.block_table),
+                    refs=self._refs(parent.block_table),
+                ),
+            )
         return list(parent.block_table)
 
     def free(self, seq_id: SeqId, reason: str = "finish") -> None:
@@ -286,9 +306,7 @@ class BlockAllocator:
         `reason` ("finish" or "preempt") only tells the listener why."""
         state = self._seqs.pop(seq_id, None)
         if state is None:
-            raise UnknownSequenceError(
-                f"cannot free sequence {seq_id!r}: it has no block table (double free?)"
-            )
+            raise UnknownSequenceError(f"cannot free sequence {seq_id!r}: it has no block table (double free?)")
         for block in state.block_table:
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
@@ -297,8 +315,10 @@ class BlockAllocator:
                     self._filled[block] = 0
                     self._free.append(block)
         if self.listener is not None:
-            self.listener("preempt" if reason == "preempt" else "free",
-                          dict(seq_id=seq_id, blocks=state.block_table, refs=self._refs(state.block_table)))
+            self.listener(
+                "preempt" if reason == "preempt" else "free",
+                dict(seq_id=seq_id, blocks=state.block_table, refs=self._refs(state.block_table)),
+            )
 
     # ---- internals -----------------------------------------------------------------------
     def _refs(self, blocks: list[int]) -> list[int]:
@@ -307,10 +327,14 @@ class BlockAllocator:
     def snapshot(self) -> dict:
         """Every live table and every cached (parked) block: what a block map starts from and
         what an audit checks a replayed log against."""
-        return dict(num_blocks=self.num_blocks, block_size=self.block_size,
-                    tables={str(s): list(st.block_table) for s, st in self._seqs.items()},
-                    tokens={str(s): st.num_tokens for s, st in self._seqs.items()},
-                    cached=self.cache.parked_blocks(), hashed=self.cache.hashed_blocks())
+        return dict(
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            tables={str(s): list(st.block_table) for s, st in self._seqs.items()},
+            tokens={str(s): st.num_tokens for s, st in self._seqs.items()},
+            cached=self.cache.parked_blocks(),
+            hashed=self.cache.hashed_blocks(),
+        )
 
     def _state(self, seq_id: SeqId) -> _SeqState:
         try:

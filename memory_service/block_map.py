@@ -8,6 +8,7 @@ that draws every pool's blocks from the memory service's block events.
     GET /state     the same state as JSON, now
 Served by uvicorn in the memory service's event loop on `http_port` (default 9102).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,15 @@ PAGE = resources.files("memory_service").joinpath("assets/block_map.html")
 
 
 def _state(servicer) -> dict:
-    return {"seq": servicer.events.seq,
-            "pools": [servicer.snapshot(pool_id, pool) for pool_id, pool in list(servicer.registry.pools.items())]}
+    return {
+        "seq": servicer.events.seq,
+        "pools": [servicer.snapshot(pool_id, pool) for pool_id, pool in list(servicer.registry.pools.items())],
+    }
 
 
 def create_app(servicer) -> Starlette:
     """The page, its state and its event stream, over the servicer's pools and events."""
+
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 

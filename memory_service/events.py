@@ -14,6 +14,7 @@ Subscribers get one batch per step (the events a step made): a slow subscriber n
 step: each has a bounded queue; what does not fit is dropped and the subscriber is told how many
 it missed (`missed` event) when it has caught up.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -96,16 +97,28 @@ class EventRecorder:
         """Number an event and keep it; subscribers and the file get it at the next flush (the
         memory service flushes after every step and every pool change)."""
         self.seq += 1
-        event = {"seq": self.seq, "type": kind, "pool": pool, "replica": replica, "step": step,
-                 "time": time.time(), **fields}
+        event = {
+            "seq": self.seq,
+            "type": kind,
+            "pool": pool,
+            "replica": replica,
+            "step": step,
+            "time": time.time(),
+            **fields,
+        }
         self.ring.append(event)
         self._pending.append(event)
         return event
 
     def attach(self, pool: str, replica: str, allocator: BlockAllocator) -> None:
         """Record a new pool, and every change its allocator makes from now on."""
-        self.record("pool_registered", pool, replica, 0,
-                    {"num_blocks": allocator.num_blocks, "block_size": allocator.block_size})
+        self.record(
+            "pool_registered",
+            pool,
+            replica,
+            0,
+            {"num_blocks": allocator.num_blocks, "block_size": allocator.block_size},
+        )
         allocator.listener = PoolEvents(self, pool, replica, allocator)
 
     def detach(self, pool: str, replica: str, allocator: BlockAllocator, reason: str) -> None:
@@ -121,8 +134,15 @@ class EventRecorder:
     def current_snapshot(self, pool: str, replica: str, allocator: BlockAllocator) -> dict:
         """A pool's whole state now, not recorded: numbered as the last event it includes (what a
         new watcher or page starts from)."""
-        return {"seq": self.seq, "type": "snapshot", "pool": pool, "replica": replica, "step": allocator.step,
-                "time": time.time(), **pool_state(allocator)}
+        return {
+            "seq": self.seq,
+            "type": "snapshot",
+            "pool": pool,
+            "replica": replica,
+            "step": allocator.step,
+            "time": time.time(),
+            **pool_state(allocator),
+        }
 
     def flush(self) -> None:
         """Hand what was recorded since the last flush to every subscriber (one batch) and the file."""
@@ -193,9 +213,13 @@ def pool_state(allocator: BlockAllocator) -> dict:
     the pool's start its prefix-cache counters, preemptions and when each table was made."""
     listener = allocator.listener if isinstance(allocator.listener, PoolEvents) else None
     stats = allocator.stats()
-    return {**allocator.snapshot(), "created": dict(listener.created) if listener else {},
-            "preemptions": listener.preemptions if listener else 0,
-            "prefix_query_tokens": stats.prefix_query_tokens, "prefix_hit_tokens": stats.prefix_hit_tokens}
+    return {
+        **allocator.snapshot(),
+        "created": dict(listener.created) if listener else {},
+        "preemptions": listener.preemptions if listener else 0,
+        "prefix_query_tokens": stats.prefix_query_tokens,
+        "prefix_hit_tokens": stats.prefix_hit_tokens,
+    }
 
 
 def _ends_with_newline(path: str) -> bool:

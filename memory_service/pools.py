@@ -10,6 +10,7 @@ No gRPC and no torch here (the server translates; tests drive this directly with
   the pool with every block and table in it and fences its id: a late step or heartbeat from a
   replica that was paused rather than dead is refused (`FencedPoolError`), never applied.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -52,7 +53,9 @@ class ReplicaMatch:
 
 
 class PoolRegistry:
-    def __init__(self, lease_ttl_s: float, clock: Callable[[], float] = time.monotonic, epoch: str | None = None) -> None:
+    def __init__(
+        self, lease_ttl_s: float, clock: Callable[[], float] = time.monotonic, epoch: str | None = None
+    ) -> None:
         if lease_ttl_s <= 0:
             raise ValueError(f"lease_ttl_s must be > 0, got {lease_ttl_s}")
         self.lease_ttl_s = lease_ttl_s
@@ -64,20 +67,24 @@ class PoolRegistry:
 
     def register(self, num_blocks: int, block_size: int, replica: str, address: str = "") -> str:
         pool_id = f"{self.epoch}-{next(self._ids)}"
-        self.pools[pool_id] = Pool(BlockAllocator(num_blocks, block_size), replica, self.clock() + self.lease_ttl_s,
-                                   address)
+        self.pools[pool_id] = Pool(
+            BlockAllocator(num_blocks, block_size), replica, self.clock() + self.lease_ttl_s, address
+        )
         return pool_id
 
     def pool(self, pool_id: str) -> Pool:
         """The live pool, its lease renewed (every call that names a pool is a sign of life)."""
         if pool_id in self._fenced:
-            raise FencedPoolError(f"pool_id {pool_id!r} expired: its lease ran out and its blocks were freed; "
-                                  "register again")
+            raise FencedPoolError(
+                f"pool_id {pool_id!r} expired: its lease ran out and its blocks were freed; register again"
+            )
         pool = self.pools.get(pool_id)
         if pool is None:
             other = not pool_id.startswith(f"{self.epoch}-")
-            raise UnknownPoolError(f"pool_id {pool_id!r} is not registered"
-                                   + (" (it is from another memory-service instance: restarted?)" if other else ""))
+            raise UnknownPoolError(
+                f"pool_id {pool_id!r} is not registered"
+                + (" (it is from another memory-service instance: restarted?)" if other else "")
+            )
         pool.lease_until = self.clock() + self.lease_ttl_s
         return pool
 

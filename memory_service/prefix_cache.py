@@ -6,6 +6,7 @@ hash <-> block maps and the LRU of parked blocks. A block gets a hash only when 
 reports the forward that wrote it has run (`BlockAllocator.commit`), so a match is never a block
 whose slots are unwritten. The hashes are common.block_hash's.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -37,7 +38,7 @@ class PrefixCache:
 
     def match(self, hashes: list[bytes]) -> list[int]:
         """The blocks holding the longest cached prefix of `hashes` (stops at the first miss)."""
-        return [self._block_of[h] for h in hashes[:num_leading(hashes, self._block_of)]]
+        return [self._block_of[h] for h in hashes[: num_leading(hashes, self._block_of)]]
 
     def register(self, block: int, block_hash: bytes) -> bool:
         """Make a written full block matchable. False (nothing changes) when the block already

@@ -5,6 +5,7 @@ The servicer only translates protobuf <-> memory_service objects; a background t
 pools whose lease ran out. Run it with `python -m memory_service.server` (flags/env:
 MemoryServiceConfig).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,8 @@ from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
 from memory_service.block_allocator import AllocatorStats, BlockAllocatorError
 from memory_service.block_map import start_block_map
-from memory_service.metrics import EXPIRED, export_pool, unexport_pool
 from memory_service.events import COALESCE_S, MAX_QUEUE_BATCHES, QUEUE_BATCHES, EventRecorder, marker
+from memory_service.metrics import EXPIRED, export_pool, unexport_pool
 from memory_service.pools import FencedPoolError, Pool, PoolRegistry, ReplicaMatch, UnknownPoolError
 from memory_service.step import Allocation, Commit, StepRequest, apply_step
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
@@ -45,21 +46,37 @@ class MemoryServiceConfig:
 
 def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2.PoolStats:
     return memory_pb2.PoolStats(
-        pool_id=pool_id, replica=replica, num_blocks=st.num_blocks, block_size=st.block_size,
-        num_free_blocks=st.num_free_blocks, num_used_blocks=st.num_used_blocks,
-        num_tokens_stored=st.num_tokens_stored, num_sequences=st.num_sequences, utilization=st.utilization,
-        num_cached_blocks=st.num_cached_blocks, prefix_query_tokens=st.prefix_query_tokens,
-        prefix_hit_tokens=st.prefix_hit_tokens, prefix_hit_rate=st.prefix_hit_rate,
+        pool_id=pool_id,
+        replica=replica,
+        num_blocks=st.num_blocks,
+        block_size=st.block_size,
+        num_free_blocks=st.num_free_blocks,
+        num_used_blocks=st.num_used_blocks,
+        num_tokens_stored=st.num_tokens_stored,
+        num_sequences=st.num_sequences,
+        utilization=st.utilization,
+        num_cached_blocks=st.num_cached_blocks,
+        prefix_query_tokens=st.prefix_query_tokens,
+        prefix_hit_tokens=st.prefix_hit_tokens,
+        prefix_hit_rate=st.prefix_hit_rate,
     )
 
 
 def replica_match_to_proto(m: ReplicaMatch) -> memory_pb2.ReplicaMatch:
     st = m.pool.allocator.stats()
     return memory_pb2.ReplicaMatch(
-        pool_id=m.pool_id, replica=m.pool.replica, address=m.pool.address, matched_blocks=m.matched_blocks,
-        block_size=st.block_size, num_blocks=st.num_blocks, num_free_blocks=st.num_free_blocks,
-        num_used_blocks=st.num_used_blocks, num_running=st.num_sequences, num_waiting=m.pool.num_waiting,
-        num_cached_blocks=st.num_cached_blocks)
+        pool_id=m.pool_id,
+        replica=m.pool.replica,
+        address=m.pool.address,
+        matched_blocks=m.matched_blocks,
+        block_size=st.block_size,
+        num_blocks=st.num_blocks,
+        num_free_blocks=st.num_free_blocks,
+        num_used_blocks=st.num_used_blocks,
+        num_running=st.num_sequences,
+        num_waiting=m.pool.num_waiting,
+        num_cached_blocks=st.num_cached_blocks,
+    )
 
 
 def events_message(events: list[dict]) -> memory_pb2.BlockEvents:
@@ -79,8 +96,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         if self.events is not None:
             self.events.attach(pool_id, request.replica, self.registry.pools[pool_id].allocator)
             self.events.flush()
-        log.info("registered %s for replica %r: %d blocks x %d tokens%s", pool_id, request.replica,
-                 request.num_blocks, request.block_size, f", serving at {request.address}" if request.address else "")
+        log.info(
+            "registered %s for replica %r: %d blocks x %d tokens%s",
+            pool_id,
+            request.replica,
+            request.num_blocks,
+            request.block_size,
+            f", serving at {request.address}" if request.address else "",
+        )
         export_pool(pool_id, self.registry.pools[pool_id], len(self.registry.pools))
         return memory_pb2.RegisterPoolResponse(pool_id=pool_id, lease_ttl_s=self.registry.lease_ttl_s)
 
@@ -88,14 +111,20 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         pool = await self._pool(request.pool_id, context)
         before = pool.address
         if self.registry.advertise(pool, request.address):
-            log.info("replica %r (%s) %s", pool.replica, request.pool_id,
-                     f"serves at {request.address}" if request.address else f"withdrew {before}")
+            log.info(
+                "replica %r (%s) %s",
+                pool.replica,
+                request.pool_id,
+                f"serves at {request.address}" if request.address else f"withdrew {before}",
+            )
         return memory_pb2.HeartbeatResponse()
 
     async def Match(self, request, context):
-        return memory_pb2.MatchResponse(replicas=[replica_match_to_proto(m)
-                                                  for m in self.registry.match(list(request.block_hashes))],
-                                        epoch=self.registry.epoch, lease_ttl_s=self.registry.lease_ttl_s)
+        return memory_pb2.MatchResponse(
+            replicas=[replica_match_to_proto(m) for m in self.registry.match(list(request.block_hashes))],
+            epoch=self.registry.epoch,
+            lease_ttl_s=self.registry.lease_ttl_s,
+        )
 
     async def StepStream(self, request_iterator, context):
         async for request in request_iterator:
@@ -111,11 +140,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         step = StepRequest(
             commit=[Commit(c.seq_id, c.first_block, list(c.block_hashes)) for c in request.commit],
             free=list(request.free),
-            allocate=[Allocation(a.seq_id, a.num_tokens, a.reserve_tokens, list(a.block_hashes))
-                      for a in request.allocate],
+            allocate=[
+                Allocation(a.seq_id, a.num_tokens, a.reserve_tokens, list(a.block_hashes)) for a in request.allocate
+            ],
             fork=[(f.parent, f.child) for f in request.fork],
             append=[(a.seq_id, a.num_new_tokens) for a in request.append],
-            step=request.step, preempted=list(request.preempted),
+            step=request.step,
+            preempted=list(request.preempted),
         )
         try:
             result = apply_step(pool.allocator, step)
@@ -123,8 +154,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         export_pool(request.pool_id, pool, len(self.registry.pools), result.stats)  # the step already computed them
         return memory_pb2.StepResponse(
-            block_tables=[memory_pb2.BlockTable(seq_id=s, block_ids=t, hit_tokens=result.hit_tokens.get(s, 0))
-                          for s, t in result.block_tables.items()],
+            block_tables=[
+                memory_pb2.BlockTable(seq_id=s, block_ids=t, hit_tokens=result.hit_tokens.get(s, 0))
+                for s, t in result.block_tables.items()
+            ],
             copies=[memory_pb2.BlockCopy(src=s, dst=d) for s, d in result.copies],
             rejected=result.rejected,
             stats=stats_to_proto(request.pool_id, pool.replica, result.stats),
@@ -156,8 +189,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 self.events.detach(pool_id, pool.replica, pool.allocator, "expired")
                 self.events.flush()
             st = pool.allocator.stats()
-            log.warning("lease of %s (replica %r) ran out: freed %d blocks of %d sequences; the id is fenced",
-                        pool_id, pool.replica, st.num_used_blocks, st.num_sequences)
+            log.warning(
+                "lease of %s (replica %r) ran out: freed %d blocks of %d sequences; the id is fenced",
+                pool_id,
+                pool.replica,
+                st.num_used_blocks,
+                st.num_sequences,
+            )
             EXPIRED.inc()
             unexport_pool(pool_id, pool, len(self.registry.pools))
 
@@ -165,8 +203,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         if self.events is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block events are off (--block-events)")
         if request.snapshot and request.after_seq:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "snapshot and after_seq: a snapshot already holds the events it would replay")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "snapshot and after_seq: a snapshot already holds the events it would replay",
+            )
         subscription = self.events.subscribe(min(request.max_queue or QUEUE_BATCHES, MAX_QUEUE_BATCHES))
         try:  # first: from which event on this watcher sees everything
             first = [marker("watching", self.events.seq)]
@@ -215,9 +255,15 @@ async def serve(config: MemoryServiceConfig) -> None:
             page = await start_block_map(servicer, config.host, config.http_port)
         await set_serving(health, [SERVICE])
         expiry = asyncio.create_task(_expire_leases_forever(servicer, min(0.5, config.lease_ttl_s / 4)))
-        log.info("memory service %s listening on %s:%d (lease %.1f s, metrics on :%s, block map on :%s)",
-                 registry.epoch, config.host, port, config.lease_ttl_s, config.metrics_port or "off",
-                 config.http_port if page else "off")
+        log.info(
+            "memory service %s listening on %s:%d (lease %.1f s, metrics on :%s, block map on :%s)",
+            registry.epoch,
+            config.host,
+            port,
+            config.lease_ttl_s,
+            config.metrics_port or "off",
+            config.http_port if page else "off",
+        )
         await until_stop_signal()
         await server.stop(grace=1.0)
         if events is not None:  # no step runs any more: the log ends with every pool's state

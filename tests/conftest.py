@@ -1,4 +1,5 @@
 """Shared fixtures: a Hugging Face GPT-2 directory with seeded random weights (the test oracle)."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,10 +31,12 @@ def hf_model(hf_gpt2_dir):
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = hf_model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
         )
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def random_prompt(rng, length: int) -> list[int]:

@@ -1,5 +1,6 @@
 """The settings every service reads, by environment name: what the compose and Kubernetes tests
 hold their files against (one list, so the ways to run cannot drift apart)."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,6 @@
 """The block-event audit (memory_service/audit.py): it passes real logs and catches each planted
 fault, naming the event and step where it happens."""
+
 from __future__ import annotations
 
 import json
@@ -25,55 +26,78 @@ def log(*events: dict) -> list[dict]:
 
 
 def test_planted_double_allocation_is_caught_at_its_event():
-    ok, message = audit(log(event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
-                            event(4, "allocate", seq_id="b", blocks=[1, 2], hits=0, tokens=8, refs=[1, 1])))
+    ok, message = audit(
+        log(
+            event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
+            event(4, "allocate", seq_id="b", blocks=[1, 2], hits=0, tokens=8, refs=[1, 1]),
+        )
+    )
     assert not ok and "event 4 (step 40" in message and "block 1 owned twice" in message and "['a']" in message
 
 
 def test_planted_leaked_block_is_caught_at_the_snapshot():
-    ok, message = audit(log(event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
-                            event(4, "allocate", seq_id="b", blocks=[2], hits=0, tokens=3, refs=[1]),
-                            event(5, "free", seq_id="b", blocks=[2], refs=[0]),
-                            event(6, "snapshot", tables={}, tokens={}, cached=[], hashed=[])))
+    ok, message = audit(
+        log(
+            event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
+            event(4, "allocate", seq_id="b", blocks=[2], hits=0, tokens=3, refs=[1]),
+            event(5, "free", seq_id="b", blocks=[2], refs=[0]),
+            event(6, "snapshot", tables={}, tokens={}, cached=[], hashed=[]),
+        )
+    )
     assert not ok and "event 6" in message and "sequence a still holds blocks [0, 1]" in message and "leaked" in message
 
 
 def test_planted_wrong_ref_count_is_caught():
-    ok, message = audit(log(event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
-                            event(4, "fork", seq_id="b", parent="a", blocks=[0, 1], refs=[2, 1])))
+    ok, message = audit(
+        log(
+            event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
+            event(4, "fork", seq_id="b", parent="a", blocks=[0, 1], refs=[2, 1]),
+        )
+    )
     assert not ok and "event 4" in message and "block 1: ref count 1 reported, 2 tables point at it" in message
 
 
-@pytest.mark.parametrize("fault,expected", [
-    (event(4, "free", seq_id="zz", blocks=[0], refs=[0]), "double free"),
-    (event(4, "allocate", seq_id="b", blocks=[3, 4], hits=1, tokens=8, refs=[1, 1]), "holds no cached prefix"),
-    (event(4, "evict", blocks=[0]), "evicted while referenced"),
-])
+@pytest.mark.parametrize(
+    "fault,expected",
+    [
+        (event(4, "free", seq_id="zz", blocks=[0], refs=[0]), "double free"),
+        (event(4, "allocate", seq_id="b", blocks=[3, 4], hits=1, tokens=8, refs=[1, 1]), "holds no cached prefix"),
+        (event(4, "evict", blocks=[0]), "evicted while referenced"),
+    ],
+)
 def test_other_planted_faults(fault, expected):
     ok, message = audit(log(event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]), fault))
     assert not ok and expected in message
 
 
 def test_an_event_in_a_released_pool_is_caught():
-    ok, message = audit(log(event(3, "snapshot", tables={}, tokens={}, cached=[], hashed=[]),
-                            event(4, "pool_released", reason="expired"),
-                            event(5, "allocate", seq_id="a", blocks=[0], hits=0, tokens=2, refs=[1])))
+    ok, message = audit(
+        log(
+            event(3, "snapshot", tables={}, tokens={}, cached=[], hashed=[]),
+            event(4, "pool_released", reason="expired"),
+            event(5, "allocate", seq_id="a", blocks=[0], hits=0, tokens=2, refs=[1]),
+        )
+    )
     assert not ok and "which was released" in message
 
 
 def recorded_run(path: str) -> InferenceEngine:
     """Shared prefixes, n=2 (forks, copy-on-write), a pool small enough to preempt and evict, and
     an abort: the engine's own log."""
-    engine = InferenceEngine(model="dummy:tiny", block_size=16, kv_budget_tokens=512, max_num_seqs=16,
-                             headroom_blocks_per_seq=0)
+    engine = InferenceEngine(
+        model="dummy:tiny", block_size=16, kv_budget_tokens=512, max_num_seqs=16, headroom_blocks_per_seq=0
+    )
     recorder = EventRecorder(log_path=path)
     recorder.attach("local", "in-process", engine.allocator)
     rng = np.random.default_rng(0)
     prefix = rng.integers(0, 50000, size=40).tolist()
-    ids = [engine.add_request(prefix + rng.integers(0, 50000, size=int(n)).tolist(),
-                              SamplingParams(max_new_tokens=40, temperature=1.0, n=2 if i % 3 == 0 else 1,
-                                             ignore_eos=True))
-           for i, n in enumerate(rng.integers(1, 60, size=14))]
+    ids = [
+        engine.add_request(
+            prefix + rng.integers(0, 50000, size=int(n)).tolist(),
+            SamplingParams(max_new_tokens=40, temperature=1.0, n=2 if i % 3 == 0 else 1, ignore_eos=True),
+        )
+        for i, n in enumerate(rng.integers(1, 60, size=14))
+    ]
     step = 0
     while engine.has_unfinished():
         engine.step()
@@ -98,8 +122,9 @@ def test_a_real_run_with_preemption_forks_and_an_abort_passes_and_a_dropped_free
     out = subprocess.run([sys.executable, "-m", "memory_service.audit", str(path)], capture_output=True, text=True)
     assert out.returncode == 0 and "every invariant holds" in out.stdout
     # the run finished every request: its log also passes with --idle-at-end
-    out = subprocess.run([sys.executable, "-m", "memory_service.audit", "--idle-at-end", str(path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "memory_service.audit", "--idle-at-end", str(path)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     # drop one free: its sequence's blocks are held by nobody the service lists any more
     frees = [i for i, e in enumerate(events) if e["type"] == "free"]
@@ -143,15 +168,21 @@ def test_a_line_torn_by_a_kill_is_ended_at_the_restart_and_corruption_elsewhere_
 
 
 def test_a_gap_in_the_numbering_is_caught():
-    ok, message = audit(log(event(3, "allocate", seq_id="a", blocks=[0], hits=0, tokens=2, refs=[1]),
-                            event(5, "free", seq_id="a", blocks=[0], refs=[0])))
+    ok, message = audit(
+        log(
+            event(3, "allocate", seq_id="a", blocks=[0], hits=0, tokens=2, refs=[1]),
+            event(5, "free", seq_id="a", blocks=[0], refs=[0]),
+        )
+    )
     assert not ok and "event 5 follows event 3" in message
 
 
 def test_a_sequence_the_compute_side_never_freed_is_caught_at_the_end_of_a_finished_run():
     """The memory service lists it at its closing snapshot, so only --idle-at-end can tell."""
-    events = log(event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
-                 event(4, "snapshot", tables={"a": [0, 1]}, tokens={"a": 8}, cached=[], hashed=[]))
+    events = log(
+        event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
+        event(4, "snapshot", tables={"a": [0, 1]}, tokens={"a": 8}, cached=[], hashed=[]),
+    )
     assert audit(events)[0]
     ok, message = audit(events, idle_at_end=True)
     assert not ok and "still holds sequences ['a']" in message and "never freed" in message

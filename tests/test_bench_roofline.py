@@ -1,6 +1,7 @@
 """The single-stream benchmark's roofline: each timed run is set against the read bandwidth
 probed just before and after it (a VM's bandwidth drifts between minutes), and the fractions it
 prints are that run's tok/s over bytes-per-token / that bandwidth."""
+
 from __future__ import annotations
 
 import re
@@ -17,10 +18,32 @@ PROMPT, NEW = 8, 24
 
 
 def test_each_run_is_paired_with_the_bandwidth_probed_beside_it(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench.benchmark", "--modes", "paged", "--model", "dummy:tiny",
-                          "--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW), "--warmup", "0", "--runs", "3",
-                          "--roofline", "--output", str(tmp_path / "rows.csv")],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.benchmark",
+            "--modes",
+            "paged",
+            "--model",
+            "dummy:tiny",
+            "--prompt-tokens",
+            str(PROMPT),
+            "--new-tokens",
+            str(NEW),
+            "--warmup",
+            "0",
+            "--runs",
+            "3",
+            "--roofline",
+            "--output",
+            str(tmp_path / "rows.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     paired = next(line for line in out.stdout.splitlines() if line.startswith("roofline, paired"))
     runs = re.findall(r"(\d+\.\d) tok/s at (\d+\.\d) GB/s = (\d+\.\d)%", paired)
@@ -50,6 +73,8 @@ def test_paired_fractions_use_each_runs_own_bandwidth(capsys, monkeypatch):
     args = Namespace(prompt_tokens=PROMPT, new_tokens=NEW, peers=[], runs=1, seed=0, model="dummy:tiny")
     single_stream_comparison(args, engine, 30.0, [(30.0, 10.0), (30.0, 40.0)])
     paired = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("roofline, paired"))
-    slow, fast = (float(tok_s) / roofline_tokens_per_second(engine.model, 1, PROMPT + NEW // 2, bw) for tok_s, bw in
-                  ((30.0, 10.0), (30.0, 40.0)))
+    slow, fast = (
+        float(tok_s) / roofline_tokens_per_second(engine.model, 1, PROMPT + NEW // 2, bw)
+        for tok_s, bw in ((30.0, 10.0), (30.0, 40.0))
+    )
     assert [float(p) for p in re.findall(r"= (\d+(?:\.\d+)?)%", paired)] == [round(slow * 100, 1), round(fast * 100, 1)]

@@ -1,5 +1,6 @@
 """The serving benchmark over the HTTP front: `--backend openai-http` reports the same metrics as
 gRPC, and `--backend both` ends with the machine-readable comparison line."""
+
 from __future__ import annotations
 
 import csv
@@ -9,13 +10,30 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--workload", "fixed", "--num-requests", "4", "--new-tokens", "6", "--prompt-tokens", "20",
-         "--model", "dummy:tiny", "--request-rate", "20"]
+SMALL = [
+    "--workload",
+    "fixed",
+    "--num-requests",
+    "4",
+    "--new-tokens",
+    "6",
+    "--prompt-tokens",
+    "20",
+    "--model",
+    "dummy:tiny",
+    "--request-rate",
+    "20",
+]
 
 
 def run_bench(tmp_path, *args) -> str:
-    out = subprocess.run([sys.executable, "-m", "bench.serve", *SMALL, "--output", str(tmp_path / "rows.csv"), *args],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.serve", *SMALL, "--output", str(tmp_path / "rows.csv"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -33,6 +51,8 @@ def test_openai_http_backend_reports_every_request_with_the_same_metrics_as_grpc
 
 def test_both_backends_end_with_the_comparison_line(tmp_path):
     last = run_bench(tmp_path, "--backend", "both").strip().splitlines()[-1]
-    found = re.fullmatch(r"http_ttft_delta_ms=(-?\d+\.\d+) http_ttft_paired_median_ms=(-?\d+\.\d+) http_tpot_ratio=(\d+\.\d+)", last)
+    found = re.fullmatch(
+        r"http_ttft_delta_ms=(-?\d+\.\d+) http_ttft_paired_median_ms=(-?\d+\.\d+) http_tpot_ratio=(\d+\.\d+)", last
+    )
     assert found, last
     assert float(found.group(3)) > 0

@@ -1,10 +1,14 @@
 """BlockAllocator unit tests, in the spirit of vLLM's block manager tests."""
+
 from __future__ import annotations
 
 import pytest
 
 from memory_service.block_allocator import (
-    BlockAllocator, DuplicateSequenceError, OutOfBlocksError, UnknownSequenceError,
+    BlockAllocator,
+    DuplicateSequenceError,
+    OutOfBlocksError,
+    UnknownSequenceError,
 )
 from memory_service.step import Allocation, StepRequest, apply_step
 

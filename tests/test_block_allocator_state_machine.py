@@ -1,4 +1,5 @@
 """Hypothesis drives random allocate/append/fork/free sequences and checks every invariant."""
+
 from __future__ import annotations
 
 from collections import Counter

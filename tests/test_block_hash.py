@@ -1,5 +1,6 @@
 """Block hashes are the prefix cache's keys and (later) the gateway's routing keys: they must be
 the same in every process and on every machine, and differ for anything the k/v depend on."""
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,20 @@ def test_known_answer_pins_the_scheme():
 
 
 def test_same_hashes_in_another_process_with_another_hash_seed():
-    code = ("from common.block_hash import prompt_block_hashes as h; "
-            f"print(','.join(x.hex() for x in h(list(range(100)), 16, {NAMESPACE!r}, 'tenant')))")
-    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    code = (
+        "from common.block_hash import prompt_block_hashes as h; "
+        f"print(','.join(x.hex() for x in h(list(range(100)), 16, {NAMESPACE!r}, 'tenant')))"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
     assert outputs == {",".join(x.hex() for x in prompt_block_hashes(list(range(100)), 16, NAMESPACE, "tenant"))}
 
 

@@ -5,6 +5,7 @@ cached, evictable). A missing browser fails this test.
 
 BLOCK_MAP_SCREENSHOT=path saves the screenshot taken under load there (the README's picture).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,6 @@ import time
 
 import grpc
 import numpy as np
-import pytest
 from playwright.sync_api import sync_playwright
 
 from deploy.run_local import running_stack
@@ -40,8 +40,17 @@ def load(gateway: str, stop: threading.Event, errors: list) -> None:
         while not stop.is_set():
             prompt = prefixes[i % 3] + rng.integers(0, 50000, size=int(rng.integers(4, 40))).tolist()
             try:
-                list(stream_generate(gateway, prompt, 60, max_new_tokens=int(rng.integers(20, 80)), temperature=1.0,
-                                     n=2 if i % 2 else 1, ignore_eos=True))
+                list(
+                    stream_generate(
+                        gateway,
+                        prompt,
+                        60,
+                        max_new_tokens=int(rng.integers(20, 80)),
+                        temperature=1.0,
+                        n=2 if i % 2 else 1,
+                        ignore_eos=True,
+                    )
+                )
             except grpc.RpcError as exc:
                 errors.append(exc)
 
@@ -52,13 +61,17 @@ def load(gateway: str, stop: threading.Event, errors: list) -> None:
         t.join()
 
 
-CLICK_A_BLOCK_IN_USE = """() => {  // one JS task: no event is applied between the click and the reading
+CLICK_A_BLOCK_IN_USE = (
+    """() => {  // one JS task: no event is applied between the click and the reading
   const b = window.blockmap, id = b.poolIds()[0], block = b.states(id).findIndex(s => s >= %d);
   if (block < 0) return null;
   const at = b.blockPoint(id, block);
-  document.querySelector("canvas").dispatchEvent(new MouseEvent("click", {clientX: at.x, clientY: at.y, bubbles: true}));
+  const click = new MouseEvent("click", {clientX: at.x, clientY: at.y, bubbles: true});
+  document.querySelector("canvas").dispatchEvent(click);
   return {seq: b.seq, id, block, detail: document.getElementById("detail").textContent};
-}""" % USED
+}"""
+    % USED
+)
 
 
 def check_click_shows_the_sequence_table(page, log) -> None:
@@ -75,20 +88,31 @@ def check_click_shows_the_sequence_table(page, log) -> None:
     at = page.evaluate(f"window.blockmap.blockPoint({shown['id']!r}, {shown['block']})")
     page.mouse.move(at["x"], at["y"])  # a real pointer this time
     assert page.locator("#tip").is_visible() and page.locator("#tip").text_content().startswith(
-        f"block {shown['block']}: ")
+        f"block {shown['block']}: "
+    )
 
 
 def test_the_page_shows_the_logged_state_at_its_event_number_and_blocks_turn_free(tmp_path):
     log = tmp_path / "events.jsonl"
     memory, compute, gateway, m1, m2, http, page_port = free_ports(7)
-    services = local_services(memory, (compute,), gateway, m1, m2, gateway_http_port=http, memory_http_port=page_port,
-                              compute_settings={"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "16"})
+    services = local_services(
+        memory,
+        (compute,),
+        gateway,
+        m1,
+        m2,
+        gateway_http_port=http,
+        memory_http_port=page_port,
+        compute_settings={"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "16"},
+    )
     services[0].settings["event_log"] = str(log)
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page_errors: list = []
-        page.on("pageerror", lambda error: page_errors.append(error))  # an exception in the page's script fails the test
+        page.on(
+            "pageerror", lambda error: page_errors.append(error)
+        )  # an exception in the page's script fails the test
         page.goto(f"http://127.0.0.1:{page_port}/")
         page.wait_for_function("window.blockmap && window.blockmap.poolIds().length === 1")
         stop, errors = threading.Event(), []
@@ -98,8 +122,10 @@ def test_the_page_shows_the_logged_state_at_its_event_number_and_blocks_turn_fre
             checked = 0
             for _ in range(5):  # several moments under load
                 time.sleep(1.0)
-                shown = page.evaluate("() => { const id = window.blockmap.poolIds()[0];"
-                                      " return {seq: window.blockmap.seq, id, states: window.blockmap.states(id)}; }")
+                shown = page.evaluate(
+                    "() => { const id = window.blockmap.poolIds()[0];"
+                    " return {seq: window.blockmap.seq, id, states: window.blockmap.states(id)}; }"
+                )
                 truth = replay_states(read_log(str(log)), shown["seq"])
                 assert shown["states"] == truth[shown["id"]], f"page differs from the log at event {shown['seq']}"
                 checked += sum(s > CACHED for s in shown["states"]) > 0
@@ -113,11 +139,16 @@ def test_the_page_shows_the_logged_state_at_its_event_number_and_blocks_turn_fre
             loader.join()
         assert not errors, errors[:3]
         # everything finished: no block in use, on the page and in the memory service
-        page.wait_for_function("(() => { const id = window.blockmap.poolIds()[0];"
-                               " return window.blockmap.states(id).every(s => s <= 1)"
-                               " && window.blockmap.sequences(id).length === 0; })", timeout=15000)
-        shown = page.evaluate("() => { const id = window.blockmap.poolIds()[0];"
-                              " return {seq: window.blockmap.seq, id, states: window.blockmap.states(id)}; }")
+        page.wait_for_function(
+            "(() => { const id = window.blockmap.poolIds()[0];"
+            " return window.blockmap.states(id).every(s => s <= 1)"
+            " && window.blockmap.sequences(id).length === 0; })",
+            timeout=15000,
+        )
+        shown = page.evaluate(
+            "() => { const id = window.blockmap.poolIds()[0];"
+            " return {seq: window.blockmap.seq, id, states: window.blockmap.states(id)}; }"
+        )
         assert shown["states"] == replay_states(read_log(str(log)), shown["seq"])[shown["id"]]
         assert FREE in shown["states"] and page.evaluate("window.blockmap.missed") == 0
         assert not page_errors, page_errors[:3]

@@ -1,4 +1,5 @@
 """The compact-vocabulary training trick must give the exported full-vocabulary model the same loss."""
+
 import numpy as np
 import torch
 

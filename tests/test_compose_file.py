@@ -1,5 +1,7 @@
 """docker-compose.yml starts what `make run` starts: same modules, ports, settings and health
-checks, with only the gateway (and the block map, on loopback) published. (Bringing it up for real: tests/test_compose_up.py.)"""
+checks, with only the gateway (and the block map, on loopback) published. (Bringing it up for
+real: tests/test_compose_up.py.)"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +29,12 @@ def compose():
 def test_each_service_reads_its_own_prefixed_variables():
     for role, classes in CONFIGS.items():
         assert {cls.env_prefix for cls in classes} == {ENV_PREFIXES[role]}
-    names = [env_name(cls.env_prefix, f.name) for classes in CONFIGS.values() for cls in classes
-             for f in dataclasses.fields(cls)]
+    names = [
+        env_name(cls.env_prefix, f.name)
+        for classes in CONFIGS.values()
+        for cls in classes
+        for f in dataclasses.fields(cls)
+    ]
     assert len(names) == len(set(names)), "two settings read the same variable"
 
 
@@ -60,8 +66,9 @@ def test_only_the_gateway_and_the_block_map_are_published_and_startup_is_ordered
     assert services["compute"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
     assert services["gateway"]["depends_on"] == {"compute": {"condition": "service_healthy"}}
     assert services["gateway"]["environment"]["GATEWAY_COMPUTE_ADDRESSES"] == "", "compose discovers its replicas"
-    assert "COMPUTE_ADVERTISE_ADDRESS" not in services["compute"]["environment"], \
+    assert "COMPUTE_ADVERTISE_ADDRESS" not in services["compute"]["environment"], (
         "each scaled replica must advertise its own address (derived, not one fixed value)"
+    )
     assert all(s.get("init") is True for s in services.values()), "fast shutdown needs an init process"
 
 

@@ -1,5 +1,6 @@
 """docker-compose.yml brought up for real (podman): `make compose-test` as a test. Slow (image
 build); skipped, with the reason, where podman and friends are not installed."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,7 +18,13 @@ def test_compose_up_serves_generate_through_the_published_port():
     missing = missing_tools()
     if missing:
         pytest.skip(f"needs {', '.join(missing)}; {INSTALL_HINT}")
-    result = subprocess.run([sys.executable, "-m", "deploy.compose_test"], cwd=ROOT, timeout=1500,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.compose_test"],
+        cwd=ROOT,
+        timeout=1500,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-6000:]
     assert '{"compose_test": "passed"}' in result.stdout

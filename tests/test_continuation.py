@@ -2,6 +2,7 @@
 a fault) ends exactly as the uninterrupted run: the same next tokens for greedy and seeded
 sampling (every draw is seeded by seed and position), the same stop-string and EOS endings,
 max_new_tokens counted across both, the same text."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,14 +25,17 @@ def run(engine, prompt, params, before=()):
         for out in engine.step():
             if out.request_id == rid and out.finished:
                 seq = out.sequence
-                return seq.output_token_ids[len(before):], out.finish_reason, seq.output_text
+                return seq.output_token_ids[len(before) :], out.finish_reason, seq.output_text
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True),
-    SamplingParams(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.95, seed=11, ignore_eos=True),
-    SamplingParams(max_new_tokens=30, temperature=1.2, seed=5, ignore_eos=True),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True),
+        SamplingParams(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.95, seed=11, ignore_eos=True),
+        SamplingParams(max_new_tokens=30, temperature=1.2, seed=5, ignore_eos=True),
+    ],
+)
 def test_continuing_at_any_point_gives_the_uninterrupted_tokens(engine, params):
     prompt = random_prompt(np.random.default_rng(3), 17)
     tokens, reason, text = run(engine, prompt, params)

@@ -1,12 +1,12 @@
 """Many requests over one shared pool: batching, preemption and abort never change anyone's tokens."""
+
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from common.blocks import blocks_for_tokens, blocks_to_admit
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
 from memory_service.audit import audit
 from memory_service.events import EventRecorder, read_log
 from tests.conftest import hf_greedy, random_prompt
@@ -41,8 +41,9 @@ def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_
     prompts = [random_prompt(rng, n) for n in lengths]
     params = [greedy(int(n)) for n in rng.integers(4, 33, size=32)]
 
-    engine = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=32,
-                             headroom_blocks_per_seq=0)  # pack the pool: preemption must happen
+    engine = InferenceEngine(
+        model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=32, headroom_blocks_per_seq=0
+    )  # pack the pool: preemption must happen
     recorder = record_events(engine, tmp_path / "events.jsonl")
     batched = engine.generate(prompts, params)
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to be too small"
@@ -51,7 +52,7 @@ def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_
     assert_log_passes_audit(recorder, engine, tmp_path / "events.jsonl")
 
     sequential = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=1)
-    for prompt, p, got in zip(prompts, params, batched):
+    for prompt, p, got in zip(prompts, params, batched, strict=False):
         assert got.token_ids == hf_greedy(hf_model, prompt, p.max_new_tokens)
         assert got.token_ids == sequential.generate([prompt], p)[0].token_ids
         assert got.finish_reason == "length"
@@ -60,8 +61,10 @@ def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_
 def test_joining_aborting_and_early_finishing_leave_the_others_unchanged(hf_gpt2_dir, tmp_path):
     rng = np.random.default_rng(1)
     prompts = [random_prompt(rng, n) for n in (20, 45, 70, 33)]
-    alone = [InferenceEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048).generate([p], greedy(30))[0].token_ids
-             for p in prompts]
+    alone = [
+        InferenceEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048).generate([p], greedy(30))[0].token_ids
+        for p in prompts
+    ]
 
     engine = InferenceEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048)
     recorder = record_events(engine, tmp_path / "events.jsonl")
@@ -105,9 +108,11 @@ def test_sampled_tokens_do_not_depend_on_batch_company_or_preemption():
 def test_stop_strings_and_eos_finish_one_sequence_only():
     engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=2048)
     probe = engine.generate(["Hello"], greedy(12))[0]
-    stop_text = probe.text[len(probe.text) // 2:][:3]
+    stop_text = probe.text[len(probe.text) // 2 :][:3]
     assert stop_text
-    results = engine.generate(["Hello", "Hello"], [SamplingParams(max_new_tokens=12, temperature=0, stop=[stop_text]), greedy(12)])
+    results = engine.generate(
+        ["Hello", "Hello"], [SamplingParams(max_new_tokens=12, temperature=0, stop=[stop_text]), greedy(12)]
+    )
     assert results[0].finish_reason == "stop" and stop_text not in results[0].text
     assert results[0].text == probe.text[: probe.text.find(stop_text)]
     assert results[1].token_ids == probe.token_ids
@@ -121,8 +126,9 @@ def test_contiguous_reservation_admits_fewer_sequences_than_paging():
     the whole context (Orca-Max) fewest. 24 prompts, so no arm is capped by the request count.
     Packing alone is measured: the identical prompts would share blocks with prefix caching on."""
     prompts, new_tokens, budget = [[7] * 100] * 24, 20, 2048
-    paged = InferenceEngine(model="dummy:tiny", kv_budget_tokens=budget, headroom_blocks_per_seq=0,
-                            prefix_caching="off")
+    paged = InferenceEngine(
+        model="dummy:tiny", kv_budget_tokens=budget, headroom_blocks_per_seq=0, prefix_caching="off"
+    )
     paged.generate(prompts, greedy(new_tokens))
     sc = paged.scheduler.config
     paged_peak = (sc.num_blocks - sc.watermark_blocks) // blocks_for_tokens(100, sc.block_size)

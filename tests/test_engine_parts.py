@@ -1,13 +1,14 @@
 """Smaller parts of the engine: the project's checkpoint format, copy-on-write in the pool, and
 the streaming form of generation."""
+
 from __future__ import annotations
 
 import torch
 
+from common.sampling_params import SamplingParams
 from compute_service.engine import InferenceEngine
 from compute_service.kv_cache import KVCache
 from compute_service.model import AttentionMetadata
-from common.sampling_params import SamplingParams
 from compute_service.weights import load_model, save_checkpoint
 
 
@@ -41,7 +42,11 @@ def test_write_puts_each_token_at_its_slot():
     k = torch.randn(3, 2, 3)
     cache.write(0, k, -k, torch.tensor([5, 14, 0]))  # block 1 offset 1, block 3 offset 2, block 0 offset 0
     k_cache, v_cache = cache.layer(0)
-    assert torch.equal(k_cache[1, :, 1], k[0]) and torch.equal(k_cache[3, :, 2], k[1]) and torch.equal(k_cache[0, :, 0], k[2])
+    assert (
+        torch.equal(k_cache[1, :, 1], k[0])
+        and torch.equal(k_cache[3, :, 2], k[1])
+        and torch.equal(k_cache[0, :, 0], k[2])
+    )
     assert torch.equal(v_cache[3, :, 2], -k[1])
 
 

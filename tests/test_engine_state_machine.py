@@ -1,6 +1,7 @@
 """Hypothesis drives add/step/abort against a live engine with a tiny pool (so it preempts),
 prompts that share prefixes (prefix-cache hits) and requests of n samples (forks, copy-on-write),
 and checks after every step that the books balance and no block leaks."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -10,26 +11,32 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from common.blocks import blocks_for_tokens
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
 from compute_service.sequence import SequenceStatus
 
 
 class EngineMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.engine = InferenceEngine(model="dummy:tiny", block_size=4, kv_budget_tokens=96, max_num_seqs=6,
-                                      headroom_blocks_per_seq=0)
+        self.engine = InferenceEngine(
+            model="dummy:tiny", block_size=4, kv_budget_tokens=96, max_num_seqs=6, headroom_blocks_per_seq=0
+        )
         self.submitted: list[str] = []
         self.finished: dict[str, str] = {}
         self.expected_len: dict[str, int] = {}
 
-    @rule(prompt_len=st.integers(1, 40), max_new=st.integers(1, 30), n=st.sampled_from([1, 1, 2, 3]),
-          tail=st.integers(0, 2))
+    @rule(
+        prompt_len=st.integers(1, 40),
+        max_new=st.integers(1, 30),
+        n=st.sampled_from([1, 1, 2, 3]),
+        tail=st.integers(0, 2),
+    )
     def add(self, prompt_len, max_new, n, tail):
         prompt = [3] * prompt_len + [tail] * (prompt_len % 3)  # shared prefixes of every length
-        params = SamplingParams(max_new_tokens=max_new, temperature=0.8 if n > 1 else 0, seed=prompt_len, n=n,
-                                ignore_eos=True)
+        params = SamplingParams(
+            max_new_tokens=max_new, temperature=0.8 if n > 1 else 0, seed=prompt_len, n=n, ignore_eos=True
+        )
         rid = self.engine.add_request(prompt, params)
         self.submitted.append(rid)
         self.expected_len[rid] = max_new

@@ -1,12 +1,13 @@
 """The engine against Hugging Face transformers' GPT-2 on the same weights (the oracle)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
 from tests.conftest import hf_greedy, random_prompt
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -1,10 +1,10 @@
 """WatchEvents on a live memory service: every event of a run reaches two subscribers at once, in
 order, numbered without gaps; a subscriber that stops reading never holds up a step and is told
 how many events it missed."""
+
 from __future__ import annotations
 
 import json
-import queue
 import threading
 
 import grpc
@@ -22,8 +22,14 @@ STEPS = 400
 @pytest.fixture
 def memory(tmp_path):
     port, metrics = free_ports(2)
-    spec = ServiceSpec("memory", "memory", "memory_service.server", port, "rpc.internal.v1.MemoryService",
-                       {"metrics_port": str(metrics), "http_port": "0", "event_log": str(tmp_path / "events.jsonl")})
+    spec = ServiceSpec(
+        "memory",
+        "memory",
+        "memory_service.server",
+        port,
+        "rpc.internal.v1.MemoryService",
+        {"metrics_port": str(metrics), "http_port": "0", "event_log": str(tmp_path / "events.jsonl")},
+    )
     proc = start_serving(spec, str(tmp_path), timeout_s=60)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield memory_pb2_grpc.MemoryServiceStub(channel)
@@ -34,14 +40,18 @@ def steps(pool_id: str):
     """Sequences that come (8 tokens), grow a token a step, and go after 10 steps."""
     for step in range(1, STEPS + 1):
         yield memory_pb2.StepRequest(
-            pool_id=pool_id, step=step,
+            pool_id=pool_id,
+            step=step,
             allocate=[memory_pb2.Allocation(seq_id=f"s{step}", num_tokens=8)],
             append=[memory_pb2.Append(seq_id=f"s{s}", num_new_tokens=1) for s in range(max(1, step - 9), step)],
-            free=[f"s{step - 10}"] if step > 10 else [], preempted=[f"s{step - 10}"] if step % 7 == 0 else [])
+            free=[f"s{step - 10}"] if step > 10 else [],
+            preempted=[f"s{step - 10}"] if step % 7 == 0 else [],
+        )
 
 
-def watch(stub, events: list, request: memory_pb2.WatchEventsRequest, ready: threading.Event,
-          stop_after: int | None = None) -> None:
+def watch(
+    stub, events: list, request: memory_pb2.WatchEventsRequest, ready: threading.Event, stop_after: int | None = None
+) -> None:
     stream = stub.WatchEvents(request, timeout=60)
     assert json.loads(next(stream).json)[0]["type"] == "watching"
     ready.set()

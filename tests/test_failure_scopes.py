@@ -3,6 +3,7 @@ failed by itself ends after one attempt and leaves its replica in rotation; a re
 request back (drain) moves it without counting a death; a request whose replicas die under it
 `max_replica_deaths` times is failed as a query of death instead of walking on to the next one.
 The gateway core in-process against fake compute replicas (real gRPC servers on loopback)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,20 +32,35 @@ class FakeReplica(compute_pb2_grpc.ComputeServiceServicer):
         self.script, self.calls = script, 0
 
     async def Info(self, request, context):
-        return compute_pb2.InfoResponse(model="fake", context_length=1024, block_size=16, num_blocks=64,
-                                        mode="paged", vocab_size=50257, cache_namespace="fake")
+        return compute_pb2.InfoResponse(
+            model="fake",
+            context_length=1024,
+            block_size=16,
+            num_blocks=64,
+            mode="paged",
+            vocab_size=50257,
+            cache_namespace="fake",
+        )
 
     async def Generate(self, request, context):
         self.calls += 1
         mode = self.script.pop(0)
         yield compute_pb2.GenerateResponse(chunk=compute_pb2.Chunk(token_ids=[7]))
         if mode == "ok":
-            yield compute_pb2.GenerateResponse(complete=compute_pb2.Complete(
-                finish_reason="length", prompt_tokens=len(request.prompt_token_ids), completion_tokens=2,
-                token_ids=[8]))
+            yield compute_pb2.GenerateResponse(
+                complete=compute_pb2.Complete(
+                    finish_reason="length",
+                    prompt_tokens=len(request.prompt_token_ids),
+                    completion_tokens=2,
+                    token_ids=[8],
+                )
+            )
         elif mode == "request":
-            await context.abort(grpc.StatusCode.INTERNAL, "request failed: its row's logits are not finite",
-                                ((FAILURE_SCOPE_KEY, REQUEST_SCOPE),))
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                "request failed: its row's logits are not finite",
+                ((FAILURE_SCOPE_KEY, REQUEST_SCOPE),),
+            )
         elif mode == "drain":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "draining", ((FAILURE_SCOPE_KEY, REPLICA_SCOPE),))
         else:
@@ -61,8 +77,13 @@ async def gateway_over(script: list[str], replicas: int, **settings):
         await server.start()
         await set_serving(health, [SERVICE])
         servers.append((server, port))
-    config = GatewayConfig(compute_addresses=",".join(f"127.0.0.1:{p}" for _, p in servers), memory_address="",
-                           routing="round-robin", health_poll_s=0.1, **settings)
+    config = GatewayConfig(
+        compute_addresses=",".join(f"127.0.0.1:{p}" for _, p in servers),
+        memory_address="",
+        routing="round-robin",
+        health_poll_s=0.1,
+        **settings,
+    )
     core = GatewayCore(config)
     await core.start()
     try:

@@ -2,11 +2,11 @@
 memory service killed and restarted, a replica drained. Real processes on loopback (memory, two
 compute replicas, gateway); every stream is compared with the in-process engine's tokens and text
 for the same requests (greedy, seeded sampling, a request of n = 2 samples)."""
+
 from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,10 +26,12 @@ from rpc.v1 import gateway_pb2_grpc, generate_pb2
 LEASE_S = 1.5
 COMPUTE = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "32"}
 GATEWAY = {"health_poll_s": "0.2", "replica_down_after_s": "1.0", "replica_wait_s": "30"}
-PARAMS = [dict(max_new_tokens=500, temperature=0, ignore_eos=True),
-          dict(max_new_tokens=500, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
-          dict(max_new_tokens=500, temperature=1.0, seed=3, ignore_eos=True),
-          dict(max_new_tokens=500, temperature=0.8, seed=11, n=2, ignore_eos=True)]
+PARAMS = [
+    dict(max_new_tokens=500, temperature=0, ignore_eos=True),
+    dict(max_new_tokens=500, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
+    dict(max_new_tokens=500, temperature=1.0, seed=3, ignore_eos=True),
+    dict(max_new_tokens=500, temperature=0.8, seed=11, n=2, ignore_eos=True),
+]
 PROMPTS = [f"Fault number {i} tells" for i in range(6)]
 
 
@@ -47,14 +49,26 @@ def expected():
 @contextmanager
 def fault_stack(tmp_path, compute=COMPUTE, memory_settings=None):
     ports = free_ports(7)
-    services = local_services(ports[0], (ports[1], ports[2]), ports[3], ports[4], ports[5], compute_settings=compute,
-                              gateway_http_port=ports[6])
+    services = local_services(
+        ports[0],
+        (ports[1], ports[2]),
+        ports[3],
+        ports[4],
+        ports[5],
+        compute_settings=compute,
+        gateway_http_port=ports[6],
+    )
     services[0].settings.update({"lease_ttl_s": str(LEASE_S), **(memory_settings or {})})
     services[-1].settings.update(GATEWAY)
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)) as procs:
-        yield dict(services=services, procs=procs, gateway=f"127.0.0.1:{ports[3]}",
-                   memory=f"127.0.0.1:{ports[0]}", computes=[f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}"],
-                   log_dir=str(tmp_path))
+        yield dict(
+            services=services,
+            procs=procs,
+            gateway=f"127.0.0.1:{ports[3]}",
+            memory=f"127.0.0.1:{ports[0]}",
+            computes=[f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}"],
+            log_dir=str(tmp_path),
+        )
 
 
 class Streams:
@@ -92,7 +106,7 @@ class Streams:
         for future in self.futures:
             future.result(timeout=120)  # raises what a client saw
         self.pool.shutdown()
-        return [list(zip(tokens, text)) for tokens, text in zip(self.tokens, self.text)]
+        return [list(zip(tokens, text, strict=False)) for tokens, text in zip(self.tokens, self.text, strict=False)]
 
 
 def pools(memory: str) -> list:
@@ -146,11 +160,19 @@ def test_the_memory_service_killed_and_restarted_changes_no_token(tmp_path, expe
         memory_proc = stack["procs"][0]
         os.killpg(memory_proc.pid, signal.SIGKILL)
         memory_proc.wait()
-        eventually(lambda: all(health(c) == "NOT_SERVING" for c in stack["computes"]), 10,
-                   "the replicas to report NOT_SERVING")
+        eventually(
+            lambda: all(health(c) == "NOT_SERVING" for c in stack["computes"]), 10, "the replicas to report NOT_SERVING"
+        )
         # A request that arrives during the outage waits for a SERVING replica (replica_wait_s).
-        late = ThreadPoolExecutor(1).submit(lambda: [r for r in stream_generate(
-            stack["gateway"], PROMPTS[0], timeout_s=60, **PARAMS[0]) if r.HasField("complete")][0].complete)
+        late = ThreadPoolExecutor(1).submit(
+            lambda: (
+                [
+                    r
+                    for r in stream_generate(stack["gateway"], PROMPTS[0], timeout_s=60, **PARAMS[0])
+                    if r.HasField("complete")
+                ][0].complete
+            )
+        )
         time.sleep(0.5)
         stack["procs"][0] = start_serving(stack["services"][0], stack["log_dir"], 30)
         assert streams.results() == expected
@@ -166,15 +188,20 @@ def test_a_replica_paused_past_its_lease_is_fenced_and_its_streams_continue_else
         paused = stack["procs"][1]
         os.killpg(paused.pid, signal.SIGSTOP)
         try:
-            eventually(lambda: [p.replica for p in pools(stack["memory"])] == ["compute-1"], 10,
-                       "the paused replica's lease to run out")
+            eventually(
+                lambda: [p.replica for p in pools(stack["memory"])] == ["compute-1"],
+                10,
+                "the paused replica's lease to run out",
+            )
             time.sleep(LEASE_S)
         finally:
             os.killpg(paused.pid, signal.SIGCONT)
         assert streams.results() == expected
         # Back from the pause, its late step was refused: it registered a new pool and serves again.
-        eventually(lambda: sorted(p.replica for p in pools(stack["memory"])) == ["compute-0", "compute-1"],
-                   what="the paused replica to register again")
+        eventually(
+            lambda: sorted(p.replica for p in pools(stack["memory"])) == ["compute-0", "compute-1"],
+            what="the paused replica to register again",
+        )
         eventually(lambda: health(stack["computes"][0]) == "SERVING", what="the paused replica to serve again")
         log = open(os.path.join(stack["log_dir"], "compute-0.log")).read()
         assert "expired" in log and "registered again" in log
@@ -203,8 +230,9 @@ def test_the_lease_is_renewed_off_the_engine_thread_during_a_long_prefill(tmp_pa
         prompts = [[(7 * i + j) % 50000 for j in range(1000)] for i in range(8)]
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
-            done = list(pool.map(lambda p: list(stream_generate(stack["gateway"], p, max_new_tokens=2,
-                                                                temperature=0)), prompts))
+            done = list(
+                pool.map(lambda p: list(stream_generate(stack["gateway"], p, max_new_tokens=2, temperature=0)), prompts)
+            )
         assert time.monotonic() - started > 2.0, "the prefill was meant to outlast the lease"
         assert all(d[-1].complete.finish_reason == "length" and not d[-1].complete.num_preemptions for d in done)
         assert sorted(p.pool_id for p in pools(stack["memory"])) == before  # no pool expired or re-registered
@@ -218,11 +246,19 @@ def test_overload_tries_a_replica_with_room_then_answers_resource_exhausted_at_o
     params = dict(max_new_tokens=1000, temperature=0, ignore_eos=True)  # about 2 s of decoding here
     internal_params = compute_pb2.SamplingParams(**params)
     public = generate_pb2.GenerateRequest(text=b"busy", params=generate_pb2.SamplingParams(**params))
-    with fault_stack(tmp_path, compute=compute) as stack, grpc.insecure_channel(stack["gateway"]) as channel, \
-            grpc.insecure_channel(stack["computes"][0]) as direct:
+    with (
+        fault_stack(tmp_path, compute=compute) as stack,
+        grpc.insecure_channel(stack["gateway"]) as channel,
+        grpc.insecure_channel(stack["computes"][0]) as direct,
+    ):
         filler = compute_pb2_grpc.ComputeServiceStub(direct)
-        calls = [filler.Generate(compute_pb2.GenerateRequest(request_id=f"fill-{i}", prompt_token_ids=[1, 2, 3],
-                                                             params=internal_params), timeout=60) for i in range(3)]
+        calls = [
+            filler.Generate(
+                compute_pb2.GenerateRequest(request_id=f"fill-{i}", prompt_token_ids=[1, 2, 3], params=internal_params),
+                timeout=60,
+            )
+            for i in range(3)
+        ]
         stub = gateway_pb2_grpc.GatewayStub(channel)
         try:
             eventually(lambda: replica_load(stack["computes"][0]) == (2, 1), 10, "compute-0 to be full")

@@ -7,6 +7,7 @@ Not bit for bit: its layer norm and GELU (csrc/row_ops.cpp) sum and round differ
 ATen's. The tolerance is what float32 rounding explains: the two paths differ by ~1e-6 of the
 logits' scale where a real mistake (a missing bias, a wrong residual, a stale K/V) moves them by
 ~1e-1 or more."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,9 @@ def decode_step(batch: int, kv: KVCache, vocab: int, gen: torch.Generator):
     tables[1:2, 0] = tables[0, 0]
     positions = (lens - 1).long()
     slots = tables[torch.arange(batch), positions // kv.block_size].long() * kv.block_size + positions % kv.block_size
-    meta = AttentionMetadata(is_prefill=False, seq_lens=[1] * batch, slot_mapping=slots, block_tables=tables,
-                             context_lens=lens)
+    meta = AttentionMetadata(
+        is_prefill=False, seq_lens=[1] * batch, slot_mapping=slots, block_tables=tables, context_lens=lens
+    )
     return torch.randint(0, vocab, (batch,), generator=gen), positions, meta
 
 
@@ -58,8 +60,9 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert diff <= RELATIVE_TOLERANCE * scale, f"{what}: max diff {diff:.3g} against a scale of {scale:.3g}"
 
 
-@pytest.mark.parametrize("weight_format,fc_scale", [("float32", 1.0), ("bfloat16", 1.0), ("int8", 1.0),
-                                                    ("float32", 300.0)])
+@pytest.mark.parametrize(
+    "weight_format,fc_scale", [("float32", 1.0), ("bfloat16", 1.0), ("int8", 1.0), ("float32", 300.0)]
+)
 def test_the_fused_decode_computes_what_the_python_path_computes(weight_format, fc_scale):
     built()
     model, kv = model_and_pool(weight_format, fc_scale)
@@ -93,8 +96,13 @@ def test_a_sequences_logits_do_not_depend_on_its_batch():
 
     def run(rows: list[int]) -> torch.Tensor:
         kv.pool.copy_(before)
-        sub = AttentionMetadata(is_prefill=False, seq_lens=[1] * len(rows), slot_mapping=meta.slot_mapping[rows],
-                                block_tables=meta.block_tables[rows], context_lens=meta.context_lens[rows])
+        sub = AttentionMetadata(
+            is_prefill=False,
+            seq_lens=[1] * len(rows),
+            slot_mapping=meta.slot_mapping[rows],
+            block_tables=meta.block_tables[rows],
+            context_lens=meta.context_lens[rows],
+        )
         with torch.no_grad():
             return model(ids[rows], positions[rows], sub, kv)
 
@@ -113,7 +121,9 @@ def test_any_thread_count_gives_the_same_bits(threads):
     ext = built()
     model, kv = model_and_pool("float32")
     before = kv.pool.clone()
-    steps = [decode_step(batch, kv, model.config.vocab_size, torch.Generator().manual_seed(batch)) for batch in (1, 2, 5)]
+    steps = [
+        decode_step(batch, kv, model.config.vocab_size, torch.Generator().manual_seed(batch)) for batch in (1, 2, 5)
+    ]
     q = torch.randn(1, model.config.n_head, model.config.head_dim)
     k_cache, v_cache = kv.layer(0)
     _, _, attention_meta = steps[0]
@@ -125,15 +135,18 @@ def test_any_thread_count_gives_the_same_bits(threads):
             kv.pool.copy_(before)
             with torch.no_grad():
                 out.append(model(ids, positions, meta, kv))
-        out.append(ext.paged_attention_decode(q, k_cache, v_cache, attention_meta.block_tables,
-                                              attention_meta.context_lens, 0.125))
+        out.append(
+            ext.paged_attention_decode(
+                q, k_cache, v_cache, attention_meta.block_tables, attention_meta.context_lens, 0.125
+            )
+        )
         return out
 
     torch.set_num_threads(2)
     try:
         reference = run()
         torch.set_num_threads(threads)
-        for i, (got, want) in enumerate(zip(run(), reference)):
+        for i, (got, want) in enumerate(zip(run(), reference, strict=False)):
             assert torch.equal(got, want), f"{threads} threads, case {i}: max diff {(got - want).abs().max().item()}"
     finally:
         torch.set_num_threads(default)
@@ -149,27 +162,49 @@ def test_bad_steps_are_refused_before_anything_runs():
     wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
     before = kv.pool.clone()
 
-    def call(ids=ids, positions=positions, slots=meta.slot_mapping, lens=meta.context_lens, params=params,
-             tables=meta.block_tables, n_head=cfg.n_head):
-        return ext.decode_step(ids, positions, wte, wpe, params, kv.pool, slots, tables, lens,
-                               n_head, cfg.layer_norm_epsilon, 0.125)
+    def call(
+        ids=ids,
+        positions=positions,
+        slots=meta.slot_mapping,
+        lens=meta.context_lens,
+        params=params,
+        tables=meta.block_tables,
+        n_head=cfg.n_head,
+    ):
+        return ext.decode_step(
+            ids, positions, wte, wpe, params, kv.pool, slots, tables, lens, n_head, cfg.layer_norm_epsilon, 0.125
+        )
 
     bad_table = meta.block_tables.clone()
     bad_table[1, 0] = kv.num_blocks
 
-    cases = {"token id": dict(ids=torch.tensor([0, cfg.vocab_size])),
-             "position": dict(positions=torch.tensor([0, cfg.context_length])),
-             "slot": dict(slots=torch.tensor([0, kv.num_blocks * kv.block_size])),
-             "context length": dict(lens=torch.tensor([0, 1], dtype=torch.int32)),
-             "block": dict(tables=bad_table),
-             "one slot for two sequences": dict(slots=meta.slot_mapping[[0, 0]]),
-             "heads": dict(n_head=0),
-             "parameters": dict(params=params[:-1])}
+    cases = {
+        "token id": dict(ids=torch.tensor([0, cfg.vocab_size])),
+        "position": dict(positions=torch.tensor([0, cfg.context_length])),
+        "slot": dict(slots=torch.tensor([0, kv.num_blocks * kv.block_size])),
+        "context length": dict(lens=torch.tensor([0, 1], dtype=torch.int32)),
+        "block": dict(tables=bad_table),
+        "one slot for two sequences": dict(slots=meta.slot_mapping[[0, 0]]),
+        "heads": dict(n_head=0),
+        "parameters": dict(params=params[:-1]),
+    }
     for what, bad in cases.items():
         with pytest.raises(RuntimeError):
             call(**bad)
         assert torch.equal(kv.pool, before), f"a refused step ({what}) wrote into the pool"
     empty = torch.empty(0, dtype=torch.int64)
-    none = ext.decode_step(empty, empty, wte, wpe, params, kv.pool, empty, meta.block_tables[:0],
-                           meta.context_lens[:0], cfg.n_head, cfg.layer_norm_epsilon, 0.125)
+    none = ext.decode_step(
+        empty,
+        empty,
+        wte,
+        wpe,
+        params,
+        kv.pool,
+        empty,
+        meta.block_tables[:0],
+        meta.context_lens[:0],
+        cfg.n_head,
+        cfg.layer_norm_epsilon,
+        0.125,
+    )
     assert none.shape == (0, cfg.vocab_size)

@@ -2,6 +2,7 @@
 OpenAI JSON shape and `param`; API keys on both transports; a client that disconnects frees its
 blocks; RESOURCE_EXHAUSTED is 429 and UNAVAILABLE 503; TLS round trips with a certificate made
 here."""
+
 from __future__ import annotations
 
 import datetime
@@ -24,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.run_local import demo_client, start_service, start_serving, stop_service
 from deploy.services import ServiceSpec, free_ports
-from gateway.client import auth_metadata, stream_generate
+from gateway.client import stream_generate
 from tests.openai_stack import ENV_KEY, FILE_KEY, cancelled_requests, openai_stack, wait_until_idle
 
 AUTH = {"authorization": f"Bearer {FILE_KEY}"}
@@ -54,8 +55,8 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "temperature": -0.5}, "temperature"),
     ({"prompt": "x", "top_p": 1.5}, "top_p"),
     ({"prompt": "x", "top_k": -1}, "top_k"),
-    ({"prompt": "x", "top_k": 2 ** 32}, "top_k"),  # past the protos' uint32: a 400, not a 500
-    ({"prompt": "x", "seed": 2 ** 64}, "seed"),
+    ({"prompt": "x", "top_k": 2**32}, "top_k"),  # past the protos' uint32: a 400, not a 500
+    ({"prompt": "x", "seed": 2**64}, "seed"),
     ({"prompt": "x", "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": 17}, "n"),
@@ -90,8 +91,11 @@ BAD_CHATS = [
 def bad_requests() -> list[tuple[str, dict, str]]:
     """Each bad body streamed and not (a body that sets `stream` itself is sent once, as it is)."""
     bodies = [("completions", b, p) for b, p in BAD_COMPLETIONS] + [("chat/completions", b, p) for b, p in BAD_CHATS]
-    return [(path, {"stream": stream, **body}, param) for path, body, param in bodies
-            for stream in ((None,) if "stream" in body else (False, True))]
+    return [
+        (path, {"stream": stream, **body}, param)
+        for path, body, param in bodies
+        for stream in ((None,) if "stream" in body else (False, True))
+    ]
 
 
 @pytest.mark.parametrize("path,body,param", bad_requests())
@@ -104,8 +108,12 @@ def test_each_invalid_field_is_a_400_naming_it(stack, path, body, param):
 
 def test_malformed_json_unknown_model_path_and_method(stack):
     assert_error(httpx.post(f"{stack['http']}/v1/completions", content=b"{nope", headers=AUTH), 400, None)
-    assert_error(httpx.post(f"{stack['http']}/v1/completions", json={"prompt": "x", "model": "gpt-4"}, headers=AUTH),
-                 404, "model", "model_not_found")
+    assert_error(
+        httpx.post(f"{stack['http']}/v1/completions", json={"prompt": "x", "model": "gpt-4"}, headers=AUTH),
+        404,
+        "model",
+        "model_not_found",
+    )
     assert_error(httpx.get(f"{stack['http']}/v1/nothing", headers=AUTH), 404, None)
     assert_error(httpx.get(f"{stack['http']}/v1/completions", headers=AUTH), 405, None)
 
@@ -132,10 +140,23 @@ def test_api_keys_on_http_and_grpc_and_open_health_and_metrics(stack):
 
 
 def test_curl_streams_server_sent_events_ending_in_done(stack):
-    out = subprocess.run(["curl", "-sN", f"{stack['http']}/v1/completions", "-H", f"Authorization: Bearer {FILE_KEY}",
-                          "-H", "Content-Type: application/json", "-d",
-                          json.dumps({"prompt": "ROMEO:", "max_tokens": 5, "stream": True, "ignore_eos": True})],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            f"{stack['http']}/v1/completions",
+            "-H",
+            f"Authorization: Bearer {FILE_KEY}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps({"prompt": "ROMEO:", "max_tokens": 5, "stream": True, "ignore_eos": True}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     events = [line for line in out.split("\n\n") if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
@@ -161,6 +182,7 @@ def test_a_client_that_disconnects_cancels_its_request_and_frees_its_blocks(stac
 
 def grpc_in_flight(stack) -> int:
     from tests.openai_stack import grpc_stats
+
     return grpc_stats(stack["grpc"]).requests_in_flight
 
 
@@ -179,8 +201,9 @@ def test_over_max_in_flight_is_429_at_once(stack):
                 next(lines[-1])  # each is generating
             start = time.monotonic()
             assert grpc_in_flight(stack) == MAX_IN_FLIGHT
-            error = assert_error(client.post(f"{stack['http']}/v1/completions", json={**body, "stream": False}),
-                                 429, None)
+            error = assert_error(
+                client.post(f"{stack['http']}/v1/completions", json={**body, "stream": False}), 429, None
+            )
             assert time.monotonic() - start < 1.0 and error["type"] == "rate_limit_error"
         finally:
             for s in streams:
@@ -190,9 +213,14 @@ def test_over_max_in_flight_is_429_at_once(stack):
 
 def test_no_replica_is_503_on_requests_and_health(tmp_path):
     gateway, http, dead = free_ports(3)
-    spec = ServiceSpec("gateway", "gateway", "gateway.server", gateway, "rpc.v1.Gateway",
-                       {"http_port": str(http), "memory_address": "", "compute_addresses": f"127.0.0.1:{dead}",
-                        "metrics_port": "0"})
+    spec = ServiceSpec(
+        "gateway",
+        "gateway",
+        "gateway.server",
+        gateway,
+        "rpc.v1.Gateway",
+        {"http_port": str(http), "memory_address": "", "compute_addresses": f"127.0.0.1:{dead}", "metrics_port": "0"},
+    )
     proc = start_service(spec, str(tmp_path))
     try:
         deadline = time.monotonic() + 60
@@ -215,17 +243,26 @@ def self_signed(tmp_path) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cert_file), str(key_file)
 
 
@@ -233,9 +270,14 @@ def test_tls_round_trip_on_grpc_and_https(stack, tmp_path):
     cert, key = self_signed(tmp_path)
     gateway, http = free_ports(2)
     plain = next(s for s in stack["services"] if s.role == "gateway")
-    spec = ServiceSpec("gateway-tls", "gateway", "gateway.server", gateway, "rpc.v1.Gateway",
-                       {**plain.settings, "http_port": str(http), "metrics_port": "0", "tls_cert_file": cert,
-                        "tls_key_file": key})
+    spec = ServiceSpec(
+        "gateway-tls",
+        "gateway",
+        "gateway.server",
+        gateway,
+        "rpc.v1.Gateway",
+        {**plain.settings, "http_port": str(http), "metrics_port": "0", "tls_cert_file": cert, "tls_key_file": key},
+    )
     proc = start_serving(spec, str(tmp_path), timeout_s=60)  # the launcher's health wait, over TLS
     try:
         command, env = demo_client(spec, "ROMEO:")  # `make run`'s demo: key from the environment, not argv
@@ -250,15 +292,22 @@ def test_tls_round_trip_on_grpc_and_https(stack, tmp_path):
         assert text(over_tls) == text(in_clear) and over_tls[-1].complete.completion_tokens == 12
         with pytest.raises(grpc.RpcError):  # plaintext to a TLS port
             list(stream_generate(address, "ROMEO:", 5, api_key=FILE_KEY, **params))
-        client = openai.OpenAI(base_url=f"https://localhost:{http}/v1", api_key=FILE_KEY, max_retries=0,
-                               http_client=httpx.Client(verify=ssl.create_default_context(cafile=cert)))
-        answer = client.completions.create(model="dummy:tiny", prompt="ROMEO:", max_tokens=12, temperature=0,
-                                           extra_body={"ignore_eos": True})
+        client = openai.OpenAI(
+            base_url=f"https://localhost:{http}/v1",
+            api_key=FILE_KEY,
+            max_retries=0,
+            http_client=httpx.Client(verify=ssl.create_default_context(cafile=cert)),
+        )
+        answer = client.completions.create(
+            model="dummy:tiny", prompt="ROMEO:", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert answer.choices[0].text == text(in_clear)
         with pytest.raises(httpx.TransportError):  # an unverified server is refused
             httpx.get(f"https://localhost:{http}/health")
-        assert httpx.get(f"https://127.0.0.1:{http}/health",
-                         verify=ssl.create_default_context(cafile=cert)).status_code == 200
+        assert (
+            httpx.get(f"https://127.0.0.1:{http}/health", verify=ssl.create_default_context(cafile=cert)).status_code
+            == 200
+        )
     finally:
         stop_service(proc)
 
@@ -269,12 +318,15 @@ def test_a_failure_after_the_first_token_is_openai_json_or_an_error_event(tmp_pa
     with openai_stack(tmp_path, max_migrations="0", replica_wait_s="1") as s:
         compute = s["procs"][1]
         body = {"prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "n": 4}
-        with httpx.Client(headers=AUTH, timeout=60) as client, \
-                client.stream("POST", f"{s['http']}/v1/completions", json={**body, "stream": True}) as streamed:
+        with (
+            httpx.Client(headers=AUTH, timeout=60) as client,
+            client.stream("POST", f"{s['http']}/v1/completions", json={**body, "stream": True}) as streamed,
+        ):
             lines = streamed.iter_lines()
             assert next(lines).startswith("data: ")
-            whole = threading.Thread(target=lambda: results.append(
-                client.post(f"{s['http']}/v1/completions", json=body)))
+            whole = threading.Thread(
+                target=lambda: results.append(client.post(f"{s['http']}/v1/completions", json=body))
+            )
             results: list[httpx.Response] = []
             whole.start()
             time.sleep(0.5)  # both are generating

@@ -1,9 +1,10 @@
-"""deploy/k8s renders (as `kubectl kustomize` does: resources, namespace, images) into objects that are valid against the
-Kubernetes API schemas, checked offline with kubernetes-validate, and that agree with
+"""deploy/k8s renders (as `kubectl kustomize` does: resources, namespace, images) into objects
+that are valid against the Kubernetes API schemas, checked offline with kubernetes-validate, and that agree with
 docker-compose.yml and deploy/services.py: the same settings with the same values, ports, health
 checks, commands and image, so the three ways to run never drift. Plus what only Kubernetes has:
 one memory pod, grace periods over the drain timeouts, a disruption budget, network policies
 evaluated for who may reach whom, and memory limits over a replica's measured peak."""
+
 from __future__ import annotations
 
 import re
@@ -31,12 +32,15 @@ CLUSTER_SCOPED = {"Namespace"}
 def render() -> list[dict]:
     """deploy/k8s as `kubectl kustomize` renders it: its resources, in the kustomization's namespace."""
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources", "images"}, \
+    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources", "images"}, (
         "this renderer knows resources, namespace and images only: extend it with the kustomization"
-    objects = [doc for name in kustomization["resources"] for doc in yaml.safe_load_all((K8S / name).read_text())
-               if doc]
-    images = {i["name"]: f"{i.get('newName', i['name'])}:{i.get('newTag', 'latest')}"
-              for i in kustomization.get("images", [])}
+    )
+    objects = [
+        doc for name in kustomization["resources"] for doc in yaml.safe_load_all((K8S / name).read_text()) if doc
+    ]
+    images = {
+        i["name"]: f"{i.get('newName', i['name'])}:{i.get('newTag', 'latest')}" for i in kustomization.get("images", [])
+    }
     for obj in objects:
         if obj["kind"] not in CLUSTER_SCOPED:
             obj["metadata"]["namespace"] = kustomization["namespace"]
@@ -78,8 +82,10 @@ def test_every_object_is_valid_against_the_api_schemas(objects, version):
         try:
             kubernetes_validate.validate(obj, version, strict=True)  # strict: no unknown fields
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} is not valid Kubernetes {version}: {exc.message} "
-                        f"at {list(exc.path)}")
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata']['name']} is not valid Kubernetes {version}: {exc.message} "
+                f"at {list(exc.path)}"
+            )
 
 
 def test_the_renderer_agrees_with_kubectl_kustomize(objects):
@@ -138,7 +144,9 @@ def test_each_workload_runs_its_service_from_the_compose_image_with_its_ports_an
             assert live == {**live, "tcpSocket": {"port": ports["grpc"]}} and "grpc" not in live
         assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["memory"]
     for service in (o for o in objects if o["kind"] == "Service"):
-        pod_ports = {p["name"] for p in container(objects, service["spec"]["selector"]["app.kubernetes.io/name"])["ports"]}
+        pod_ports = {
+            p["name"] for p in container(objects, service["spec"]["selector"]["app.kubernetes.io/name"])["ports"]
+        }
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= pod_ports, service["metadata"]["name"]
 
 
@@ -152,8 +160,11 @@ def test_compute_advertises_its_pod_address(objects):
 
 
 def pod_specs(objects: list[dict]) -> dict[str, dict]:
-    return {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objects
-            if o["kind"] in ("Deployment", "StatefulSet")}
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+    }
 
 
 def test_one_memory_pod_grace_periods_over_the_drains_and_disruption_budgets(objects):
@@ -203,18 +214,26 @@ def may_connect(policies: list[dict], source: Pod, target: Pod, port: int) -> bo
     an empty one, allows every source; without `ports`, every port). A peer with a
     namespaceSelector matches pods of the namespaces it selects; one with a podSelector alone,
     pods of the policy's namespace."""
+
     def ingress(policy: dict) -> bool:  # policyTypes defaults to Ingress (and Egress if egress rules exist)
         return "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
 
-    selecting = [p for p in policies if p["metadata"]["namespace"] == target.namespace
-                 and selects(p["spec"]["podSelector"], target.labels) and ingress(p)]
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == target.namespace
+        and selects(p["spec"]["podSelector"], target.labels)
+        and ingress(p)
+    ]
     if not selecting:
         return True
     for policy in selecting:
         for rule in policy["spec"].get("ingress", []):
             rule_ports = rule.get("ports", [])
-            assert all(isinstance(p["port"], int) and "endPort" not in p and p.get("protocol", "TCP") == "TCP"
-                       for p in rule_ports), "this evaluator knows numbered TCP ports only: extend it"
+            assert all(
+                isinstance(p["port"], int) and "endPort" not in p and p.get("protocol", "TCP") == "TCP"
+                for p in rule_ports
+            ), "this evaluator knows numbered TCP ports only: extend it"
             if rule_ports and port not in [p["port"] for p in rule_ports]:
                 continue
             peers = rule.get("from") or []
@@ -234,9 +253,14 @@ def may_connect(policies: list[dict], source: Pod, target: Pod, port: int) -> bo
 def test_network_policies_let_only_the_gateway_reach_compute_and_only_its_public_ports_be_reached(objects):
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     ns = objects[1]["metadata"]["namespace"]
-    pod = {role: Pod(ns, find(objects, *kind)["spec"]["template"]["metadata"]["labels"])
-           for role, kind in (("memory", ("StatefulSet", "memory")), ("compute", ("Deployment", "compute")),
-                              ("gateway", ("Deployment", "gateway")))}
+    pod = {
+        role: Pod(ns, find(objects, *kind)["spec"]["template"]["metadata"]["labels"])
+        for role, kind in (
+            ("memory", ("StatefulSet", "memory")),
+            ("compute", ("Deployment", "compute")),
+            ("gateway", ("Deployment", "gateway")),
+        )
+    }
     outside = Pod("default", {"app": "anything"})
     prometheus = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
     impostor = Pod("default", {"app.kubernetes.io/name": "prometheus"})  # the label alone opens nothing
@@ -255,8 +279,11 @@ def test_network_policies_let_only_the_gateway_reach_compute_and_only_its_public
             metrics = port in (int(data["GATEWAY_METRICS_PORT"]), int(data["MEMORY_METRICS_PORT"]))
             assert may_connect(policies, prometheus, pod[target], port) == (public or metrics), (target, port)
             assert may_connect(policies, impostor, pod[target], port) == public, (target, port)
-    exposed = [s["metadata"]["name"] for s in objects if s["kind"] == "Service"
-               and s["spec"].get("type", "ClusterIP") != "ClusterIP"]
+    exposed = [
+        s["metadata"]["name"]
+        for s in objects
+        if s["kind"] == "Service" and s["spec"].get("type", "ClusterIP") != "ClusterIP"
+    ]
     assert exposed == ["gateway"]
 
 
@@ -282,15 +309,24 @@ def test_memory_limits_cover_each_services_measured_peak_with_a_full_pool(object
 
     data = settings(objects)
     budget, seqs = int(data["COMPUTE_KV_BUDGET_TOKENS"]), int(data["COMPUTE_MAX_NUM_SEQS"])
-    limits = {role: quantity_bytes(container(objects, role)["resources"]["limits"]["memory"])
-              for role in ("memory", "compute", "gateway")}
+    limits = {
+        role: quantity_bytes(container(objects, role)["resources"]["limits"]["memory"])
+        for role in ("memory", "compute", "gateway")
+    }
     assert replica_memory(data["COMPUTE_MODEL"], budget).suggested_limit_bytes <= limits["compute"]
     per_sequence = budget // seqs  # together they fill the pool
     new_tokens = per_sequence // 4
     memory, compute, gateway, m1, m2, http, page = free_ports(7)  # the block map on too, as in the pod
-    services = local_services(memory, (compute,), gateway, m1, m2, gateway_http_port=http, memory_http_port=page,
-                              compute_settings={
-        "model": data["COMPUTE_MODEL"], "kv_budget_tokens": str(budget), "max_num_seqs": str(seqs)})
+    services = local_services(
+        memory,
+        (compute,),
+        gateway,
+        m1,
+        m2,
+        gateway_http_port=http,
+        memory_http_port=page,
+        compute_settings={"model": data["COMPUTE_MODEL"], "kv_budget_tokens": str(budget), "max_num_seqs": str(seqs)},
+    )
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 50000, size=per_sequence - new_tokens - 1).tolist() for _ in range(seqs)]
     errors: list = []
@@ -307,7 +343,7 @@ def test_memory_limits_cover_each_services_measured_peak_with_a_full_pool(object
             t.start()
         for t in clients:
             t.join()
-        peaks = {spec.role: peak_resident_bytes(proc.pid) for spec, proc in zip(services, procs)}
+        peaks = {spec.role: peak_resident_bytes(proc.pid) for spec, proc in zip(services, procs, strict=False)}
     assert not errors, errors[:2]
     for role, peak in peaks.items():
         print(f"{role}: peak {peak / 2**20:.0f} MiB, limit {limits[role] / 2**20:.0f} MiB")

@@ -2,6 +2,7 @@
 and round-robin, both discovering the replicas from the memory service) as real processes.
 Routing never changes a token; kv-aware keeps a prefix where it is cached; replicas join when
 SERVING and leave when their lease ends or they drain."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,26 +23,48 @@ from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 from rpc.v1 import gateway_pb2, gateway_pb2_grpc
 
 COMPUTE = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "32"}
-PARAMS = [dict(max_new_tokens=12, temperature=0, ignore_eos=True),
-          dict(max_new_tokens=12, temperature=0.9, top_k=50, seed=5, ignore_eos=True),
-          dict(max_new_tokens=12, temperature=0.8, seed=9, n=2, ignore_eos=True)]
+PARAMS = [
+    dict(max_new_tokens=12, temperature=0, ignore_eos=True),
+    dict(max_new_tokens=12, temperature=0.9, top_k=50, seed=5, ignore_eos=True),
+    dict(max_new_tokens=12, temperature=0.8, seed=9, n=2, ignore_eos=True),
+]
 PREFIX = " ".join(f"word{i}" for i in range(40))  # well over 2 blocks of 16 tokens
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     memory, c1, c2, kv, rr, m1, m2, m3, h1, h2 = free_ports(10)
-    services = local_services(memory, (c1, c2), kv, m1, m2, compute_settings=COMPUTE, gateway_http_port=h1,
-                              gateway_settings={"health_poll_s": "0.2", "discovery_poll_s": "0.2"})
+    services = local_services(
+        memory,
+        (c1, c2),
+        kv,
+        m1,
+        m2,
+        compute_settings=COMPUTE,
+        gateway_http_port=h1,
+        gateway_settings={"health_poll_s": "0.2", "discovery_poll_s": "0.2"},
+    )
     services[0].settings["lease_ttl_s"] = "1.5"
     gateway = services[-1]
-    services.append(dataclasses.replace(gateway, name="gateway-rr", port=rr,
-                                        settings={**gateway.settings, "routing": "round-robin", "metrics_port": str(m3),
-                                                  "http_port": str(h2)}))
+    services.append(
+        dataclasses.replace(
+            gateway,
+            name="gateway-rr",
+            port=rr,
+            settings={**gateway.settings, "routing": "round-robin", "metrics_port": str(m3), "http_port": str(h2)},
+        )
+    )
     log_dir = str(tmp_path_factory.mktemp("logs"))
     with running_stack(services, timeout_s=120, log_dir=log_dir) as procs:
-        yield dict(kv=f"127.0.0.1:{kv}", rr=f"127.0.0.1:{rr}", memory=f"127.0.0.1:{memory}", metrics=m1,
-                   compute_spec=services[1], log_dir=log_dir, procs=procs)
+        yield dict(
+            kv=f"127.0.0.1:{kv}",
+            rr=f"127.0.0.1:{rr}",
+            memory=f"127.0.0.1:{memory}",
+            metrics=m1,
+            compute_spec=services[1],
+            log_dir=log_dir,
+            procs=procs,
+        )
 
 
 def generate(address, prompt, **params):
@@ -71,9 +94,11 @@ def eventually(condition, timeout_s, what):
 def test_the_same_tokens_whichever_replica_serves_and_whether_the_prefix_was_cached(stack):
     prompts = [f"{PREFIX} question {i}" for i in range(len(PARAMS))]
     engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096)
-    expected = [[s.token_ids for s in (r.samples or [r])]
-                for r in engine.generate(prompts, [SamplingParams(**kw) for kw in PARAMS])]
-    for prompt, params, want in zip(prompts, PARAMS, expected):
+    expected = [
+        [s.token_ids for s in (r.samples or [r])]
+        for r in engine.generate(prompts, [SamplingParams(**kw) for kw in PARAMS])
+    ]
+    for prompt, params, want in zip(prompts, PARAMS, expected, strict=False):
         # Round-robin: the same request twice, on each replica in turn (neither has it cached).
         (a, done_a), (b, done_b) = generate(stack["rr"], prompt, **params), generate(stack["rr"], prompt, **params)
         assert {done_a[0].replica, done_b[0].replica} == {"compute-0", "compute-1"}
@@ -114,8 +139,11 @@ def test_a_replica_joins_once_serving_and_leaves_when_its_lease_ends_or_it_drain
     spec = dataclasses.replace(spec, name="compute-2", port=port, settings={**spec.settings, "replica": "compute-2"})
     for leave in ("killed", "drained"):
         proc = start_serving(spec, stack["log_dir"], timeout_s=120)
-        took = eventually(lambda: model_replicas(stack["kv"]) == 3 and model_replicas(stack["rr"]) == 3, 10,
-                          "the gateways to discover the new replica")
+        took = eventually(
+            lambda: model_replicas(stack["kv"]) == 3 and model_replicas(stack["rr"]) == 3,
+            10,
+            "the gateways to discover the new replica",
+        )
         assert took < 2.0, f"a SERVING replica took {took:.1f} s to be routed to"
         served = {generate(stack["rr"], f"join {leave} {i}", max_new_tokens=2)[1][0].replica for i in range(3)}
         assert "compute-2" in served

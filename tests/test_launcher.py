@@ -1,5 +1,6 @@
 """`make run`'s launcher stops every service it started on SIGINT and SIGTERM alike, and its
 services do not outlive a launcher that is killed outright."""
+
 from __future__ import annotations
 
 import os
@@ -31,9 +32,14 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_no_service_outlives_the_launcher(sig, tmp_path):
     env = {**os.environ, "COMPUTE_MODEL": "dummy:tiny", "COMPUTE_KV_BUDGET_TOKENS": "1024"}
-    launcher = subprocess.Popen([sys.executable, "-m", "deploy.run_local", "--free-ports", "--demo-prompt", ""],
-                                cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `make run &`
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "deploy.run_local", "--free-ports", "--demo-prompt", ""],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # as `make run &`
     try:
         for line in launcher.stderr:
             if "all services SERVING" in line:

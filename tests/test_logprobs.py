@@ -1,6 +1,7 @@
 """Logprobs against Hugging Face's GPT-2 on the same weights: each sampled token's logprob and
 the top-k are the log-softmax of the model's raw logits at its position, and asking for them
 changes no token."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ def _run(engine: InferenceEngine, prompts: list[list[int]], params: SamplingPara
 def test_logprobs_equal_hf_log_softmax_in_a_batch_with_n_2(hf_gpt2_dir, hf_model, temperature):
     rng = np.random.default_rng(3)
     prompts = [random_prompt(rng, n) for n in (5, 23, 40)]
-    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=40, seed=11, n=2, ignore_eos=True,
-                            logprobs=5)
+    params = SamplingParams(
+        max_new_tokens=12, temperature=temperature, top_k=40, seed=11, n=2, ignore_eos=True, logprobs=5
+    )
     engine = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=4096)
     tokens, logprobs = _run(engine, prompts, params)
     plain = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=4096)
@@ -40,8 +42,8 @@ def test_logprobs_equal_hf_log_softmax_in_a_batch_with_n_2(hf_gpt2_dir, hf_model
     for (p, _), out in tokens.items():
         prompt = prompts[p]
         with torch.no_grad():
-            expected = torch.log_softmax(hf_model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1: -1], -1)
-        for position, (token, got) in enumerate(zip(out, logprobs[(p, _)])):
+            expected = torch.log_softmax(hf_model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1 : -1], -1)
+        for position, (token, got) in enumerate(zip(out, logprobs[(p, _)], strict=False)):
             row = expected[position]
             assert got.logprob == pytest.approx(row[token].item(), abs=1e-4)
             top_values, top_ids = row.topk(5)

@@ -9,6 +9,7 @@ the decode kernel (compute_service.linear), so this is the path decode takes.
 Measured on the build machine: bf16 top-1 100%, max |logit error| 0.075; int8 99.5%, 0.29
 (logits span +-24).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,13 +36,19 @@ def windows_and_reference():
     transformers = pytest.importorskip("transformers")
     model = load_model("shakespeare")
     cfg = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.context_length,
-        vocab_size=cfg.vocab_size)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            n_positions=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+        )
+    ).eval()
     missing, unexpected = hf.load_state_dict(nanogpt_to_hf_state_dict(model), strict=False)
     assert not unexpected and all(k.endswith(".attn.bias") or k.endswith("masked_bias") for k in missing)
     ids = get_tokenizer().encode((MODEL_DIR / "validation_slice.txt").read_text())
-    windows = [ids[i * WINDOW:(i + 1) * WINDOW] for i in range(64)]
+    windows = [ids[i * WINDOW : (i + 1) * WINDOW] for i in range(64)]
     with torch.inference_mode():
         reference = torch.stack([hf(torch.tensor([w])).logits[0] for w in windows])
     return model, windows, reference

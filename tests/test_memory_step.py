@@ -1,6 +1,7 @@
 """A memory step is atomic: a malformed request (unknown, freed-twice, duplicate or repeated ids,
 bad counts) raises and changes nothing; a well-formed one is applied whole. Hypothesis draws
 requests from a pool of ids that mixes live, freed and never-seen sequences."""
+
 from __future__ import annotations
 
 from hypothesis import given, settings
@@ -29,12 +30,14 @@ def allocator_with(live: list[tuple[str, int]]) -> BlockAllocator:
 requests = st.builds(
     StepRequest,
     free=st.lists(st.sampled_from(IDS), max_size=3),
-    allocate=st.lists(st.builds(Allocation, st.sampled_from(IDS), st.integers(-1, 20), st.sampled_from([0, 0, 24])),
-                      max_size=3),
+    allocate=st.lists(
+        st.builds(Allocation, st.sampled_from(IDS), st.integers(-1, 20), st.sampled_from([0, 0, 24])), max_size=3
+    ),
     append=st.lists(st.tuples(st.sampled_from(IDS), st.integers(0, 6)), max_size=4),
 )
-live_sequences = st.lists(st.tuples(st.sampled_from(IDS), st.integers(1, 12)), max_size=5,
-                          unique_by=lambda item: item[0])
+live_sequences = st.lists(
+    st.tuples(st.sampled_from(IDS), st.integers(1, 12)), max_size=5, unique_by=lambda item: item[0]
+)
 
 
 def expected_malformed(alloc: BlockAllocator, request: StepRequest) -> bool:
@@ -44,8 +47,11 @@ def expected_malformed(alloc: BlockAllocator, request: StepRequest) -> bool:
         return True
     live -= set(request.free)
     new = [a.seq_id for a in request.allocate]
-    if len(set(new)) < len(new) or set(new) & live or any(a.num_tokens <= 0 or a.reserve_tokens < 0
-                                                          for a in request.allocate):
+    if (
+        len(set(new)) < len(new)
+        or set(new) & live
+        or any(a.num_tokens <= 0 or a.reserve_tokens < 0 for a in request.allocate)
+    ):
         return True
     grown = [s for s, _ in request.append]  # only sequences that existed before this step's allocations
     return len(set(grown)) < len(grown) or not set(grown) <= live or any(n <= 0 for _, n in request.append)
@@ -65,7 +71,9 @@ def test_a_rejected_step_changes_nothing_and_an_accepted_one_is_applied_whole(li
     assert not malformed, "a malformed step was applied"
     rejected = set(response.rejected)
     for seq_id in request.free:
-        assert seq_id not in rejected and (not alloc.has_sequence(seq_id) or seq_id in {a.seq_id for a in request.allocate})
+        assert seq_id not in rejected and (
+            not alloc.has_sequence(seq_id) or seq_id in {a.seq_id for a in request.allocate}
+        )
     for a in request.allocate:
         assert alloc.has_sequence(a.seq_id) == (a.seq_id not in rejected)
     assert response.stats == alloc.stats()

@@ -1,6 +1,7 @@
 """The CPU kernels besides attention: the weight-streaming linear layer (every weight format) and
 the bandwidth probe agree with torch, and the whole extension follows the native-kernel build
 policy: baseline code, wider instructions only in variants picked at run time."""
+
 import platform
 import re
 import shutil
@@ -38,7 +39,7 @@ def test_skinny_linear_matches_f_linear(rows, out_features, in_features, bias):
     got = ext.skinny_linear(x, w, EMPTY, EMPTY if b is None else b)
     assert got.shape == (rows, out_features)
     # float32 sums of `in_features` products in another order: a few ulps of the row's magnitude
-    assert (got.double() - expected).abs().max() < 1e-5 * in_features ** 0.5 * 8
+    assert (got.double() - expected).abs().max() < 1e-5 * in_features**0.5 * 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
@@ -52,16 +53,19 @@ def test_a_rows_output_does_not_depend_on_its_batch(dtype):
     w = torch.randn(1030, 768, generator=gen)  # 2 threads: slabs of 516 and 514 rows, parts of 129 and 128, 2 left
     scale = EMPTY
     if dtype == torch.int8:
-        w, scale = torch.randint(-127, 128, (1030, 768), generator=gen, dtype=torch.int8), torch.rand(1030, generator=gen)
+        w, scale = (
+            torch.randint(-127, 128, (1030, 768), generator=gen, dtype=torch.int8),
+            torch.rand(1030, generator=gen),
+        )
     elif dtype == torch.bfloat16:
         w = w.to(torch.bfloat16)
     b = torch.randn(1030, generator=gen)
     x = torch.randn(32, 768, generator=gen)
-    alone = torch.cat([ext.skinny_linear(x[i:i + 1], w, scale, b) for i in range(32)])
+    alone = torch.cat([ext.skinny_linear(x[i : i + 1], w, scale, b) for i in range(32)])
     for rows in (2, 3, 5, 16, 32):
         assert torch.equal(ext.skinny_linear(x[:rows], w, scale, b), alone[:rows]), f"{rows} rows"
     for n in (0, 128, 129, 515, 516, 1029):  # part starts and ends, the leftover row: each as a 1-row weight
-        one_row = ext.skinny_linear(x[:3], w[n:n + 1], scale[n:n + 1] if scale.numel() else EMPTY, b[n:n + 1])
+        one_row = ext.skinny_linear(x[:3], w[n : n + 1], scale[n : n + 1] if scale.numel() else EMPTY, b[n : n + 1])
         assert torch.equal(one_row[:, 0], alone[:3, n]), f"weight row {n}"
 
 
@@ -161,8 +165,9 @@ def test_kernels_are_built_for_the_baseline_and_pick_wider_instructions_at_run_t
         pytest.skip("no C++ compiler on this machine")
     library = native.build_extension().__file__
     assert shutil.which("objdump"), "binutils (objdump) come with the C++ compiler"
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True, check=True
+    ).stdout
     wide: dict[str, set[str]] = {}  # function -> register kinds its instructions use
     function = ""
     for line in listing.splitlines():
@@ -185,5 +190,6 @@ def test_kernels_are_built_for_the_baseline_and_pick_wider_instructions_at_run_t
     # The row loops (row_ops.cpp) are plain C++ that GCC must vectorize; a compare it cannot
     # if-convert or a call it does not inline leaves them scalar (same results, slower steps).
     for loop in ("gelu_tanh_inplace", "layer_norm_row", "argmax_row"):
-        assert any(loop in f and f.endswith(".avx2") and "ymm" in k for f, k in wide.items()), \
+        assert any(loop in f and f.endswith(".avx2") and "ymm" in k for f, k in wide.items()), (
             f"{loop}: its AVX2 variant is scalar code"
+        )

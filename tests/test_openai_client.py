@@ -1,5 +1,6 @@
 """The official `openai` Python client against a live stack's HTTP front: completions and chat,
 streamed and not, n=2, stop, seeds, logprobs; greedy text equal to what gRPC Generate returns."""
+
 from __future__ import annotations
 
 import grpc
@@ -31,28 +32,38 @@ def client(stack):
 def grpc_unary(stack, prompt, **params) -> generate_pb2.GenerateResult:
     request = generate_pb2.GenerateRequest(text=prompt.encode(), params=generate_pb2.SamplingParams(**params))
     with grpc.insecure_channel(stack["grpc"]) as channel:
-        return gateway_pb2_grpc.GatewayStub(channel).GenerateUnary(request, timeout=60,
-                                                                   metadata=auth_metadata(ENV_KEY))
+        return gateway_pb2_grpc.GatewayStub(channel).GenerateUnary(request, timeout=60, metadata=auth_metadata(ENV_KEY))
 
 
 def test_greedy_completion_equals_grpc_generate_streamed_or_not(stack, client):
     expected = grpc_unary(stack, PROMPT, max_new_tokens=24, temperature=0, ignore_eos=True)
-    answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    answer = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert answer.object == "text_completion" and answer.model == MODEL
     assert answer.choices[0].text == expected.text and answer.choices[0].finish_reason == "length"
     assert answer.usage.prompt_tokens == expected.complete.prompt_tokens
     assert answer.usage.completion_tokens == 24 and answer.usage.total_tokens == answer.usage.prompt_tokens + 24
     assert answer.usage.prompt_tokens_details.cached_tokens >= 0
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
     # a token-id prompt is the same request
     ids = list(get_tokenizer().encode(PROMPT))
-    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    by_ids = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert by_ids.choices[0].text == expected.text
     wait_until_idle(stack["grpc"])
 
@@ -65,8 +76,10 @@ def test_repeated_prompt_reports_cached_tokens(stack, client):
 
 
 def test_chat_applies_the_speaker_template_and_equals_grpc(stack, client):
-    messages = [{"role": "system", "content": "A street in Verona."},
-                {"role": "user", "name": "Romeo", "content": "What light through yonder window breaks?"}]
+    messages = [
+        {"role": "system", "content": "A street in Verona."},
+        {"role": "user", "name": "Romeo", "content": "What light through yonder window breaks?"},
+    ]
     prompt = render([ChatMessage(m["role"], m["content"], m.get("name", "")) for m in messages])
     assert prompt.endswith("ROMEO:\nWhat light through yonder window breaks?\n\nASSISTANT:\n")
     expected = grpc_unary(stack, prompt, max_new_tokens=20, temperature=0, stop=["\n\n"])
@@ -74,10 +87,13 @@ def test_chat_applies_the_speaker_template_and_equals_grpc(stack, client):
     assert answer.object == "chat.completion"
     assert answer.choices[0].message.role == "assistant"
     assert answer.choices[0].message.content == expected.text
-    assert answer.choices[0].finish_reason == ("stop" if expected.complete.finish_reason in ("stop", "eos") else "length")
+    assert answer.choices[0].finish_reason == (
+        "stop" if expected.complete.finish_reason in ("stop", "eos") else "length"
+    )
     assert answer.usage.prompt_tokens == len(get_tokenizer().encode(prompt))
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -85,8 +101,9 @@ def test_chat_applies_the_speaker_template_and_equals_grpc(stack, client):
 
 def test_n_2_with_a_seed_is_reproducible_and_another_seed_differs(stack, client):
     def run(seed):
-        answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, n=2, seed=seed,
-                                           extra_body={"ignore_eos": True})
+        answer = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, n=2, seed=seed, extra_body={"ignore_eos": True}
+        )
         assert sorted(c.index for c in answer.choices) == [0, 1]
         assert answer.usage.completion_tokens == 32
         return [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
@@ -96,21 +113,38 @@ def test_n_2_with_a_seed_is_reproducible_and_another_seed_differs(stack, client)
     assert first[0] != first[1]
     assert run(6) != first
     # sample 0 of n=2 draws what n=1 with the same seed draws (the seed rule of the gRPC API)
-    single = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=5,
-                                       extra_body={"ignore_eos": True})
+    single = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=5, extra_body={"ignore_eos": True}
+    )
     assert single.choices[0].text == first[0]
-    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, n=2, seed=5,
-                                              stream=True, extra_body={"ignore_eos": True}))
+    streamed = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=16,
+            temperature=1.0,
+            n=2,
+            seed=5,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     texts = ["".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i) for i in (0, 1)]
     assert texts == first
 
 
 def test_stop_string_ends_the_text_before_it(stack, client):
-    full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 3]
-    answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=stop,
-                                       extra_body={"ignore_eos": True})
+    full = (
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    answer = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=stop, extra_body={"ignore_eos": True}
+    )
     assert answer.choices[0].text == full[: full.find(stop)]
     assert answer.choices[0].finish_reason == "stop"
 
@@ -118,22 +152,32 @@ def test_stop_string_ends_the_text_before_it(stack, client):
 def test_logprobs_have_openai_shape_and_equal_the_grpc_values(stack, client):
     expected = grpc_unary(stack, PROMPT, max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
     assert len(expected.logprobs) == 8 and all(len(lp.top_token_ids) == 3 for lp in expected.logprobs)
-    answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3,
-                                       extra_body={"ignore_eos": True})
+    answer = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
     lp = answer.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
     tokenizer = get_tokenizer()
     assert lp.tokens == [token_string(tokenizer, t) for t in expected.token_ids]  # bytes:\xNN for part of a character
     assert answer.choices[0].text == expected.text
     assert lp.token_logprobs == pytest.approx([x.logprob for x in expected.logprobs], abs=1e-6)
-    for top, want in zip(lp.top_logprobs, expected.logprobs):
-        assert top == pytest.approx({token_string(tokenizer, t): v for t, v in zip(want.top_token_ids,
-                                                                                   want.top_logprobs)}, abs=1e-6)
+    for top, want in zip(lp.top_logprobs, expected.logprobs, strict=False):
+        assert top == pytest.approx(
+            {token_string(tokenizer, t): v for t, v in zip(want.top_token_ids, want.top_logprobs, strict=False)},
+            abs=1e-6,
+        )
         assert max(top.values()) >= want.logprob - 1e-6  # greedy: the sampled token is the most likely
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                                          temperature=0, logprobs=True, top_logprobs=2,
-                                          extra_body={"ignore_eos": True}, stop=["never-seen"])
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+        stop=["never-seen"],
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 and entry.bytes for entry in content)
@@ -158,39 +202,95 @@ def test_models_and_errors_through_the_client(stack, client):
 def test_echo_user_and_top_k(stack, client):
     """`echo` puts the prompt's text first (whole answer and the stream's first chunk), `user` is
     accepted, and `top_k=1` samples the most likely token, so a seeded draw equals greedy."""
-    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
-                                       extra_body={"ignore_eos": True}).choices[0].text
-    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, echo=True,
-                                       user="tester-1", extra_body={"ignore_eos": True})
+    greedy = (
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    echoed = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        echo=True,
+        user="tester-1",
+        extra_body={"ignore_eos": True},
+    )
     assert echoed.choices[0].text == PROMPT + greedy
     assert echoed.usage.completion_tokens == 12
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, echo=True,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            echo=True,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[0].choices[0].text == PROMPT
     assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT + greedy
     for seed in (1, 2):
-        top1 = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=seed,
-                                         extra_body={"ignore_eos": True, "top_k": 1})
+        top1 = client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"ignore_eos": True, "top_k": 1},
+        )
         assert top1.choices[0].text == greedy
-    sampled = {client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=seed,
-                                         extra_body={"ignore_eos": True, "top_k": 50}).choices[0].text
-               for seed in (1, 2, 3)}
+    sampled = {
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"ignore_eos": True, "top_k": 50},
+        )
+        .choices[0]
+        .text
+        for seed in (1, 2, 3)
+    }
     assert sampled != {greedy}  # top_k=50 does sample: the equality above is top_k's doing
 
 
 def test_streamed_stop_logprobs_and_chat_usage(stack, client):
     """What the whole answers above check, streamed: a stop string, logprobs per chunk, and the
     usage chunk of a chat stream."""
-    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, logprobs=2,
-                                      extra_body={"ignore_eos": True})
+    whole = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
     full = whole.choices[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 3]
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=stop,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=30,
+            temperature=0,
+            stop=stop,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full[: full.find(stop)]
     assert chunks[-1].choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, logprobs=2,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=30,
+            temperature=0,
+            logprobs=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
     assert sum((lp.tokens for lp in streamed), []) == whole.choices[0].logprobs.tokens
     assert sum((lp.token_logprobs for lp in streamed), []) == pytest.approx(whole.choices[0].logprobs.token_logprobs)

@@ -1,6 +1,7 @@
 """The C++ kernel, the PyTorch fallback and plain attention over the same tokens agree; where a
 compiler is installed the kernel builds (never silently replaced by the fallback). The build
 policy is checked in test_native_kernels.py."""
+
 import math
 
 import numpy as np
@@ -8,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.sampling_params import SamplingParams
 from compute_service import attention, native
 from compute_service.engine import InferenceEngine
-from common.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, random_prompt
 
 

@@ -1,5 +1,6 @@
 """n samples of one prompt: one prefill, blocks shared until the samples diverge (copy-on-write),
 each sample reproducible from the request's seed and equal to HF where it is greedy."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,8 +42,9 @@ def record_steps(eng: InferenceEngine) -> tuple[list[tuple[int, int]], list[int]
 
 def test_greedy_samples_each_equal_hf(hf_gpt2_dir, hf_model):
     prompt = random_prompt(np.random.default_rng(1), 37)
-    result = engine(hf_gpt2_dir).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, n=3,
-                                                                   ignore_eos=True))[0]
+    result = engine(hf_gpt2_dir).generate(
+        [prompt], SamplingParams(max_new_tokens=10, temperature=0, n=3, ignore_eos=True)
+    )[0]
     expected = hf_greedy(hf_model, prompt, 10)
     assert [s.index for s in result.samples] == [0, 1, 2]
     assert all(s.token_ids == expected for s in result.samples)
@@ -97,7 +99,7 @@ def test_preempting_samples_does_not_corrupt_the_blocks_the_others_share(hf_gpt2
     tight = engine(hf_gpt2_dir, kv_budget_tokens=26 * BLOCK)
     squeezed = tight.generate(prompts, params)
     assert tight.scheduler.num_preemptions > 0
-    for a, b in zip(roomy, squeezed):
+    for a, b in zip(roomy, squeezed, strict=False):
         assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
     assert tight.allocator.stats().num_used_blocks == 0
 

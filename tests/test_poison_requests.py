@@ -3,6 +3,7 @@
 8 innocent greedy streams run, over and over, while each poison below is sent. Each poison gets a
 clear status naming what is wrong, at once; the last test checks that every innocent run got
 exactly its tokens alone, no replica was marked down or left by a migration, and no block leaked."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,16 @@ import grpc
 import httpx
 import pytest
 
-from bench.isolation import (API_KEY, FAULT_SALT, Innocents, isolation_stack, leaked_blocks, migrations,
-                             reference_outputs, replicas_state)
+from bench.isolation import (
+    API_KEY,
+    FAULT_SALT,
+    Innocents,
+    isolation_stack,
+    leaked_blocks,
+    migrations,
+    reference_outputs,
+    replicas_state,
+)
 from gateway.client import auth_metadata, stream_generate
 from rpc.v1 import generate_pb2
 from tests.openai_stack import cancelled_requests
@@ -43,22 +52,33 @@ def grpc_error(stack, prompt, **params) -> grpc.RpcError:
 def raw_generate(stack, body: bytes, key: str | None = API_KEY) -> grpc.RpcError:
     """The gateway's Generate called with raw bytes as its message."""
     with grpc.insecure_channel(stack.grpc) as channel:
-        call = channel.unary_stream("/rpc.v1.Gateway/Generate")(body, timeout=30,
-                                                                metadata=auth_metadata(key) if key else None)
+        call = channel.unary_stream("/rpc.v1.Gateway/Generate")(
+            body, timeout=30, metadata=auth_metadata(key) if key else None
+        )
         with pytest.raises(grpc.RpcError) as caught:
             list(call)
     return caught.value
 
 
-@pytest.mark.parametrize("params", [
-    dict(temperature=1e-45, seed=1), dict(temperature=3.4e38, seed=2), dict(temperature=1e-20, top_p=1e-45, seed=3),
-    dict(temperature=1e-30, top_k=1, logprobs=5, seed=4), dict(temperature=2.0, top_k=4294967295, top_p=1e-38, n=3),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1e-45, seed=1),
+        dict(temperature=3.4e38, seed=2),
+        dict(temperature=1e-20, top_p=1e-45, seed=3),
+        dict(temperature=1e-30, top_k=1, logprobs=5, seed=4),
+        dict(temperature=2.0, top_k=4294967295, top_p=1e-38, n=3),
+    ],
+)
 def test_extreme_sampling_values_are_served(attack, params):
     stack, _ = attack
-    finished = [r.complete for r in stream_generate(stack.grpc, "Poison values", timeout_s=60, api_key=API_KEY,
-                                                     max_new_tokens=8, ignore_eos=True, **params)
-                if r.HasField("complete")]
+    finished = [
+        r.complete
+        for r in stream_generate(
+            stack.grpc, "Poison values", timeout_s=60, api_key=API_KEY, max_new_tokens=8, ignore_eos=True, **params
+        )
+        if r.HasField("complete")
+    ]
     assert [c.finish_reason for c in finished] == ["length"] * params.get("n", 1)
     assert all(c.num_migrations == 0 for c in finished)
 
@@ -75,8 +95,12 @@ def test_a_row_failure_ends_that_request_alone_and_is_not_migrated(attack):
 
 def test_echo_of_an_id_outside_the_vocabulary_is_a_400_naming_the_prompt(attack):
     stack, _ = attack
-    reply = httpx.post(f"{stack.http}/v1/completions", headers=HEADERS, timeout=30,
-                       json={"prompt": [1, 2, 50257], "echo": True, "max_tokens": 2})
+    reply = httpx.post(
+        f"{stack.http}/v1/completions",
+        headers=HEADERS,
+        timeout=30,
+        json={"prompt": [1, 2, 50257], "echo": True, "max_tokens": 2},
+    )
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "prompt" and "[0, 50257)" in reply.json()["error"]["message"]
 
@@ -84,8 +108,12 @@ def test_echo_of_an_id_outside_the_vocabulary_is_a_400_naming_the_prompt(attack)
 def test_sampling_values_that_shape_the_answer_are_checked_before_it_is_built(attack):
     """Found by bench.fuzz: an n of -5.5e27 reached the answer builder before validation (a 500)."""
     stack, _ = attack
-    reply = httpx.post(f"{stack.http}/v1/chat/completions", headers=HEADERS, timeout=30,
-                       json={"messages": [{"role": "user", "content": "hi"}], "n": -5549754830523851263189188608})
+    reply = httpx.post(
+        f"{stack.http}/v1/chat/completions",
+        headers=HEADERS,
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "hi"}], "n": -5549754830523851263189188608},
+    )
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
 
 
@@ -97,8 +125,12 @@ def test_prompts_over_the_bound_are_refused_before_tokenizing(attack):
     error = grpc_error(stack, list(range(1024)), max_new_tokens=2)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "1024 tokens" in error.details()
     assert time.monotonic() - started < 5
-    reply = httpx.post(f"{stack.http}/v1/chat/completions", headers=HEADERS, timeout=30,
-                       json={"messages": [{"role": "user", "content": "y" * 200_000}]})
+    reply = httpx.post(
+        f"{stack.http}/v1/chat/completions",
+        headers=HEADERS,
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "y" * 200_000}]},
+    )
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
 
 
@@ -106,8 +138,12 @@ def test_oversized_messages_and_bodies_are_refused(attack):
     stack, _ = attack
     error = grpc_error(stack, "z" * (2 << 20), max_new_tokens=2)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    reply = httpx.post(f"{stack.http}/v1/completions", headers={**HEADERS, "content-type": "application/json"},
-                       content=json.dumps({"prompt": "w" * (2 << 20)}), timeout=30)
+    reply = httpx.post(
+        f"{stack.http}/v1/completions",
+        headers={**HEADERS, "content-type": "application/json"},
+        content=json.dumps({"prompt": "w" * (2 << 20)}),
+        timeout=30,
+    )
     assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
 
     def chunked():  # no Content-Length: the cap applies as the body arrives
@@ -123,8 +159,10 @@ def test_undecodable_messages_are_invalid_argument_and_unauthenticated_ones_are_
     garbage = b"\xff\xff\xff\xff\x0f" * 8
     assert raw_generate(stack, garbage).code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raw_generate(stack, garbage, key=None).code() == grpc.StatusCode.UNAUTHENTICATED
-    assert raw_generate(stack, generate_pb2.GenerateRequest(text=b"hi").SerializeToString(),
-                        key="wrong").code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        raw_generate(stack, generate_pb2.GenerateRequest(text=b"hi").SerializeToString(), key="wrong").code()
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
 
 
 def http_socket(stack) -> socket.socket:
@@ -147,8 +185,11 @@ def test_slow_headers_and_slow_bodies_are_cut_off(attack):
         answer = read_all(slow_headers)
         assert answer.startswith(b"HTTP/1.1 408") and 1.5 < time.monotonic() - started < 8
     with http_socket(stack) as slow_body:
-        slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + API_KEY.encode()
-                          + b"\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\"")
+        slow_body.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+            + API_KEY.encode()
+            + b'\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"prompt"'
+        )
         started = time.monotonic()
         answer = read_all(slow_body)  # returns when the gateway closes the connection
         assert b" 408 " in answer.split(b"\r\n")[0] and b"request_timeout" in answer
@@ -176,8 +217,7 @@ def test_a_malformed_http_request_gets_a_json_400(attack):
 
 def test_connections_and_calls_past_their_limits_are_refused_at_once(tmp_path):
     """A stack of its own: the limits count every open connection and call, innocents' included."""
-    with isolation_stack(str(tmp_path), MODEL, replicas=1, http_max_connections="4",
-                         max_concurrent_rpcs="2") as stack:
+    with isolation_stack(str(tmp_path), MODEL, replicas=1, http_max_connections="4", max_concurrent_rpcs="2") as stack:
         held = [http_socket(stack) for _ in range(4)]
         try:
             with http_socket(stack) as extra:
@@ -189,8 +229,9 @@ def test_connections_and_calls_past_their_limits_are_refused_at_once(tmp_path):
         time.sleep(0.2)
         assert httpx.get(f"{stack.http}/health", timeout=10).status_code == 200  # room again
         long = dict(max_new_tokens=1000, n=16, ignore_eos=True, temperature=0)
-        streams = [stream_generate(stack.grpc, "Hold the line", timeout_s=120, api_key=API_KEY, **long)
-                   for _ in range(2)]
+        streams = [
+            stream_generate(stack.grpc, "Hold the line", timeout_s=120, api_key=API_KEY, **long) for _ in range(2)
+        ]
         for stream in streams:
             next(stream)  # both calls are running
         started = time.monotonic()
@@ -207,11 +248,25 @@ def test_a_stream_whose_client_stops_reading_is_ended_and_frees_its_blocks(attac
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the gateway's sends back up
     host, port = stack.http.removeprefix("http://").split(":")
     sock.connect((host, int(port)))
-    body = json.dumps({"prompt": "A reader who fell asleep", "max_tokens": 1000, "n": 16, "logprobs": 5,
-                       "stream": True, "ignore_eos": True, "temperature": 0}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + API_KEY.encode()
-                 + b"\r\ncontent-type: application/json\r\ncontent-length: " + str(len(body)).encode()
-                 + b"\r\n\r\n" + body)
+    body = json.dumps(
+        {
+            "prompt": "A reader who fell asleep",
+            "max_tokens": 1000,
+            "n": 16,
+            "logprobs": 5,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+    ).encode()
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+        + API_KEY.encode()
+        + b"\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     deadline = time.monotonic() + 30
     try:
         while cancelled_requests(stack.http) == cancelled_before:  # it ends long before 16 x 1000 tokens are read

@@ -2,6 +2,7 @@
 heartbeat, time passing, lease expiry, a late step from a fenced pool, release, a restart of the
 service) and checks after every rule that no block is owned twice or lost, that an expired pool
 is gone whole and refused, and that no pool id ever repeats."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -44,8 +45,9 @@ class PoolLifecycle(RuleBasedStateMachine):
         live = allocator.sequence_ids()
         free = data.draw(st.lists(st.sampled_from(live), unique=True)) if live else []
         grown = [s for s in live if s not in free][:1]
-        request = StepRequest(free=free, allocate=[Allocation(f"s{next(self.seq_ids)}", tokens)],
-                              append=[(s, grow) for s in grown])
+        request = StepRequest(
+            free=free, allocate=[Allocation(f"s{next(self.seq_ids)}", tokens)], append=[(s, grow) for s in grown]
+        )
         apply_step(self.registry.pool(pool_id).allocator, request)
 
     @precondition(lambda self: self.registry.pools)

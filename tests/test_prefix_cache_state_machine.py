@@ -6,6 +6,7 @@ hold a block; every slot a live table points at holds that sequence's token (so 
 cached block was ever overwritten under a table); every cached block holds the content its hash
 names (so a hit can never hand out wrong k/v); and at the end every reference is returned.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -39,7 +40,9 @@ class PrefixCacheMachine(RuleBasedStateMachine):
             assert self.alloc.cache.hash_of(block) is None, f"write into cached block {block}"
             self.content[block][pos % BS] = self.tokens[seq][pos]
 
-    @rule(base=st.sampled_from(range(len(BASES))), cut=st.integers(1, 9), suffix=st.lists(st.integers(0, 3), max_size=6))
+    @rule(
+        base=st.sampled_from(range(len(BASES))), cut=st.integers(1, 9), suffix=st.lists(st.integers(0, 3), max_size=6)
+    )
     def allocate(self, base, cut, suffix):
         prompt = BASES[base][:cut] + suffix
         if not prompt:
@@ -52,7 +55,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         hit = self.alloc.hit_tokens(self.next_id)
         assert hit % BS == 0 and hit <= len(prompt) - 1
         for i in range(hit // BS):  # a hit hands out blocks holding exactly the prompt's tokens
-            assert self.content[table[i]] == prompt[i * BS:(i + 1) * BS]
+            assert self.content[table[i]] == prompt[i * BS : (i + 1) * BS]
         self.tokens[self.next_id] = prompt
         self._write(self.next_id, hit)
         self.next_id += 1
@@ -63,7 +66,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         hashes = prompt_block_hashes(self.tokens[seq], BS, NAMESPACE)
         self.alloc.commit(seq, 0, hashes)
-        for block, block_hash in zip(self.alloc.block_table(seq), hashes):
+        for block, block_hash in zip(self.alloc.block_table(seq), hashes, strict=False):
             if self.alloc.cache.hash_of(block) == block_hash:
                 self.cached[block_hash] = list(self.content[block])
 

@@ -1,5 +1,6 @@
 """Automatic prefix caching against Hugging Face's GPT-2 (the oracle): prompts that share prefixes
 of every alignment reuse cached blocks, and the tokens are HF's and the same with caching off."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,18 @@ def shared_prefix_prompts() -> list[list[int]]:
     system = random_prompt(rng, 40)
     tail = lambda n: random_prompt(rng, n)  # noqa: E731
     first = system + tail(20)
-    return [first, system[:5] + tail(30), system[:16] + tail(9), system[:32] + tail(3),
-            system[:37] + tail(12), system, first + tail(7), system + tail(1), system[:33], system[:33]]
+    return [
+        first,
+        system[:5] + tail(30),
+        system[:16] + tail(9),
+        system[:32] + tail(3),
+        system[:37] + tail(12),
+        system,
+        first + tail(7),
+        system + tail(1),
+        system[:33],
+        system[:33],
+    ]
 
 
 def run_each_after_the_first(eng: InferenceEngine, prompts: list[list[int]], new_tokens: int):
@@ -43,7 +54,7 @@ def test_shared_prefixes_of_every_alignment_give_hf_tokens_and_hit_the_cache(hf_
     prompts = shared_prefix_prompts()
     eng = engine(hf_gpt2_dir)
     results = run_each_after_the_first(eng, prompts, 12)
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=False):
         assert result.token_ids == hf_greedy(hf_model, prompt, 12)
     # Whole blocks of the longest cached prefix, never the block holding the last prompt token.
     assert [r.cached_tokens for r in results] == [0, 0, 16, 32, 32, 32, 48, 32, 32, 32]
@@ -72,14 +83,16 @@ def test_logits_after_a_hit_equal_hf_at_prefill_and_every_decode_step(hf_gpt2_di
     result = eng.generate([prompt], SamplingParams(max_new_tokens=8, **GREEDY))[0]
     assert result.cached_tokens == shared // BLOCK * BLOCK > 0
     with torch.no_grad():
-        expected = hf_model(torch.tensor([prompt + result.token_ids])).logits[0, len(prompt) - 1: -1]
+        expected = hf_model(torch.tensor([prompt + result.token_ids])).logits[0, len(prompt) - 1 : -1]
     assert (torch.cat(seen) - expected).abs().max().item() <= 1e-4
 
 
 def test_outputs_are_identical_with_caching_on_and_off_greedy_and_seeded(hf_gpt2_dir):
     prompts = shared_prefix_prompts()
-    seeded = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=i, ignore_eos=True)
-              for i in range(len(prompts))]
+    seeded = [
+        SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     outputs = {}
     for caching in ("on", "off"):
         eng = engine(hf_gpt2_dir, prefix_caching=caching)
@@ -108,12 +121,17 @@ def test_eviction_pressure_a_pool_too_small_to_keep_the_cache(hf_gpt2_dir, hf_mo
     """12 blocks: every prompt evicts what the one before cached (LRU), and tokens stay HF's."""
     rng = np.random.default_rng(3)
     system = random_prompt(rng, 48)
-    prompts = [system + random_prompt(rng, 20), random_prompt(rng, 150), system + random_prompt(rng, 4),
-               random_prompt(rng, 120), system + random_prompt(rng, 30)]
+    prompts = [
+        system + random_prompt(rng, 20),
+        random_prompt(rng, 150),
+        system + random_prompt(rng, 4),
+        random_prompt(rng, 120),
+        system + random_prompt(rng, 30),
+    ]
     eng = engine(hf_gpt2_dir, kv_budget_tokens=12 * BLOCK)
     params = SamplingParams(max_new_tokens=8, **GREEDY)
     results = [eng.generate([p], params)[0] for p in prompts]
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=False):
         assert result.token_ids == hf_greedy(hf_model, prompt, 8)
     assert results[2].cached_tokens == 0  # the 150-token prompt evicted the system prompt's blocks
     assert eng.allocator.stats().num_used_blocks == 0
@@ -129,7 +147,7 @@ def test_forced_preemption_with_shared_blocks_changes_no_token(hf_gpt2_dir, hf_m
     eng = engine(hf_gpt2_dir, kv_budget_tokens=20 * BLOCK)
     results = run_each_after_the_first(eng, prompts, 40)
     assert eng.scheduler.num_preemptions > 0
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=False):
         assert result.token_ids == hf_greedy(hf_model, prompt, 40)
     assert eng.allocator.stats().num_used_blocks == 0
 

@@ -1,6 +1,7 @@
 """The routing policies' choices (gateway/routing.py) and the memory service's KV index
 (PoolRegistry.match), without processes: replicas are plain records, the Match answer is built
 from real BlockAllocators."""
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,9 @@ class IndexMemory:
         self.calls += 1
         if self.fail:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "memory service is down")
-        return memory_pb2.MatchResponse(replicas=[replica_match_to_proto(m)
-                                                  for m in self.registry.match(list(request.block_hashes))])
+        return memory_pb2.MatchResponse(
+            replicas=[replica_match_to_proto(m) for m in self.registry.match(list(request.block_hashes))]
+        )
 
 
 def prompt(group: int, length: int = 100) -> list[int]:

@@ -1,6 +1,7 @@
 """One request can only fail itself: inside the engine, a row whose logits are not finite, whose
 sampling values are extreme, or whose output handling raises ends that request alone; every other
 row of the same steps gets exactly the tokens it gets without it, and no block leaks."""
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,12 @@ from compute_service.sampling import sample
 from tests.test_continuous_batching import assert_all_blocks_free
 
 INNOCENT_PROMPTS = [f"Innocent stream number {i} says" for i in range(8)]
-INNOCENT_PARAMS = [SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True) if i % 2 == 0 else
-                   SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40, seed=i, ignore_eos=True)
-                   for i in range(8)]
+INNOCENT_PARAMS = [
+    SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    if i % 2 == 0
+    else SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40, seed=i, ignore_eos=True)
+    for i in range(8)
+]
 FAULT_SALT = "inject-a-row-fault"
 
 
@@ -35,9 +39,9 @@ def alone():
 def run_with_poison(engine: InferenceEngine, poison: SamplingParams, poison_prompt: str = "poison"):
     """The innocents plus one poison request, added in the middle, stepped to the end: the
     innocents' tokens and every output of the poison's samples."""
-    ids = [engine.add_request(p, sp) for p, sp in zip(INNOCENT_PROMPTS[:4], INNOCENT_PARAMS[:4])]
+    ids = [engine.add_request(p, sp) for p, sp in zip(INNOCENT_PROMPTS[:4], INNOCENT_PARAMS[:4], strict=False)]
     poison_id = engine.add_request(poison_prompt, poison)
-    ids += [engine.add_request(p, sp) for p, sp in zip(INNOCENT_PROMPTS[4:], INNOCENT_PARAMS[4:])]
+    ids += [engine.add_request(p, sp) for p, sp in zip(INNOCENT_PROMPTS[4:], INNOCENT_PARAMS[4:], strict=False)]
     tokens = {rid: [] for rid in ids}
     poison_outputs = []
     while engine.has_unfinished():
@@ -84,11 +88,18 @@ def test_non_finite_logits_fail_their_row_alone(alone, monkeypatch):
     assert_all_blocks_free(engine)
 
 
-@pytest.mark.parametrize("poison", [
-    dict(temperature=1e-45), dict(temperature=5e-324), dict(temperature=GREEDY_TEMPERATURE / 2),
-    dict(temperature=3.4e38, top_p=1e-45), dict(temperature=1e-30, top_k=1), dict(temperature=2e-5, top_p=1e-40),
-    dict(temperature=1e-38, top_k=MAX_TOP_K, logprobs=5),
-])
+@pytest.mark.parametrize(
+    "poison",
+    [
+        dict(temperature=1e-45),
+        dict(temperature=5e-324),
+        dict(temperature=GREEDY_TEMPERATURE / 2),
+        dict(temperature=3.4e38, top_p=1e-45),
+        dict(temperature=1e-30, top_k=1),
+        dict(temperature=2e-5, top_p=1e-40),
+        dict(temperature=1e-38, top_k=MAX_TOP_K, logprobs=5),
+    ],
+)
 def test_extreme_valid_sampling_values_serve_and_change_no_one_else(alone, poison):
     """Values the validation accepts: they are served (a temperature below GREEDY_TEMPERATURE as
     greedy), never an error, and the innocents' tokens do not move."""
@@ -99,19 +110,23 @@ def test_extreme_valid_sampling_values_serve_and_change_no_one_else(alone, poiso
     assert innocents == alone
     assert outputs[-1].finished and outputs[-1].finish_reason == "length", outputs[-1].error
     if params.greedy:
-        expected = new_engine().generate(["poison"], [SamplingParams(max_new_tokens=12, temperature=0,
-                                                                       ignore_eos=True)])[0].token_ids
+        expected = (
+            new_engine()
+            .generate(["poison"], [SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)])[0]
+            .token_ids
+        )
         assert sum((out.new_token_ids for out in outputs), []) == expected
     assert_all_blocks_free(engine)
 
 
-
-
 @settings(max_examples=300, deadline=None)
-@given(temperature=st.one_of(st.just(0.0), st.floats(min_value=0, width=32, allow_infinity=False, allow_subnormal=True)),
-       top_k=st.one_of(st.integers(0, 70000), st.just(MAX_TOP_K)),
-       top_p=st.floats(min_value=0, max_value=1, exclude_min=True, width=32, allow_subnormal=True),
-       scale=st.sampled_from([1.0, 1e-30, 1e4, 1e30]), seed=st.integers(0, 2**63 - 1))
+@given(
+    temperature=st.one_of(st.just(0.0), st.floats(min_value=0, width=32, allow_infinity=False, allow_subnormal=True)),
+    top_k=st.one_of(st.integers(0, 70000), st.just(MAX_TOP_K)),
+    top_p=st.floats(min_value=0, max_value=1, exclude_min=True, width=32, allow_subnormal=True),
+    scale=st.sampled_from([1.0, 1e-30, 1e4, 1e30]),
+    seed=st.integers(0, 2**63 - 1),
+)
 def test_any_valid_sampling_values_on_finite_logits_pick_a_token(temperature, top_k, top_p, scale, seed):
     """The sampler never fails a row whose logits are finite, whatever values validation let through."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -127,8 +142,12 @@ def test_a_non_finite_row_fails_alone_in_the_sampler():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
     logits[1, 7] = float("inf")
     logits[2, 3] = float("nan")
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, seed=1),
-              SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.5, seed=1),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, top_p=0.9),
+    ]
     tokens, failures = sample(logits, params, [1, 2, 3, 4], [5, 5, 5, 5])
     assert sorted(failures) == [1, 2] and all("not finite" in why for why in failures.values())
     clean, _ = sample(logits[[0, 3]], [params[0], params[3]], [1, 4], [5, 5])

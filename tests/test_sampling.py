@@ -1,5 +1,6 @@
 """The sampler's temperature / top-k / top-p filtering equals Hugging Face's logits processors
 (an implementation nobody here wrote) on the same logits."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,10 +25,16 @@ def hf_filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return scores[0]
 
 
-CASES = [dict(temperature=1.0, top_k=40), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_p=0.9),
-         dict(temperature=0.8, top_p=0.5), dict(temperature=1.3, top_k=100, top_p=0.95),
-         dict(temperature=0.9, top_k=3, top_p=0.3), dict(temperature=1.0, top_p=0.999),
-         dict(temperature=2.0, top_k=1)]
+CASES = [
+    dict(temperature=1.0, top_k=40),
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.0, top_p=0.9),
+    dict(temperature=0.8, top_p=0.5),
+    dict(temperature=1.3, top_k=100, top_p=0.95),
+    dict(temperature=0.9, top_k=3, top_p=0.3),
+    dict(temperature=1.0, top_p=0.999),
+    dict(temperature=2.0, top_k=1),
+]
 
 
 @pytest.mark.parametrize("case", CASES)

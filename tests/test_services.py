@@ -1,4 +1,5 @@
 """Integration: memory, two compute replicas and the gateway as real processes on loopback."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
@@ -26,8 +27,9 @@ COMPUTE_SETTINGS = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     memory, c1, c2, gateway, m1, m2, http = free_ports(7)
-    services = local_services(memory, (c1, c2), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS,
-                              gateway_http_port=http)
+    services = local_services(
+        memory, (c1, c2), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS, gateway_http_port=http
+    )
     services[-1].settings["max_in_flight"] = "20"
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path_factory.mktemp("logs"))) as procs:
         yield dict(gateway=f"127.0.0.1:{gateway}", memory=f"127.0.0.1:{memory}", procs=procs)
@@ -64,9 +66,12 @@ def test_16_concurrent_streams_match_the_in_process_engine_and_both_replicas_ser
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     expected = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096).generate(prompts, params)
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda p: collect(stack["gateway"], p, max_new_tokens=24, temperature=0.0,
-                                                  ignore_eos=True), prompts))
-    for (tokens, text, complete), want in zip(results, expected):
+        results = list(
+            pool.map(
+                lambda p: collect(stack["gateway"], p, max_new_tokens=24, temperature=0.0, ignore_eos=True), prompts
+            )
+        )
+    for (tokens, text, complete), want in zip(results, expected, strict=False):
         assert tokens == want.token_ids
         assert text == want.text
         assert complete.finish_reason == "length" and complete.completion_tokens == 24
@@ -78,12 +83,20 @@ def test_16_concurrent_streams_match_the_in_process_engine_and_both_replicas_ser
 def test_unary_generate_and_model_info_and_stats(stack):
     with grpc.insecure_channel(stack["gateway"]) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
-        result = stub.GenerateUnary(generate_pb2.GenerateRequest(
-            text=b"Hello", params=generate_pb2.SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)))
+        result = stub.GenerateUnary(
+            generate_pb2.GenerateRequest(
+                text=b"Hello", params=generate_pb2.SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+            )
+        )
         assert len(result.token_ids) == 5 and result.complete.finish_reason == "length"
         info = stub.GetModelInfo(gateway_pb2.ModelInfoRequest())
-        assert (info.model, info.context_length, info.block_size, info.replicas, info.vocab_size) == \
-            ("dummy:tiny", 1024, 16, 2, 50257)
+        assert (info.model, info.context_length, info.block_size, info.replicas, info.vocab_size) == (
+            "dummy:tiny",
+            1024,
+            16,
+            2,
+            50257,
+        )
         stats = stub.GetStats(gateway_pb2.StatsRequest())
         assert stats.requests_total >= 1 and stats.ttft.p50_ms > 0 and len(stats.pools) == 2
 
@@ -133,11 +146,16 @@ def test_prefix_cache_hits_are_reported_per_request_and_per_pool(stack):
 
 def test_n_samples_stream_with_their_index_and_equal_the_in_process_engine(stack):
     params = dict(max_new_tokens=12, temperature=0.9, seed=21, n=3, ignore_eos=True)
-    expected = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096).generate(
-        ["Three ways to say"], SamplingParams(**params))[0].samples
+    expected = (
+        InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096)
+        .generate(["Three ways to say"], SamplingParams(**params))[0]
+        .samples
+    )
     with grpc.insecure_channel(stack["gateway"]) as ch:
-        result = gateway_pb2_grpc.GatewayStub(ch).GenerateUnary(generate_pb2.GenerateRequest(
-            text=b"Three ways to say", params=generate_pb2.SamplingParams(**params)), timeout=30)
+        result = gateway_pb2_grpc.GatewayStub(ch).GenerateUnary(
+            generate_pb2.GenerateRequest(text=b"Three ways to say", params=generate_pb2.SamplingParams(**params)),
+            timeout=30,
+        )
     assert [s.complete.index for s in result.samples] == [0, 1, 2]
     assert [list(s.token_ids) for s in result.samples] == [s.token_ids for s in expected]
     assert [s.text for s in result.samples] == [s.text for s in expected]
@@ -155,8 +173,11 @@ def test_abort_of_unknown_request_is_invalid_argument(stack):
 
 
 def long_request(request_id: str = "") -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(request_id=request_id, text=b"Once upon a time", params=generate_pb2.SamplingParams(
-        max_new_tokens=1000, temperature=0, ignore_eos=True))
+    return generate_pb2.GenerateRequest(
+        request_id=request_id,
+        text=b"Once upon a time",
+        params=generate_pb2.SamplingParams(max_new_tokens=1000, temperature=0, ignore_eos=True),
+    )
 
 
 def test_client_cancel_mid_stream_frees_every_block(stack):
@@ -210,8 +231,9 @@ def test_full_gateway_answers_resource_exhausted(stack):
 
 def test_dead_compute_replica_gives_unavailable(tmp_path):
     memory, compute, gateway, m1, m2, http = free_ports(6)
-    services = local_services(memory, (compute,), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS,
-                              gateway_http_port=http)
+    services = local_services(
+        memory, (compute,), gateway, m1, m2, compute_settings=COMPUTE_SETTINGS, gateway_http_port=http
+    )
     services[-1].settings["replica_wait_s"] = "2"  # how long a request waits for a replica to come back
     with running_stack(services, timeout_s=120, log_dir=str(tmp_path)) as procs:
         os.killpg(procs[1].pid, signal.SIGKILL)
@@ -222,17 +244,23 @@ def test_dead_compute_replica_gives_unavailable(tmp_path):
 
 
 SERVICES = ("compute_service", "memory_service", "gateway")
-TORCH_FREE = [("memory_service.server", ("torch", "compute_service", "gateway")),
-              ("gateway.server", ("torch", "compute_service", "memory_service"))]
-TORCH_FREE += [(f"common.{name}", ("torch", *SERVICES))
-               for name in ("protocol", "sampling_params", "text_stream", "blocks", "tokenizer", "settings")]
+TORCH_FREE = [
+    ("memory_service.server", ("torch", "compute_service", "gateway")),
+    ("gateway.server", ("torch", "compute_service", "memory_service")),
+]
+TORCH_FREE += [
+    (f"common.{name}", ("torch", *SERVICES))
+    for name in ("protocol", "sampling_params", "text_stream", "blocks", "tokenizer", "settings")
+]
 
 
 @pytest.mark.parametrize("module, forbidden", TORCH_FREE)
 def test_torch_free_modules_import_neither_torch_nor_another_service(module, forbidden):
     """The memory service and the gateway run without torch (small images, fast starts), and
     common/ stays below every service: it imports none of them."""
-    code = (f"import sys, {module}\n"
-            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
-            "assert not bad, bad")
+    code = (
+        f"import sys, {module}\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

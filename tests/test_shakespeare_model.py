@@ -1,5 +1,6 @@
 """The shipped default model: it loads, it is as good as its card says, and the engine serves it
 exactly as HF transformers computes it."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from compute_service.config import DEFAULT_MODEL, EngineConfig
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
 from common.tokenizer import get_tokenizer
+from compute_service.config import DEFAULT_MODEL, EngineConfig
+from compute_service.engine import InferenceEngine
 from compute_service.weights import load_model
 from tests.conftest import hf_greedy
 

@@ -1,10 +1,11 @@
 """Bad requests raise a clear ValueError naming the field, and leave nothing behind."""
+
 import math
 
 import pytest
 
-from compute_service.engine import InferenceEngine
 from common.sampling_params import SamplingParams
+from compute_service.engine import InferenceEngine
 
 
 @pytest.fixture(scope="module")
