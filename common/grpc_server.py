@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import uuid
@@ -70,19 +71,10 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def guarded(request, context):
-                await _refuse_undecodable(request, context, method)
-                try:
-                    return await inner(request, context)
-                except (grpc.RpcError, grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception:
-                    await context.abort(grpc.StatusCode.INTERNAL, _internal_error(method))
-
-            return grpc.unary_unary_rpc_method_handler(guarded, **codec)
+            return grpc.unary_unary_rpc_method_handler(self._guarded_call(handler.unary_unary, method), **codec)
         inner_stream = handler.unary_stream
+        if not inspect.isasyncgenfunction(inner_stream):  # it writes with context.write (health Watch)
+            return grpc.unary_stream_rpc_method_handler(self._guarded_call(inner_stream, method), **codec)
 
         async def guarded_stream(request, context):
             await _refuse_undecodable(request, context, method)
@@ -96,6 +88,21 @@ class _ExceptionInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INTERNAL, _internal_error(method))
 
         return grpc.unary_stream_rpc_method_handler(guarded_stream, **codec)
+
+    @staticmethod
+    def _guarded_call(inner, method: str):
+        """A coroutine handler (a unary call, or a stream written with context.write), guarded."""
+
+        async def guarded(request, context):
+            await _refuse_undecodable(request, context, method)
+            try:
+                return await inner(request, context)
+            except (grpc.RpcError, grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                await context.abort(grpc.StatusCode.INTERNAL, _internal_error(method))
+
+        return guarded
 
 
 def make_server(

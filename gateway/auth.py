@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import inspect
 from pathlib import Path
 
 import grpc
@@ -101,50 +102,63 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 class GrpcCallLimits(grpc.aio.ServerInterceptor):
     """At most `max_calls` keyed calls (Generate, Abort, stats) in flight, and apart from them at
-    most `max_open_calls` open ones (health, reflection); past either, RESOURCE_EXHAUSTED at once.
-    Two counts, not grpc's one `maximum_concurrent_rpcs`: open health `Watch` streams, which need
-    no key, must not be able to take every slot from the clients that hold one, nor the clients'
-    load the probes'. Placed after the key check, so an unauthenticated call takes no slot."""
+    most `max_open_streams` open streaming calls (health `Watch`, reflection); past either,
+    RESOURCE_EXHAUSTED at once. Open unary calls (health `Check`: what probes send) are never
+    counted: they end at once, and no pile of open streams may refuse a probe. Separate counts,
+    not grpc's one `maximum_concurrent_rpcs`, so that streams anyone may open cannot take the
+    slots of the clients that hold a key. Placed after the key check: an unauthenticated call
+    takes no slot."""
 
-    def __init__(self, max_calls: int, max_open_calls: int = 256) -> None:
-        self._limits = {False: max_calls, True: max_open_calls}
+    def __init__(self, max_calls: int, max_open_streams: int = 256) -> None:
+        self._limits = {False: max_calls, True: max_open_streams}
         self._in_flight = {False: 0, True: 0}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or not (handler.unary_unary or handler.unary_stream):
+        if handler is None:
             return handler
         is_open = handler_call_details.method.startswith(OPEN_GRPC_PREFIXES)
         codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            if is_open:
+                return handler
+            return grpc.unary_unary_rpc_method_handler(self._limited_call(handler.unary_unary, is_open), **codec)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(self._limited_call(handler.stream_unary, is_open), **codec)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(self._limited_stream(handler.unary_stream, is_open), **codec)
+        return grpc.stream_stream_rpc_method_handler(self._limited_stream(handler.stream_stream, is_open), **codec)
 
-            async def limited(request, context):
-                await self._enter(is_open, context)
-                try:
-                    return await inner(request, context)
-                finally:
-                    self._in_flight[is_open] -= 1
-
-            return grpc.unary_unary_rpc_method_handler(limited, **codec)
-        inner_stream = handler.unary_stream
-
-        async def limited_stream(request, context):
+    def _limited_call(self, inner, is_open: bool):
+        async def limited(request, context):
             await self._enter(is_open, context)
             try:
-                async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                return await inner(request, context)
+            finally:
+                self._in_flight[is_open] -= 1
+
+        return limited
+
+    def _limited_stream(self, inner, is_open: bool):
+        if not inspect.isasyncgenfunction(inner):  # a handler that writes with context.write (health Watch)
+            return self._limited_call(inner, is_open)
+
+        async def limited(request, context):
+            await self._enter(is_open, context)
+            try:
+                async with contextlib.aclosing(inner(request, context)) as responses:
                     async for response in responses:
                         yield response
             finally:
                 self._in_flight[is_open] -= 1
 
-        return grpc.unary_stream_rpc_method_handler(limited_stream, **codec)
+        return limited
 
-    async def _enter(self, is_open: bool, context) -> None:
+    async def _enter(self, is_open: bool, context: grpc.aio.ServicerContext) -> None:
         if self._in_flight[is_open] >= self._limits[is_open]:
+            kind = "open streaming calls" if is_open else "calls"
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the gateway runs its maximum of "
-                f"{self._limits[is_open]} {'open' if is_open else ''} calls at once; retry later",
+                f"the gateway runs its maximum of {self._limits[is_open]} {kind} at once; retry later",
             )
         self._in_flight[is_open] += 1

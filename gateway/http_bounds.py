@@ -57,6 +57,7 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
         _header_timer: asyncio.TimerHandle | None = None
         _header_bytes: int | None = None  # bytes of the request being read, until its headers are complete
         _write_timer: asyncio.TimerHandle | None = None
+        _unsent_bytes = 0  # what the transport still held when the write timer was (re)armed
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -87,7 +88,8 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._await_headers()  # each request on a kept-alive connection gets its own bounds
+            if self._header_timer is None:  # a pipelined request; else the bound already runs (not restarted)
+                self._await_headers()
 
         def on_headers_complete(self) -> None:
             self._stop_header_timer()
@@ -96,16 +98,18 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
 
         def on_response_complete(self) -> None:
             """Kept alive: whatever comes next (a request, stray bytes, a body nobody reads) must
-            make a request's headers within the bound, or the connection goes."""
+            make a request's headers within the bound, or the connection goes. (A pipelined
+            request that was waiting has its headers already: it is not bounded again.)"""
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._await_headers()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._await_headers(max(bounds.header_timeout_s, bounds.keepalive_s))
 
         def pause_writing(self) -> None:
-            """The client is not reading what we send: it has `write_timeout_s` to start again."""
+            """The client is not reading what we send: it must take some of it within
+            `write_timeout_s`, and again within each `write_timeout_s` after, until it catches up."""
             super().pause_writing()
             if self._write_timer is None and bounds.write_timeout_s > 0:
-                self._write_timer = self.loop.call_later(bounds.write_timeout_s, self._writes_stalled)
+                self._arm_write_timer()
 
         def resume_writing(self) -> None:
             super().resume_writing()
@@ -120,10 +124,10 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
                 self._write_timer = None
             super().connection_lost(exc)
 
-        def _await_headers(self) -> None:
+        def _await_headers(self, timeout_s: float = bounds.header_timeout_s) -> None:
             self._stop_header_timer()
             self._header_bytes = 0
-            self._header_timer = self.loop.call_later(bounds.header_timeout_s, self._headers_too_slow)
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
 
         def _stop_header_timer(self) -> None:
             if self._header_timer is not None:
@@ -134,6 +138,10 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
             self._header_timer = None
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # a pipelined request waits for this response; its bounds restart when it is sent
+            if not self._header_bytes:  # nothing came: an idle connection, closed as keep-alive would be
+                self._header_bytes = None
+                self.transport.close()
+                return
             self._refuse(
                 OpenAIError(
                     "INVALID_ARGUMENT",
@@ -143,11 +151,19 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
                 )
             )
 
+        def _arm_write_timer(self) -> None:
+            self._unsent_bytes = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(bounds.write_timeout_s, self._writes_stalled)
+
         def _writes_stalled(self) -> None:
-            """Drop the connection: its response (and the request behind it) ends as if the client
-            had left, so a stream's blocks are freed. `abort`, not `close`: close would wait for
-            the unread buffer to drain, and the connection would keep its slot."""
+            """No byte taken for `write_timeout_s`: drop the connection, and its response (and the
+            request behind it) ends as if the client had left, so a stream's blocks are freed.
+            `abort`, not `close`: close would wait for the unread buffer to drain, and the
+            connection would keep its slot. A slow reader that took something gets more time."""
             self._write_timer = None
+            if self.transport.get_write_buffer_size() < self._unsent_bytes:
+                self._arm_write_timer()
+                return
             self.logger.warning("an HTTP client read nothing for %g s: connection dropped", bounds.write_timeout_s)
             self.transport.abort()
 
