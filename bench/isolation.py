@@ -177,12 +177,18 @@ def replicas_state(stack: Stack) -> list[gateway_pb2.ReplicaRouting]:
     return list(stats.replicas)
 
 
-def migrations(stack: Stack) -> float:
-    """gateway_migrations_total from the gateway's /metrics."""
-    for line in httpx.get(f"{stack.http}/metrics", timeout=10).text.splitlines():
-        if line.startswith("gateway_migrations_total "):
-            return float(line.split()[1])
+def gateway_metric(http: str, sample: str) -> float:
+    """One sample of the gateway's /metrics, named as Prometheus prints it (with its labels, e.g.
+    'gateway_requests_total{status="CANCELLED"}'); 0 before it is first counted."""
+    for line in httpx.get(f"{http}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
     return 0.0
+
+
+def migrations(stack: Stack) -> float:
+    return gateway_metric(stack.http, "gateway_migrations_total")
 
 
 def leaked_blocks(stack: Stack, settle_s: float = 15.0) -> int:

@@ -126,30 +126,26 @@ def sample_seed(seed: int, index: int) -> int:
     return seed if index == 0 else position_seed(seed, -1 - index)
 
 
-def check_prompt_size(
-    prompt: str | bytes | list[int], context_length: int, max_token_bytes: int, field_name: str = "prompt"
-) -> None:
-    """Refuse, before any tokenizing or decoding, a prompt that cannot fit the context: more token
-    ids than the context holds, or a text longer than `context_length` of the longest token
-    (`max_token_bytes`) would be. Costs O(1), or O(bound) for a text under the bound."""
-    if isinstance(prompt, (str, bytes)):
-        limit = context_length * max_token_bytes
-        # A character is at least one UTF-8 byte: the length alone refuses most oversized texts.
-        size = (
-            len(prompt) if isinstance(prompt, bytes) or len(prompt) > limit else len(prompt.encode("utf-8", "replace"))
+def check_prompt_text(text: str | bytes, context_length: int, max_token_bytes: int, field_name: str = "prompt") -> None:
+    """Refuse, before it is tokenized, a text longer than `context_length` of the longest token
+    (`max_token_bytes`) would be: it cannot fit the context, whatever it tokenizes to. Costs O(1),
+    or O(bound) for a text under the bound."""
+    limit = context_length * max_token_bytes
+    # A character is at least one UTF-8 byte: the length alone refuses most oversized texts.
+    size = len(text) if isinstance(text, bytes) or len(text) > limit else len(text.encode("utf-8", "replace"))
+    if size > limit:
+        raise FieldError(
+            field_name,
+            f"{field_name} is {size} bytes of text; the {context_length}-token context "
+            f"holds at most {limit} (the longest token is {max_token_bytes} bytes)",
         )
-        if size > limit:
-            raise FieldError(
-                field_name,
-                f"{field_name} is {size} bytes of text; the {context_length}-token context "
-                f"holds at most {limit} (the longest token is {max_token_bytes} bytes)",
-            )
-    elif len(prompt) >= context_length:
-        raise FieldError(field_name, f"{field_name} has {len(prompt)} tokens; the context is {context_length}")
 
 
-def check_token_ids(token_ids: list[int], vocab_size: int, field_name: str = "prompt") -> None:
-    """Every id an integer in [0, vocab_size): checked before an id is decoded or embedded anywhere."""
+def check_prompt_ids(token_ids: list[int], context_length: int, vocab_size: int, field_name: str = "prompt") -> None:
+    """Fewer ids than the context (checked first: O(1)), each an integer in [0, vocab_size):
+    before an id is decoded or embedded anywhere."""
+    if len(token_ids) >= context_length:
+        raise FieldError(field_name, f"{field_name} has {len(token_ids)} tokens; the context is {context_length}")
     if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in token_ids):
         raise FieldError(field_name, f"{field_name} token ids must be integers in [0, {vocab_size})")
 
@@ -158,10 +154,8 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, contex
     """ValueError naming the field, for a prompt and params that cannot run on this model."""
     if not prompt_token_ids:
         raise FieldError("prompt", "prompt must not be empty")
-    check_token_ids(prompt_token_ids, vocab_size)
+    check_prompt_ids(prompt_token_ids, context_length, vocab_size)
     params.validate()
-    if len(prompt_token_ids) >= context_length:
-        raise FieldError("prompt", f"prompt has {len(prompt_token_ids)} tokens; the context is {context_length}")
     if len(prompt_token_ids) + params.max_new_tokens > context_length:
         raise FieldError(
             "max_new_tokens",

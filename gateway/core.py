@@ -25,7 +25,7 @@ from common.sampling_params import (
     FieldError,
     SamplingParams,
     TokenLogprobs,
-    check_prompt_size,
+    check_prompt_text,
     new_seed,
     validate_request,
 )
@@ -193,7 +193,7 @@ class GatewayCore:
         """A prompt's token ids, after the size bound (FieldError naming `field_name` for a text
         the context cannot hold, or bytes that are not UTF-8). A long text is tokenized on a
         worker thread (tiktoken releases the GIL): never on the event loop every stream shares."""
-        check_prompt_size(text, self.model_info.context_length, self.tokenizer.max_token_bytes, field_name)
+        check_prompt_text(text, self.model_info.context_length, self.tokenizer.max_token_bytes, field_name)
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
@@ -212,11 +212,7 @@ class GatewayCore:
         prompt = request.prompt
         if prompt is None:
             raise FieldError("prompt", "prompt must be set: give prompt text or prompt token_ids")
-        if isinstance(prompt, (str, bytes)):
-            prompt = await self.tokenize(prompt)
-        else:
-            check_prompt_size(prompt, info.context_length, self.tokenizer.max_token_bytes)
-            prompt = list(prompt)
+        prompt = await self.tokenize(prompt) if isinstance(prompt, (str, bytes)) else list(prompt)
         validate_request(prompt, request.params, info.context_length, info.vocab_size)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._requests:
@@ -236,17 +232,13 @@ class GatewayCore:
         GatewayError; a front that stops iterating must close the generator (aclosing) so the
         replica's call is cancelled and its blocks freed."""
         timer = RequestTimer()
-        if len(self._requests) >= self.config.max_in_flight:  # before any work on the request
-            self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
-            raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
+        self._refuse_if_full(timer)  # before any work on the request
         try:
             stream = await self._stream(request)
         except ValueError as exc:
             self.metrics.record_request("INVALID_ARGUMENT", timer, None)
             raise GatewayError("INVALID_ARGUMENT", str(exc), getattr(exc, "field", "")) from None
-        if len(self._requests) >= self.config.max_in_flight:  # others arrived while it was tokenized
-            self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
-            raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
+        self._refuse_if_full(timer)  # again: others arrived while it was tokenized
         if self.config.max_request_s > 0:  # no request outlives the bound, whatever its client asked
             timeout_s = self.config.max_request_s if timeout_s is None else min(timeout_s, self.config.max_request_s)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
@@ -359,6 +351,11 @@ class GatewayCore:
             self._evicted.discard(request_id)
             self.metrics.record_request(status or "CANCELLED", timer, queue_ms)
 
+    def _refuse_if_full(self, timer: RequestTimer) -> None:
+        if len(self._requests) >= self.config.max_in_flight:
+            self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
+            raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
+
     def _aborted_completions(self, stream: _Stream, timer: RequestTimer, replica: str) -> list[Completion]:
         """An aborted request ends every sample still running with finish_reason abort."""
         return [
@@ -463,9 +460,8 @@ class GatewayCore:
             raise GatewayError("INVALID_ARGUMENT", f"request_id {request_id!r} is not in flight")
         self._aborted.add(request_id)
         if request_id in self._calls:  # else it is waiting for a replica, and stops waiting
-            self._calls[request_id][
-                0
-            ].cancel()  # compute sees the cancel, aborts, and frees the blocks at its next step
+            # compute sees the cancel, aborts, and frees the blocks at its next step
+            self._calls[request_id][0].cancel()
 
     async def close(self) -> None:
         await self.router.close()

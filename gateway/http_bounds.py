@@ -62,13 +62,13 @@ def bounded_protocol(bounds: HttpBounds) -> type[HttpToolsProtocol]:
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > bounds.max_connections:
-                error = OpenAIError(
-                    "RESOURCE_EXHAUSTED",
-                    f"the gateway holds its maximum of {bounds.max_connections} HTTP connections; retry later",
-                    code="too_many_connections",
+                self._refuse(
+                    OpenAIError(
+                        "RESOURCE_EXHAUSTED",
+                        f"the gateway holds its maximum of {bounds.max_connections} HTTP connections; retry later",
+                        code="too_many_connections",
+                    )
                 )
-                transport.write(error.raw_http())
-                transport.close()
                 return
             self._await_headers()
 

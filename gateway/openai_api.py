@@ -139,13 +139,14 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
             prepared = await (prepare_chat if chat else prepare_completion)(body, uuid.uuid4().hex, core)
         except FieldError as exc:
             raise OpenAIError("INVALID_ARGUMENT", str(exc), exc.field) from None
-        answer = Answer(chat, prepared, info.model, core.tokenizer)
         events = core.generate(prepared.request)
         streaming = False
         try:
             first = await _until_disconnect(request, anext(events, None))
             if first is None:  # the client left before the first token: generate() was cancelled
                 return Response(status_code=499)
+            # Shaped by n and logprobs: built once the core has validated them (a first event came).
+            answer = Answer(chat, prepared, info.model, core.tokenizer)
             if body.stream:
                 body_iterator = stream(
                     answer,

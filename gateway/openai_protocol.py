@@ -8,13 +8,12 @@ only renames the field at fault (`param_name`) so an error names the field the c
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams, check_prompt_size, check_token_ids
+from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams, check_prompt_ids
 from gateway.chat_template import END_OF_TURN, ChatMessage, render
 from gateway.core import ClientRequest, GatewayCore
 
@@ -64,7 +63,7 @@ class _Common(_Strict):
                 f"chat template's end of turn {END_OF_TURN!r} is one of the {MAX_STOP_STRINGS}",
             )
         stop += extra
-        params = SamplingParams(
+        return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k or 0,
@@ -76,8 +75,6 @@ class _Common(_Strict):
             cache_salt=self.cache_salt,
             logprobs=logprobs,
         )
-        params.validate()  # now: the answer is shaped by n and logprobs before the core sees the request
-        return params
 
     @property
     def include_usage(self) -> bool:
@@ -131,17 +128,6 @@ class Prepared:
         return self.param_names.get(core_field, core_field) or None
 
 
-@contextmanager
-def _client_names(names: dict[str, str]):
-    """A FieldError raised inside names the field as the client sent it (the core's names -> OpenAI's)."""
-    try:
-        yield
-    except FieldError as exc:
-        if exc.field not in names:
-            raise
-        raise FieldError(names[exc.field], str(exc).replace(exc.field, names[exc.field])) from None
-
-
 def _default_max_tokens(requested: int | None, prompt_ids: list[int], context_length: int) -> int:
     """Up to the context when the client set no limit (a too-long prompt is then the error)."""
     return requested if requested is not None else max(context_length - len(prompt_ids), 1)
@@ -156,9 +142,7 @@ async def prompt_ids(prompt: Any, core: GatewayCore) -> list[int]:
     if isinstance(prompt, str):
         return await core.tokenize(prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        info = core.model_info
-        check_prompt_size(prompt, info.context_length, core.tokenizer.max_token_bytes)
-        check_token_ids(prompt, info.vocab_size)
+        check_prompt_ids(prompt, core.model_info.context_length, core.model_info.vocab_size)
         return list(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         raise FieldError("prompt", "batched prompts are not supported: send one request per prompt")
@@ -175,8 +159,7 @@ async def prepare_completion(body: CompletionRequest, request_id: str, core: Gat
         raise FieldError("echo", "echo with logprobs needs the prompt's logprobs, which this server does not compute")
     ids = await prompt_ids(body.prompt, core)
     names = {"max_new_tokens": "max_tokens"}
-    with _client_names(names):
-        params = body.params(_default_max_tokens(body.max_tokens, ids, core.model_info.context_length), body.logprobs)
+    params = body.params(_default_max_tokens(body.max_tokens, ids, core.model_info.context_length), body.logprobs)
     return Prepared(ClientRequest(ids, params, request_id), ids, core.tokenizer.decode(ids) if body.echo else "", names)
 
 
@@ -193,6 +176,5 @@ async def prepare_chat(body: ChatCompletionRequest, request_id: str, core: Gatew
         "logprobs": "top_logprobs",
         "prompt": "messages",
     }
-    with _client_names(names):
-        params = body.params(_default_max_tokens(limit, ids, core.model_info.context_length), logprobs, [END_OF_TURN])
+    params = body.params(_default_max_tokens(limit, ids, core.model_info.context_length), logprobs, [END_OF_TURN])
     return Prepared(ClientRequest(ids, params, request_id), ids, text, names)

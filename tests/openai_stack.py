@@ -3,13 +3,12 @@ with API keys (one from a keys file, one from the api_keys setting) and both lis
 
 from __future__ import annotations
 
-import re
 import time
 from contextlib import contextmanager
 
 import grpc
-import httpx
 
+from bench.isolation import gateway_metric
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
 from gateway.client import auth_metadata
@@ -53,9 +52,7 @@ def grpc_stats(address: str, key: str = FILE_KEY) -> gateway_pb2.GatewayStats:
 
 def cancelled_requests(http: str) -> float:
     """gateway_requests_total{status="CANCELLED"} from /metrics (0 before the first)."""
-    text = httpx.get(f"{http}/metrics").text
-    found = re.search(r'^gateway_requests_total\{status="CANCELLED"\} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return gateway_metric(http, 'gateway_requests_total{status="CANCELLED"}')
 
 
 def wait_until_idle(address: str, timeout_s: float = 10.0) -> gateway_pb2.GatewayStats:
