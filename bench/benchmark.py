@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from bench import sharing
 from bench.decode_speed import decode_scaling, llama_peer_names, single_stream_comparison
+from bench.local_engine import LocalEngine
 from bench.roofline import ReadProbe
 from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 
 RESULTS = Path(__file__).parent / "results" / "benchmark_results.csv"
 COLUMNS = [
@@ -71,9 +71,9 @@ PAIRED_PROBE_TRIES = 3  # probe passes just before and just after each timed sin
 
 def make_engine(
     args: argparse.Namespace, mode: str, kv_budget_tokens: int, prefix_caching: str | None = None
-) -> InferenceEngine:
+) -> LocalEngine:
     budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
-    return InferenceEngine(
+    return LocalEngine(
         model=args.model,
         mode=mode,
         block_size=args.block_size,
@@ -88,7 +88,7 @@ def make_engine(
     )
 
 
-def run_requests(engine: InferenceEngine, requests: list[Request], progress: tqdm | None = None) -> float:
+def run_requests(engine: LocalEngine, requests: list[Request], progress: tqdm | None = None) -> float:
     """All requests at t=0, greedy, fixed output lengths (ignore_eos); returns wall seconds."""
     for r in requests:
         engine.add_request(
@@ -131,8 +131,8 @@ def single_stream(args: argparse.Namespace) -> list[dict]:
                 tokens_per_second=args.new_tokens / statistics.median(times),
                 kv_blocks_used=engine.stats.peak_used_blocks,
                 kv_utilization=engine.stats.mean_utilization,
-                num_blocks=engine.scheduler.config.num_blocks,
-                block_size=engine.scheduler.config.block_size,
+                num_blocks=engine.num_blocks,
+                block_size=engine.block_size,
             )
         )
         if mode == "paged" and (args.roofline or llama_peer_names(args.peers)):
@@ -176,8 +176,8 @@ def workload_run(args: argparse.Namespace) -> list[dict]:
                 preemptions=engine.scheduler.num_preemptions,
                 kv_utilization=st.mean_utilization,
                 kv_blocks_used=st.peak_used_blocks,
-                num_blocks=engine.scheduler.config.num_blocks,
-                block_size=engine.scheduler.config.block_size,
+                num_blocks=engine.num_blocks,
+                block_size=engine.block_size,
             )
         )
     rows += peer_rows(args, requests, total_out, rows)

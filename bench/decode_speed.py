@@ -19,10 +19,10 @@ from typing import Sequence
 
 import torch
 
+from bench.local_engine import LocalEngine
 from bench.roofline import read_bandwidth_gb_per_s, roofline_tokens_per_second, weight_bytes_per_step
 from bench.workloads import fixed_length
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 
 LLAMA_PEERS = {"llama-cpp-f32": "f32", "llama-cpp-f16": "f16", "llama-cpp-q8_0": "q8_0"}
 GGUF_CACHE = Path.home() / ".cache" / "paged-nanogpt" / "gguf"
@@ -56,10 +56,7 @@ def _machine_line(bandwidth: float) -> str:
 
 
 def single_stream_comparison(
-    args: argparse.Namespace,
-    engine: InferenceEngine,
-    ours_tok_s: float,
-    paired_runs: Sequence[tuple[float, float]] = (),
+    args: argparse.Namespace, engine: LocalEngine, ours_tok_s: float, paired_runs: Sequence[tuple[float, float]] = ()
 ) -> None:
     """Our paged single-stream decode vs each llama.cpp peer, and vs the roofline: once against
     a probe taken now (best of 7), and, given `paired_runs` ((tok/s, GB/s) of each timed run and
@@ -101,7 +98,7 @@ def single_stream_comparison(
 def decode_tokens_per_second(args: argparse.Namespace, batch: int, context: int, steps: int = 24) -> float:
     """Our decode tok/s with `batch` sequences of `context` tokens each (prefill not timed)."""
     blocks_per_seq = -(-(context + steps + 2) // args.block_size) + 1
-    engine = InferenceEngine(
+    engine = LocalEngine(
         model=args.model,
         mode="paged",
         block_size=args.block_size,
@@ -134,7 +131,7 @@ def decode_scaling(args: argparse.Namespace) -> None:
     batches = [int(b) for b in args.decode_scaling.split(",")]
     context = args.decode_context
     names = llama_peer_names(args.peers)
-    model = InferenceEngine(model=args.model, mode="no-cache", dtype=args.dtype, quantize=args.quantize).model
+    model = LocalEngine(model=args.model, mode="no-cache", dtype=args.dtype, quantize=args.quantize).model
     bandwidth = read_bandwidth_gb_per_s()
     print(
         f"decode at {context}-token context, {args.model}, weights {args.dtype}/{args.quantize}; "

@@ -76,10 +76,10 @@ def reference_outputs(model: str, max_new_tokens: int) -> list[list[tuple[list[i
     """Each innocent's samples, (tokens, text) each, from the in-process engine: what the stack
     must stream whatever runs beside them (a sequence's logits are the same bits alone or in any
     batch, and every draw is seeded by its seed and position)."""
+    from bench.local_engine import LocalEngine
     from common.sampling_params import SamplingParams
-    from compute_service.engine import InferenceEngine
 
-    engine = InferenceEngine(model=model, kv_budget_tokens=8192)
+    engine = LocalEngine(model=model, kv_budget_tokens=8192)
     params = [SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **p) for _, _, p in INNOCENTS]
     results = engine.generate([prompt for _, prompt, _ in INNOCENTS], params)
     return [[(s.token_ids, s.text) for s in (r.samples or [r])] for r in results]

@@ -157,23 +157,22 @@ def compute_info(address: str) -> compute_pb2.InfoResponse:
 
 
 def in_process_run(args: argparse.Namespace, mode: str, requests: list[Request]) -> dict:
-    """The same requests on an InferenceEngine in this process: output tok/s, and the scheduler's
+    """The same requests on a LocalEngine in this process: output tok/s, and the scheduler's
     steps and preemptions (so the two arms can be checked to have scheduled alike)."""
     from bench.benchmark import run_requests
-    from compute_service.engine import InferenceEngine
+    from bench.local_engine import LocalEngine
 
-    engine = InferenceEngine(
+    engine = LocalEngine(
         model=args.model, mode=mode, kv_budget_tokens=args.kv_budget_tokens, max_num_seqs=args.max_num_seqs
     )
     run_requests(engine, requests[:2])  # warm-up, as the served stack got one
-    sched = engine.scheduler
-    steps, preemptions = sched.num_schedule_rounds, sched.num_preemptions
+    before = engine.load()
     with tqdm(total=sum(r.output_len for r in requests), desc="in-process", unit="tok") as bar:
         wall = run_requests(engine, requests, bar)
     return dict(
         output_token_throughput=sum(r.output_len for r in requests) / wall,
-        num_steps=sched.num_schedule_rounds - steps,
-        num_preemptions=sched.num_preemptions - preemptions,
+        num_steps=engine.load().num_schedule_rounds - before.num_schedule_rounds,
+        num_preemptions=engine.load().num_preemptions - before.num_preemptions,
     )
 
 

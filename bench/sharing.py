@@ -21,12 +21,12 @@ import argparse
 import statistics
 import time
 
+from bench.local_engine import LocalEngine
 from bench.workloads import WORKLOADS, ModelLimits, describe, fixed_length, shared_prefix
 from common.sampling_params import SamplingParams, sample_seed
-from compute_service.engine import InferenceEngine
 
 
-def warm_up(engine: InferenceEngine, seed: int) -> None:
+def warm_up(engine: LocalEngine, seed: int) -> None:
     """Kernels loaded, allocator paths run, on prompts that share nothing with the workload."""
     timed_run(engine, [(r.prompt_token_ids, greedy(r.output_len)) for r in fixed_length(2, 40, 4, seed=seed + 999)])
 
@@ -35,7 +35,7 @@ def greedy(new_tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
 
 
-def timed_run(engine: InferenceEngine, work: list[tuple[list[int], SamplingParams]]) -> dict:
+def timed_run(engine: LocalEngine, work: list[tuple[list[int], SamplingParams]]) -> dict:
     """Every request at t=0; wall time, output tokens, TTFT of each request from t=0, the pool's
     prefix-cache counters over the run, and the peak of used KV blocks. Starts with an empty
     prefix cache: an earlier round's blocks must not turn this one's prompts into hits."""
@@ -71,7 +71,7 @@ def timed_run(engine: InferenceEngine, work: list[tuple[list[int], SamplingParam
     return result
 
 
-def row(arm: str, caching: str, run: dict, engine: InferenceEngine, num_requests: int) -> dict:
+def row(arm: str, caching: str, run: dict, engine: LocalEngine, num_requests: int) -> dict:
     return dict(
         mode=arm,
         prefix_caching=caching,
@@ -83,8 +83,8 @@ def row(arm: str, caching: str, run: dict, engine: InferenceEngine, num_requests
         num_requests=num_requests,
         peak_concurrent_seqs=engine.stats.peak_running,
         preemptions=engine.scheduler.num_preemptions,
-        num_blocks=engine.scheduler.config.num_blocks,
-        block_size=engine.scheduler.config.block_size,
+        num_blocks=engine.num_blocks,
+        block_size=engine.block_size,
     )
 
 

@@ -1,10 +1,10 @@
 """Which waiting sequences a step admits: the scheduler's admission policy, with no tensors and
-no RPC (compute_service.scheduler owns the queues and the memory call; this decides who leaves
-the waiting queue).
+no RPC (compute_service.scheduler owns the queues; this decides who leaves the waiting queue, asking
+compute_service.kv_manager what blocks and cached prefixes there are).
 
 In queue order, as many as fit: running sequences at most (samples of a request count each),
 the step's token budget, and free blocks counted as if nothing were cached, keeping headroom for
-the running sequences to grow. With prefix caching (compute_service.prefix_view), SGLang's
+the running sequences to grow. With prefix caching, SGLang's
 longest-prefix-first idea in a starvation-free form: prompts this replica has a cached prefix for
 go first and alone in their step, and the next admission is in plain queue order; a prompt whose
 prefix another sequence is computing right now waits for its commit (it will hit then).
@@ -13,10 +13,9 @@ prefix another sequence is computing right now waits for its commit (it will hit
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from common.blocks import blocks_to_admit
-from compute_service.prefix_view import PrefixCacheView
+from compute_service.kv_manager import KVCacheManager
 from compute_service.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -26,14 +25,9 @@ MAX_SCAN = 256  # waiting sequences an admission considers (from the front of th
 
 
 class Admission:
-    def __init__(
-        self, config: SchedulerConfig, prefix: PrefixCacheView | None, reserve: Callable[[Sequence], int]
-    ) -> None:
-        """`reserve(seq)`: the KV slots the sequence takes at admission beyond its tokens
-        (contiguous mode's reservation; 0 when paged)."""
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
-        self.prefix = prefix
-        self.reserve = reserve
+        self.kv = kv
         self.holding = False  # the last admission held prompts back for a prefix being computed
         self.took_hits_only = False  # the last admission preferred prompts with a cached prefix
 
@@ -48,16 +42,17 @@ class Admission:
         Admitted sequences leave `waiting`; the others keep their places."""
         candidates = [waiting[i] for i in range(min(len(waiting), MAX_SCAN))]
         if num_running and candidates:  # a full pool (the usual case under load) costs no hashing
-            smallest = min(blocks_to_admit(s.num_tokens, self.reserve(s), self.config.block_size) for s in candidates)
+            smallest = min(self.kv.blocks_to_admit(s) for s in candidates)
             if free_blocks - smallest < self._headroom(num_running + 1) or num_running >= self.config.max_num_seqs:
                 self.holding = False
                 return []
-        computing = self.prefix.being_computed(running) if self.prefix is not None and candidates else set()
-        held = {id(s) for s in candidates if computing and any(h in computing for h in self.prefix.lookup(s))}
-        hits = {id(s): self.prefix.estimated_hit_tokens(s) for s in candidates} if self.prefix is not None else {}
+        kv, block_size = self.kv, self.kv.block_size
+        computing = kv.being_computed(running) if candidates else set()
+        held = {id(s) for s in candidates if computing and any(h in computing for h in kv.prefix_hashes(s))}
+        hits = {id(s): kv.estimated_hit_tokens(s) for s in candidates}
         self.holding = bool(held)
         admitted: list[Sequence] = []
-        if hits and not self.took_hits_only:
+        if any(hits.values()) and not self.took_hits_only:
             admitted = self._take(
                 [s for s in candidates if hits[id(s)] and id(s) not in held], hits, free_blocks, num_running
             )
@@ -69,10 +64,10 @@ class Admission:
             remaining = [s for s in waiting if id(s) not in taken]
             waiting.clear()
             waiting.extend(remaining)
-        if self.prefix is not None and not held:  # prompts held for a prefix one admitted now computes
+        if not held:  # prompts held for a prefix one admitted now computes
             for seq in admitted:
-                computing.update(self.prefix.lookup(seq)[hits[id(seq)] // self.config.block_size :])
-            self.holding = any(h in computing for s in candidates if id(s) not in taken for h in self.prefix.lookup(s))
+                computing.update(kv.prefix_hashes(seq)[hits[id(seq)] // block_size :])
+            self.holding = any(h in computing for s in candidates if id(s) not in taken for h in kv.prefix_hashes(s))
         return admitted
 
     def _take(
@@ -85,7 +80,7 @@ class Admission:
         num_tokens = 0
         computing: set[bytes] = set()
         for seq in candidates:
-            lookup = self.prefix.lookup(seq) if self.prefix is not None else []
+            lookup = self.kv.prefix_hashes(seq)
             if any(h in computing for h in lookup):
                 continue  # shares a prefix with one admitted in this step: next time, it hits
             samples = 1 + sum(1 for c in seq.forks if not c.is_finished)
@@ -94,7 +89,7 @@ class Admission:
             to_compute = seq.num_tokens - hits.get(id(seq), 0)
             if admitted and num_tokens + to_compute > self.config.max_num_batched_tokens:
                 break
-            needed = blocks_to_admit(seq.num_tokens, self.reserve(seq), self.config.block_size)
+            needed = self.kv.blocks_to_admit(seq)
             if free_blocks - needed < self._headroom(num_running + samples) and (num_running or admitted):
                 break
             if needed > free_blocks:
@@ -103,7 +98,7 @@ class Admission:
             free_blocks -= needed
             num_tokens += to_compute
             num_running += samples
-            computing.update(lookup[hits.get(id(seq), 0) // self.config.block_size :])
+            computing.update(lookup[hits.get(id(seq), 0) // self.kv.block_size :])
         return admitted
 
     def _headroom(self, num_running: int) -> int:

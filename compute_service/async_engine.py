@@ -22,7 +22,7 @@ from common.sampling_params import SamplingParams
 from compute_service.engine import InferenceEngine, RequestOutput
 from compute_service.memory_client import MemoryClient
 from compute_service.sequence import FinishReason
-from memory_service.step import MemoryLost
+from memory_service.contract import MemoryLost
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,7 @@ class AsyncEngine:
         """Not serving until the pool is registered again; then every sequence still streamed is
         recomputed there, and the ones nobody waits for any more (cancelled meanwhile) are dropped."""
         log.warning(
-            "memory link lost (%s): not serving; %d sequence(s) will be recomputed",
-            why,
-            self.engine.scheduler.forget_memory(),
+            "memory link lost (%s): not serving; %d sequence(s) will be recomputed", why, self.engine.forget_memory()
         )
         self._set_serving(False)
         while True:

@@ -24,7 +24,7 @@ class ComputeServiceConfig:
     env_prefix: ClassVar[str] = "COMPUTE"
     host: str = "127.0.0.1"
     port: int = 50052
-    memory_address: str = "127.0.0.1:50051"  # empty = keep block tables in-process
+    memory_address: str = "127.0.0.1:50051"  # where the block tables live (required, except in no-cache mode)
     replica: str = ""  # name in stats; default hostname:port
     # Where the gateway reaches this replica, told to the memory service once it is SERVING
     # (discovery). Empty = host:port, or, when host is 0.0.0.0, the IP of the interface that routes

@@ -1,8 +1,9 @@
 """InferenceEngine: requests in, tokens out, over one shared paged KV pool.
 
-Thin glue (as nano-vllm's LLMEngine): the Scheduler decides who runs, the memory side
-(memory_service.step, in-process here, over gRPC in the services) keeps the block tables, the
-ModelRunner runs the forward, `sample` picks tokens. `step()` advances every running request by
+Thin glue (as nano-vllm's LLMEngine): the Scheduler decides who runs, the KVCacheManager speaks
+for the blocks (the memory side keeps the tables: the memory service over gRPC, or an in-process
+allocator its caller hands over, as bench.local_engine does), the ModelRunner runs the forward,
+`sample` picks tokens. `step()` advances every running request by
 one token; `generate()` and `stream()` are loops over it.
 """
 
@@ -16,20 +17,21 @@ from typing import Callable, Iterator
 
 import torch
 
-from common.blocks import blocks_to_admit
 from common.sampling_params import SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
 from common.tokenizer import get_tokenizer
+from compute_service.baselines import RecomputeRunner, RecomputeScheduler
 from compute_service.config import EngineConfig
 from compute_service.hugepages import move_to_hugepages
 from compute_service.kv_cache import KVCache
+from compute_service.kv_manager import KVCacheManager, Reservation
 from compute_service.model_runner import ModelRunner
 from compute_service.native import load_extension
+from compute_service.prefix_view import NoPrefixIndex, PrefixCacheView
 from compute_service.sampling import sample, token_logprobs
 from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 from compute_service.weights import load_model
-from memory_service.block_allocator import BlockAllocator
-from memory_service.step import LocalMemory, MemoryConnection, MemoryLost
+from memory_service.contract import MemoryConnection, MemoryLost
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,15 @@ class StepStats:
         return self.sum_utilization / self.num_utilization_samples if self.num_utilization_samples else 0.0
 
 
+@dataclass
+class EngineLoad:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_schedule_rounds: int  # rounds that talked to memory (a step, or a call that only frees)
+    num_memory_calls: int
+
+
 class InferenceEngine:
     def __init__(
         self,
@@ -92,9 +103,10 @@ class InferenceEngine:
         connect_memory: Callable[[int, int], MemoryConnection] | None = None,
         **overrides,
     ) -> None:
-        """`connect_memory(num_blocks, block_size)` replaces the in-process BlockAllocator (the
-        compute service registers its pool with the memory service there); by default the
-        engine keeps its own allocator."""
+        """`connect_memory(num_blocks, block_size)` opens the memory connection that keeps the
+        pool's block tables: the memory service's client (compute_service.server) or, in
+        benchmarks and tests, an in-process allocator (bench.local_engine). The no-cache
+        baseline needs none."""
         config = config or EngineConfig(**overrides)
         config.validate()
         self.config = config
@@ -106,36 +118,37 @@ class InferenceEngine:
             load_extension()  # the C++ kernels now (a stale cache compiles for ~a minute), not in the first request
         self.max_model_len = self.model.config.context_length
         cfg = self.model.config
-        memory: MemoryConnection | None = None
+        paged = config.mode == "paged"
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            watermark_blocks=0,
+            headroom_blocks_per_seq=config.headroom_blocks_per_seq if paged else 0,
+        )
+        self.kv: KVCacheManager | None = None
+        self.kv_cache: KVCache | None = None
+        self.num_blocks, self.block_size = 0, 1  # the pool's shape (none in the no-cache baseline)
         if config.mode == "no-cache":
-            num_blocks, block_size, kv_cache = 0, 1, None
+            self.scheduler: Scheduler = RecomputeScheduler(scheduler_config)
+            self.runner = RecomputeRunner(self.model, config.device)
         else:
-            num_blocks, block_size = config.pool_shape(self.max_model_len)
-            kv_cache = KVCache(
+            if connect_memory is None:
+                raise ValueError("a KV cache needs connect_memory (the memory service's client, or bench.local_engine)")
+            num_blocks, block_size = self.num_blocks, self.block_size = config.pool_shape(self.max_model_len)
+            scheduler_config.watermark_blocks = max(1, num_blocks // 100) if paged else 0
+            self.kv_cache = KVCache(
                 cfg.n_layer, cfg.n_head, cfg.head_dim, num_blocks, block_size, config.device, config.torch_dtype
             )
-            if connect_memory is None:
-                self.allocator = BlockAllocator(num_blocks, block_size)
-                memory = LocalMemory(self.allocator)
-            else:
-                memory = connect_memory(num_blocks, block_size)
-        self.kv_cache = kv_cache
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                num_blocks=num_blocks,
-                block_size=block_size,
-                max_model_len=self.max_model_len,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
-                watermark_blocks=max(1, num_blocks // 100) if config.mode == "paged" else 0,
-                headroom_blocks_per_seq=config.headroom_blocks_per_seq if config.mode == "paged" else 0,
-                reserve=config.reserve if config.mode == "contiguous" else None,
-                prefix_caching=config.caches_prefixes,
-                cache_namespace=config.cache_namespace,
-            ),
-            memory,
-        )
-        self.runner = ModelRunner(self.model, kv_cache, config.device)
+            prefix = (
+                PrefixCacheView(block_size, config.cache_namespace, num_blocks)
+                if config.caches_prefixes
+                else NoPrefixIndex()
+            )
+            reservation = Reservation(None if paged else config.reserve, self.max_model_len)
+            memory: MemoryConnection = connect_memory(num_blocks, block_size)
+            self.kv = KVCacheManager(memory, num_blocks, block_size, prefix, reservation)
+            self.scheduler = Scheduler(scheduler_config, self.kv)
+            self.runner = ModelRunner(self.model, self.kv_cache, config.device)
         self.stats = StepStats()
         self._requests: dict[str, Sequence] = {}  # every unreported sequence, by its id
         self._groups: dict[str, list[Sequence]] = {}  # a request's samples, by the request's id
@@ -172,16 +185,17 @@ class InferenceEngine:
                 raise ValueError(f"output token ids must be integers in [0, {vocab_size})")
         if sample_outputs is not None and not sample_outputs:
             raise ValueError("sample_outputs names no sample to continue")
-        sc = self.scheduler.config
-        if params.n > sc.max_num_seqs:
-            raise ValueError(f"n={params.n} is more than this replica runs at once (max_num_seqs={sc.max_num_seqs})")
-        if self.kv_cache is not None:
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(
+                f"n={params.n} is more than this replica runs at once (max_num_seqs={self.config.max_num_seqs})"
+            )
+        kv = self.kv
+        if kv is not None and not kv.fits_pool(len(prompt_token_ids), params.max_new_tokens):
             longest = len(prompt_token_ids) + params.max_new_tokens
-            reserve = self.scheduler.reserve_tokens(len(prompt_token_ids), params.max_new_tokens)
-            if blocks_to_admit(longest, reserve, sc.block_size) > sc.num_blocks:
-                raise ValueError(
-                    f"request needs {max(longest, reserve)} KV slots; the pool holds {sc.num_blocks * sc.block_size}"
-                )
+            reserve = kv.reservation.tokens(len(prompt_token_ids), params.max_new_tokens)
+            raise ValueError(
+                f"request needs {max(longest, reserve)} KV slots; the pool holds {kv.num_blocks * kv.block_size}"
+            )
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -246,12 +260,11 @@ class InferenceEngine:
         return request_id
 
     def reset_prefix_cache(self) -> None:
-        """Start cold: forget every cached prefix, here and (in-process) in the allocator.
-        Benchmarks call it between rounds so one round's blocks are not the next one's hits."""
-        if self.scheduler.prefix is not None:
-            self.scheduler.prefix.forget()
-        if hasattr(self, "allocator"):
-            self.allocator.reset_prefix_cache()
+        """Start cold: forget what this replica believes is cached (bench.local_engine also
+        resets its allocator). Benchmarks call it between rounds so one round's blocks are not
+        the next one's hits."""
+        if self.kv is not None:
+            self.kv.reset_prefix_cache()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (every sample of it); its blocks are freed in the next step's memory call."""
@@ -272,6 +285,22 @@ class InferenceEngine:
         """True while any request runs, waits, has blocks to return, or has an unreported end
         (a request that ended outside a step, by abort or on arrival, is reported by the next)."""
         return bool(self._requests) or self.scheduler.has_work()
+
+    def forget_memory(self) -> int:
+        """The memory side lost this replica's pool: every running request goes back to the queue
+        to be recomputed in the next one (compute_service.async_engine). Returns how many ran."""
+        return self.scheduler.forget_memory()
+
+    def load(self) -> EngineLoad:
+        """Counters for the Info call and the benchmarks."""
+        sched = self.scheduler
+        return EngineLoad(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            num_preemptions=sched.num_preemptions,
+            num_schedule_rounds=sched.num_schedule_rounds,
+            num_memory_calls=self.kv.num_calls if self.kv is not None else 0,
+        )
 
     # ---- stepping ------------------------------------------------------------------------
     def step(self, before_forward: Callable[[], None] | None = None) -> list[RequestOutput]:
@@ -318,8 +347,8 @@ class InferenceEngine:
         if self.config.fault_injection_salt and seq.params.cache_salt == self.config.fault_injection_salt:
             raise RuntimeError("injected row fault (fault_injection_salt)")
         token_lps = [token_lp] if token_lp is not None else []
-        if self.kv_cache is not None and seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
-            seq.num_cached_tokens = seq.num_tokens
+        if seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
+            seq.num_computed_tokens = seq.num_tokens
         seq.token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
         reason = self._finish_reason(seq, token)
@@ -419,7 +448,7 @@ class InferenceEngine:
         st.num_forwards += 1
         st.sum_running += num_running
         st.peak_running = max(st.peak_running, num_running)
-        kv = self.scheduler.last_stats
+        kv = self.kv.last_stats if self.kv is not None else None
         if kv is not None and kv.num_used_blocks:
             st.peak_used_blocks = max(st.peak_used_blocks, kv.num_used_blocks)
             st.sum_utilization += kv.utilization

@@ -1,7 +1,7 @@
 """The scheduler's memory call over gRPC: registers this replica's pool, then one StepRequest per
 engine step on a long-lived StepStream (a unary call costs about 0.4 ms more a round trip here).
 send() queues the request and returns; receive() reads the answer, so the round trip runs while
-the engine's forward does. Converts protobuf <-> memory_service.step objects and records the
+the engine's forward does. Converts with memory_service.contract and records the
 time each call keeps the engine thread.
 
 The pool is held under a lease that a heartbeat thread renews (off the engine thread, so a
@@ -23,8 +23,13 @@ from typing import Callable, Iterator
 import grpc
 
 from common.grpc_server import CHANNEL_OPTIONS
-from memory_service.block_allocator import AllocatorStats
-from memory_service.step import MemoryLost, StepRequest, StepResponse
+from memory_service.contract import (
+    MemoryLost,
+    StepRequest,
+    StepResponse,
+    step_request_to_proto,
+    step_response_from_proto,
+)
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -99,30 +104,7 @@ class MemoryClient:
         if self._responses is None:
             self._requests = queue.SimpleQueue()
             self._responses = self.stub.StepStream(iter(self._requests.get, None))
-        self._requests.put(
-            memory_pb2.StepRequest(
-                pool_id=self.pool_id,
-                commit=[
-                    memory_pb2.Commit(seq_id=str(c.seq_id), first_block=c.first_block, block_hashes=c.block_hashes)
-                    for c in request.commit
-                ],
-                free=[str(s) for s in request.free],
-                allocate=[
-                    memory_pb2.Allocation(
-                        seq_id=str(a.seq_id),
-                        num_tokens=a.num_tokens,
-                        reserve_tokens=a.reserve_tokens,
-                        block_hashes=a.block_hashes,
-                    )
-                    for a in request.allocate
-                ],
-                fork=[memory_pb2.Fork(parent=str(p), child=str(c)) for p, c in request.fork],
-                append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
-                num_waiting=request.num_waiting,
-                step=request.step,
-                preempted=[str(s) for s in request.preempted],
-            )
-        )
+        self._requests.put(step_request_to_proto(request, self.pool_id))
         self._send_seconds = time.perf_counter() - start
 
     def receive(self) -> StepResponse:
@@ -135,24 +117,7 @@ class MemoryClient:
             self.lost.set()
             why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else "stream ended"
             raise MemoryLost(f"memory step failed ({why})") from None
-        st = reply.stats
-        response = StepResponse(
-            block_tables={t.seq_id: list(t.block_ids) for t in reply.block_tables},
-            copies=[(c.src, c.dst) for c in reply.copies],
-            rejected=list(reply.rejected),
-            stats=AllocatorStats(
-                st.num_blocks,
-                st.block_size,
-                st.num_free_blocks,
-                st.num_used_blocks,
-                st.num_tokens_stored,
-                st.num_sequences,
-                st.num_cached_blocks,
-                st.prefix_query_tokens,
-                st.prefix_hit_tokens,
-            ),
-            hit_tokens={t.seq_id: t.hit_tokens for t in reply.block_tables if t.hit_tokens},
-        )
+        response = step_response_from_proto(reply)
         self.call_seconds.append(self._send_seconds + time.perf_counter() - start)
         return response
 

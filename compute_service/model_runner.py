@@ -3,7 +3,7 @@
 It owns the model and the KV pool (the only tensors in the engine), and builds per step:
 `input_ids` and `positions` packed over all sequences, `slot_mapping` (block_id * block_size +
 offset) for the new tokens, and for decode the padded `block_tables` and `context_lens`.
-A prefill computes only the tokens past a sequence's cached prefix (`num_cached_tokens`: found
+A prefill computes only the tokens past a sequence's cached prefix (`num_computed_tokens`: found
 in the prefix cache at admission); those attend to the prefix through its block table.
 """
 
@@ -28,6 +28,7 @@ class PreparedBatch:
 
 class ModelRunner:
     def __init__(self, model: GPT, kv_cache: KVCache | None, device: str | torch.device) -> None:
+        """`kv_cache` None only for the no-cache baseline (compute_service.baselines)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = torch.device(device)
@@ -44,7 +45,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> torch.Tensor:
         """Logits (B, vocab) for the next token of every sequence in the batch."""
-        if self.kv_cache is not None:
+        if prepared.copies:  # (never in the no-cache baseline, which has no pool)
             self.kv_cache.copy_blocks(prepared.copies)
         meta = prepared.meta
         if not meta.is_prefill:  # one token per sequence: every row's logits
@@ -55,18 +56,17 @@ class ModelRunner:
     def _prepare_prefill(self, batch: ScheduledBatch):
         ids, positions, slots, seq_lens, prefix_lens, tables = [], [], [], [], [], []
         for seq in batch.seqs:
-            start = seq.num_cached_tokens if self.kv_cache is not None else 0  # the cached prefix is not recomputed
+            start = seq.num_computed_tokens  # the cached prefix is not recomputed
             pos = torch.arange(start, seq.num_tokens)
             ids.append(torch.tensor(seq.token_ids[start:]))
             positions.append(pos)
             seq_lens.append(seq.num_tokens - start)
             prefix_lens.append(start)
-            if self.kv_cache is not None:
-                table = torch.tensor(seq.block_table)
-                bs = self.kv_cache.block_size
-                slots.append(table[pos // bs] * bs + pos % bs)
-                tables.append(table.to(self.device) if start else None)
-        slot_mapping = torch.cat(slots).to(self.device) if slots else None
+            table = torch.tensor(seq.block_table)
+            bs = self.kv_cache.block_size
+            slots.append(table[pos // bs] * bs + pos % bs)
+            tables.append(table.to(self.device) if start else None)
+        slot_mapping = torch.cat(slots).to(self.device)
         meta = AttentionMetadata(
             is_prefill=True,
             seq_lens=seq_lens,
@@ -77,7 +77,6 @@ class ModelRunner:
         return torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), meta
 
     def _prepare_decode(self, batch: ScheduledBatch):
-        assert self.kv_cache is not None, "decode needs a KV cache"
         bs = self.kv_cache.block_size
         seqs = batch.seqs
         positions = [seq.num_tokens - 1 for seq in seqs]

@@ -1,4 +1,5 @@
-"""What a compute replica knows of its own prefix cache: the block hashes of its sequences, the
+"""What a compute replica knows of its own prefix cache (a PrefixIndex: this one with prefix
+caching on, NoPrefixIndex with it off; compute_service.kv_manager holds one): the block hashes of its sequences, the
 blocks it has committed (made matchable), and which prefixes it is computing right now.
 
 The memory service decides hits (it may have evicted a block since); this view only serves the
@@ -11,13 +12,56 @@ No tensors, no RPC.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 from common.block_hash import extend_block_hashes, num_leading, root_hash
 from compute_service.sequence import Sequence
-from memory_service.step import Commit
+from memory_service.contract import Commit
+
+
+class PrefixIndex(Protocol):
+    shares_blocks: bool  # whether sequences of different requests can hold the same block
+
+    def hashes(self, seq: Sequence) -> list[bytes]: ...
+
+    def lookup(self, seq: Sequence) -> list[bytes]: ...
+
+    def commit(self, seq: Sequence) -> Commit | None: ...
+
+    def estimated_hit_tokens(self, seq: Sequence) -> int: ...
+
+    def being_computed(self, running: list[Sequence]) -> set[bytes]: ...
+
+    def forget(self) -> None: ...
+
+
+class NoPrefixIndex:
+    """Prefix caching off: nothing is hashed, committed or found."""
+
+    shares_blocks = False
+
+    def hashes(self, seq: Sequence) -> list[bytes]:
+        return []
+
+    def lookup(self, seq: Sequence) -> list[bytes]:
+        return []
+
+    def commit(self, seq: Sequence) -> Commit | None:
+        return None
+
+    def estimated_hit_tokens(self, seq: Sequence) -> int:
+        return 0
+
+    def being_computed(self, running: list[Sequence]) -> set[bytes]:
+        return set()
+
+    def forget(self) -> None:
+        pass
 
 
 class PrefixCacheView:
+    shares_blocks = True
+
     def __init__(self, block_size: int, namespace: str, capacity_blocks: int) -> None:
         self.block_size = block_size
         self.namespace = namespace
@@ -41,7 +85,7 @@ class PrefixCacheView:
         """The sequence's full blocks written by forwards that have run and not matchable yet."""
         if not seq.block_table:
             return None
-        end = min(seq.num_cached_tokens // self.block_size, len(seq.block_table))
+        end = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if end <= seq.num_committed_blocks:
             return None
         hashes = self.hashes(seq)[seq.num_committed_blocks : end]

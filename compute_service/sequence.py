@@ -37,7 +37,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + generated (here or on another replica)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # as the memory service last reported it
-    num_cached_tokens: int = 0  # tokens whose k/v are in the cache
+    num_computed_tokens: int = 0  # tokens whose k/v are in the cache
     group_id: str = ""  # the client request's id (samples of one request share it); default request_id
     index: int = 0  # which of the request's n samples
     forks: list[Sequence] = field(default_factory=list)  # samples 1..n-1, until they are forked off this one

@@ -101,20 +101,20 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
 
     async def Info(self, request, context):
         engine = self.engine.engine
-        sched = engine.scheduler
+        load = engine.load()
         return compute_pb2.InfoResponse(
             model=engine.config.model,
             context_length=engine.max_model_len,
-            block_size=sched.config.block_size,
-            num_blocks=sched.config.num_blocks,
+            block_size=engine.block_size,
+            num_blocks=engine.num_blocks,
             mode=engine.config.mode,
             replica=self.config.replica,
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
-            num_preemptions=sched.num_preemptions,
+            num_running=load.num_running,
+            num_waiting=load.num_waiting,
+            num_preemptions=load.num_preemptions,
             vocab_size=engine.model.config.vocab_size,
-            num_schedule_rounds=sched.num_schedule_rounds,
-            num_memory_calls=sched.num_memory_calls,
+            num_schedule_rounds=load.num_schedule_rounds,
+            num_memory_calls=load.num_memory_calls,
             memory_rpc_p50_ms=self.memory.p50_ms() if self.memory is not None else 0.0,
             cache_namespace=engine.config.cache_namespace,
             caches_prefixes=engine.config.caches_prefixes,
@@ -146,16 +146,18 @@ def advertised_address(config: ComputeServiceConfig, port: int) -> str:
 def build_engine(
     engine_config: EngineConfig, config: ComputeServiceConfig
 ) -> tuple[InferenceEngine, MemoryClient | None]:
-    """The engine with its block tables in the memory service (or in-process when no address)."""
-    if not config.memory_address or engine_config.mode == "no-cache":
+    """The engine with its block tables in the memory service (the no-cache baseline has none)."""
+    if engine_config.mode == "no-cache":
         return InferenceEngine(engine_config), None
-    engine = InferenceEngine(
-        engine_config,
-        connect_memory=lambda num_blocks, block_size: MemoryClient(
-            config.memory_address, num_blocks, block_size, config.replica
-        ),
-    )
-    return engine, engine.scheduler.memory
+    if not config.memory_address:
+        raise ValueError("memory_address is empty: a compute replica keeps its block tables in the memory service")
+    clients: list[MemoryClient] = []
+
+    def connect(num_blocks: int, block_size: int) -> MemoryClient:
+        clients.append(MemoryClient(config.memory_address, num_blocks, block_size, config.replica))
+        return clients[-1]
+
+    return InferenceEngine(engine_config, connect_memory=connect), clients[0]
 
 
 async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> None:
@@ -169,8 +171,8 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
         engine_config.dtype,
         time.perf_counter() - started,
         engine_config.mode,
-        engine.scheduler.config.num_blocks,
-        engine.scheduler.config.block_size,
+        engine.num_blocks,
+        engine.block_size,
         f"{config.memory_address} ({memory.pool_id})" if memory else "in-process",
     )
     loop = asyncio.get_running_loop()

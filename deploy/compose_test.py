@@ -226,10 +226,10 @@ def block_map_pools() -> list[dict]:
 
 
 def in_process_tokens() -> list[int]:
+    from bench.local_engine import LocalEngine
     from common.sampling_params import SamplingParams
-    from compute_service.engine import InferenceEngine
 
-    engine = InferenceEngine(model=DEFAULT_MODEL, kv_budget_tokens=1024)
+    engine = LocalEngine(model=DEFAULT_MODEL, kv_budget_tokens=1024)
     params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)
     return engine.generate([PROMPT], params)[0].token_ids
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Callable
 
 from common.blocks import blocks_to_admit, new_blocks_to_append
+from memory_service.contract import AllocatorStats, SeqId
 from memory_service.prefix_cache import PrefixCache
-
-SeqId = Hashable
 
 
 class BlockAllocatorError(Exception):
@@ -56,29 +55,6 @@ class AppendResult:
     new_blocks: list[int] = field(default_factory=list)
     # (src, dst) block copies the compute side must perform before writing (copy-on-write).
     copies: list[tuple[int, int]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class AllocatorStats:
-    num_blocks: int
-    block_size: int
-    num_free_blocks: int
-    num_used_blocks: int
-    num_tokens_stored: int  # filled token slots over all used blocks (shared blocks once)
-    num_sequences: int
-    num_cached_blocks: int = 0  # free blocks still holding cached content (evicted when needed)
-    prefix_query_tokens: int = 0  # prompt tokens admissions looked up in the prefix cache
-    prefix_hit_tokens: int = 0  # of those, found cached (their prefill was skipped)
-
-    @property
-    def utilization(self) -> float:
-        """Tokens stored / slots in used blocks: how much of the taken memory holds real state."""
-        slots = self.num_used_blocks * self.block_size
-        return self.num_tokens_stored / slots if slots else 0.0
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from memory_service.block_allocator import AllocatorStats
+from memory_service.contract import AllocatorStats
 from memory_service.pools import Pool
 
 FREE_BLOCKS = Gauge("memory_free_blocks", "Free KV blocks", ["pool", "replica"])

@@ -19,12 +19,13 @@ from prometheus_client import start_http_server
 
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
-from memory_service.block_allocator import AllocatorStats, BlockAllocatorError
+from memory_service.block_allocator import BlockAllocatorError
 from memory_service.block_map import start_block_map
+from memory_service.contract import stats_to_proto, step_request_from_proto, step_response_to_proto
 from memory_service.events import COALESCE_S, MAX_QUEUE_BATCHES, QUEUE_BATCHES, EventRecorder, marker
 from memory_service.metrics import EXPIRED, export_pool, unexport_pool
 from memory_service.pools import FencedPoolError, Pool, PoolRegistry, ReplicaMatch, UnknownPoolError
-from memory_service.step import Allocation, Commit, StepRequest, apply_step
+from memory_service.step import apply_step
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("memory_service")
@@ -42,24 +43,6 @@ class MemoryServiceConfig:
     event_log: str = ""  # append every block event to this JSON-lines file (continued across restarts)
     event_ring_size: int = 65536  # recent events kept in memory
     block_events: bool = True  # off: no events, no block map (bench/events_overhead.py compares)
-
-
-def stats_to_proto(pool_id: str, replica: str, st: AllocatorStats) -> memory_pb2.PoolStats:
-    return memory_pb2.PoolStats(
-        pool_id=pool_id,
-        replica=replica,
-        num_blocks=st.num_blocks,
-        block_size=st.block_size,
-        num_free_blocks=st.num_free_blocks,
-        num_used_blocks=st.num_used_blocks,
-        num_tokens_stored=st.num_tokens_stored,
-        num_sequences=st.num_sequences,
-        utilization=st.utilization,
-        num_cached_blocks=st.num_cached_blocks,
-        prefix_query_tokens=st.prefix_query_tokens,
-        prefix_hit_tokens=st.prefix_hit_tokens,
-        prefix_hit_rate=st.prefix_hit_rate,
-    )
 
 
 def replica_match_to_proto(m: ReplicaMatch) -> memory_pb2.ReplicaMatch:
@@ -137,31 +120,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def _step(self, request, context) -> memory_pb2.StepResponse:
         pool = await self._pool(request.pool_id, context)
         pool.num_waiting = request.num_waiting
-        step = StepRequest(
-            commit=[Commit(c.seq_id, c.first_block, list(c.block_hashes)) for c in request.commit],
-            free=list(request.free),
-            allocate=[
-                Allocation(a.seq_id, a.num_tokens, a.reserve_tokens, list(a.block_hashes)) for a in request.allocate
-            ],
-            fork=[(f.parent, f.child) for f in request.fork],
-            append=[(a.seq_id, a.num_new_tokens) for a in request.append],
-            step=request.step,
-            preempted=list(request.preempted),
-        )
+        step = step_request_from_proto(request)
         try:
             result = apply_step(pool.allocator, step)
         except (BlockAllocatorError, ValueError) as exc:  # a malformed step: nothing of it was applied
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         export_pool(request.pool_id, pool, len(self.registry.pools), result.stats)  # the step already computed them
-        return memory_pb2.StepResponse(
-            block_tables=[
-                memory_pb2.BlockTable(seq_id=s, block_ids=t, hit_tokens=result.hit_tokens.get(s, 0))
-                for s, t in result.block_tables.items()
-            ],
-            copies=[memory_pb2.BlockCopy(src=s, dst=d) for s, d in result.copies],
-            rejected=result.rejected,
-            stats=stats_to_proto(request.pool_id, pool.replica, result.stats),
-        )
+        return step_response_to_proto(result, request.pool_id, pool.replica)
 
     async def ReleasePool(self, request, context):
         await self._pool(request.pool_id, context)
@@ -180,7 +145,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             pool = self.registry.pools.get(pool_id)
             if pool is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"pool_id {pool_id!r} is not registered")
-            pools.append(stats_to_proto(pool_id, pool.replica, pool.allocator.stats()))
+            pools.append(stats_to_proto(pool.allocator.stats(), pool_id, pool.replica))
         return memory_pb2.StatsResponse(pools=pools)
 
     def expire_leases(self) -> None:

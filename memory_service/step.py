@@ -1,74 +1,23 @@
-"""One engine step's block bookkeeping, as a single batched request.
+"""One engine step's block bookkeeping applied to a BlockAllocator: the memory side of the
+contract in memory_service.contract (which says what a step carries).
 
-The compute side sends everything a step needs at once (full blocks whose forward has run, to
-cache; sequences to free; prompts to admit, with their block hashes; forks; sequences that grow)
-and gets back the block tables that changed, how many prompt tokens each admission found cached,
-the copy-on-write copies to perform, and which sequences found no space (nothing changed for
-those: the scheduler preempts or requeues them). In-process this is a function call; the memory
-service serves it over gRPC.
 Order inside a step: commits, frees, allocations, forks, appends: a finished sequence's blocks
 are cached before they are released, freed blocks are reusable at once, and a prompt admitted in
 this step can be forked in it (n samples) before every sample appends its first token.
 A step is atomic: the whole request is checked before any of it is applied, so a malformed one
 (an unknown or repeated id) raises and changes nothing. Running out of blocks is not an error:
 those allocations and appends are answered as rejected, and they alone change nothing.
-The call is split into send and receive so the compute side can send the next step's request
-before its forward runs and read the answer after it (the round trip hides behind the forward).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
 from memory_service.block_allocator import (
-    AllocatorStats,
     BlockAllocator,
     DuplicateSequenceError,
     OutOfBlocksError,
-    SeqId,
     UnknownSequenceError,
 )
-
-
-@dataclass
-class Allocation:
-    seq_id: SeqId
-    num_tokens: int
-    reserve_tokens: int = 0  # > num_tokens reserves up front (contiguous mode)
-    block_hashes: list[bytes] = field(default_factory=list)  # its full blocks' hashes: looked up in the cache
-
-
-@dataclass
-class Commit:
-    """Full blocks of a sequence (logical indices first_block, ...) that a finished forward wrote."""
-
-    seq_id: SeqId
-    first_block: int
-    block_hashes: list[bytes]
-
-
-@dataclass
-class StepRequest:
-    """Applied in the order commit, free, allocate, fork, append (the module docstring says why)."""
-
-    free: list[SeqId] = field(default_factory=list)
-    allocate: list[Allocation] = field(default_factory=list)
-    append: list[tuple[SeqId, int]] = field(default_factory=list)  # (seq_id, num_new_tokens)
-    commit: list[Commit] = field(default_factory=list)
-    fork: list[tuple[SeqId, SeqId]] = field(default_factory=list)  # (parent, child): child shares every block
-    num_waiting: int = 0  # not bookkeeping: the replica's queue length, its load as a router sees it
-    step: int = 0  # the engine's step number, for block events
-    preempted: list[SeqId] = field(default_factory=list)  # of `free`: freed by preemption (events say so)
-
-
-@dataclass
-class StepResponse:
-    block_tables: dict[SeqId, list[int]]  # full table of every sequence whose table changed
-    copies: list[tuple[int, int]]  # (src, dst) blocks to copy before this step's writes
-    rejected: list[SeqId]  # allocations/appends that found no space, forks of a rejected parent
-    stats: AllocatorStats
-    hit_tokens: dict[SeqId, int] = field(default_factory=dict)  # per admission: prompt tokens found cached
+from memory_service.contract import SeqId, StepRequest, StepResponse
 
 
 def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
@@ -149,22 +98,9 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
     )
 
 
-class MemoryLost(Exception):
-    """The memory side does not hold the caller's pool any more, or cannot be reached: send() or
-    receive() raised it, and the caller must register a new pool (compute_service.async_engine)."""
-
-
-class MemoryConnection(Protocol):
-    """The compute side's end of the memory call: at most one request in flight. send() and
-    receive() raise MemoryLost when the pool is gone."""
-
-    def send(self, request: StepRequest) -> None: ...
-
-    def receive(self) -> StepResponse: ...
-
-
 class LocalMemory:
-    """The memory side in the same process (the in-process engine): applied at send."""
+    """The memory side in the same process (benchmarks and tests hand it to the engine): a
+    memory_service.contract.MemoryConnection whose step is applied at send."""
 
     def __init__(self, allocator: BlockAllocator) -> None:
         self.allocator = allocator

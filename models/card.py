@@ -11,8 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 
 SAMPLES = [
     ("greedy", SamplingParams(max_new_tokens=120, temperature=0)),
@@ -25,7 +25,7 @@ def main(model_dir: str) -> None:
     path = Path(model_dir)
     t = json.loads((path / "training.json").read_text())
     cfg = t["config"]
-    engine = InferenceEngine(model=str(path), kv_budget_tokens=4096)
+    engine = LocalEngine(model=str(path), kv_budget_tokens=4096)
     samples = [(name, engine.generate(["ROMEO:\n"], params)[0].text) for name, params in SAMPLES]
     size_mb = (path / "model.safetensors").stat().st_size / 1e6
     lines = [

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from memory_service.audit import FREE, audit, replay_states
 from memory_service.block_allocator import BlockAllocator
 from memory_service.events import EventRecorder, read_log
@@ -81,10 +81,10 @@ def test_an_event_in_a_released_pool_is_caught():
     assert not ok and "which was released" in message
 
 
-def recorded_run(path: str) -> InferenceEngine:
+def recorded_run(path: str) -> LocalEngine:
     """Shared prefixes, n=2 (forks, copy-on-write), a pool small enough to preempt and evict, and
     an abort: the engine's own log."""
-    engine = InferenceEngine(
+    engine = LocalEngine(
         model="dummy:tiny", block_size=16, kv_budget_tokens=512, max_num_seqs=16, headroom_blocks_per_seq=0
     )
     recorder = EventRecorder(log_path=path)

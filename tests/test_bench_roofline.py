@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.local_engine import LocalEngine
 from bench.roofline import roofline_tokens_per_second
-from compute_service.engine import InferenceEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT, NEW = 8, 24
@@ -48,7 +48,7 @@ def test_each_run_is_paired_with_the_bandwidth_probed_beside_it(tmp_path):
     paired = next(line for line in out.stdout.splitlines() if line.startswith("roofline, paired"))
     runs = re.findall(r"(\d+\.\d) tok/s at (\d+\.\d) GB/s = (\d+\.\d)%", paired)
     assert len(runs) == 3, paired
-    model = InferenceEngine(model="dummy:tiny", mode="no-cache").model
+    model = LocalEngine(model="dummy:tiny", mode="no-cache").model
     fractions = []
     for tok_s, bandwidth, percent in runs:
         expected = float(tok_s) / roofline_tokens_per_second(model, 1, PROMPT + NEW // 2, float(bandwidth))
@@ -69,7 +69,7 @@ def test_paired_fractions_use_each_runs_own_bandwidth(capsys, monkeypatch):
     from bench.decode_speed import single_stream_comparison
 
     monkeypatch.setattr(decode_speed, "read_bandwidth_gb_per_s", lambda: 25.0)
-    engine = InferenceEngine(model="dummy:tiny", mode="no-cache")
+    engine = LocalEngine(model="dummy:tiny", mode="no-cache")
     args = Namespace(prompt_tokens=PROMPT, new_tokens=NEW, peers=[], runs=1, seed=0, model="dummy:tiny")
     single_stream_comparison(args, engine, 30.0, [(30.0, 10.0), (30.0, 40.0)])
     paired = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("roofline, paired"))

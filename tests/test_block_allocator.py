@@ -10,7 +10,8 @@ from memory_service.block_allocator import (
     OutOfBlocksError,
     UnknownSequenceError,
 )
-from memory_service.step import Allocation, StepRequest, apply_step
+from memory_service.contract import Allocation, StepRequest
+from memory_service.step import apply_step
 
 
 def test_allocate_takes_ceil_blocks_and_append_takes_a_block_only_at_boundaries():

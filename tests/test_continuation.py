@@ -8,14 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from tests.conftest import random_prompt
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096)
+    return LocalEngine(model="dummy:tiny", kv_budget_tokens=4096)
 
 
 def run(engine, prompt, params, before=()):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.local_engine import LocalEngine
 from common.blocks import blocks_for_tokens, blocks_to_admit
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from memory_service.audit import audit
 from memory_service.events import EventRecorder, read_log
 from tests.conftest import hf_greedy, random_prompt
@@ -16,18 +16,18 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
 
 
-def assert_all_blocks_free(engine: InferenceEngine) -> None:
+def assert_all_blocks_free(engine: LocalEngine) -> None:
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
     assert engine.allocator.sequence_ids() == []
 
 
-def record_events(engine: InferenceEngine, path) -> EventRecorder:
+def record_events(engine: LocalEngine, path) -> EventRecorder:
     recorder = EventRecorder(log_path=str(path))
     recorder.attach("local", "in-process", engine.allocator)
     return recorder
 
 
-def assert_log_passes_audit(recorder: EventRecorder, engine: InferenceEngine, path) -> None:
+def assert_log_passes_audit(recorder: EventRecorder, engine: LocalEngine, path) -> None:
     """The run's block-event log replays without a violation (memory_service.audit)."""
     recorder.snapshot("local", "in-process", engine.allocator)
     recorder.close()
@@ -41,7 +41,7 @@ def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_
     prompts = [random_prompt(rng, n) for n in lengths]
     params = [greedy(int(n)) for n in rng.integers(4, 33, size=32)]
 
-    engine = InferenceEngine(
+    engine = LocalEngine(
         model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=32, headroom_blocks_per_seq=0
     )  # pack the pool: preemption must happen
     recorder = record_events(engine, tmp_path / "events.jsonl")
@@ -51,7 +51,7 @@ def test_32_concurrent_prompts_under_preemption_match_hf_and_sequential(hf_gpt2_
     assert_all_blocks_free(engine)
     assert_log_passes_audit(recorder, engine, tmp_path / "events.jsonl")
 
-    sequential = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=1)
+    sequential = LocalEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=1024, max_num_seqs=1)
     for prompt, p, got in zip(prompts, params, batched, strict=False):
         assert got.token_ids == hf_greedy(hf_model, prompt, p.max_new_tokens)
         assert got.token_ids == sequential.generate([prompt], p)[0].token_ids
@@ -62,11 +62,11 @@ def test_joining_aborting_and_early_finishing_leave_the_others_unchanged(hf_gpt2
     rng = np.random.default_rng(1)
     prompts = [random_prompt(rng, n) for n in (20, 45, 70, 33)]
     alone = [
-        InferenceEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048).generate([p], greedy(30))[0].token_ids
+        LocalEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048).generate([p], greedy(30))[0].token_ids
         for p in prompts
     ]
 
-    engine = InferenceEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048)
+    engine = LocalEngine(model=str(hf_gpt2_dir), kv_budget_tokens=2048)
     recorder = record_events(engine, tmp_path / "events.jsonl")
     first = engine.add_request(prompts[0], greedy(30))
     doomed = engine.add_request(prompts[1], greedy(30))
@@ -97,8 +97,8 @@ def test_sampled_tokens_do_not_depend_on_batch_company_or_preemption():
 
     rng = np.random.default_rng(5)
     prompts = [random_prompt(rng, n) for n in (10, 150, 200, 90, 60)]
-    alone = InferenceEngine(model="dummy:tiny", kv_budget_tokens=2048).generate([prompts[0]], sampled(11))[0]
-    crowded = InferenceEngine(model="dummy:tiny", kv_budget_tokens=512, headroom_blocks_per_seq=0)
+    alone = LocalEngine(model="dummy:tiny", kv_budget_tokens=2048).generate([prompts[0]], sampled(11))[0]
+    crowded = LocalEngine(model="dummy:tiny", kv_budget_tokens=512, headroom_blocks_per_seq=0)
     results = crowded.generate(prompts, [sampled(11)] + [sampled(i) for i in range(4)])
     assert crowded.scheduler.num_preemptions > 0
     assert results[0].token_ids == alone.token_ids
@@ -106,7 +106,7 @@ def test_sampled_tokens_do_not_depend_on_batch_company_or_preemption():
 
 
 def test_stop_strings_and_eos_finish_one_sequence_only():
-    engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=2048)
+    engine = LocalEngine(model="dummy:tiny", kv_budget_tokens=2048)
     probe = engine.generate(["Hello"], greedy(12))[0]
     stop_text = probe.text[len(probe.text) // 2 :][:3]
     assert stop_text
@@ -126,21 +126,19 @@ def test_contiguous_reservation_admits_fewer_sequences_than_paging():
     the whole context (Orca-Max) fewest. 24 prompts, so no arm is capped by the request count.
     Packing alone is measured: the identical prompts would share blocks with prefix caching on."""
     prompts, new_tokens, budget = [[7] * 100] * 24, 20, 2048
-    paged = InferenceEngine(
-        model="dummy:tiny", kv_budget_tokens=budget, headroom_blocks_per_seq=0, prefix_caching="off"
-    )
+    paged = LocalEngine(model="dummy:tiny", kv_budget_tokens=budget, headroom_blocks_per_seq=0, prefix_caching="off")
     paged.generate(prompts, greedy(new_tokens))
-    sc = paged.scheduler.config
-    paged_peak = (sc.num_blocks - sc.watermark_blocks) // blocks_for_tokens(100, sc.block_size)
+    watermark = paged.scheduler.config.watermark_blocks
+    paged_peak = (paged.num_blocks - watermark) // blocks_for_tokens(100, paged.block_size)
     assert paged.stats.peak_running == paged_peak == 18
 
     peaks = {}
     for reserve in ("max-new-tokens", "max-model-len"):
-        contiguous = InferenceEngine(model="dummy:tiny", mode="contiguous", reserve=reserve, kv_budget_tokens=budget)
+        contiguous = LocalEngine(model="dummy:tiny", mode="contiguous", reserve=reserve, kv_budget_tokens=budget)
         contiguous.generate(prompts, greedy(new_tokens))
-        cc = contiguous.scheduler.config
-        per_request = blocks_to_admit(100, contiguous.scheduler.reserve_tokens(100, new_tokens), cc.block_size)
-        assert contiguous.stats.peak_running == cc.num_blocks // per_request
+        reserved = contiguous.kv.reservation.tokens(100, new_tokens)
+        per_request = blocks_to_admit(100, reserved, contiguous.block_size)
+        assert contiguous.stats.peak_running == contiguous.num_blocks // per_request
         assert paged.stats.mean_utilization > contiguous.stats.mean_utilization
         peaks[reserve] = contiguous.stats.peak_running
     assert paged_peak > peaks["max-new-tokens"] == 16 > peaks["max-model-len"] == 2

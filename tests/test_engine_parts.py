@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from compute_service.kv_cache import KVCache
 from compute_service.model import AttentionMetadata
 from compute_service.weights import load_model, save_checkpoint
@@ -51,7 +51,7 @@ def test_write_puts_each_token_at_its_slot():
 
 
 def test_stream_yields_the_tokens_generate_returns():
-    engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=1024)
+    engine = LocalEngine(model="dummy:tiny", kv_budget_tokens=1024)
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     expected = engine.generate(["Streaming works"], params)[0]
     outputs = list(engine.stream("Streaming works", params))
@@ -64,9 +64,9 @@ def test_stream_yields_the_tokens_generate_returns():
 def test_the_next_steps_memory_call_travels_during_each_forward():
     """Async scheduling: the request for step N+1 is sent before step N's forward and read after
     it, one call per step; the last forward (everyone ends by length) has nothing in flight."""
-    engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=1024)
+    engine = LocalEngine(model="dummy:tiny", kv_budget_tokens=1024)
     events: list[str] = []
-    memory, execute = engine.scheduler.memory, engine.runner.execute
+    memory, execute = engine.kv.memory, engine.runner.execute
     send, receive = memory.send, memory.receive
     memory.send = lambda request: events.append("send") or send(request)
     memory.receive = lambda: events.append("receive") or receive()

@@ -10,16 +10,16 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from bench.local_engine import LocalEngine
 from common.blocks import blocks_for_tokens
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from compute_service.sequence import SequenceStatus
 
 
 class EngineMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.engine = InferenceEngine(
+        self.engine = LocalEngine(
             model="dummy:tiny", block_size=4, kv_budget_tokens=96, max_num_seqs=6, headroom_blocks_per_seq=0
         )
         self.submitted: list[str] = []
@@ -63,7 +63,7 @@ class EngineMachine(RuleBasedStateMachine):
         holders = Counter(b for s in alloc.sequence_ids() for b in alloc.block_table(s))
         assert alloc.num_free_blocks + len(holders) == alloc.num_blocks
         assert all(alloc.ref_count(b) == n for b, n in holders.items())
-        in_flight = sched.in_flight_ids()  # asked for the next step, answer not read yet
+        in_flight = self.engine.kv.in_flight_ids()  # asked for the next step, answer not read yet
         for seq in sched.running:
             assert seq.status is SequenceStatus.RUNNING
             table = alloc.block_table(seq.request_id)
@@ -75,15 +75,15 @@ class EngineMachine(RuleBasedStateMachine):
                 assert alloc.num_tokens(seq.request_id) == seq.num_tokens
                 assert len(table) == blocks_for_tokens(seq.num_tokens, alloc.block_size)
                 if not seq.block_table:  # admitted (or readmitted after preemption) in that request
-                    assert seq.num_cached_tokens == 0
+                    assert seq.num_computed_tokens == 0
                 else:  # decoding: one token not yet in the cache, at most one block opened for it
-                    assert seq.num_cached_tokens == seq.num_tokens - 1
+                    assert seq.num_computed_tokens == seq.num_tokens - 1
                     kept = len(seq.block_table) - seq.shares_last_block  # a shared last block was copied
                     assert table[:kept] == seq.block_table[:kept]
                     assert len(table) - len(seq.block_table) <= 1
             else:
                 assert table == seq.block_table
-                assert alloc.num_tokens(seq.request_id) == seq.num_cached_tokens
+                assert alloc.num_tokens(seq.request_id) == seq.num_computed_tokens
         for seq in sched.waiting:
             assert seq.status is SequenceStatus.WAITING and not seq.block_table
 

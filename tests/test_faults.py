@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from deploy.run_local import running_stack, start_serving
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
@@ -41,7 +41,7 @@ def requests():
 
 @pytest.fixture(scope="module")
 def expected():
-    engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096)
+    engine = LocalEngine(model="dummy:tiny", kv_budget_tokens=4096)
     results = engine.generate([p for p, _ in requests()], [SamplingParams(**kw) for _, kw in requests()])
     return [[(s.token_ids, s.text) for s in (r.samples or [r])] for r in results]
 

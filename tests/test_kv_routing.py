@@ -14,8 +14,8 @@ import urllib.request
 import grpc
 import pytest
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from deploy.run_local import running_stack, start_serving, stop_service
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
@@ -93,7 +93,7 @@ def eventually(condition, timeout_s, what):
 
 def test_the_same_tokens_whichever_replica_serves_and_whether_the_prefix_was_cached(stack):
     prompts = [f"{PREFIX} question {i}" for i in range(len(PARAMS))]
-    engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096)
+    engine = LocalEngine(model="dummy:tiny", kv_budget_tokens=4096)
     expected = [
         [s.token_ids for s in (r.samples or [r])]
         for r in engine.generate(prompts, [SamplingParams(**kw) for kw in PARAMS])

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import FieldError, SamplingParams
-from compute_service.engine import InferenceEngine
 from tests.conftest import random_prompt
 
 
-def _run(engine: InferenceEngine, prompts: list[list[int]], params: SamplingParams):
+def _run(engine: LocalEngine, prompts: list[list[int]], params: SamplingParams):
     """Every sample's tokens and logprobs, by (prompt index, sample index)."""
     ids = [engine.add_request(p, params) for p in prompts]
     tokens: dict = {}
@@ -34,9 +34,9 @@ def test_logprobs_equal_hf_log_softmax_in_a_batch_with_n_2(hf_gpt2_dir, hf_model
     params = SamplingParams(
         max_new_tokens=12, temperature=temperature, top_k=40, seed=11, n=2, ignore_eos=True, logprobs=5
     )
-    engine = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=4096)
+    engine = LocalEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=4096)
     tokens, logprobs = _run(engine, prompts, params)
-    plain = InferenceEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=4096)
+    plain = LocalEngine(model=str(hf_gpt2_dir), block_size=16, kv_budget_tokens=4096)
     plain_tokens, _ = _run(plain, prompts, SamplingParams(**{**params.__dict__, "logprobs": None}))
     assert tokens == plain_tokens  # asking for logprobs changes no token
     for (p, _), out in tokens.items():
@@ -53,7 +53,7 @@ def test_logprobs_equal_hf_log_softmax_in_a_batch_with_n_2(hf_gpt2_dir, hf_model
 
 
 def test_logprobs_zero_gives_only_the_sampled_tokens_and_out_of_range_is_refused():
-    engine = InferenceEngine(model="dummy:tiny", kv_budget_tokens=1024)
+    engine = LocalEngine(model="dummy:tiny", kv_budget_tokens=1024)
     tokens, logprobs = _run(engine, [[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0, logprobs=0))
     assert len(logprobs[(0, 0)]) == 4 and all(lp.top == [] and lp.logprob <= 0 for lp in logprobs[(0, 0)])
     for bad in (6, -1):

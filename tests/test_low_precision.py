@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
 from common.tokenizer import get_tokenizer
 from compute_service import linear
-from compute_service.engine import InferenceEngine
 from compute_service.model import AttentionMetadata
 from compute_service.weights import load_model, nanogpt_to_hf_state_dict
 
@@ -80,7 +80,7 @@ def test_agreement_with_hf_float32_within_the_documented_tolerance(windows_and_r
 
 @pytest.mark.parametrize("overrides", [dict(dtype="bfloat16"), dict(quantize="int8")])
 def test_engine_serves_in_low_precision(overrides):
-    engine = InferenceEngine(model="shakespeare", kv_budget_tokens=1024, **overrides)
+    engine = LocalEngine(model="shakespeare", kv_budget_tokens=1024, **overrides)
     fmt = engine.config.weight_format
     assert {m.weight_format for m in engine.model.modules() if isinstance(m, linear.Linear)} == {fmt}
     prompt = get_tokenizer().encode("ROMEO:\nWhat light through yonder window breaks?\n")
@@ -90,8 +90,8 @@ def test_engine_serves_in_low_precision(overrides):
 
 def test_low_precision_settings_are_validated():
     with pytest.raises(ValueError, match="dtype"):
-        InferenceEngine(model="dummy:tiny", dtype="float64")
+        LocalEngine(model="dummy:tiny", dtype="float64")
     with pytest.raises(ValueError, match="quantize"):
-        InferenceEngine(model="dummy:tiny", quantize="int4")
+        LocalEngine(model="dummy:tiny", quantize="int4")
     with pytest.raises(ValueError, match="quantize=int8 needs dtype=float32"):
-        InferenceEngine(model="dummy:tiny", quantize="int8", dtype="bfloat16")
+        LocalEngine(model="dummy:tiny", quantize="int8", dtype="bfloat16")

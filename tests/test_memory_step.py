@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memory_service.block_allocator import BlockAllocator, BlockAllocatorError
-from memory_service.step import Allocation, StepRequest, apply_step
+from memory_service.contract import Allocation, StepRequest
+from memory_service.step import apply_step
 
 IDS = [f"s{i}" for i in range(8)]
 

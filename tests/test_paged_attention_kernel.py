@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
 from compute_service import attention, native
-from compute_service.engine import InferenceEngine
 from tests.conftest import hf_greedy, random_prompt
 
 
@@ -58,7 +58,7 @@ def built_kernel():
 
 def test_engine_with_the_torch_fallback_still_matches_hf(hf_gpt2_dir, hf_model, monkeypatch):
     monkeypatch.setenv("PAGED_ATTENTION_BACKEND", "torch")
-    engine = InferenceEngine(model=str(hf_gpt2_dir), kv_budget_tokens=1024)
+    engine = LocalEngine(model=str(hf_gpt2_dir), kv_budget_tokens=1024)
     prompt = random_prompt(np.random.default_rng(3), 40)
     params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     assert engine.generate([prompt], params)[0].token_ids == hf_greedy(hf_model, prompt, 16)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams, sample_seed
-from compute_service.engine import InferenceEngine
 from memory_service.block_allocator import BlockAllocator
 from memory_service.step import LocalMemory
 from tests.conftest import hf_greedy, random_prompt
@@ -15,16 +15,16 @@ from tests.conftest import hf_greedy, random_prompt
 BLOCK = 16
 
 
-def engine(hf_gpt2_dir, **overrides) -> InferenceEngine:
+def engine(hf_gpt2_dir, **overrides) -> LocalEngine:
     settings = dict(model=str(hf_gpt2_dir), block_size=BLOCK, kv_budget_tokens=4096, headroom_blocks_per_seq=0)
-    return InferenceEngine(**{**settings, **overrides})
+    return LocalEngine(**{**settings, **overrides})
 
 
 def seeded(n: int, seed: int = 7, max_new_tokens: int = 12) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95, seed=seed, n=n, ignore_eos=True)
 
 
-def record_steps(eng: InferenceEngine) -> tuple[list[tuple[int, int]], list[int]]:
+def record_steps(eng: LocalEngine) -> tuple[list[tuple[int, int]], list[int]]:
     """Every copy-on-write copy the runner performs, and the token count of every prefill."""
     copies: list[tuple[int, int]] = []
     prefill_tokens: list[int] = []
@@ -139,7 +139,7 @@ def test_a_sample_preempted_before_its_first_token_then_the_memory_side_lost_is_
     child = next(s for s in sched.running if s.index == 2)
     sched._preempt(child)  # as a plan made during the prefill would
     eng.allocator = BlockAllocator(eng.allocator.num_blocks, BLOCK)  # ...and the memory side is lost
-    sched.memory = LocalMemory(eng.allocator)
+    eng.kv.memory = LocalMemory(eng.allocator)
     sched.forget_memory()
     assert child not in sched.waiting and child.status.value == "waiting"
     done = {}

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from memory_service.block_allocator import BlockAllocatorError
+from memory_service.contract import Allocation, StepRequest
 from memory_service.pools import FencedPoolError, PoolRegistry, UnknownPoolError
-from memory_service.step import Allocation, StepRequest, apply_step
+from memory_service.step import apply_step
 
 TTL = 5.0
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from memory_service.block_allocator import BlockAllocator
 from memory_service.step import LocalMemory
 from tests.conftest import hf_greedy, random_prompt
@@ -17,9 +17,9 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 BLOCK = 16
 
 
-def engine(hf_gpt2_dir, **overrides) -> InferenceEngine:
+def engine(hf_gpt2_dir, **overrides) -> LocalEngine:
     settings = dict(model=str(hf_gpt2_dir), block_size=BLOCK, kv_budget_tokens=4096, headroom_blocks_per_seq=0)
-    return InferenceEngine(**{**settings, **overrides})
+    return LocalEngine(**{**settings, **overrides})
 
 
 def shared_prefix_prompts() -> list[list[int]]:
@@ -44,7 +44,7 @@ def shared_prefix_prompts() -> list[list[int]]:
     ]
 
 
-def run_each_after_the_first(eng: InferenceEngine, prompts: list[list[int]], new_tokens: int):
+def run_each_after_the_first(eng: LocalEngine, prompts: list[list[int]], new_tokens: int):
     """The first prompt alone (it fills the cache), then the rest together."""
     params = SamplingParams(max_new_tokens=new_tokens, **GREEDY)
     return eng.generate(prompts[:1], params) + eng.generate(prompts[1:], params)
@@ -210,7 +210,7 @@ def test_a_lost_memory_side_is_rebuilt_by_the_recompute_and_hits_again(hf_gpt2_d
     for _ in range(6):
         eng.step()
     eng.allocator = BlockAllocator(eng.allocator.num_blocks, BLOCK)  # the restarted memory service
-    eng.scheduler.memory = LocalMemory(eng.allocator)
+    eng.kv.memory = LocalMemory(eng.allocator)
     assert eng.scheduler.forget_memory() == 3
     done = {}
     while eng.has_unfinished():

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import GREEDY_TEMPERATURE, MAX_TOP_K, SamplingParams
-from compute_service.engine import InferenceEngine
 from compute_service.sampling import sample
 from tests.test_continuous_batching import assert_all_blocks_free
 
@@ -26,8 +26,8 @@ INNOCENT_PARAMS = [
 FAULT_SALT = "inject-a-row-fault"
 
 
-def new_engine() -> InferenceEngine:
-    return InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096, fault_injection_salt=FAULT_SALT)
+def new_engine() -> LocalEngine:
+    return LocalEngine(model="dummy:tiny", kv_budget_tokens=4096, fault_injection_salt=FAULT_SALT)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def alone():
     return [r.token_ids for r in new_engine().generate(INNOCENT_PROMPTS, INNOCENT_PARAMS)]
 
 
-def run_with_poison(engine: InferenceEngine, poison: SamplingParams, poison_prompt: str = "poison"):
+def run_with_poison(engine: LocalEngine, poison: SamplingParams, poison_prompt: str = "poison"):
     """The innocents plus one poison request, added in the middle, stepped to the end: the
     innocents' tokens and every output of the poison's samples."""
     ids = [engine.add_request(p, sp) for p, sp in zip(INNOCENT_PROMPTS[:4], INNOCENT_PARAMS[:4], strict=False)]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
 from compute_service.engine import InferenceEngine
 from memory_service.block_allocator import BlockAllocator
-from memory_service.step import LocalMemory, StepRequest, StepResponse, apply_step
+from memory_service.contract import StepRequest, StepResponse
+from memory_service.step import LocalMemory, apply_step
 from tests.conftest import random_prompt
 
 
@@ -48,7 +50,7 @@ def test_rejected_admissions_and_appends_are_requeued_or_preempted_and_tokens_do
     prompts.append(prompts[0])
     params.append(sampled)
 
-    expected = InferenceEngine(model="dummy:tiny", kv_budget_tokens=2048).generate(prompts, params)
+    expected = LocalEngine(model="dummy:tiny", kv_budget_tokens=2048).generate(prompts, params)
 
     fakes: list[RejectingMemory] = []
     engine = InferenceEngine(

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
@@ -64,7 +64,7 @@ def wait_all_blocks_free(address, timeout_s=10.0):
 def test_16_concurrent_streams_match_the_in_process_engine_and_both_replicas_serve(stack):
     prompts = [f"Request number {i} says" + " hello" * i for i in range(16)]
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
-    expected = InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096).generate(prompts, params)
+    expected = LocalEngine(model="dummy:tiny", kv_budget_tokens=4096).generate(prompts, params)
     with ThreadPoolExecutor(16) as pool:
         results = list(
             pool.map(
@@ -147,7 +147,7 @@ def test_prefix_cache_hits_are_reported_per_request_and_per_pool(stack):
 def test_n_samples_stream_with_their_index_and_equal_the_in_process_engine(stack):
     params = dict(max_new_tokens=12, temperature=0.9, seed=21, n=3, ignore_eos=True)
     expected = (
-        InferenceEngine(model="dummy:tiny", kv_budget_tokens=4096)
+        LocalEngine(model="dummy:tiny", kv_budget_tokens=4096)
         .generate(["Three ways to say"], SamplingParams(**params))[0]
         .samples
     )

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
 from common.tokenizer import get_tokenizer
 from compute_service.config import DEFAULT_MODEL, EngineConfig
-from compute_service.engine import InferenceEngine
 from compute_service.weights import load_model
 from tests.conftest import hf_greedy
 
@@ -22,7 +22,7 @@ PROMPT = "ROMEO:\n"
 
 @pytest.fixture(scope="module")
 def engine():
-    return InferenceEngine(model=DEFAULT_MODEL, kv_budget_tokens=4096)
+    return LocalEngine(model=DEFAULT_MODEL, kv_budget_tokens=4096)
 
 
 def test_it_is_the_default_and_small_enough_to_commit():

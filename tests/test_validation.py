@@ -4,13 +4,13 @@ import math
 
 import pytest
 
+from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return InferenceEngine(model="dummy:tiny", kv_budget_tokens=2048)
+    return LocalEngine(model="dummy:tiny", kv_budget_tokens=2048)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_bad_input_raises_value_error_naming_the_field(engine, prompt, params, f
 
 
 def test_request_larger_than_the_pool_is_refused():
-    small = InferenceEngine(model="dummy:tiny", kv_budget_tokens=64, block_size=16)
+    small = LocalEngine(model="dummy:tiny", kv_budget_tokens=64, block_size=16)
     with pytest.raises(ValueError, match="pool"):
         small.add_request("hi", SamplingParams(max_new_tokens=100))
 
