@@ -3,20 +3,29 @@
 A decode step reads every weight matrix once (whatever the batch: rows of x share each weight
 row) and each sequence's keys and values; at small batch it does little else, so
 `tok/s <= batch * bandwidth / bytes_per_step`. The bandwidth is measured in the same run by
-streaming a buffer of at least 1 GiB with the engine's threads (csrc/read_probe.cpp), best of
+streaming a buffer of at least 1 GiB with the engine's threads (bench/csrc/read_probe.cpp), best of
 several tries: a probe slower than some program's implied bandwidth would be measuring itself.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 from compute_service.hugepages import hugepage_zeros
 from compute_service.linear import SKINNY_MAX_ROWS, Linear, skinny_kernel
 from compute_service.model import GPT
-from compute_service.native import load_extension
+from compute_service.native import compile_module, compiler_available
+
+PROBE_SOURCE = Path(__file__).parent / "csrc" / "read_probe.cpp"
+
+
+def probe_extension():
+    """The bandwidth probe's own extension module (built once, cached by torch), or None without
+    a C++ compiler (then torch's sum reads the buffer: slower than the memory on some CPUs)."""
+    return compile_module("paged_nanogpt_read_probe", [str(PROBE_SOURCE)]) if compiler_available() else None
 
 
 class ReadProbe:
@@ -27,7 +36,7 @@ class ReadProbe:
     def __init__(self, gib: float = 1.0) -> None:
         numel = int(gib * 2**30) // 4 // 4096 * 4096
         self.buffer = hugepage_zeros((numel,), torch.float32).fill_(1.0)
-        ext = load_extension()
+        ext = probe_extension()
         self.read = ext.stream_read_sum if ext is not None else (lambda b: float(b.sum()))
         self.read(self.buffer)  # one untimed pass
 

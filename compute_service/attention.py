@@ -1,30 +1,24 @@
 """Decode attention over the paged KV cache: a C++ kernel that reads blocks in place, with a
 pure-PyTorch fallback (gather into a reused buffer, then SDPA) for other devices and dtypes.
 
-The backend is chosen by PAGED_ATTENTION_BACKEND = auto (default) | cpp | torch. The kernel is
-one of the CPU kernels compute_service.native builds.
+The backend is a setting (EngineConfig.attention_backend = auto | cpp | torch), held by each
+attention layer (GPT.set_backends). The kernel is one of the CPU kernels compute_service.native
+builds.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from compute_service.native import load_extension
 
-
-def _backend() -> str:
-    backend = os.environ.get("PAGED_ATTENTION_BACKEND", "auto")
-    if backend not in ("auto", "cpp", "torch"):
-        raise ValueError(f"PAGED_ATTENTION_BACKEND must be auto, cpp or torch, got {backend!r}")
-    return backend
+ATTENTION_BACKENDS = ("auto", "cpp", "torch")
 
 
-def cpp_attention_enabled() -> bool:
-    """Whether CPU float32 decode attention runs the C++ kernel (PAGED_ATTENTION_BACKEND)."""
-    return _backend() != "torch" and load_extension() is not None
+def cpp_attention_enabled(backend: str) -> bool:
+    """Whether CPU float32 decode attention runs the C++ kernel with this backend setting."""
+    return backend != "torch" and load_extension() is not None
 
 
 def paged_decode_attention(
@@ -34,13 +28,13 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # (B, max_blocks) int32
     context_lens: torch.Tensor,  # (B,) int32
     scale: float,
+    backend: str = "auto",  # auto | cpp (fail if it cannot run) | torch
 ) -> torch.Tensor:  # (B, nh, hs)
-    backend = _backend()
     use_cpp = q.device.type == "cpu" and q.dtype == torch.float32 and backend != "torch"
     if use_cpp and (ext := load_extension()) is not None:
         return ext.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
     if backend == "cpp":
-        raise RuntimeError("PAGED_ATTENTION_BACKEND=cpp but the C++ kernel cannot run here")
+        raise RuntimeError("attention_backend=cpp but the C++ kernel cannot run here")
     return torch_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

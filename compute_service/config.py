@@ -12,6 +12,9 @@ from typing import ClassVar
 
 import torch
 
+from compute_service.attention import ATTENTION_BACKENDS
+from compute_service.linear import LINEAR_BACKENDS
+
 DEFAULT_MODEL = "shakespeare"
 MODES = ("paged", "contiguous", "no-cache")
 RESERVE_POLICIES = ("max-model-len", "max-new-tokens")
@@ -62,6 +65,13 @@ class EngineConfig:
     # handling, as a bug hit by one request's data would (tests/test_poison_requests.py proves that
     # it ends that request alone). Empty = off.
     fault_injection_salt: str = ""
+    # Kernel switches, for measuring and debugging the CPU kernels against the PyTorch paths
+    # (README "Configuration"; docs/benchmarks.md measures each): decode attention auto | cpp |
+    # torch, few-row linear products auto (the skinny kernel where it runs) | torch, and whether a
+    # decode step runs as one C++ call (on) or the Python layer loop (off).
+    attention_backend: str = "auto"
+    linear_backend: str = "auto"
+    fused_decode: str = "on"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -79,6 +89,13 @@ class EngineConfig:
             raise ValueError("quantize=int8 needs dtype=float32 on the CPU (the scales apply to float32 products)")
         if self.prefix_caching not in ("on", "off"):
             raise ValueError(f"prefix_caching must be on or off, got {self.prefix_caching!r}")
+        for name, allowed in (
+            ("attention_backend", ATTENTION_BACKENDS),
+            ("linear_backend", LINEAR_BACKENDS),
+            ("fused_decode", ("on", "off")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.on_cpu and self.dtype == "float16":
             raise ValueError("dtype=float16 is not supported on the CPU; use bfloat16")
 

@@ -112,6 +112,7 @@ class InferenceEngine:
         self.config = config
         self.tokenizer = get_tokenizer()
         self.model = load_model(config.model, config.device, config.torch_dtype)
+        self.model.set_backends(config.attention_backend, config.linear_backend, config.fused_decode == "on")
         if config.on_cpu:
             self.model.set_weight_format(config.weight_format)
             move_to_hugepages(self.model)

@@ -17,8 +17,6 @@ format: only the weights are rounded.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,16 +40,15 @@ _kernel = None
 _kernel_checked = False
 
 
+LINEAR_BACKENDS = ("auto", "torch")  # auto: the few-row kernel where it runs; torch: F.linear everywhere
+
+
 def skinny_kernel():
-    """The extension module if its skinny_linear can run on this CPU (AVX2+FMA or AVX-512) and
-    LINEAR_BACKEND is not `torch`; else None (F.linear everywhere). Decided once per process:
-    it is asked 49 times a decode step."""
+    """The extension module if its skinny_linear can run on this CPU (AVX2+FMA or AVX-512), else
+    None. Decided once per process: it is asked 49 times a decode step."""
     global _kernel, _kernel_checked
     if not _kernel_checked:
-        backend = os.environ.get("LINEAR_BACKEND", "auto")
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"LINEAR_BACKEND must be auto or torch, got {backend!r}")
-        ext = load_extension() if backend == "auto" else None
+        ext = load_extension()
         _kernel = ext if ext is not None and ext.skinny_linear_isa() else None
         _kernel_checked = True
     return _kernel
@@ -72,6 +69,7 @@ class Linear(nn.Linear):
         self.weight_format = "float32"
         self.decode_weight: torch.Tensor | None = None  # bf16 / int8 copy read by the kernel
         self.decode_scale: torch.Tensor | None = None  # (N,) int8 only
+        self.backend = "auto"  # EngineConfig.linear_backend, set by GPT.set_backends
 
     def set_weight_format(self, weight_format: str) -> None:
         """Make the copy of the weights few-row products read (float32: the weights themselves)."""
@@ -101,7 +99,7 @@ class Linear(nn.Linear):
         # made once by set_weight_format: loading new weights afterwards needs another call.
         if torch.is_grad_enabled() or x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
-        kernel = skinny_kernel()
+        kernel = skinny_kernel() if self.backend == "auto" else None
         if kernel is not None and x.shape[0] <= SKINNY_MAX_ROWS and self.in_features % 16 == 0:
             return kernel.skinny_linear(x, *self.decode_args())
         if _onednn_linear is not None:

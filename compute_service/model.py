@@ -10,7 +10,6 @@ Weights use nanoGPT's parameter names; `compute_service.weights` maps Hugging Fa
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +36,6 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-# FUSED_DECODE=off runs decode steps through the Python layer loop (the same function to ~1e-6,
-# slower): for measuring what the fusion buys (README "Decode speed").
-FUSED_DECODE = os.environ.get("FUSED_DECODE", "on") != "off"
-
-
 @dataclass
 class AttentionMetadata:
     """How the packed tokens of one step map onto sequences and KV-cache slots."""
@@ -65,6 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.n_head = config.n_head
         self.head_dim = config.head_dim
+        self.backend = "auto"  # decode attention: EngineConfig.attention_backend (GPT.set_backends)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         n_tokens, n_embd = x.shape  # (N, C)
@@ -83,7 +78,7 @@ class CausalSelfAttention(nn.Module):
             assert kv_cache is not None, "decode needs a KV cache"
             k_cache, v_cache = kv_cache.layer(layer)
             y = paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, 1.0 / math.sqrt(self.head_dim)
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, 1.0 / math.sqrt(self.head_dim), self.backend
             )  # (B, nh, hs)
         return self.c_proj(y.reshape(n_tokens, n_embd))
 
@@ -204,6 +199,19 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self._decode_params: list[torch.Tensor] | None = None  # for the fused decode, made at first use
+        self.fused_decode, self.attention_backend, self.linear_backend = True, "auto", "auto"
+
+    def set_backends(self, attention: str = "auto", linear: str = "auto", fused_decode: bool = True) -> None:
+        """Which kernels decode runs (EngineConfig.attention_backend, linear_backend,
+        fused_decode): switches for measuring and debugging the kernels against the PyTorch
+        paths. fused_decode=False runs decode steps through the Python layer loop (the same
+        function to ~1e-6, slower): what the fusion buys."""
+        self.fused_decode, self.attention_backend, self.linear_backend = fused_decode, attention, linear
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.backend = linear
+            elif isinstance(module, CausalSelfAttention):
+                module.backend = attention
 
     def set_weight_format(self, weight_format: str) -> None:
         """float32 | bfloat16 | int8: the copy of the weights decode reads (compute_service.linear)."""
@@ -271,9 +279,10 @@ class GPT(nn.Module):
             and kv_cache.pool.dtype == torch.float32
             and input_ids.shape[0] <= SKINNY_MAX_ROWS
             and self.config.n_embd % 16 == 0
+            and self.fused_decode
+            and self.linear_backend == "auto"
             and skinny_kernel() is not None
-            and cpp_attention_enabled()
-            and FUSED_DECODE
+            and cpp_attention_enabled(self.attention_backend)
         )
 
     def _fused_decode(

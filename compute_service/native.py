@@ -36,15 +36,15 @@ def compiler_available() -> bool:
 def build_extension(verbose: bool = False):
     """Compile (first time; cached by torch per sources and flags) and import the kernels.
     Raises whatever the build raises."""
+    return compile_module("paged_nanogpt_cpu_kernels", SOURCES, verbose)
+
+
+def compile_module(name: str, sources: list[str], verbose: bool = False):
+    """A C++ extension module built under the kernels' build policy (also bench/roofline.py's
+    bandwidth probe, which is a benchmark tool and not part of the serving kernels)."""
     from torch.utils.cpp_extension import load
 
-    return load(
-        name="paged_nanogpt_cpu_kernels",
-        sources=SOURCES,
-        extra_cflags=EXTRA_CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        verbose=verbose,
-    )
+    return load(name=name, sources=sources, extra_cflags=EXTRA_CFLAGS, extra_ldflags=["-fopenmp"], verbose=verbose)
 
 
 def load_extension():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import roofline
 from compute_service import linear, native
 
 EMPTY = torch.empty(0)
@@ -146,47 +147,55 @@ def test_argmax_rows_picks_what_torch_argmax_picks():
 
 
 def test_bandwidth_probe_reads_every_element():
-    ext = built()
+    built()  # a compiler is here
+    ext = roofline.probe_extension()
     buf = torch.arange(64 * 1000, dtype=torch.float32) % 7
     assert ext.stream_read_sum(buf) == pytest.approx(float(buf.double().sum()))
     with pytest.raises(RuntimeError, match="multiple of 64"):  # a tail would go unread
         ext.stream_read_sum(buf[:-1])
 
 
-def test_kernels_are_built_for_the_baseline_and_pick_wider_instructions_at_run_time():
-    """An image built on an AVX-512 host must run on an older x86-64 node: no -march=native, and
-    every AVX/AVX-512 instruction in the binary sits in a variant chosen only on a CPU that has it:
-    a target_clones variant (.avx2, .avx512f, .arch_x86_64_v3/v4) or the isa_avx2 / isa_avx512
-    namespaces of skinny_linear and read_probe, which pick theirs with __builtin_cpu_supports."""
-    assert not any("native" in flag for flag in native.EXTRA_CFLAGS)
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the run-time variants are x86-64's")
-    if not native.compiler_available():
-        pytest.skip("no C++ compiler on this machine")
-    library = native.build_extension().__file__
+def wide_functions(library: str) -> dict[str, set[str]]:
+    """function -> the wide register kinds (ymm, zmm) its instructions use, from objdump."""
     assert shutil.which("objdump"), "binutils (objdump) come with the C++ compiler"
     listing = subprocess.run(
         ["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True, check=True
     ).stdout
-    wide: dict[str, set[str]] = {}  # function -> register kinds its instructions use
+    wide: dict[str, set[str]] = {}
     function = ""
     for line in listing.splitlines():
         if m := re.match(r"^[0-9a-f]+ <(.+)>:$", line):
             function = m.group(1)
         for kind in re.findall(r"%(ymm|zmm)", line):
             wide.setdefault(function, set()).add(kind)
-    assert wide, "no vector variant was compiled"
-    variants = set()
-    for function, kinds in wide.items():
-        suffix = function.rsplit(".", 1)[-1]
-        if suffix in ("avx512f", "arch_x86_64_v4") or "isa_avx512" in function:
-            variants.add("avx512")
-        elif suffix in ("avx2", "arch_x86_64_v3") or "isa_avx2" in function:
-            assert "zmm" not in kinds, f"{function}: AVX-512 registers in an AVX2 variant"
-            variants.add("avx2")
-        else:
-            raise AssertionError(f"{function} uses {kinds} outside a run-time variant")
-    assert variants == {"avx2", "avx512"}
+    assert wide, f"no vector variant was compiled into {library}"
+    return wide
+
+
+def test_kernels_are_built_for_the_baseline_and_pick_wider_instructions_at_run_time():
+    """An image built on an AVX-512 host must run on an older x86-64 node: no -march=native, and
+    every AVX/AVX-512 instruction in the binary sits in a variant chosen only on a CPU that has it:
+    a target_clones variant (.avx2, .avx512f, .arch_x86_64_v3/v4) or the isa_avx2 / isa_avx512
+    namespaces of skinny_linear and bench's read probe, which pick theirs with __builtin_cpu_supports."""
+    assert not any("native" in flag for flag in native.EXTRA_CFLAGS)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the run-time variants are x86-64's")
+    if not native.compiler_available():
+        pytest.skip("no C++ compiler on this machine")
+    for library in (native.build_extension().__file__, roofline.probe_extension().__file__):
+        wide = wide_functions(library)
+        variants = set()
+        for function, kinds in wide.items():
+            suffix = function.rsplit(".", 1)[-1]
+            if suffix in ("avx512f", "arch_x86_64_v4") or "isa_avx512" in function:
+                variants.add("avx512")
+            elif suffix in ("avx2", "arch_x86_64_v3") or "isa_avx2" in function:
+                assert "zmm" not in kinds, f"{function}: AVX-512 registers in an AVX2 variant"
+                variants.add("avx2")
+            else:
+                raise AssertionError(f"{function} uses {kinds} outside a run-time variant")
+        assert variants == {"avx2", "avx512"}, library
+    wide = wide_functions(native.build_extension().__file__)
     # The row loops (row_ops.cpp) are plain C++ that GCC must vectorize; a compare it cannot
     # if-convert or a call it does not inline leaves them scalar (same results, slower steps).
     for loop in ("gelu_tanh_inplace", "layer_norm_row", "argmax_row"):

@@ -57,8 +57,13 @@ def built_kernel():
 
 
 def test_engine_with_the_torch_fallback_still_matches_hf(hf_gpt2_dir, hf_model, monkeypatch):
-    monkeypatch.setenv("PAGED_ATTENTION_BACKEND", "torch")
-    engine = LocalEngine(model=str(hf_gpt2_dir), kv_budget_tokens=1024)
+    """attention_backend=torch (a setting) runs the PyTorch fallback, and the fused decode step
+    (which needs the C++ attention) stands aside."""
+    calls = []
+    fallback = attention.torch_paged_decode_attention
+    monkeypatch.setattr(attention, "torch_paged_decode_attention", lambda *a: calls.append(1) or fallback(*a))
+    engine = LocalEngine(model=str(hf_gpt2_dir), kv_budget_tokens=1024, attention_backend="torch")
     prompt = random_prompt(np.random.default_rng(3), 40)
     params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     assert engine.generate([prompt], params)[0].token_ids == hf_greedy(hf_model, prompt, 16)
+    assert len(calls) == 15 * engine.model.config.n_layer  # every decode step, every layer

@@ -22,7 +22,6 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale);
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
 std::string skinny_linear_isa();
-double stream_read_sum(torch::Tensor buffer);
 torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torch::Tensor wte, torch::Tensor wpe,
                           std::vector<torch::Tensor> params, torch::Tensor pool, torch::Tensor slot_mapping,
                           torch::Tensor block_tables, torch::Tensor context_lens, int64_t n_head, double eps,

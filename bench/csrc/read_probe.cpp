@@ -1,4 +1,5 @@
-// The machine's streaming read bandwidth, for the benchmark's roofline: sum a large float32
+// The machine's streaming read bandwidth, for the benchmarks' roofline (bench/roofline.py builds
+// this file as its own extension: a benchmark tool, not part of the serving kernels): sum a large float32
 // buffer with every thread. Each thread reads its slab as kStreams interleaved sequential
 // streams (as the skinny kernel reads several weight rows at once), 64 bytes per stream a step
 // (as 4x16 bytes in the baseline loop), into independent accumulators, with the widest loads
@@ -11,9 +12,8 @@
 // 17): the probe measured its own loop, not the memory. Same build policy as the skinny kernel
 // (README, "Native kernels"): baseline code plus AVX2 and AVX-512 target regions, one picked by
 // what the CPU reports.
-#include "kernels.h"
-
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -108,4 +108,8 @@ double stream_read_sum(torch::Tensor buffer) {
   double total = 0.0;
   for (double v : partial) total += v;
   return total;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("stream_read_sum", &stream_read_sum, "sum of a float32 buffer read by every thread (bandwidth probe)");
 }
