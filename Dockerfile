@@ -22,9 +22,14 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
       > /tmp/requirements.txt \
     && pip install --find-links /wheels -r /tmp/requirements.txt
 
+# The C++ kernels in a layer keyed on their sources alone: a change elsewhere in the tree does not
+# recompile them (torch's extension cache under TORCH_EXTENSIONS_DIR finds them at run time).
+COPY compute_service/__init__.py compute_service/native.py compute_service/
+COPY compute_service/csrc/ compute_service/csrc/
+RUN python -m compute_service.native --build --require
+
 COPY . .
 RUN protos/generate.sh \
-    && python -m compute_service.native --build --require \
     && useradd --create-home --uid 10001 app && chmod -R a+rX /app \
     && chown -R app /opt/torch_extensions  # torch takes a lock file there when it loads the kernel
 USER app

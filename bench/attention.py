@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.quick import add_quick_flag, apply_quick, at_most
 from compute_service.attention import torch_paged_decode_attention
 from compute_service.native import load_extension
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--n-head", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=30)
-    args = ap.parse_args(argv)
+    add_quick_flag(ap, batch=at_most(4), context=at_most(64), repeats=at_most(3))
+    args = apply_quick(ap.parse_args(argv))
     B, T, H, D, bs = args.batch, args.context, args.n_head, args.head_dim, args.block_size
     gen = torch.Generator().manual_seed(0)
     blocks_per_seq = T // bs

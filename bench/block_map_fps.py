@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 from playwright.sync_api import sync_playwright
 
+from bench.quick import add_quick_flag, apply_quick, at_most
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
 from gateway.client import stream_generate
@@ -72,13 +73,14 @@ def show_a_sequence(page) -> None:
         page.mouse.move(at["x"], at["y"] + 1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=16384)
     parser.add_argument("--seqs", type=int, default=64)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--screenshot", default="", help="save the page here at the end (a block in use clicked)")
-    args = parser.parse_args()
+    add_quick_flag(parser, seconds=at_most(2), blocks=at_most(1024), seqs=at_most(8))
+    args = apply_quick(parser.parse_args(argv))
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser_path:
         raise SystemExit("Chromium is not installed (Debian: apt-get install chromium)")

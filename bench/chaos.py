@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from bench.quick import add_quick_flag, apply_quick, at_most, scratch_dir
 from bench.workloads import served_model_limits
 from deploy.run_local import running_stack, start_serving, wait_serving
 from deploy.services import free_ports, local_services
@@ -191,7 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="shakespeare")
     ap.add_argument("--lease-ttl-s", type=float, default=3.0)
     ap.add_argument("--log-dir", default="/tmp/chaos-logs")
-    args = ap.parse_args(argv)
+    add_quick_flag(
+        ap,
+        num_requests=at_most(16),
+        concurrency=at_most(4),
+        faults="kill=1,pause=1,memory=1",
+        lease_ttl_s=1.0,
+        model="dummy:tiny",
+        log_dir=scratch_dir(),
+    )
+    args = apply_quick(ap.parse_args(argv))
     faults = {k: int(v) for k, v in (item.split("=") for item in args.faults.split(",") if item)}
     os.makedirs(args.log_dir, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = "1"  # two replicas share this machine's cores: one torch thread each

@@ -25,6 +25,7 @@ import time
 import grpc
 import numpy as np
 
+from bench.quick import add_quick_flag, apply_quick, at_most
 from deploy.run_local import start_serving, stop_service
 from deploy.services import ServiceSpec, free_ports
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-blocks", type=int, default=4096)
     ap.add_argument("--event-log", action="store_true", help="the events arm also writes a JSON-lines log")
     ap.add_argument("--no-subscriber", action="store_true", help="events on, but nobody watching")
-    args = ap.parse_args(argv)
+    add_quick_flag(ap, rounds=1, steps=at_most(20), seqs=at_most(4))
+    args = apply_quick(ap.parse_args(argv))
     log_dir = tempfile.mkdtemp(prefix="events-overhead-")
     event_log = os.path.join(log_dir, "events.jsonl") if args.event_log else ""
     (on_proc, on), (off_proc, off) = start_memory(True, log_dir, event_log), start_memory(False, log_dir)

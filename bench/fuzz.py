@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from bench.isolation import API_KEY, Innocents, isolation_stack, leaked_blocks, reference_outputs
+from bench.quick import add_quick_flag, apply_quick, at_most
 from gateway.client import auth_metadata
 from rpc.v1 import generate_pb2
 
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--innocent-tokens", type=int, default=64)
     ap.add_argument("--log-dir", default="", help="the services' logs (default: a temporary folder)")
-    args = ap.parse_args(argv)
+    add_quick_flag(ap, requests=at_most(50), innocent_tokens=at_most(8))
+    args = apply_quick(ap.parse_args(argv))
     expected = reference_outputs(args.model, args.innocent_tokens)
     with tempfile.TemporaryDirectory() as tmp, isolation_stack(args.log_dir or tmp, args.model) as stack:
         innocents = Innocents(stack, expected).start()

@@ -20,6 +20,7 @@ import time
 import grpc
 import numpy as np
 
+from bench.quick import add_quick_flag, apply_quick, at_most
 from common.block_hash import prompt_block_hashes
 from deploy.run_local import running_stack
 from deploy.services import ServiceSpec, free_ports
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=832)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    add_quick_flag(ap, cached_blocks=at_most(200), calls=at_most(50))
+    args = apply_quick(ap.parse_args(argv))
     port, metrics = free_ports(2)
     spec = ServiceSpec(
         "memory",

@@ -1,5 +1,5 @@
 """How prompts of different lengths should share a prefill forward, and what a prefill costs
-next to decode steps (the measurements behind the scheduler's choices in the README).
+next to decode steps (the measurements behind the scheduler's choices in docs/benchmarks.md).
 
     python -m bench.prefill --model dummy:gpt2
 Packed = every prompt's real tokens concatenated (what the engine does); padded = every prompt
@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from bench.quick import add_quick_flag, apply_quick, at_most
 from compute_service.model import AttentionMetadata
 from compute_service.weights import load_model
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda s: [p for p in s.split(",") if p],
         help="llama-cpp-f32,... : prefill tok/s of the same prompt on the same weights",
     )
-    args = ap.parse_args(argv)
+    add_quick_flag(ap, model="dummy:tiny", num_prompts=at_most(2), repeats=1, prompt_tokens=at_most(64))
+    args = apply_quick(ap.parse_args(argv))
     model = load_model(args.model)
     lens = np.random.default_rng(args.seed).integers(20, 300, size=args.num_prompts).tolist()
     packed = forward_ms(model, lens, args.repeats)

@@ -5,13 +5,13 @@ input mean about 161, output mean about 338 tokens, long-tailed). Prompt and out
 lognormal with sigma 0.8 (a long tail), each at least 4 tokens, prompt + output <= 1024 (GPT-2's
 context). The lognormal means (163, 376) are calibrated so that the means *after* that clipping
 are 161 and 338 over a large sample (20,000 requests: 161.6 and 338.7). Fixed once chosen: the
-numbers in the README are measured on exactly this distribution.
+numbers in docs/benchmarks.md are measured on exactly this distribution.
 
 Served models with a shorter context (the default Shakespeare model has 512) get requests that
 fit it, drawn from the same generator: a prompt that leaves fewer than 4 tokens of room is
 redrawn (prompt and output length drawn again), and the output length is clipped to the room
 left. For a 1024-token context nothing is redrawn or clipped further, so seed 0 draws exactly
-the requests the README's numbers were measured on.
+the requests docs/benchmarks.md's numbers were measured on.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The no-KV-cache baseline: every step recomputes every running sequence from its first token.
 
-Kept for the original design's three-arm benchmark (paged vs contiguous vs no cache, README
+Kept for the original design's three-arm benchmark (paged vs contiguous vs no cache, docs/benchmarks.md,
 "Single stream"); the serving path never takes it. (Contiguous reservation is the other
 baseline: a compute_service.kv_manager.Reservation handed to the paged path.)
 """

@@ -48,10 +48,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     # Paged admission keeps this many free blocks per running sequence: on a CPU a preemption's
     # recompute costs seconds, so a little headroom beats packing the pool to the last block
-    # (README, "Concurrency": 104 -> 26 preemptions on sharegpt-synth in a simulation; measured,
+    # (docs/benchmarks.md, "Concurrency": 104 -> 26 preemptions on sharegpt-synth in a simulation; measured,
     # paged went from 57.3 to 60.8 tok/s).
     headroom_blocks_per_seq: int = 3
-    max_num_batched_tokens: int = 2048  # vLLM's default for online serving; README "Shared KV blocks" measures 4096 too
+    max_num_batched_tokens: int = 2048  # vLLM's default for online serving; docs/benchmarks.md "Shared KV blocks" measures 4096 too
     device: str = "cpu"
     # Precision of the weights. On CPU: float32 (token-exact with HF) or bfloat16, the copy of the
     # weights decode's few-row products read; activations, the KV cache and prefill stay float32
@@ -66,7 +66,7 @@ class EngineConfig:
     # it ends that request alone). Empty = off.
     fault_injection_salt: str = ""
     # Kernel switches, for measuring and debugging the CPU kernels against the PyTorch paths
-    # (README "Configuration"; docs/benchmarks.md measures each): decode attention auto | cpp |
+    # (README "Configuration"; docs/benchmarks.md measures what each buys): decode attention auto | cpp |
     # torch, few-row linear products auto (the skinny kernel where it runs) | torch, and whether a
     # decode step runs as one C++ call (on) or the Python layer loop (off).
     attention_backend: str = "auto"

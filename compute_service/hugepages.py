@@ -2,7 +2,7 @@
 
 Decode streams ~0.5 GB of weights a token; with 4 KiB pages that is 120,000 TLB entries a step
 and the page walks show: the linear layers read 10.8 ms a token from ordinary memory and 8.8 ms
-from huge pages on the build machine (README, "Decode speed"). Most Linux machines set
+from huge pages on the build machine (docs/benchmarks.md, "Decode speed"). Most Linux machines set
 transparent huge pages to `madvise`, so memory gets them only when asked: we allocate one
 anonymous mapping, madvise(MADV_HUGEPAGE) it and place tensors inside (llama.cpp gets the same
 effect from mmap-ing its model file). Elsewhere (no MADV_HUGEPAGE) tensors stay where they are.

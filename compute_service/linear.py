@@ -4,7 +4,7 @@ weights it reads can be stored in bfloat16 or int8.
 At decode a linear layer multiplies a few rows (one per running sequence) by a large matrix, so
 its time is the time to read the matrix. torch's F.linear (MKL) does that at a third of the
 machine's read bandwidth on the AMD CPUs we measured; `skinny_linear` (csrc/skinny_linear.cpp)
-reads each weight row once for all rows at close to the bandwidth (README, "Decode speed").
+reads each weight row once for all rows at close to the bandwidth (docs/benchmarks.md, "Decode speed").
 Above SKINNY_MAX_ROWS rows (prefill) a blocked GEMM is faster: oneDNN's where torch has it
 (measured 2.2x MKL's sgemm at 512 rows on the AMD build machine), else F.linear.
 
@@ -23,14 +23,13 @@ import torch.nn.functional as F
 
 from compute_service.native import load_extension
 
-# Rows of x up to which the kernel beats MKL/oneDNN: 16 on the machines first measured; raised to
-# 32 on 2026-11-28 after decode at 24 and 32 sequences ran 1.26x / 1.24-1.32x faster with it
-# side by side (AVX-512 build machine; README "Decode speed", step 7).
+# Rows of x up to which the kernel beats MKL/oneDNN: decode at 24 and 32 sequences ran faster with
+# it than without, side by side (docs/benchmarks.md, "Decode speed", step 7).
 SKINNY_MAX_ROWS = 32
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 NO_TENSOR = torch.empty(0)  # "none" for the kernels: no scale, no bias
 # Many-row products (prefill) through oneDNN: 2.2x MKL's sgemm at 512 rows on the AMD build
-# machine (MKL takes its AVX2 path there; README, "Decode speed"). Inference only: no autograd.
+# machine (MKL takes its AVX2 path there; docs/benchmarks.md, "Decode speed"). Inference only: no autograd.
 _onednn_linear = (
     torch.ops.mkldnn._linear_pointwise.default
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

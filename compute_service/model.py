@@ -288,7 +288,7 @@ class GPT(nn.Module):
     def _fused_decode(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
-        """A decode step's logits in one parallel region (README "Decode speed", step 9). The
+        """A decode step's logits in one parallel region (docs/benchmarks.md, "Decode speed", step 9). The
         tensor list is made at first use, after set_weight_format (which resets it) and the move to
         huge pages; it holds the Parameter objects, so parameters moved later keep working."""
         if self._decode_params is None:

@@ -3,7 +3,7 @@
 `python -m compute_service.native --build` compiles them (run by `make install` and the image
 build) into torch's extension cache. Where a C++ compiler is installed, kernels that do not build
 fail that step (and the tests); the PyTorch paths are for machines without a compiler and for
-other devices. Build flags follow the native-kernel policy in the README: the architecture's
+other devices. Build flags follow the native-kernel policy in docs/architecture.md: the architecture's
 baseline, with wider instructions picked at load time (target_clones, or AVX2/AVX-512 target
 regions chosen by __builtin_cpu_supports), never
 -march=native, so an image built on an AVX-512 host runs on any x86-64 node.

@@ -8,8 +8,12 @@ a generation through the published gateway port with the project's client and co
 the in-process engine (and the same text from POST /v1/completions on the published port 8000),
 `up -d --scale compute=2` and check both replicas serve (the gateway is not restarted: it
 discovers the new replica through the memory service), check the block map (published on
-loopback 9102) shows both replicas' pools, then `down` and delete everything. Container storage
-lives in a temporary folder, never the machine's default.
+loopback 9102) shows both replicas' pools, then `down`. Container storage lives in this
+project's cache folder (`$XDG_CACHE_HOME/paged-nanogpt/compose-test`, or COMPOSE_TEST_WORKDIR),
+never the machine's default: the base image and the image's layers (system packages, torch, the
+dependencies, the kernels, keyed on their sources) are built once per machine and reused, so a
+later run rebuilds only what changed (the last layer, the tree). Containers and dangling layers are
+removed after each run; COMPOSE_TEST_FRESH=1 uses a temporary folder and deletes it.
 Podman runs healthchecks from systemd timers, and there is no systemd here: a thread of this
 driver plays the timer (`podman healthcheck run` every 2 s), so `service_healthy` still means
 the service's own grpc.health check passed.
@@ -18,6 +22,7 @@ Needs (Debian): podman runc debootstrap docker-compose catatonit.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -39,6 +44,14 @@ BASE = "localbase:bookworm"
 PROMPT, MAX_NEW = "ROMEO:", 16
 REQUIRED = ("podman", "debootstrap", "docker-compose", "runc")
 INSTALL_HINT = "on Debian: apt-get install -y podman runc debootstrap docker-compose catatonit (.ci/run does)"
+
+
+def cache_dir() -> Path:
+    """Where the container storage persists between runs (the layers are the slow part)."""
+    if os.environ.get("COMPOSE_TEST_WORKDIR"):
+        return Path(os.environ["COMPOSE_TEST_WORKDIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "paged-nanogpt" / "compose-test"
 
 
 def missing_tools() -> list[str]:
@@ -240,8 +253,11 @@ def main() -> int:
         print(f"missing tools: {missing}; {INSTALL_HINT}", file=sys.stderr)
         return 2
     subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], check=True)
-    keep = os.environ.get("COMPOSE_TEST_WORKDIR")  # reuse one storage folder between runs (development)
-    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="compose-test-"))
+    fresh = os.environ.get("COMPOSE_TEST_FRESH") == "1"
+    work = Path(tempfile.mkdtemp(prefix="compose-test-")) if fresh else cache_dir()
+    work.mkdir(parents=True, exist_ok=True)
+    lock = open(work / "lock", "w")  # noqa: SIM115 (held for the whole run)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one run at a time per storage folder
     podman = Podman(work)
     try:
         if not podman.run("podman", "images", "-q", BASE, capture=True).strip():
@@ -273,9 +289,13 @@ def main() -> int:
     finally:
         podman.compose("down", "-t", "1", "--remove-orphans", check=False)
         podman.stop_api()
-        if not keep:
+        if fresh:
             podman.run("podman", "system", "reset", "--force", check=False)
             shutil.rmtree(work, ignore_errors=True)
+        else:  # keep the images for the next run; nothing else
+            podman.run("podman", "container", "prune", "-f", check=False)
+            podman.run("podman", "image", "prune", "-f", check=False)
+        lock.close()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 # Python + torch + gRPC + the tokenizer + the kernels, before any weight or KV: a replica of
-# dummy:tiny on a 256-token pool peaked at 299 MiB here (2026-11-28).
+# dummy:tiny on a 256-token pool peaked at 299 MiB (tests/test_k8s_manifests.py measures it).
 RUNTIME_BYTES = 320 * 2**20
 HEADROOM = 1.25  # activations of a full prefill step, allocator slack
 

@@ -21,7 +21,7 @@ class GatewayConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     # Empty = discover the replicas from the memory service (each advertises itself once SERVING);
-    # else a static comma-separated list, or dns:///name:port (gateway/router.py).
+    # else a static comma-separated list, or dns:///name:port (gateway/replica_set.py).
     compute_addresses: str = ""
     memory_address: str = "127.0.0.1:50051"  # discovery, kv-aware matching, GetStats; empty = none
     routing: str = "kv-aware"  # kv-aware | least-loaded | round-robin (gateway/routing.py)
@@ -36,7 +36,7 @@ class GatewayConfig:
     health_poll_s: float = 0.5  # how often each replica's grpc.health.v1 status is read
     replica_down_after_s: float = 2.0  # no health answer for this long = down: its streams move
     drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight streams may still finish
-    # Bounds on what a client can make the gateway hold or do (README "Bounds"); each is applied
+    # Bounds on what a client can make the gateway hold or do (docs/operations.md, "Isolation and bounds"); each is applied
     # before the work it bounds.
     max_request_s: float = 600.0  # a request's whole duration (both fronts; a shorter client deadline wins)
     max_request_bytes: int = 1 << 20  # an HTTP body, and a public gRPC message (a 1024-token text is <= 128 KiB)

@@ -13,29 +13,25 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from contextlib import aclosing
+from dataclasses import replace
 from typing import AsyncIterator
 
 import grpc
 
 from common.failures import REPLICA_SCOPE, REQUEST_SCOPE, failure_scope
 from common.grpc_server import CHANNEL_OPTIONS
-from common.protocol import logprobs_from_proto, sampling_params_to_proto
-from common.sampling_params import (
-    FieldError,
-    SamplingParams,
-    TokenLogprobs,
-    check_prompt_text,
-    new_seed,
-    validate_request,
-)
+from common.protocol import logprobs_from_proto
+from common.sampling_params import FieldError, check_prompt_text, new_seed, validate_request
 from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
+from gateway.api_types import ClientRequest, Completion, GatewayError, ModelInfo, TokenChunk
 from gateway.config import GatewayConfig
 from gateway.metrics import IN_FLIGHT, MIGRATIONS, GatewayMetrics, RequestTimer
-from gateway.router import Replica, ReplicaRouter
+from gateway.replica_set import Replica, ReplicaSet
 from gateway.routing import PrefixKey, Route, Routing
-from rpc.internal.v1 import compute_pb2, memory_pb2, memory_pb2_grpc
+from gateway.tracked_request import SampleProgress, TrackedRequest
+from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("gateway")
 # Replica statuses that are about the request itself: the client sees them as they are. Any other
@@ -48,103 +44,6 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
-class GatewayError(Exception):
-    """A request the gateway cannot serve. `status` is a gRPC status name (INVALID_ARGUMENT,
-    RESOURCE_EXHAUSTED, UNAVAILABLE, ...); every front maps it onto its own protocol. `field`
-    names the request field at fault (SamplingParams' names, or "prompt"), when one is."""
-
-    def __init__(self, status: str, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-
-
-@dataclass
-class ClientRequest:
-    prompt: str | bytes | list[int] | None  # text (bytes: checked to be UTF-8) is tokenized here
-    params: SamplingParams
-    request_id: str = ""  # empty = the gateway makes one
-
-
-@dataclass
-class TokenChunk:
-    token_ids: list[int]
-    text: str
-    index: int = 0  # which of the request's n samples
-    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, when asked for
-
-
-@dataclass
-class Completion:
-    request_id: str
-    finish_reason: str  # length | stop | eos | abort
-    prompt_tokens: int
-    completion_tokens: int
-    num_preemptions: int
-    replica: str
-    seed: int  # what it sampled with: the request's, or one the gateway chose
-    num_migrations: int  # times it was continued on another replica
-    timings: dict[str, float]  # queue_ms (the engine's), ttft_ms, tpot_ms, e2e_ms (the gateway's clock)
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache
-    index: int = 0  # which sample this ends (a request with n samples ends with n Completions)
-    matched_tokens: int = 0  # prompt tokens the router saw held on the replica it chose (kv-aware)
-
-
-@dataclass
-class ModelInfo:
-    model: str
-    context_length: int
-    block_size: int
-    mode: str
-    vocab_size: int
-
-
-@dataclass
-class _Sample:
-    """One of a request's n samples: its tokens so far and the text the client has been sent."""
-
-    text: IncrementalText
-    generated: list[int] = field(default_factory=list)
-    done: bool = False
-
-
-@dataclass
-class _Stream:
-    """One client request as the gateway follows it across replicas: every sample's tokens
-    streamed so far (what a continuation resubmits) and which samples have ended."""
-
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    samples: list[_Sample]
-    migrations: int = 0
-    replica_deaths: int = 0  # attempts whose replica broke under it (common.failures)
-
-    @property
-    def num_generated(self) -> int:
-        return sum(len(s.generated) for s in self.samples)
-
-    def forward(self) -> compute_pb2.GenerateRequest:
-        """The replica's request: prompt + the tokens so far, the same seed, the same budget (with
-        n > 1 after a fault: the samples still running, each with its tokens). Each attempt has
-        its own id, so a replica still cleaning up an earlier one never collides."""
-        message = compute_pb2.GenerateRequest(
-            request_id=f"{self.request_id}/{self.migrations}",
-            prompt_token_ids=self.prompt,
-            params=sampling_params_to_proto(self.params, compute_pb2.SamplingParams),
-        )
-        if self.params.n == 1:
-            message.output_token_ids.extend(self.samples[0].generated)
-        elif self.migrations:
-            message.samples.extend(
-                compute_pb2.SampleOutputs(index=i, output_token_ids=s.generated)
-                for i, s in enumerate(self.samples)
-                if not s.done
-            )
-        return message
-
-
 class GatewayCore:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -152,7 +51,7 @@ class GatewayCore:
         if config.memory_address:
             self._memory_channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
             self._memory = memory_pb2_grpc.MemoryServiceStub(self._memory_channel)
-        self.router = ReplicaRouter(
+        self.replicas = ReplicaSet(
             config.compute_addresses,
             self._memory,
             config.health_poll_s,
@@ -160,7 +59,7 @@ class GatewayCore:
             config.discovery_poll_s,
         )
         self.routing = Routing(
-            config.routing, self.router, self._memory, config.kv_overlap_weight, config.match_timeout_s
+            config.routing, self.replicas, self._memory, config.kv_overlap_weight, config.match_timeout_s
         )
         self.tokenizer = get_tokenizer()
         self.metrics = GatewayMetrics()
@@ -173,8 +72,8 @@ class GatewayCore:
     async def start(self) -> ModelInfo:
         """Watch the replicas (discover them, poll their health), then wait for one to tell the
         model's facts (requests fail UNAVAILABLE until then)."""
-        self.router.start(self._replica_down)
-        info = await self.router.info(self.config.startup_timeout_s)
+        self.replicas.start(self._replica_down)
+        info = await self.replicas.info(self.config.startup_timeout_s)
         self._model_info = ModelInfo(info.model, info.context_length, info.block_size, info.mode, info.vocab_size)
         self.routing.configure(info.block_size, info.cache_namespace, info.caches_prefixes)
         return self._model_info
@@ -205,7 +104,7 @@ class GatewayCore:
             return self.tokenizer.encode(text)
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
-    async def _stream(self, request: ClientRequest) -> _Stream:
+    async def _track(self, request: ClientRequest) -> TrackedRequest:
         """The request as the gateway follows it, after the one validation this process applies
         (ValueError names the field at fault). A request without a seed gets one here."""
         info = self.model_info
@@ -218,8 +117,8 @@ class GatewayCore:
         if request_id in self._requests:
             raise FieldError("request_id", f"request_id {request_id!r} is already in flight")
         params = request.params if request.params.seed is not None else replace(request.params, seed=new_seed())
-        samples = [_Sample(IncrementalText(self.tokenizer, params.stop)) for _ in range(params.n)]
-        return _Stream(request_id, prompt, params, samples)
+        samples = [SampleProgress(IncrementalText(self.tokenizer, params.stop)) for _ in range(params.n)]
+        return TrackedRequest(request_id, prompt, params, samples)
 
     async def generate(
         self, request: ClientRequest, timeout_s: float | None = None
@@ -230,11 +129,14 @@ class GatewayCore:
         draining), the request continues on another replica from the tokens already streamed,
         and the client's stream goes on with the same tokens a fault-free run gives. Raises
         GatewayError; a front that stops iterating must close the generator (aclosing) so the
-        replica's call is cancelled and its blocks freed."""
+        replica's call is cancelled and its blocks freed.
+
+        The attempt loop: route, run one attempt (_attempt), and on its outcome (_after_failure)
+        continue elsewhere or end the request."""
         timer = RequestTimer()
         self._refuse_if_full(timer)  # before any work on the request
         try:
-            stream = await self._stream(request)
+            tracked = await self._track(request)
         except ValueError as exc:
             self.metrics.record_request("INVALID_ARGUMENT", timer, None)
             raise GatewayError("INVALID_ARGUMENT", str(exc), getattr(exc, "field", "")) from None
@@ -242,10 +144,10 @@ class GatewayCore:
         if self.config.max_request_s > 0:  # no request outlives the bound, whatever its client asked
             timeout_s = self.config.max_request_s if timeout_s is None else min(timeout_s, self.config.max_request_s)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        request_id, status, queue_ms = stream.request_id, None, None
+        request_id, status = tracked.request_id, None
         failed: set[str] = set()  # replicas that failed this request: another is preferred
         full: set[str] = set()  # replicas that answered RESOURCE_EXHAUSTED
-        key = self.routing.key(stream.prompt, stream.params.cache_salt)
+        key = self.routing.key(tracked.prompt, tracked.params.cache_salt)
         self._requests.add(request_id)
         IN_FLIGHT.inc()
         try:
@@ -254,90 +156,36 @@ class GatewayCore:
                 route = await self._wait_for_replica(request_id, key, failed, full, deadline)
                 if route is None:  # aborted while it waited for a replica
                     status = "OK"
-                    for completion in self._aborted_completions(stream, timer, ""):
+                    for completion in self._aborted_completions(tracked, timer, ""):
                         yield completion
                     return
-                replica, first_complete, call = route.replica, True, None
+                replica = route.replica
                 try:
-                    call = replica.stub.Generate(stream.forward(), timeout=_remaining(deadline))
-                    self._calls[request_id] = (call, replica)
-                    async for response in call:
-                        route.prefilled()
-                        if response.HasField("chunk"):
-                            ids, index = list(response.chunk.token_ids), response.chunk.index
-                            self._count(ids, stream.samples[index], timer)
-                            yield TokenChunk(
-                                ids,
-                                stream.samples[index].text.add(ids),
-                                index,
-                                logprobs_from_proto(response.chunk.logprobs),
-                            )
-                        elif response.HasField("complete"):
-                            done = response.complete
-                            sample = stream.samples[done.index]
-                            ids = list(done.token_ids)
-                            self._count(ids, sample, timer)
-                            rest = sample.text.finish(done.output_text)
-                            if ids or rest:
-                                yield TokenChunk(ids, rest, done.index, logprobs_from_proto(done.logprobs))
-                            sample.done, queue_ms = True, done.queue_ms
-                            if first_complete:  # an attempt's samples share one prompt: count it once
-                                first_complete = False
-                                route.count_prompt(done.prompt_tokens, done.cached_tokens)
-                            yield Completion(
-                                request_id,
-                                done.finish_reason,
-                                done.prompt_tokens,
-                                done.completion_tokens,
-                                done.num_preemptions,
-                                done.replica,
-                                stream.params.seed,
-                                stream.migrations,
-                                dict(queue_ms=queue_ms, **timer.timings()),
-                                done.cached_tokens,
-                                done.index,
-                                route.matched_tokens,
-                            )
-                            if all(s.done for s in stream.samples):
-                                status = "OK"
-                                return  # done: whatever happens to the call from here on is not the client's
+                    async with aclosing(self._attempt(tracked, route, timer, deadline)) as events:
+                        async for event in events:
+                            yield event
+                    if all(s.done for s in tracked.samples):
+                        status = "OK"
+                        return  # done: whatever happens to the call from here on is not the client's
                     failed.add(replica.address)  # the stream ended with no result: the replica's fault
-                    self._migrate(stream, replica, "the stream ended without a result", died=True)
+                    self._migrate(tracked, replica, "the stream ended without a result", died=True)
                 except asyncio.CancelledError:
                     if request_id in self._aborted:
                         status = "OK"
-                        for completion in self._aborted_completions(stream, timer, replica.address):
+                        for completion in self._aborted_completions(tracked, timer, replica.address):
                             yield completion
                         return
                     if request_id in self._evicted:  # the replica is down: continue elsewhere
                         failed.add(replica.address)
-                        self.router.suspect(replica)
-                        self._migrate(stream, replica, "its replica stopped answering", died=True)
+                        self.replicas.suspect(replica)
+                        self._migrate(tracked, replica, "its replica stopped answering", died=True)
                         continue
                     status = "CANCELLED"
-                    raise  # the client went away; `finally` cancels the upstream call
+                    raise  # the client went away; the attempt's call was cancelled on the way out
                 except grpc.aio.AioRpcError as exc:
-                    code, scope = exc.code().name, failure_scope(exc.trailing_metadata())
-                    if code in _CLIENT_ERRORS or scope == REQUEST_SCOPE:  # about the request: not retried
-                        status = code
-                        log.info(
-                            "request %s: replica %s answered %s: %s", request_id, replica.address, code, exc.details()
-                        )
-                        raise GatewayError(code, exc.details()) from None  # the replica's own words for the client
-                    if code == "RESOURCE_EXHAUSTED":
-                        full.add(replica.address)  # try one with room; at once RESOURCE_EXHAUSTED if none
-                        continue
-                    failed.add(replica.address)
-                    self.router.suspect(replica)  # broken, or not serving (draining, no memory): none until SERVING
-                    # A replica giving the request back (REPLICA_SCOPE) did not die under it.
-                    self._migrate(
-                        stream, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE, client_why=code
-                    )  # transport details (addresses) stay in the log
+                    self._after_failure(tracked, replica, exc, failed, full)
                 finally:
                     route.release()
-                    if call is not None:
-                        call.cancel()
-                    self._calls.pop(request_id, None)
         except GatewayError as exc:
             status = status or exc.status
             raise
@@ -349,14 +197,82 @@ class GatewayCore:
             self._requests.discard(request_id)
             self._aborted.discard(request_id)
             self._evicted.discard(request_id)
-            self.metrics.record_request(status or "CANCELLED", timer, queue_ms)
+            self.metrics.record_request(status or "CANCELLED", timer, tracked.queue_ms)
+
+    async def _attempt(
+        self, tracked: TrackedRequest, route: Route, timer: RequestTimer, deadline: float | None
+    ) -> AsyncIterator[TokenChunk | Completion]:
+        """One attempt on `route`'s replica: its responses as the client's events, until every
+        sample is done or the call ends (an error is raised to the attempt loop). The call is
+        cancelled on the way out, whatever ends the attempt."""
+        replica, first_complete, call = route.replica, True, None
+        try:
+            call = replica.stub.Generate(tracked.forward(), timeout=_remaining(deadline))
+            self._calls[tracked.request_id] = (call, replica)
+            async for response in call:
+                route.prefilled()
+                if response.HasField("chunk"):
+                    ids, index = list(response.chunk.token_ids), response.chunk.index
+                    self._count(ids, tracked.samples[index], timer)
+                    text = tracked.samples[index].text.add(ids)
+                    yield TokenChunk(ids, text, index, logprobs_from_proto(response.chunk.logprobs))
+                elif response.HasField("complete"):
+                    done = response.complete
+                    sample = tracked.samples[done.index]
+                    ids = list(done.token_ids)
+                    self._count(ids, sample, timer)
+                    rest = sample.text.finish(done.output_text)
+                    if ids or rest:
+                        yield TokenChunk(ids, rest, done.index, logprobs_from_proto(done.logprobs))
+                    sample.done, tracked.queue_ms = True, done.queue_ms
+                    if first_complete:  # an attempt's samples share one prompt: count it once
+                        first_complete = False
+                        route.count_prompt(done.prompt_tokens, done.cached_tokens)
+                    yield Completion(
+                        tracked.request_id,
+                        done.finish_reason,
+                        done.prompt_tokens,
+                        done.completion_tokens,
+                        done.num_preemptions,
+                        done.replica,
+                        tracked.params.seed,
+                        tracked.migrations,
+                        dict(queue_ms=done.queue_ms, **timer.timings()),
+                        done.cached_tokens,
+                        done.index,
+                        route.matched_tokens,
+                    )
+                    if all(s.done for s in tracked.samples):
+                        return
+        finally:
+            if call is not None:
+                call.cancel()
+            self._calls.pop(tracked.request_id, None)
+
+    def _after_failure(
+        self, tracked: TrackedRequest, replica: Replica, exc: grpc.aio.AioRpcError, failed: set[str], full: set[str]
+    ) -> None:
+        """An attempt's call failed: raise GatewayError to end the request, or return to continue
+        it on another replica (a full replica is only avoided; a failed one is also suspected)."""
+        code, scope = exc.code().name, failure_scope(exc.trailing_metadata())
+        if code in _CLIENT_ERRORS or scope == REQUEST_SCOPE:  # about the request: not retried
+            log.info("request %s: replica %s answered %s: %s", tracked.request_id, replica.address, code, exc.details())
+            raise GatewayError(code, exc.details()) from None  # the replica's own words for the client
+        if code == "RESOURCE_EXHAUSTED":
+            full.add(replica.address)  # try one with room; at once RESOURCE_EXHAUSTED if none
+            return
+        failed.add(replica.address)
+        self.replicas.suspect(replica)  # broken, or not serving (draining, no memory): none until SERVING
+        # A replica giving the request back (REPLICA_SCOPE) did not die under it; transport
+        # details (addresses) stay in the log.
+        self._migrate(tracked, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE, client_why=code)
 
     def _refuse_if_full(self, timer: RequestTimer) -> None:
         if len(self._requests) >= self.config.max_in_flight:
             self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
             raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
 
-    def _aborted_completions(self, stream: _Stream, timer: RequestTimer, replica: str) -> list[Completion]:
+    def _aborted_completions(self, stream: TrackedRequest, timer: RequestTimer, replica: str) -> list[Completion]:
         """An aborted request ends every sample still running with finish_reason abort."""
         return [
             Completion(
@@ -375,14 +291,14 @@ class GatewayCore:
             if not s.done
         ]
 
-    def _count(self, ids: list[int], sample: _Sample, timer: RequestTimer) -> None:
+    def _count(self, ids: list[int], sample: SampleProgress, timer: RequestTimer) -> None:
         if ids:
             sample.generated.extend(ids)
             timer.on_tokens(len(ids))
             self.metrics.record_tokens(len(ids))
 
     def _migrate(
-        self, stream: _Stream, replica: Replica, why: str, died: bool = False, client_why: str | None = None
+        self, stream: TrackedRequest, replica: Replica, why: str, died: bool = False, client_why: str | None = None
     ) -> None:
         """Count one more continuation of `stream`, or give up past the budget (UNAVAILABLE). A
         request whose replica died under it (`died`) max_replica_deaths times is a query of
@@ -435,11 +351,11 @@ class GatewayCore:
         while request_id not in self._aborted:
             route = await self.routing.choose(key, failed | full) or await self.routing.choose(key, full)
             if route is not None:
-                if request_id in self._aborted:  # aborted while the router asked the memory service
+                if request_id in self._aborted:  # aborted while routing asked the memory service
                     route.release()
                     return None
                 return route
-            serving = [r for r in self.router.replicas if r.serving]
+            serving = [r for r in self.replicas.replicas if r.serving]
             if full and serving and all(r.address in full for r in serving):
                 raise GatewayError("RESOURCE_EXHAUSTED", "every compute replica's queue is full; retry later")
             if time.monotonic() >= give_up:
@@ -448,7 +364,7 @@ class GatewayCore:
         return None
 
     def _replica_down(self, replica: Replica) -> None:
-        """The router lost a replica: cancel its calls, which continue elsewhere."""
+        """The replica set lost a replica: cancel its calls, which continue elsewhere."""
         for request_id, (call, at) in list(self._calls.items()):
             if at is replica:
                 self._evicted.add(request_id)
@@ -464,7 +380,7 @@ class GatewayCore:
             self._calls[request_id][0].cancel()
 
     async def close(self) -> None:
-        await self.router.close()
+        await self.replicas.close()
         if self._memory_channel is not None:
             await self._memory_channel.close()
 

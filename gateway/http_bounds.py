@@ -1,4 +1,4 @@
-"""The HTTP front's bounds, applied before the work they bound (README "Bounds").
+"""The HTTP front's bounds, applied before the work they bound (docs/operations.md, "Isolation and bounds").
 
 - `bounded_protocol`: uvicorn's HTTP protocol with the guards uvicorn lacks: a connection past
   `max_connections` is answered 429 (OpenAI JSON) and closed before anything is parsed; a

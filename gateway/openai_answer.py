@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from common.sampling_params import TokenLogprobs
 from common.tokenizer import Tokenizer
-from gateway.core import Completion, GatewayError, TokenChunk
+from gateway.api_types import Completion, GatewayError, TokenChunk
 from gateway.openai_protocol import Prepared
 
 # Our finish reasons as OpenAI's (an EOS token is a natural stop, as OpenAI reports it).

@@ -23,8 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from common.sampling_params import FieldError
+from gateway.api_types import GatewayError, ModelInfo
 from gateway.auth import ApiKeys
-from gateway.core import GatewayCore, GatewayError, ModelInfo
+from gateway.core import GatewayCore
 from gateway.http_bounds import CLOSE, BodyLimit, HttpBounds
 from gateway.openai_answer import Answer, EventStreamResponse, collect, stream
 from gateway.openai_errors import OpenAIError
@@ -192,7 +193,7 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        serving = sum(r.serving for r in core.router.replicas)
+        serving = sum(r.serving for r in core.replicas.replicas)
         try:
             status = "draining" if app.state.draining else "ok" if core.model_info and serving else "unavailable"
         except GatewayError:  # no replica has told the model yet

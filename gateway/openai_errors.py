@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
 
-from gateway.core import GatewayError
+from gateway.api_types import GatewayError
 
 if TYPE_CHECKING:
     from gateway.openai_protocol import Prepared

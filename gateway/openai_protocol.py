@@ -14,8 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams, check_prompt_ids
+from gateway.api_types import ClientRequest
 from gateway.chat_template import END_OF_TURN, ChatMessage, render
-from gateway.core import ClientRequest, GatewayCore
+from gateway.core import GatewayCore
 
 
 class _Strict(BaseModel):

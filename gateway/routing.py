@@ -17,7 +17,7 @@
   uncached prefill weighs `overlap_weight` (default 2) against the queue's 1: prefilling a
   prefix on a second replica costs its compute and also the cache space that second copy takes
   from other prefixes (later misses), while waiting behind a queue costs this request alone.
-  Measured at 2 req/s on the shared-prefix benchmark (README, "Routing across replicas"): weight
+  Measured at 2 req/s on the shared-prefix benchmark (docs/benchmarks.md, "Routing across replicas"): weight
   1 sent requests away from their prefix whenever its replica had a miss queued (prefix hit rate
   0.63, normalized latency 79.6 ms); weight 2 kept them (0.79, 58.7 ms).
   Dynamo counts decode load in active blocks; we count sequences, because a replica's active
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import grpc
 
 from common.block_hash import num_leading, prompt_block_hashes
-from gateway.metrics import CACHED_TOKENS, HIT_RATE, MATCH_FAILURES, MATCH_MS, MATCHED_TOKENS, PROMPT_TOKENS, ROUTED
-from gateway.router import Replica, ReplicaRouter
+from gateway.metrics import MATCH_FAILURES, MATCH_MS, ROUTED
+from gateway.replica_set import Replica, ReplicaSet
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("gateway.routing")
@@ -65,7 +65,7 @@ class PrefixKey:
 
 @dataclass(eq=False)
 class Route:
-    """One attempt's replica and what the router counted there until the attempt ends."""
+    """One attempt's replica and what the replica set counts there until the attempt ends."""
 
     replica: Replica
     matched_tokens: int
@@ -78,41 +78,26 @@ class Route:
         """Its first token arrived: its prefill is done."""
         if not self._prefilled:
             self._prefilled = True
-            self.replica.pending_prefill_blocks -= self.prefill_blocks
+            self.replica.prefilled(self.prefill_blocks)
 
     def count_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
-        """The attempt's first Complete: prompt tokens it served, how many the router saw held
-        there, how many its prefix cache had (the per-replica hit rate)."""
-        replica, address = self.replica, self.replica.address
-        replica.prompt_tokens += prompt_tokens
-        replica.matched_tokens += self.matched_tokens
-        replica.cached_tokens += cached_tokens
-        PROMPT_TOKENS.labels(address).inc(prompt_tokens)
-        MATCHED_TOKENS.labels(address).inc(self.matched_tokens)
-        CACHED_TOKENS.labels(address).inc(cached_tokens)
-        HIT_RATE.labels(address).set(replica.prefix_hit_rate)
+        """The attempt's first Complete (gateway.replica_set counts it)."""
+        self.replica.count_prompt(prompt_tokens, self.matched_tokens, cached_tokens)
 
     def release(self) -> None:
-        """The attempt ended (finished, failed or cancelled)."""
+        """The attempt ended (finished, failed or cancelled); idempotent."""
         if self._released:
             return
         self._released = True
         self.prefilled()
-        self.replica.in_flight -= 1
-        routed = self.replica.routed_blocks
-        for h in self.key.block_hashes:
-            left = routed[h] - 1
-            if left:
-                routed[h] = left
-            else:
-                del routed[h]
+        self.replica.release(self.key.block_hashes)
 
 
 class Routing:
     def __init__(
         self,
         policy: str,
-        router: ReplicaRouter,
+        replicas: ReplicaSet,
         memory: memory_pb2_grpc.MemoryServiceStub | None,
         overlap_weight: float = 2.0,
         match_timeout_s: float = 0.25,
@@ -121,7 +106,7 @@ class Routing:
             raise ValueError(f"routing must be one of {POLICIES}, got {policy!r}")
         if overlap_weight < 0:
             raise ValueError(f"kv_overlap_weight must be >= 0, got {overlap_weight}")
-        self.policy, self.router, self.memory = policy, router, memory
+        self.policy, self.replicas, self.memory = policy, replicas, memory
         self.overlap_weight, self.match_timeout_s = overlap_weight, match_timeout_s
         self.block_size, self.namespace, self.caches_prefixes = 16, "", False
         self._turn = 0
@@ -144,10 +129,10 @@ class Routing:
         """A route to the best SERVING replica not in `exclude` (None if there is none now); the
         caller must `release()` it when the attempt ends. Everything after the Match call is
         decided on the replica set as it is then (a replica may have left meanwhile)."""
-        candidates = self.router.candidates(exclude)
+        candidates = self.replicas.candidates(exclude)
         if self.policy == "kv-aware" and key.block_hashes and len(candidates) > 1:
             known = await self._match(key.block_hashes)
-            candidates = self.router.candidates(exclude)  # as it is after the await
+            candidates = self.replicas.candidates(exclude)  # as it is after the await
         else:
             known = None
         if not candidates:
@@ -168,11 +153,7 @@ class Routing:
             )
             matched_blocks = matched[replica.address]
         prefill = max(key.prompt_blocks - matched_blocks, 0)
-        replica.in_flight += 1
-        replica.pending_prefill_blocks += prefill
-        replica.requests_routed += 1
-        for h in key.block_hashes:
-            replica.routed_blocks[h] = replica.routed_blocks.get(h, 0) + 1
+        replica.take(key.block_hashes, prefill)
         ROUTED.labels(self.policy, replica.address).inc()
         return Route(replica, matched_blocks * self.block_size, key, prefill)
 
@@ -204,12 +185,12 @@ class Routing:
             return None
         MATCH_MS.observe((time.perf_counter() - start) * 1000)
         known = {r.address: r for r in reply.replicas}
-        if not self._warned and not any(r.address in known for r in self.router.replicas):
+        if not self._warned and not any(r.address in known for r in self.replicas.replicas):
             self._warned = True
             log.warning(
                 "no replica's address %s is among those the replicas advertise (%s): kv-aware routing "
                 "sees no cached blocks; give compute_addresses exactly as the replicas advertise them",
-                [r.address for r in self.router.replicas],
+                [r.address for r in self.replicas.replicas],
                 sorted(known),
             )
         return known

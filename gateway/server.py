@@ -17,9 +17,10 @@ from common.grpc_server import bind, make_server, public_server_options, set_ser
 from common.http_server import start_http
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import parse_config
+from gateway.api_types import ClientRequest, Completion, GatewayError
 from gateway.auth import ApiKeys, GrpcAuthInterceptor, GrpcCallLimits
 from gateway.config import GatewayConfig
-from gateway.core import ClientRequest, Completion, GatewayCore, GatewayError
+from gateway.core import GatewayCore
 from gateway.http_bounds import HttpBounds, bounded_protocol
 from gateway.openai_api import create_app
 from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
@@ -120,7 +121,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             model=info.model,
             context_length=info.context_length,
             block_size=info.block_size,
-            replicas=len(self.core.router.replicas),
+            replicas=len(self.core.replicas.replicas),
             mode=info.mode,
             vocab_size=info.vocab_size,
         )
@@ -147,7 +148,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     cached_tokens=r.cached_tokens,
                     prefix_hit_rate=r.prefix_hit_rate,
                 )
-                for r in self.core.router.replicas
+                for r in self.core.replicas.replicas
             ],
         )
 
@@ -200,7 +201,7 @@ async def serve(config: GatewayConfig) -> None:
         info.model,
         info.context_length,
         info.mode,
-        len(core.router.replicas),
+        len(core.replicas.replicas),
         config.metrics_port or "off",
     )
     await until_stop_signal()

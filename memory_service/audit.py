@@ -21,7 +21,27 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
+from memory_service.block_events import (
+    AllBlocksCleared,
+    Allocate,
+    Append,
+    BlockEvent,
+    BlockRemoved,
+    BlockStored,
+    Cow,
+    Evict,
+    Fork,
+    Free,
+    Missed,
+    PoolRegistered,
+    PoolReleased,
+    Preempt,
+    Restart,
+    Snapshot,
+    parse,
+)
 from memory_service.events import read_log
 
 
@@ -45,8 +65,8 @@ class PoolState:
         self.hashed.discard(block)  # new content (an evicted cached block has been reported first)
         self.refs[block] = 1
 
-    def check_refs(self, event: dict, blocks: list[int]) -> None:
-        for block, reported in zip(blocks, event.get("refs", []), strict=False):
+    def check_refs(self, reported_refs: list[int], blocks: list[int]) -> None:
+        for block, reported in zip(blocks, reported_refs, strict=False):
             counted = sum(t.count(block) for t in self.tables.values())
             if reported != counted or self.refs.get(block, 0) != counted:
                 raise Violation(
@@ -68,35 +88,42 @@ class Auditor:
     def apply(self, e: dict) -> None:
         kind, pool_id = e["type"], e.get("pool", "")
         self.events += 1
-        if kind == "missed":
-            raise Violation(f"{e['count']} events are missing before this one: the log is incomplete")
-        if self.last_seq and e["seq"] != self.last_seq + 1 and not (kind == "restart" and e["seq"] > self.last_seq):
+        try:
+            record = parse(e)
+        except KeyError:
+            raise Violation(f"unknown event type {kind!r}, or a field of it is missing") from None
+        if isinstance(record, Missed):
+            raise Violation(f"{record.count} events are missing before this one: the log is incomplete")
+        restart = isinstance(record, Restart)
+        if self.last_seq and e["seq"] != self.last_seq + 1 and not (restart and e["seq"] > self.last_seq):
             raise Violation(f"event {e['seq']} follows event {self.last_seq}: the log is incomplete or out of order")
         self.last_seq = e["seq"]
         if pool_id:
             self.closed.discard(pool_id)
-        if kind == "restart":  # every pool died with the old process
+        if restart:  # every pool died with the old process
             self.dead.update(self.pools)
             self.pools.clear()
             return
         if pool_id in self.dead:
             raise Violation(f"{kind} in pool {pool_id}, which was released")
-        if kind == "pool_registered":
-            self.pools[pool_id] = PoolState(e["num_blocks"])
+        if isinstance(record, PoolRegistered):
+            self.pools[pool_id] = PoolState(record.num_blocks)
             return
         pool = self.pools.get(pool_id)
         if pool is None:
             raise Violation(f"{kind} in pool {pool_id!r}, which never registered")
-        getattr(self, "_" + kind, self._unknown)(pool, e)
-        if kind == "pool_released":
+        handler = self._HANDLERS.get(type(record))
+        if handler is None:
+            raise Violation(f"event type {kind!r} has no place in a pool's history")
+        handler(self, pool, record)
+        if isinstance(record, PoolReleased):
             del self.pools[pool_id]
             self.dead.add(pool_id)
+        elif isinstance(record, Snapshot):
+            self.closed.add(pool_id)
 
-    def _unknown(self, pool: PoolState, e: dict) -> None:
-        raise Violation(f"unknown event type {e['type']!r}")
-
-    def _allocate(self, pool: PoolState, e: dict) -> None:
-        seq, blocks, hits = e["seq_id"], e["blocks"], e["hits"]
+    def _allocate(self, pool: PoolState, e: Allocate) -> None:
+        seq, blocks, hits = e.seq_id, e.blocks, e.hits
         if seq in pool.tables:
             raise Violation(f"sequence {seq} allocated while it already holds {pool.tables[seq]}")
         for block in blocks[:hits]:
@@ -106,91 +133,100 @@ class Auditor:
         for block in blocks[hits:]:
             pool.take_new(block, f"sequence {seq}")
         pool.tables[seq] = list(blocks)
-        pool.check_refs(e, blocks)
+        pool.check_refs(e.refs, blocks)
 
-    def _append(self, pool: PoolState, e: dict) -> None:
+    def _append(self, pool: PoolState, e: Append) -> None:
         seq = self._live(pool, e)
-        for block in e["blocks"]:
+        for block in e.blocks:
             pool.take_new(block, f"sequence {seq}")
-        pool.tables[seq] += e["blocks"]
+        pool.tables[seq] += e.blocks
 
-    def _fork(self, pool: PoolState, e: dict) -> None:
-        parent, child = e["parent"], e["seq_id"]
+    def _fork(self, pool: PoolState, e: Fork) -> None:
+        parent, child = e.parent, e.seq_id
         if parent not in pool.tables or child in pool.tables:
             raise Violation(f"fork {parent} -> {child}: parent unknown or child exists")
-        if pool.tables[parent] != e["blocks"]:
-            raise Violation(f"fork of {parent}: table {e['blocks']} reported, {pool.tables[parent]} replayed")
-        for block in e["blocks"]:
+        if pool.tables[parent] != e.blocks:
+            raise Violation(f"fork of {parent}: table {e.blocks} reported, {pool.tables[parent]} replayed")
+        for block in e.blocks:
             pool.refs[block] += 1
-        pool.tables[child] = list(e["blocks"])
-        pool.check_refs(e, e["blocks"])
+        pool.tables[child] = list(e.blocks)
+        pool.check_refs(e.refs, e.blocks)
 
-    def _cow(self, pool: PoolState, e: dict) -> None:
+    def _cow(self, pool: PoolState, e: Cow) -> None:
         seq = self._live(pool, e)
-        table, logical, src, dst = pool.tables[seq], e["logical"], e["src"], e["dst"]
+        table, logical, src, dst = pool.tables[seq], e.logical, e.src, e.dst
         if logical >= len(table) or table[logical] != src:
             raise Violation(f"copy-on-write of {seq}: block {src} is not at {logical} in {table}")
         pool.refs[src] -= 1
         pool.take_new(dst, f"copy-on-write of {seq}")
         table[logical] = dst
-        pool.check_refs(e, [src, dst])
+        pool.check_refs(e.refs, [src, dst])
 
-    def _free(self, pool: PoolState, e: dict) -> None:
+    def _free(self, pool: PoolState, e: Free) -> None:  # and Preempt
         seq = self._live(pool, e)
-        if pool.tables[seq] != e["blocks"]:
-            raise Violation(f"{e['type']} of {seq}: table {e['blocks']} reported, {pool.tables[seq]} replayed")
+        if pool.tables[seq] != e.blocks:
+            raise Violation(f"{e.TYPE} of {seq}: table {e.blocks} reported, {pool.tables[seq]} replayed")
         for block in pool.tables.pop(seq):
             pool.refs[block] -= 1
-        pool.check_refs(e, e["blocks"])
+        pool.check_refs(e.refs, e.blocks)
 
-    _preempt = _free
+    def _stored(self, pool: PoolState, e: BlockStored) -> None:
+        pool.hashed.update(e.blocks)
 
-    def _BlockStored(self, pool: PoolState, e: dict) -> None:
-        pool.hashed.update(e["blocks"])
-
-    def _evict(self, pool: PoolState, e: dict) -> None:
-        for block in e["blocks"]:
+    def _evict(self, pool: PoolState, e: Evict) -> None:
+        for block in e.blocks:
             if pool.refs.get(block, 0) or block not in pool.hashed:
                 raise Violation(f"block {block} evicted while referenced by {pool.holders(block)} or not cached")
 
-    def _BlockRemoved(self, pool: PoolState, e: dict) -> None:
-        pool.hashed.difference_update(e["blocks"])
+    def _unhashed(self, pool: PoolState, e: BlockRemoved | AllBlocksCleared) -> None:
+        pool.hashed.difference_update(e.blocks)
 
-    def _AllBlocksCleared(self, pool: PoolState, e: dict) -> None:
-        pool.hashed.difference_update(e["blocks"])
-
-    def _snapshot(self, pool: PoolState, e: dict) -> None:
+    def _snapshot(self, pool: PoolState, e: Snapshot) -> None:
         for seq, table in pool.tables.items():
-            if seq not in e["tables"]:
+            if seq not in e.tables:
                 raise Violation(
                     f"sequence {seq} still holds blocks {table}, but the memory service no longer lists it: they leaked"
                 )
-            if e["tables"][seq] != table:
-                raise Violation(f"sequence {seq}: table {e['tables'][seq]} at the snapshot, {table} replayed")
-        for seq in e["tables"]:
+            if e.tables[seq] != table:
+                raise Violation(f"sequence {seq}: table {e.tables[seq]} at the snapshot, {table} replayed")
+        for seq in e.tables:
             if seq not in pool.tables:
                 raise Violation(f"sequence {seq} is live at the snapshot but was never allocated in the log")
-        if set(e["hashed"]) != pool.hashed:
+        if set(e.hashed) != pool.hashed:
             raise Violation(
-                f"blocks holding a hash at the snapshot differ from the replay: "
-                f"{sorted(set(e['hashed']) ^ pool.hashed)[:8]}"
+                "blocks holding a hash at the snapshot differ from the replay: "
+                f"{sorted(set(e.hashed) ^ pool.hashed)[:8]}"
             )
         parked = {b for b in pool.hashed if not pool.refs.get(b, 0)}
-        if set(e["cached"]) != parked:
+        if set(e.cached) != parked:
             raise Violation(
-                f"cached (unreferenced) blocks at the snapshot differ from the replay: "
-                f"{sorted(set(e['cached']) ^ parked)[:8]}"
+                "cached (unreferenced) blocks at the snapshot differ from the replay: "
+                f"{sorted(set(e.cached) ^ parked)[:8]}"
             )
-        self.closed.add(e["pool"])
 
-    def _pool_released(self, pool: PoolState, e: dict) -> None:
+    def _released(self, pool: PoolState, e: PoolReleased) -> None:
         pass  # the whole pool goes: its tables with it (a lease that ran out is a release too)
 
+    _HANDLERS: ClassVar[dict[type[BlockEvent], Callable]] = {
+        Allocate: _allocate,
+        Append: _append,
+        Fork: _fork,
+        Cow: _cow,
+        Free: _free,
+        Preempt: _free,
+        BlockStored: _stored,
+        Evict: _evict,
+        BlockRemoved: _unhashed,
+        AllBlocksCleared: _unhashed,
+        Snapshot: _snapshot,
+        PoolReleased: _released,
+    }
+
     @staticmethod
-    def _live(pool: PoolState, e: dict) -> str:
-        if e["seq_id"] not in pool.tables:
-            raise Violation(f"{e['type']} of sequence {e['seq_id']}, which holds no blocks (double free?)")
-        return e["seq_id"]
+    def _live(pool: PoolState, e: Append | Cow | Free) -> str:
+        if e.seq_id not in pool.tables:
+            raise Violation(f"{e.TYPE} of sequence {e.seq_id}, which holds no blocks (double free?)")
+        return e.seq_id
 
     def check_idle(self) -> None:
         """At the end of a run whose requests all finished: no live pool holds a sequence."""

@@ -25,6 +25,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from common.blocks import blocks_to_admit, new_blocks_to_append
+from memory_service.block_events import (
+    AllBlocksCleared,
+    Allocate,
+    Append,
+    BlockEvent,
+    BlockRemoved,
+    BlockStored,
+    Cow,
+    Evict,
+    Fork,
+    Free,
+    Preempt,
+)
 from memory_service.contract import AllocatorStats, SeqId
 from memory_service.prefix_cache import PrefixCache
 
@@ -80,8 +93,9 @@ class BlockAllocator:
         self._tokens_stored = 0
         self._seqs: dict[SeqId, _SeqState] = {}
         self.cache = PrefixCache()
-        # Told every change to a block as (kind, fields) (memory_service.events); None = nobody listens.
-        self.listener: Callable[[str, dict], None] | None = None
+        # Told every change to a block (memory_service.block_events; the recorder is
+        # memory_service.events); None = nobody listens.
+        self.listener: Callable[[BlockEvent], None] | None = None
         self.step = 0  # the engine step being applied (memory_service.step sets it): events carry it
 
     # ---- queries -------------------------------------------------------------------------
@@ -177,10 +191,7 @@ class BlockAllocator:
         self._seqs[seq_id] = state
         self._fill(state, num_tokens - hit_tokens)
         if self.listener is not None:
-            self.listener(
-                "allocate",
-                dict(seq_id=seq_id, blocks=list(table), hits=len(hits), tokens=num_tokens, refs=self._refs(table)),
-            )
+            self.listener(Allocate(str(seq_id), list(table), len(hits), num_tokens, self._refs(table)))
         return list(table)
 
     def commit(self, seq_id: SeqId, first_block: int, block_hashes: list[bytes]) -> None:
@@ -194,9 +205,7 @@ class BlockAllocator:
             if self.cache.register(table[logical], block_hash)
         ]
         if stored and self.listener is not None:
-            self.listener(
-                "BlockStored", dict(seq_id=seq_id, blocks=[b for b, _ in stored], hashes=[h.hex() for _, h in stored])
-            )
+            self.listener(BlockStored(str(seq_id), [b for b, _ in stored], [h.hex() for _, h in stored]))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks start cold with it; vLLM has the same). Blocks in
@@ -206,7 +215,7 @@ class BlockAllocator:
             self._filled[block] = 0
             self._free.append(block)
         if self.listener is not None:  # every block that held a hash, in use or not
-            self.listener("AllBlocksCleared", dict(blocks=hashed))
+            self.listener(AllBlocksCleared(hashed))
 
     def check_commit(self, seq_id: SeqId, first_block: int, count: int) -> list[int]:
         state = self._state(seq_id)
@@ -249,12 +258,10 @@ class BlockAllocator:
                 state.block_table[logical] = dst
                 result.copies.append((src, dst))
                 if self.listener is not None:
-                    self.listener(
-                        "cow", dict(seq_id=seq_id, src=src, dst=dst, logical=logical, refs=self._refs([src, dst]))
-                    )
+                    self.listener(Cow(str(seq_id), src, dst, logical, self._refs([src, dst])))
         self._fill(state, num_new_tokens)
         if result.new_blocks and self.listener is not None:
-            self.listener("append", dict(seq_id=seq_id, blocks=list(result.new_blocks), tokens=state.num_tokens))
+            self.listener(Append(str(seq_id), list(result.new_blocks), state.num_tokens))
         return result
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> list[int]:
@@ -266,15 +273,8 @@ class BlockAllocator:
             self._ref_counts[block] += 1
         self._seqs[child_id] = _SeqState(list(parent.block_table), parent.num_tokens)
         if self.listener is not None:
-            self.listener(
-                "fork",
-                dict(
-                    seq_id=child_id,
-                    parent=parent_id,
-                    blocks=list(parent.block_table),
-                    refs=self._refs(parent.block_table),
-                ),
-            )
+            table = list(parent.block_table)
+            self.listener(Fork(str(child_id), str(parent_id), table, self._refs(table)))
         return list(parent.block_table)
 
     def free(self, seq_id: SeqId, reason: str = "finish") -> None:
@@ -291,10 +291,8 @@ class BlockAllocator:
                     self._filled[block] = 0
                     self._free.append(block)
         if self.listener is not None:
-            self.listener(
-                "preempt" if reason == "preempt" else "free",
-                dict(seq_id=seq_id, blocks=state.block_table, refs=self._refs(state.block_table)),
-            )
+            dropped = Preempt if reason == "preempt" else Free
+            self.listener(dropped(str(seq_id), state.block_table, self._refs(state.block_table)))
 
     # ---- internals -----------------------------------------------------------------------
     def _refs(self, blocks: list[int]) -> list[int]:
@@ -328,8 +326,8 @@ class BlockAllocator:
             block = self.cache.evict()
             self._filled[block] = 0
             if block_hash is not None:
-                self.listener("evict", dict(blocks=[block]))
-                self.listener("BlockRemoved", dict(blocks=[block], hashes=[block_hash.hex()]))
+                self.listener(Evict([block]))
+                self.listener(BlockRemoved([block], [block_hash.hex()]))
         assert self._ref_counts[block] == 0, f"free block {block} still referenced"
         self._ref_counts[block] = 1
         return block

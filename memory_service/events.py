@@ -2,13 +2,12 @@
 ring (from which a watcher resumes after a broken stream), optionally appended to a JSON-lines
 file, and pushed to live subscribers (WatchEvents, the block map page).
 
-Names follow vLLM's KV events where they mean the same (BlockStored with hashes, BlockRemoved,
-AllBlocksCleared), beside the allocator's own: allocate, append, fork, cow, free, preempt, evict,
-and the pools' pool_registered / pool_released. Every event carries `seq` (one counter for the
-whole service, continued across restarts when a log file is kept), `type`, `pool`, `replica`,
-`step` (the engine's step number) and `time`. A restart of the service writes a `restart` event
-(every earlier pool is gone: its replicas register new ones); `snapshot` events give whole pool
-states (at release and shutdown). `memory_service/audit.py` replays a log and checks it.
+The event types and their fields are memory_service.block_events' records. Every event carries
+the envelope `seq` (one counter for the whole service, continued across restarts when a log file
+is kept), `type`, `pool`, `replica`, `step` (the engine's step number) and `time`. A restart of
+the service writes a `restart` event (every earlier pool is gone: its replicas register new
+ones); `snapshot` events give whole pool states (at release and shutdown).
+`memory_service/audit.py` replays a log and checks it.
 
 Subscribers get one batch per step (the events a step made): a slow subscriber never slows a
 step: each has a bounded queue; what does not fit is dropped and the subscriber is told how many
@@ -26,16 +25,34 @@ from collections import deque
 from typing import IO
 
 from memory_service.block_allocator import BlockAllocator
+from memory_service.block_events import (
+    BlockEvent,
+    Free,
+    Missed,
+    PoolRegistered,
+    PoolReleased,
+    Restart,
+    Snapshot,
+    Watching,
+)
 
 COALESCE_S = 0.02  # a watcher gets at most one message per 20 ms: it costs a fast step loop little
 QUEUE_BATCHES = 1024  # batches a watcher may fall behind before it misses events
 MAX_QUEUE_BATCHES = 65536  # the most a watcher may ask for
 
 
-def marker(kind: str, seq: int, **fields) -> dict:
+def marker(record: Watching | Missed, seq: int) -> dict:
     """An event that tells a watcher about its stream (`watching`, `missed`), never recorded:
     numbered as the last event it refers to."""
-    return {"seq": seq, "type": kind, "pool": "", "replica": "", "step": 0, "time": time.time(), **fields}
+    return {
+        "seq": seq,
+        "type": record.TYPE,
+        "pool": "",
+        "replica": "",
+        "step": 0,
+        "time": time.time(),
+        **record.fields(),
+    }
 
 
 class Subscription:
@@ -74,7 +91,7 @@ class Subscription:
         if self.missed and self.queue.empty():
             last, count = self._last_missed, self.missed
             self.missed, self._last_missed = 0, None
-            events.append(marker("missed", last["seq"], count=count))
+            events.append(marker(Missed(count), last["seq"]))
         return events
 
 
@@ -90,21 +107,21 @@ class EventRecorder:
             self._file = open(log_path, "a", encoding="utf-8")
             if not _ends_with_newline(log_path):  # a line torn by a kill mid-write: end it, start clean
                 self._file.write("\n")
-        self.record("restart", "", "", 0, {"epoch": epoch})
+        self.record(Restart(epoch), "", "", 0)
         self.flush()
 
-    def record(self, kind: str, pool: str, replica: str, step: int, fields: dict) -> dict:
+    def record(self, record: BlockEvent, pool: str, replica: str, step: int) -> dict:
         """Number an event and keep it; subscribers and the file get it at the next flush (the
         memory service flushes after every step and every pool change)."""
         self.seq += 1
         event = {
             "seq": self.seq,
-            "type": kind,
+            "type": record.TYPE,
             "pool": pool,
             "replica": replica,
             "step": step,
             "time": time.time(),
-            **fields,
+            **record.fields(),
         }
         self.ring.append(event)
         self._pending.append(event)
@@ -112,36 +129,30 @@ class EventRecorder:
 
     def attach(self, pool: str, replica: str, allocator: BlockAllocator) -> None:
         """Record a new pool, and every change its allocator makes from now on."""
-        self.record(
-            "pool_registered",
-            pool,
-            replica,
-            0,
-            {"num_blocks": allocator.num_blocks, "block_size": allocator.block_size},
-        )
+        self.record(PoolRegistered(allocator.num_blocks, allocator.block_size), pool, replica, 0)
         allocator.listener = PoolEvents(self, pool, replica, allocator)
 
     def detach(self, pool: str, replica: str, allocator: BlockAllocator, reason: str) -> None:
         """The pool goes (released, or its lease ran out): its last state, then its end."""
         self.snapshot(pool, replica, allocator)
-        self.record("pool_released", pool, replica, allocator.step, {"reason": reason})
+        self.record(PoolReleased(reason), pool, replica, allocator.step)
         allocator.listener = None
 
     def snapshot(self, pool: str, replica: str, allocator: BlockAllocator) -> dict:
         """Record a pool's whole state (before its release, and at shutdown)."""
-        return self.record("snapshot", pool, replica, allocator.step, pool_state(allocator))
+        return self.record(pool_state(allocator), pool, replica, allocator.step)
 
     def current_snapshot(self, pool: str, replica: str, allocator: BlockAllocator) -> dict:
         """A pool's whole state now, not recorded: numbered as the last event it includes (what a
         new watcher or page starts from)."""
         return {
             "seq": self.seq,
-            "type": "snapshot",
+            "type": Snapshot.TYPE,
             "pool": pool,
             "replica": replica,
             "step": allocator.step,
             "time": time.time(),
-            **pool_state(allocator),
+            **pool_state(allocator).fields(),
         }
 
     def flush(self) -> None:
@@ -165,7 +176,7 @@ class EventRecorder:
         replay = [e for e in self.ring if e["seq"] > after_seq]
         first = replay[0]["seq"] if replay else self.seq + 1
         if first > after_seq + 1:
-            replay.insert(0, marker("missed", first - 1, count=first - 1 - after_seq))
+            replay.insert(0, marker(Missed(first - 1 - after_seq), first - 1))
         return replay
 
     def subscribe(self, maxsize: int = QUEUE_BATCHES) -> Subscription:
@@ -196,30 +207,27 @@ class PoolEvents:
         self.created: dict[str, float] = {}
         self.preemptions = 0
 
-    def __call__(self, kind: str, fields: dict) -> None:
-        for key in ("seq_id", "parent"):
-            if key in fields:
-                fields[key] = str(fields[key])
-        event = self.recorder.record(kind, self.pool, self.replica, self.allocator.step, fields)
-        if kind in ("allocate", "fork"):
+    def __call__(self, record: BlockEvent) -> None:
+        event = self.recorder.record(record, self.pool, self.replica, self.allocator.step)
+        if record.TYPE in ("allocate", "fork"):
             self.created[event["seq_id"]] = event["time"]
-        elif kind in ("free", "preempt"):
+        elif isinstance(record, Free):  # finished, or preempted
             self.created.pop(event["seq_id"], None)
-            self.preemptions += kind == "preempt"
+            self.preemptions += record.TYPE == "preempt"
 
 
-def pool_state(allocator: BlockAllocator) -> dict:
-    """A snapshot's fields: the allocator's tables, tokens, cached and hashed blocks, and from
-    the pool's start its prefix-cache counters, preemptions and when each table was made."""
+def pool_state(allocator: BlockAllocator) -> Snapshot:
+    """A snapshot: the allocator's tables, tokens, cached and hashed blocks, and from the pool's
+    start its prefix-cache counters, preemptions and when each table was made."""
     listener = allocator.listener if isinstance(allocator.listener, PoolEvents) else None
     stats = allocator.stats()
-    return {
+    return Snapshot(
         **allocator.snapshot(),
-        "created": dict(listener.created) if listener else {},
-        "preemptions": listener.preemptions if listener else 0,
-        "prefix_query_tokens": stats.prefix_query_tokens,
-        "prefix_hit_tokens": stats.prefix_hit_tokens,
-    }
+        created=dict(listener.created) if listener else {},
+        preemptions=listener.preemptions if listener else 0,
+        prefix_query_tokens=stats.prefix_query_tokens,
+        prefix_hit_tokens=stats.prefix_hit_tokens,
+    )
 
 
 def _ends_with_newline(path: str) -> bool:

@@ -102,15 +102,22 @@ class PoolRegistry:
         pool.address = address
         return changed
 
-    def match(self, block_hashes: list[bytes]) -> list[ReplicaMatch]:
-        """Every live pool that advertises an address, with how many leading blocks of
-        `block_hashes` it holds. A replica that registered again (its link broke) while its old
-        pool's lease still runs appears once, as its newest pool: the old one is being dropped."""
-        newest: dict[str, ReplicaMatch] = {}
+    def advertised(self) -> list[tuple[str, Pool]]:
+        """(pool id, pool) of every live pool that advertises an address: discovery. A replica
+        that registered again (its link broke) while its old pool's lease still runs appears
+        once, as its newest pool: the old one is being dropped."""
+        newest: dict[str, tuple[str, Pool]] = {}
         for pool_id, pool in self.pools.items():  # registration order: a later pool replaces an earlier one
             if pool.address:
-                newest[pool.address] = ReplicaMatch(pool_id, pool, pool.allocator.matched_blocks(block_hashes))
+                newest[pool.address] = (pool_id, pool)
         return list(newest.values())
+
+    def match(self, block_hashes: list[bytes]) -> list[ReplicaMatch]:
+        """Every advertised pool, with how many leading blocks of `block_hashes` it holds."""
+        return [
+            ReplicaMatch(pool_id, pool, pool.allocator.matched_blocks(block_hashes))
+            for pool_id, pool in self.advertised()
+        ]
 
     def release(self, pool_id: str) -> Pool:
         pool = self.pool(pool_id)

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
 from memory_service.block_allocator import BlockAllocatorError
+from memory_service.block_events import Watching
 from memory_service.block_map import start_block_map
 from memory_service.contract import stats_to_proto, step_request_from_proto, step_response_to_proto
 from memory_service.events import COALESCE_S, MAX_QUEUE_BATCHES, QUEUE_BATCHES, EventRecorder, marker
@@ -109,6 +110,16 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             lease_ttl_s=self.registry.lease_ttl_s,
         )
 
+    async def ListReplicas(self, request, context):
+        return memory_pb2.ListReplicasResponse(
+            replicas=[
+                memory_pb2.ListedReplica(address=pool.address, replica=pool.replica, pool_id=pool_id)
+                for pool_id, pool in self.registry.advertised()
+            ],
+            epoch=self.registry.epoch,
+            lease_ttl_s=self.registry.lease_ttl_s,
+        )
+
     async def StepStream(self, request_iterator, context):
         async for request in request_iterator:
             try:
@@ -174,7 +185,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             )
         subscription = self.events.subscribe(min(request.max_queue or QUEUE_BATCHES, MAX_QUEUE_BATCHES))
         try:  # first: from which event on this watcher sees everything
-            first = [marker("watching", self.events.seq)]
+            first = [marker(Watching(), self.events.seq)]
             if request.snapshot:
                 first += [self.snapshot(pool_id, pool) for pool_id, pool in list(self.registry.pools.items())]
             if request.after_seq:

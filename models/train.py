@@ -8,7 +8,7 @@ for validation. Tokenized with the project's GPT-2 tokenizer; trained with AdamW
 schedule; checkpoints as it goes. The softmax runs over only the ids the training text uses
 (models/compact_vocab.py: exactly the full vocabulary's probabilities, ~1.8x faster steps on CPU);
 residual dropout 0.2 and half of each batch's windows starting at a paragraph took validation loss
-from 5.13 (neither) to 4.99 in the same 41.5 minutes (see the README's Limits for the runs).
+from 5.13 (neither) to 4.99 in the same 41.5 minutes (see docs/operations.md, "Limits" for the runs).
 """
 
 from __future__ import annotations

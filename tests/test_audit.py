@@ -14,11 +14,30 @@ from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
 from memory_service.audit import FREE, audit, replay_states
 from memory_service.block_allocator import BlockAllocator
+from memory_service.block_events import PoolRegistered
 from memory_service.events import EventRecorder, read_log
 
 
 def event(seq: int, kind: str, **fields) -> dict:
     return {"seq": seq, "type": kind, "pool": "p", "replica": "r", "step": seq * 10, "time": 0.0, **fields}
+
+
+def snapshot(seq: int, tables: dict, tokens: dict, cached: list, hashed: list) -> dict:
+    """A snapshot event as the memory service writes it (the audit reads its tables and blocks)."""
+    return event(
+        seq,
+        "snapshot",
+        num_blocks=8,
+        block_size=4,
+        tables=tables,
+        tokens=tokens,
+        cached=cached,
+        hashed=hashed,
+        created={},
+        preemptions=0,
+        prefix_query_tokens=0,
+        prefix_hit_tokens=0,
+    )
 
 
 def log(*events: dict) -> list[dict]:
@@ -41,7 +60,7 @@ def test_planted_leaked_block_is_caught_at_the_snapshot():
             event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
             event(4, "allocate", seq_id="b", blocks=[2], hits=0, tokens=3, refs=[1]),
             event(5, "free", seq_id="b", blocks=[2], refs=[0]),
-            event(6, "snapshot", tables={}, tokens={}, cached=[], hashed=[]),
+            snapshot(6, tables={}, tokens={}, cached=[], hashed=[]),
         )
     )
     assert not ok and "event 6" in message and "sequence a still holds blocks [0, 1]" in message and "leaked" in message
@@ -73,7 +92,7 @@ def test_other_planted_faults(fault, expected):
 def test_an_event_in_a_released_pool_is_caught():
     ok, message = audit(
         log(
-            event(3, "snapshot", tables={}, tokens={}, cached=[], hashed=[]),
+            snapshot(3, tables={}, tokens={}, cached=[], hashed=[]),
             event(4, "pool_released", reason="expired"),
             event(5, "allocate", seq_id="a", blocks=[0], hits=0, tokens=2, refs=[1]),
         )
@@ -139,7 +158,7 @@ def test_a_real_run_with_preemption_forks_and_an_abort_passes_and_a_dropped_free
 def test_numbering_continues_across_restarts_of_the_log(tmp_path):
     path = str(tmp_path / "events.jsonl")
     first = EventRecorder(log_path=path, epoch="one")
-    first.record("pool_registered", "p", "r", 0, {"num_blocks": 4, "block_size": 4})
+    first.record(PoolRegistered(num_blocks=4, block_size=4), "p", "r", 0)
     first.close()
     second = EventRecorder(log_path=path, epoch="two")
     second.close()
@@ -152,7 +171,7 @@ def test_numbering_continues_across_restarts_of_the_log(tmp_path):
 def test_a_line_torn_by_a_kill_is_ended_at_the_restart_and_corruption_elsewhere_is_refused(tmp_path):
     path = tmp_path / "events.jsonl"
     first = EventRecorder(log_path=str(path), epoch="one")
-    first.record("pool_registered", "p", "r", 0, {"num_blocks": 4, "block_size": 4})
+    first.record(PoolRegistered(num_blocks=4, block_size=4), "p", "r", 0)
     first.close()
     with open(path, "a") as f:
         f.write('{"seq":3,"type":"allo')  # SIGKILL in the middle of a write
@@ -181,7 +200,7 @@ def test_a_sequence_the_compute_side_never_freed_is_caught_at_the_end_of_a_finis
     """The memory service lists it at its closing snapshot, so only --idle-at-end can tell."""
     events = log(
         event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
-        event(4, "snapshot", tables={"a": [0, 1]}, tokens={"a": 8}, cached=[], hashed=[]),
+        snapshot(4, tables={"a": [0, 1]}, tokens={"a": 8}, cached=[], hashed=[]),
     )
     assert audit(events)[0]
     ok, message = audit(events, idle_at_end=True)

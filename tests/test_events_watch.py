@@ -5,6 +5,7 @@ how many events it missed."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 from deploy.run_local import start_serving, stop_service
 from deploy.services import ServiceSpec, free_ports
 from memory_service.audit import audit
+from memory_service.block_events import Append
 from memory_service.events import EventRecorder, read_log
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -117,18 +119,36 @@ def test_two_watchers_get_every_event_in_order_and_a_slow_one_is_told_what_it_mi
     assert first[1:] == [e for e in fast[0] if e["seq"] > middle]
 
 
+APPEND = Append(seq_id="s", blocks=[], tokens=0)
+
+
 def test_resuming_past_the_ring_is_told_what_is_gone_and_events_before_subscribing_are_not_repeated():
     recorder = EventRecorder(ring_size=10)  # event 1 is its `restart`
     for i in range(25):
-        recorder.record("append", "p", "r", i, {})
+        recorder.record(APPEND, "p", "r", i)
     recorder.flush()
     replay = recorder.since(3)
     assert replay[0]["type"] == "missed" and (replay[0]["seq"], replay[0]["count"]) == (16, 13)
     assert [e["seq"] for e in replay[1:]] == list(range(17, 27))
     assert [e["seq"] for e in recorder.since(20)] == list(range(21, 27)) and recorder.since(26) == []
-    recorder.record("append", "p", "r", 26, {})  # recorded, not flushed yet
+    recorder.record(APPEND, "p", "r", 26)  # recorded, not flushed yet
     subscription = recorder.subscribe(4)  # a snapshot taken now includes event 27 already
-    recorder.record("append", "p", "r", 27, {})
+    recorder.record(APPEND, "p", "r", 27)
     recorder.flush()
     assert [e["seq"] for e in subscription.queue.get_nowait()] == [28]
     assert [e["seq"] for e in recorder.since(26)] == [27, 28]
+
+
+def test_the_block_map_page_reads_only_event_types_and_fields_the_records_define():
+    """The page's script (assets/block_map.html) dispatches on event types and reads their fields
+    by name; memory_service.block_events is where those names are defined."""
+    from pathlib import Path
+
+    from memory_service.block_events import ENVELOPE, EVENT_TYPES, field_names
+
+    script = (Path(__file__).resolve().parents[1] / "memory_service" / "assets" / "block_map.html").read_text()
+    types = set(re.findall(r'case "(\w+)"', script)) | set(re.findall(r'e\.type === "(\w+)"', script))
+    assert types and types <= set(EVENT_TYPES), types - set(EVENT_TYPES)
+    read = set(re.findall(r"\be\.(\w+)", script))
+    known = set(ENVELOPE) | {name for cls in EVENT_TYPES.values() for name in field_names(cls)}
+    assert read and read <= known, read - known

@@ -15,8 +15,9 @@ import pytest
 from common.failures import FAILURE_SCOPE_KEY, REPLICA_SCOPE, REQUEST_SCOPE
 from common.grpc_server import make_server, set_serving
 from common.sampling_params import SamplingParams
+from gateway.api_types import ClientRequest, Completion, GatewayError
 from gateway.config import GatewayConfig
-from gateway.core import ClientRequest, Completion, GatewayCore, GatewayError
+from gateway.core import GatewayCore
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
 
 SERVICE = "rpc.internal.v1.ComputeService"
@@ -106,7 +107,7 @@ def test_a_request_that_failed_by_itself_is_not_retried_and_its_replica_stays():
                 await run(core)
             assert caught.value.status == "INTERNAL" and "not finite" in caught.value.message
             assert sum(f.calls for f in fakes) == 1
-            assert all(r.serving for r in core.router.replicas)
+            assert all(r.serving for r in core.replicas.replicas)
 
     asyncio.run(scenario())
 

@@ -11,7 +11,7 @@ import pytest
 
 from common.block_hash import prompt_block_hashes
 from gateway.metrics import MATCH_FAILURES
-from gateway.router import Replica
+from gateway.replica_set import Replica
 from gateway.routing import Routing
 from memory_service.pools import PoolRegistry
 from memory_service.server import replica_match_to_proto
@@ -21,7 +21,7 @@ BLOCK = 16
 NAMESPACE = "dummy:tiny|float32|float32"
 
 
-class FakeRouter:
+class FakeReplicaSet:
     def __init__(self, addresses):
         self.replicas = [Replica(a, channel=None, stub=None, watched=True) for a in addresses]
 
@@ -65,7 +65,7 @@ def cache_prompt(registry, pool_id, tokens, seq_id, keep=True):
 def cluster():
     registry = PoolRegistry(lease_ttl_s=5.0, clock=lambda: 0.0)
     ids = {a: registry.register(256, BLOCK, a, address=a) for a in ("a:1", "b:1")}
-    router = FakeRouter(["a:1", "b:1"])
+    router = FakeReplicaSet(["a:1", "b:1"])
     return registry, ids, router
 
 
@@ -167,7 +167,7 @@ def test_round_robin_and_least_loaded_and_exclusions(cluster):
 
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="routing must be one of"):
-        Routing("random", FakeRouter([]), None)
+        Routing("random", FakeReplicaSet([]), None)
 
 
 def test_the_index_lists_advertised_live_pools_once_each_with_their_matches():

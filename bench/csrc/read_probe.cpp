@@ -10,7 +10,7 @@
 // compiled for AVX2 spill to the stack every step, and even clean 16-byte SSE loads measured
 // 15 GB/s on a Zen 3 machine where AVX2 loads read 22-26 GB/s (and llama.cpp's decode implied
 // 17): the probe measured its own loop, not the memory. Same build policy as the skinny kernel
-// (README, "Native kernels"): baseline code plus AVX2 and AVX-512 target regions, one picked by
+// (docs/architecture.md, "Native kernels"): baseline code plus AVX2 and AVX-512 target regions, one picked by
 // what the CPU reports.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>

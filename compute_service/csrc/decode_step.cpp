@@ -6,7 +6,7 @@
 // weights) and ~150 small operations between them. Run as separate calls, each linear forks and
 // joins the threads and the small operations run on one thread while the other spins; ATen's
 // layer norms, GELUs, views and allocations: with them, 2.8-2.9 ms of a ~22 ms batch-1 step on
-// the AVX2 build machine was outside the linears, ~1.1 ms (mostly attention) now (README,
+// the AVX2 build machine was outside the linears, ~1.1 ms (mostly attention) now (docs/benchmarks.md,
 // "Decode speed", step 9). Here every thread runs the whole step: each streams its own
 // slab of every weight matrix (thread_rows, the split skinny_linear makes) and finishes its own
 // output columns (bias, residual add, GELU) while they are in cache; the row-wise work (layer

@@ -10,7 +10,7 @@
 #include <vector>
 
 // Element-wise loops are compiled for AVX-512, AVX2 and the baseline; the loader picks the widest
-// this CPU has, once, at load time (GCC/Clang target_clones). Build policy: README, "Native kernels".
+// this CPU has, once, at load time (GCC/Clang target_clones). Build policy: docs/architecture.md, "Native kernels".
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PICK_ISA_AT_LOAD __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

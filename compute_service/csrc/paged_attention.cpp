@@ -11,11 +11,11 @@
 // pool (one contiguous run of heads x block_size x hs floats), then a max-subtracted softmax per
 // head, then the weighted sum of values the same way. Contiguous runs matter: the tiles of one
 // sequence are scattered over the pool, and cold memory served one head's 4 KB tiles at ~22 GB/s
-// but a block's 48 KB at ~30 GB/s here (README, "Decode speed"); software prefetching of
+// but a block's 48 KB at ~30 GB/s here (docs/benchmarks.md, "Decode speed"); software prefetching of
 // single-head tiles did not help. Sequences run in the order of their first block, so those
 // sharing a cached prefix (or n samples) run back to back while its blocks are still in cache.
 //
-// Build policy (README, "Native kernels"): compiled for the baseline of the architecture, never
+// Build policy (docs/architecture.md, "Native kernels"): compiled for the baseline of the architecture, never
 // -march=native, so a binary built on one machine runs on any other of the same architecture.
 // On x86-64 the per-task function is compiled three times (AVX-512, AVX2, baseline) and the
 // loader picks the widest one this CPU has, once, at load time (GCC/Clang target_clones,

@@ -4,7 +4,7 @@
 // polynomial so that it vectorizes (a libm call would not).
 //
 // Why not ATen's: at batch 1 a decode step ran 36 ATen layer norms and GELUs, ~100 views and
-// ~130 small allocations between the linears while the second thread waited (README, "Decode
+// ~130 small allocations between the linears while the second thread waited (docs/benchmarks.md, "Decode
 // speed", step 9). The results differ from
 // ATen's in the last bits (another summation order, another tanh), so the fused step matches the
 // Python layer loop to a tolerance, not bit for bit (tests/test_fused_decode.py).

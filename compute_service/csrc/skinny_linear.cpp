@@ -8,7 +8,7 @@
 // y      (M, N) float32
 //
 // Why: at decode batch sizes a linear layer is a matrix-vector product, bound by the bytes of W.
-// MKL's small-M sgemm streams W at ~18 GB/s on the AMD machines we measured (README, "Decode
+// MKL's small-M sgemm streams W at ~18 GB/s on the AMD machines we measured (docs/benchmarks.md, "Decode
 // speed"); this loop reaches the machine's read bandwidth. Output rows are split into contiguous
 // ranges, one per thread; each thread reads its slab as kRows long sequential streams (the
 // slab's kRows equal parts side by side, skinny_linear_isa.h: linear_rows); a tile of one row
@@ -17,7 +17,7 @@
 // bf16 and int8 weights are widened to float32 in registers: the multiply-adds are float32, only
 // the bytes read shrink (2x, 4x).
 //
-// Build policy (README, "Native kernels"): the file is compiled for the baseline; the loops
+// Build policy (docs/architecture.md, "Native kernels"): the file is compiled for the baseline; the loops
 // (skinny_linear_isa.h) are compiled twice more inside target regions, AVX-512 (namespace
 // isa_avx512) and AVX2+FMA (isa_avx2), and the entry point picks one per call from what this CPU
 // reports. A CPU with neither gets an error here; linear.py then uses torch's F.linear.

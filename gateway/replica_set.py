@@ -1,9 +1,11 @@
-"""Which compute replicas exist and which of them are serving: the gateway's replica set.
+"""Which compute replicas exist, which of them are serving, and what this gateway has sent each:
+the gateway's replica set. It alone changes a replica's counters (requests in flight, routed
+prompt blocks, pending prefill, totals); gateway.routing chooses among the serving ones.
 
 Two ways to know the replicas:
 - **Discovery** (`compute_addresses` empty, the default): every compute replica tells the memory
   service the address it serves on once it is SERVING, under its pool's lease. The gateway polls
-  the memory service (`Match` with no hashes) every `discovery_poll_s`: a new replica is routed to
+  the memory service (`ListReplicas`) every `discovery_poll_s`: a new replica is routed to
   from its first SERVING health answer after the poll that lists it, one whose lease ran out (or
   that withdrew while draining) leaves. Scaling needs no gateway restart and no DNS. While the
   memory service does not answer, the set stays as it was (its replicas are NOT_SERVING then
@@ -33,10 +35,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.grpc_server import CHANNEL_OPTIONS
-from gateway.metrics import forget_replica
+from gateway.metrics import CACHED_TOKENS, HIT_RATE, MATCHED_TOKENS, PROMPT_TOKENS, forget_replica
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc, memory_pb2, memory_pb2_grpc
 
-log = logging.getLogger("gateway.router")
+log = logging.getLogger("gateway.replica_set")
 COMPUTE_SERVICE = "rpc.internal.v1.ComputeService"
 
 
@@ -63,8 +65,41 @@ class Replica:
         """Prompt tokens its prefix cache had / prompt tokens it served (this gateway's requests)."""
         return self.cached_tokens / max(self.prompt_tokens, 1)
 
+    def take(self, block_hashes: list[bytes], prefill_blocks: int) -> None:
+        """An attempt is routed here: its prompt's blocks count as held here, its prefill as queued."""
+        self.in_flight += 1
+        self.requests_routed += 1
+        self.pending_prefill_blocks += prefill_blocks
+        for h in block_hashes:
+            self.routed_blocks[h] = self.routed_blocks.get(h, 0) + 1
 
-class ReplicaRouter:
+    def prefilled(self, prefill_blocks: int) -> None:
+        """An attempt's first token arrived: its prefill left the queue."""
+        self.pending_prefill_blocks -= prefill_blocks
+
+    def count_prompt(self, prompt_tokens: int, matched_tokens: int, cached_tokens: int) -> None:
+        """An attempt's first Complete: prompt tokens served here, how many routing saw held here,
+        how many its prefix cache had (the per-replica hit rate)."""
+        self.prompt_tokens += prompt_tokens
+        self.matched_tokens += matched_tokens
+        self.cached_tokens += cached_tokens
+        PROMPT_TOKENS.labels(self.address).inc(prompt_tokens)
+        MATCHED_TOKENS.labels(self.address).inc(matched_tokens)
+        CACHED_TOKENS.labels(self.address).inc(cached_tokens)
+        HIT_RATE.labels(self.address).set(self.prefix_hit_rate)
+
+    def release(self, block_hashes: list[bytes]) -> None:
+        """An attempt ended (finished, failed or cancelled): it holds nothing here any more."""
+        self.in_flight -= 1
+        for h in block_hashes:
+            left = self.routed_blocks[h] - 1
+            if left:
+                self.routed_blocks[h] = left
+            else:
+                del self.routed_blocks[h]
+
+
+class ReplicaSet:
     def __init__(
         self,
         compute_addresses: str,
@@ -187,7 +222,9 @@ class ReplicaRouter:
     async def _discover_forever(self) -> None:
         while True:
             try:
-                reply = await self.memory.Match(memory_pb2.MatchRequest(), timeout=max(self.discovery_poll_s, 1.0))
+                reply = await self.memory.ListReplicas(
+                    memory_pb2.ListReplicasRequest(), timeout=max(self.discovery_poll_s, 1.0)
+                )
                 self.update([r.address for r in reply.replicas], reply.epoch, reply.lease_ttl_s)
             except grpc.aio.AioRpcError as exc:  # keep the set as it is until the memory service answers
                 log.debug("discovery: memory service did not answer (%s)", exc.code().name)
