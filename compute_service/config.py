@@ -51,7 +51,8 @@ class EngineConfig:
     # (docs/benchmarks.md, "Concurrency": 104 -> 26 preemptions on sharegpt-synth in a simulation; measured,
     # paged went from 57.3 to 60.8 tok/s).
     headroom_blocks_per_seq: int = 3
-    max_num_batched_tokens: int = 2048  # vLLM's default for online serving; docs/benchmarks.md "Shared KV blocks" measures 4096 too
+    # vLLM's default for online serving; docs/benchmarks.md "Shared KV blocks" measures 4096 too.
+    max_num_batched_tokens: int = 2048
     device: str = "cpu"
     # Precision of the weights. On CPU: float32 (token-exact with HF) or bfloat16, the copy of the
     # weights decode's few-row products read; activations, the KV cache and prefill stay float32

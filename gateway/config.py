@@ -36,8 +36,8 @@ class GatewayConfig:
     health_poll_s: float = 0.5  # how often each replica's grpc.health.v1 status is read
     replica_down_after_s: float = 2.0  # no health answer for this long = down: its streams move
     drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight streams may still finish
-    # Bounds on what a client can make the gateway hold or do (docs/operations.md, "Isolation and bounds"); each is applied
-    # before the work it bounds.
+    # Bounds on what a client can make the gateway hold or do (docs/operations.md, "Isolation and
+    # bounds"); each is applied before the work it bounds.
     max_request_s: float = 600.0  # a request's whole duration (both fronts; a shorter client deadline wins)
     max_request_bytes: int = 1 << 20  # an HTTP body, and a public gRPC message (a 1024-token text is <= 128 KiB)
     max_concurrent_rpcs: int = 1024  # public gRPC calls at once (streams included); more: RESOURCE_EXHAUSTED
