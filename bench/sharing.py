@@ -9,7 +9,8 @@
   The arms alternate over --rounds (on, off, off, on, ...) so that drift of a shared machine
   cancels; last line `no_sharing_overhead=<1 - median of the rounds' on/off throughput ratios>`.
 - `--workload parallel-sampling --n 4 --prompt-tokens 512 --new-tokens 16`: one request with n
-  samples (its prompt prefilled once, its blocks shared) against the same prompt sent as n
+  samples (fanned out; the prompt's full blocks computed once and shared through the prefix
+  cache, each sample computing only the block with the last token) against the same prompt sent as n
   separate requests at once with prefix caching off; each sample i is seeded with
   sample_seed(seed, i) in both arms, so both produce exactly the same tokens (checked). Rounds
   alternate as above; last line `n4_block_ratio=<peak KV blocks, n / separate> n4_speedup=<tok/s>`.

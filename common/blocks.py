@@ -21,5 +21,5 @@ def blocks_to_admit(num_tokens: int, reserve_tokens: int, block_size: int) -> in
 
 def new_blocks_to_append(num_tokens_held: int, num_blocks_held: int, num_new_tokens: int, block_size: int) -> int:
     """Fresh blocks an append of `num_new_tokens` takes past a table of `num_blocks_held`
-    (copy-on-write of shared blocks comes on top; the allocator adds it)."""
+    (only unshared blocks are ever written, so nothing comes on top)."""
     return max(0, blocks_for_tokens(num_tokens_held + num_new_tokens, block_size) - num_blocks_held)

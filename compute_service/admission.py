@@ -2,7 +2,7 @@
 no RPC (compute_service.scheduler owns the queues; this decides who leaves the waiting queue, asking
 compute_service.kv_manager what blocks and cached prefixes there are).
 
-In queue order, as many as fit: running sequences at most (samples of a request count each),
+In queue order, as many as fit: running sequences at most,
 the step's token budget, and free blocks counted as if nothing were cached, keeping headroom for
 the running sequences to grow. With prefix caching, SGLang's
 longest-prefix-first idea in a starvation-free form: prompts this replica has a cached prefix for
@@ -73,7 +73,7 @@ class Admission:
     def _take(
         self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int, num_running: int
     ) -> list[Sequence]:
-        """The longest run of candidates, in order, that fits: sequences (samples count each),
+        """The longest run of candidates, in order, that fits: sequences,
         the step's token budget (tokens to compute: less a likely cached prefix) and free blocks
         (counted as if nothing were cached), keeping headroom for the running ones to grow."""
         admitted: list[Sequence] = []
@@ -83,21 +83,20 @@ class Admission:
             lookup = self.kv.prefix_hashes(seq)
             if any(h in computing for h in lookup):
                 continue  # shares a prefix with one admitted in this step: next time, it hits
-            samples = 1 + sum(1 for c in seq.forks if not c.is_finished)
-            if num_running + samples > self.config.max_num_seqs:
+            if num_running + 1 > self.config.max_num_seqs:
                 break
             to_compute = seq.num_tokens - hits.get(id(seq), 0)
             if admitted and num_tokens + to_compute > self.config.max_num_batched_tokens:
                 break
             needed = self.kv.blocks_to_admit(seq)
-            if free_blocks - needed < self._headroom(num_running + samples) and (num_running or admitted):
+            if free_blocks - needed < self._headroom(num_running + 1) and (num_running or admitted):
                 break
             if needed > free_blocks:
                 break
             admitted.append(seq)
             free_blocks -= needed
             num_tokens += to_compute
-            num_running += samples
+            num_running += 1
             computing.update(lookup[hits.get(id(seq), 0) // self.kv.block_size :])
         return admitted
 

@@ -56,4 +56,4 @@ class RecomputeRunner(ModelRunner):
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], device=self.device)
         positions = torch.cat([torch.arange(s.num_tokens) for s in seqs]).to(self.device)
         meta = AttentionMetadata(is_prefill=True, seq_lens=[s.num_tokens for s in seqs], slot_mapping=None)
-        return PreparedBatch(input_ids, positions, meta, [])
+        return PreparedBatch(input_ids, positions, meta)

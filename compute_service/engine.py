@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
 from common.sampling_params import SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
 from common.tokenizer import get_tokenizer
 from compute_service.baselines import RecomputeRunner, RecomputeScheduler
@@ -223,9 +221,11 @@ class InferenceEngine:
         string, the length), it ends at once with no new token. `sample_outputs` does the same
         per sample of a request with n > 1.
 
-        Sample i draws with seed sample_seed(seed, i). The samples that have no tokens yet are
-        forked off the first of them at its admission: one prefill, shared blocks; the others
-        are queued on their own (their prompt blocks are prefix-cache hits)."""
+        A request with n samples is fanned out here, as vLLM v1 does: n sequences of their own
+        (sample i draws with seed sample_seed(seed, i)), reported under the request's id. The
+        prompt is computed once: the first sample to be admitted computes it, and admission holds
+        the others until its blocks are committed, then they find every full block of the
+        prompt in the prefix cache and compute only the one holding its last token."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else new_seed()
         if sample_outputs is None:
@@ -245,19 +245,13 @@ class InferenceEngine:
         if request_id in self._groups or any(s.request_id in self._requests for s in samples):
             raise ValueError(f"request_id {request_id!r} is already in use (or one of its samples' ids)")
         self._groups[request_id] = samples
-        # Paged mode forks the fresh samples off the first (contiguous mode reserves per sequence).
-        fresh = [s for s in samples if s.num_tokens == s.prompt_len] if self.config.mode == "paged" else []
         for seq in samples:
             self._requests[seq.request_id] = seq
-            if seq in fresh[1:]:
-                continue  # forked off fresh[0] when it is admitted: it draws its first token from its logits
             self.scheduler.add(seq)
             if seq.output_token_ids:
                 reason = self._finish_reason(seq, seq.output_token_ids[-1])
                 if reason is not None:
                     self.scheduler.finish(seq, reason)  # reported by the next step
-        if fresh:
-            fresh[0].forks = fresh[1:]
         return request_id
 
     def reset_prefix_cache(self) -> None:
@@ -319,7 +313,7 @@ class InferenceEngine:
         prepared = self.runner.prepare(batch)
         self.scheduler.plan_next(batch)  # the next step's memory call travels during this forward
         logits = self.runner.execute(prepared)
-        seqs, logits = self._with_forked_samples(batch.seqs, logits)
+        seqs = batch.seqs
         params = [s.params for s in seqs]
         tokens, failures = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs])
         logprobs = token_logprobs(logits, params, tokens)
@@ -368,20 +362,6 @@ class InferenceEngine:
                 self.scheduler.finish(member, FinishReason.ERROR)
                 outputs.append(self._finished_output(member))
         return outputs
-
-    @staticmethod
-    def _with_forked_samples(seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
-        """The batch's sequences plus the samples forked off the ones just prefilled, each with
-        its parent's logits row: every sample draws its first token from the prompt's logits,
-        with its own seed."""
-        rows = []
-        for row, seq in enumerate(seqs):
-            rows += [(row, child) for child in seq.forks if not child.is_finished]
-            seq.forks = []
-        if not rows:
-            return seqs, logits
-        index = torch.tensor(list(range(len(seqs))) + [row for row, _ in rows], device=logits.device)
-        return [*seqs, *(child for _, child in rows)], logits.index_select(0, index)
 
     def _flush_frees(self) -> None:
         """Return finished sequences' blocks now. If the memory side is lost meanwhile, so are

@@ -44,11 +44,3 @@ class KVCache:
         k_cache, v_cache = self.layer(layer)
         k_cache[blocks, :, offsets] = k  # advanced indices around a slice -> (N, nh, hs)
         v_cache[blocks, :, offsets] = v
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate whole blocks (every layer, k and v) src -> dst."""
-        if not copies:
-            return
-        src = torch.tensor([s for s, _ in copies], device=self.pool.device)
-        dst = torch.tensor([d for _, d in copies], device=self.pool.device)
-        self.pool[:, :, dst] = self.pool[:, :, src]

@@ -11,12 +11,12 @@ carries); this object speaks that contract for the scheduler:
   arithmetic (common.blocks) so that a step is rarely wasted, never the authority: a plan never
   asks for more new blocks than it holds, and the answer says what did not fit;
 - the verbs that reach memory: `commit_computed` (blocks whose forward ran become matchable),
-  `free`, `allocate_slots` (admit prompts, fork their samples), `append_slots` (one more token
+  `free`, `allocate_slots` (admit prompts), `append_slots` (one more token
   each), `flush`. At most one call is in flight: `receive` applies its answer to the sequences
   (block tables, prefix hits, shared last blocks) and returns what did not fit, for the scheduler
   to requeue or preempt.
 Sequences keep their own KV fields (block_table, num_computed_tokens, num_committed_blocks,
-num_hit_tokens, shares_last_block); only this object writes them, apart from the engine marking
+num_hit_tokens); only this object writes them, apart from the engine marking
 tokens computed after a forward.
 """
 
@@ -32,10 +32,9 @@ from memory_service.contract import Allocation, AllocatorStats, Commit, MemoryCo
 
 @dataclass
 class StepAnswer:
-    """What the memory call in flight granted: copies to do before the forward, and the ids of
-    the sequences whose slots did not fit (nothing changed for those)."""
+    """What the memory call in flight answered: the ids of the sequences whose slots did not fit
+    (nothing changed for those)."""
 
-    copies: list[tuple[int, int]]
     rejected: set[str]
 
 
@@ -79,7 +78,6 @@ class KVCacheManager:
         self._preempted: set[str] = set()  # of those, the ones preempted (not finished)
         self._commits: list[Commit] = []  # written blocks made matchable by the next call
         self._awaiting: dict[str, Sequence] | None = None  # whose slots the call in flight asks for
-        self._forks: list[tuple[Sequence, Sequence]] = []  # (parent, child) forked by that call
         self._admitting = False
 
     # ---- prefix knowledge ----------------------------------------------------------------
@@ -122,23 +120,18 @@ class KVCacheManager:
     def blocks_for_next_token(self, seq: Sequence, ahead: set) -> int:
         """Blocks the sequence's next slot takes (0 or 1). The slots it holds: its computed
         tokens, plus the one already asked for if it is in the step whose forward is in flight
-        (`ahead`). A sample that still shares its last block takes one either way (copy or new)."""
-        if seq.shares_last_block:
-            return 1
+        (`ahead`)."""
         held = seq.num_tokens if seq.request_id in ahead else seq.num_computed_tokens
         return new_blocks_to_append(held, len(seq.block_table), 1, self.block_size)
 
     def private_blocks(self, seq: Sequence, running: list[Sequence]) -> int:
         """Blocks that come back to the free count when the sequence lets go of its table: those
-        no other running sequence's table holds (a shared cached prefix, a forked request's
-        prompt blocks stay taken; a cached block nobody else holds is parked, which counts as
-        free). Samples not forked off it yet share all of it. Tables still in flight are not
+        no other running sequence's table holds (a shared cached prefix stays taken; a cached
+        block nobody else holds is parked, which counts as free). Tables still in flight are not
         seen (an admission that hit this sequence's prefix in the call now travelling): then
         the count is high by those blocks, and the memory side rejects what does not fit; its
         answer brings the true count."""
-        if any(not child.is_finished for child in seq.forks):
-            return 0
-        if not self.prefix.shares_blocks and seq.params.n == 1:
+        if not self.prefix.shares_blocks:
             return len(seq.block_table)
         others = {block for s in running if s is not seq for block in s.block_table}
         return sum(1 for block in seq.block_table if block not in others)
@@ -164,19 +157,14 @@ class KVCacheManager:
         that held it is gone)."""
         seq.block_table = []
         seq.num_committed_blocks = 0
-        seq.shares_last_block = False
 
-    def allocate_slots(
-        self, admitted: list[Sequence], forks: list[tuple[Sequence, Sequence]], num_waiting: int
-    ) -> None:
-        """Ask for the admitted prompts' blocks (their cached prefix is looked up) and fork each
-        (parent, child) sample off its parent's blocks, in one call."""
+    def allocate_slots(self, admitted: list[Sequence], num_waiting: int) -> None:
+        """Ask for the admitted prompts' blocks (their cached prefix is looked up), in one call."""
         allocs = [
             Allocation(s.request_id, s.num_tokens, self.reservation.of(s), list(s.block_hashes)) for s in admitted
         ]
-        fork = [(parent.request_id, child.request_id) for parent, child in forks]
-        self._send(StepRequest(allocate=allocs, fork=fork), admitted + [c for _, c in forks], num_waiting)
-        self._admitting, self._forks = True, forks
+        self._send(StepRequest(allocate=allocs), admitted, num_waiting)
+        self._admitting = True
 
     def append_slots(self, seqs: list[Sequence], num_waiting: int) -> None:
         """Ask for one more token slot for each sequence, in one call."""
@@ -214,21 +202,20 @@ class KVCacheManager:
         self.memory.send(request)
         self.num_calls += 1
         self._awaiting = {s.request_id: s for s in seqs}
-        self._admitting, self._forks = False, []
+        self._admitting = False
 
     def receive(self) -> StepAnswer:
         """Apply the answer to the call in flight to its sequences."""
-        awaiting, admitting, forks = self._awaiting or {}, self._admitting, self._forks
-        self._awaiting, self._forks = None, []
+        awaiting, admitting = self._awaiting or {}, self._admitting
+        self._awaiting = None
         response = self.memory.receive()
         self._num_free_blocks = response.stats.num_free_blocks
         self.last_stats = response.stats
         for seq_id, table in response.block_tables.items():
             seq = awaiting[seq_id]
             if seq.is_finished:  # ended while its call was in flight: free what it got
-                if admitting:  # the whole table is news; its cached prefix (or, n > 1, all) is shared
-                    hit_blocks = response.hit_tokens.get(seq_id, 0) // self.block_size
-                    shared = len(table) if seq.params.n > 1 else hit_blocks
+                if admitting:  # the whole table is news; its cached prefix is shared
+                    shared = response.hit_tokens.get(seq_id, 0) // self.block_size
                     self._to_free[seq_id] = max(len(table) - shared, 0)
                 else:  # free() counted the table it knew; the block this answer may add is not counted
                     self._to_free.setdefault(seq_id, 0)
@@ -238,22 +225,12 @@ class KVCacheManager:
                 seq.num_hit_tokens = response.hit_tokens.get(seq_id, 0)
                 seq.num_computed_tokens = seq.num_hit_tokens
                 seq.num_committed_blocks = seq.num_hit_tokens // self.block_size
-        rejected = set(response.rejected)
-        if not admitting:
-            for seq_id, seq in awaiting.items():
-                if seq_id not in rejected and not seq.is_finished:
-                    seq.shares_last_block = False  # its append copied the shared block, if it was one
-        for parent, child in forks:
-            if child.request_id not in rejected and not child.is_finished:  # holds what its parent holds
-                child.num_hit_tokens, child.num_committed_blocks = parent.num_hit_tokens, parent.num_committed_blocks
-                child.block_hashes = list(parent.block_hashes)
-                child.shares_last_block = parent.shares_last_block = True
-        return StepAnswer(response.copies, rejected)
+        return StepAnswer(set(response.rejected))
 
     def forget(self) -> None:
         """The memory side lost this pool: every table is void (the scheduler has dropped them),
         and so are the call in flight, pending frees and commits, and what was cached."""
-        self._awaiting, self._forks = None, []
+        self._awaiting = None
         self._to_free.clear()
         self._preempted.clear()
         self._commits.clear()

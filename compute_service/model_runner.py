@@ -23,7 +23,6 @@ class PreparedBatch:
     input_ids: torch.Tensor  # (N,) packed over the batch's sequences
     positions: torch.Tensor  # (N,)
     meta: AttentionMetadata
-    copies: list[tuple[int, int]]  # copy-on-write block copies to do before the forward
 
 
 class ModelRunner:
@@ -40,13 +39,11 @@ class ModelRunner:
             input_ids, positions, meta = self._prepare_prefill(batch)
         else:
             input_ids, positions, meta = self._prepare_decode(batch)
-        return PreparedBatch(input_ids, positions, meta, batch.copies)
+        return PreparedBatch(input_ids, positions, meta)
 
     @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> torch.Tensor:
         """Logits (B, vocab) for the next token of every sequence in the batch."""
-        if prepared.copies:  # (never in the no-cache baseline, which has no pool)
-            self.kv_cache.copy_blocks(prepared.copies)
         meta = prepared.meta
         if not meta.is_prefill:  # one token per sequence: every row's logits
             return self.model(prepared.input_ids, prepared.positions, meta, self.kv_cache)

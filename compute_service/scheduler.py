@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from compute_service.admission import Admission
 from compute_service.kv_manager import KVCacheManager
@@ -37,7 +37,6 @@ class SchedulerConfig:
 class ScheduledBatch:
     is_prefill: bool
     seqs: list[Sequence]
-    copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -70,7 +69,7 @@ class Scheduler:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq in self.waiting:  # (a sample not forked yet is in neither list)
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         if seq.block_table:
             self.kv.free(seq, self.running)
@@ -105,7 +104,7 @@ class Scheduler:
         prefix it computed (a round trip of under a millisecond next to a prefill's forward)."""
         if batch.is_prefill and self.admission.holding:
             return
-        self._plan(ahead={s.request_id for s in batch.seqs} | {f.request_id for s in batch.seqs for f in s.forks})
+        self._plan(ahead={s.request_id for s in batch.seqs})
 
     def _plan(self, ahead: set) -> bool:
         """Decide the next step and send its call; `ahead` = sequences gaining a token before
@@ -115,16 +114,10 @@ class Scheduler:
         going_on = [s for s in self.running if not self._ends_by_length(s, ahead)]
         admitted = self.admission.admit(self.waiting, self.running, free_blocks, len(going_on))
         if admitted:
-            forks: list[tuple[Sequence, Sequence]] = []
             for seq in admitted:
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
-                for child in seq.forks:  # n > 1: the other samples share its blocks from the start
-                    if not child.is_finished:
-                        child.status = SequenceStatus.RUNNING
-                        self.running.append(child)
-                        forks.append((seq, child))
-            self.kv.allocate_slots(admitted, forks, len(self.waiting))
+            self.kv.allocate_slots(admitted, len(self.waiting))
             self._in_flight = _Plan(True, admitted)
             return True
         needs = {s.request_id: self.kv.blocks_for_next_token(s, ahead) for s in going_on}
@@ -149,11 +142,6 @@ class Scheduler:
         the queue, in admission order, to be recomputed in the new pool, as after a preemption (its
         tokens do not change). Returns how many were running."""
         self._in_flight = None
-        for seq in [*self.running, *self.waiting]:
-            for child in seq.forks:  # forked in the lost pool before its prefill ran: fork it again
-                if child in self.waiting:  # (preempted before its first token was drawn)
-                    self.waiting.remove(child)
-                self._unfork(child)
         running = list(self.running)
         for seq in reversed(running):  # the last admitted first: they end up at the front in order
             self._preempt(seq)
@@ -169,14 +157,6 @@ class Scheduler:
         self.num_preemptions += 1
         self._requeue(seq)
 
-    def _unfork(self, child: Sequence) -> None:
-        """A sample whose fork did not happen (its parent's admission was refused or lost): it
-        waits, attached to the parent, to be forked at the parent's next admission."""
-        if child.status is SequenceStatus.RUNNING:
-            self.running.remove(child)
-            child.status = SequenceStatus.WAITING
-        self.kv.drop(child)
-
     def _requeue(self, seq: Sequence) -> None:
         """Back to the front of the queue: it is the next to be admitted."""
         self.running.remove(seq)
@@ -191,14 +171,12 @@ class Scheduler:
             if seq.request_id in answer.rejected and seq.status is SequenceStatus.RUNNING:
                 # the memory side disagreed with the count: admit later, or recompute later
                 if plan.is_prefill:
-                    for child in seq.forks:
-                        self._unfork(child)
                     self._requeue(seq)  # nothing was allocated for it
                 else:
                     self._preempt(seq)
         seqs = [s for s in plan.seqs if s.status is SequenceStatus.RUNNING]
         if plan.is_prefill:
             now = time.perf_counter()
-            for seq in (*seqs, *(c for s in seqs for c in s.forks if not c.is_finished)):
+            for seq in seqs:
                 seq.first_scheduled_time = seq.first_scheduled_time or now
-        return ScheduledBatch(plan.is_prefill, seqs, answer.copies) if seqs else None
+        return ScheduledBatch(plan.is_prefill, seqs) if seqs else None

@@ -1,8 +1,7 @@
 """A request as the engine tracks it: its tokens, its block table mirror, its state and timings.
 
-A request with n > 1 samples is n Sequences: sample 0 carries the request's id and is the one
-admitted and prefilled; samples 1..n-1 (`forks`) are forked off its blocks in the same memory
-call and draw their first token from its prompt's logits.
+A request with n > 1 samples is n Sequences (fanned out by the engine as it arrives): sample 0
+carries the request's id, sample i the id "<id>#<i>"; all carry the request's id as group_id.
 """
 
 from __future__ import annotations
@@ -40,8 +39,6 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache
     group_id: str = ""  # the client request's id (samples of one request share it); default request_id
     index: int = 0  # which of the request's n samples
-    forks: list[Sequence] = field(default_factory=list)  # samples 1..n-1, until they are forked off this one
-    shares_last_block: bool = False  # forked and not yet appended: the next append copies the block first
     # Prefix caching: hashes of the full blocks of token_ids (common.block_hash), and how many
     # leading blocks the memory side can match already (found cached, or committed after the
     # forward that wrote them).

@@ -30,9 +30,7 @@ from memory_service.block_events import (
     BlockEvent,
     BlockRemoved,
     BlockStored,
-    Cow,
     Evict,
-    Fork,
     Free,
     Missed,
     PoolRegistered,
@@ -141,27 +139,6 @@ class Auditor:
             pool.take_new(block, f"sequence {seq}")
         pool.tables[seq] += e.blocks
 
-    def _fork(self, pool: PoolState, e: Fork) -> None:
-        parent, child = e.parent, e.seq_id
-        if parent not in pool.tables or child in pool.tables:
-            raise Violation(f"fork {parent} -> {child}: parent unknown or child exists")
-        if pool.tables[parent] != e.blocks:
-            raise Violation(f"fork of {parent}: table {e.blocks} reported, {pool.tables[parent]} replayed")
-        for block in e.blocks:
-            pool.refs[block] += 1
-        pool.tables[child] = list(e.blocks)
-        pool.check_refs(e.refs, e.blocks)
-
-    def _cow(self, pool: PoolState, e: Cow) -> None:
-        seq = self._live(pool, e)
-        table, logical, src, dst = pool.tables[seq], e.logical, e.src, e.dst
-        if logical >= len(table) or table[logical] != src:
-            raise Violation(f"copy-on-write of {seq}: block {src} is not at {logical} in {table}")
-        pool.refs[src] -= 1
-        pool.take_new(dst, f"copy-on-write of {seq}")
-        table[logical] = dst
-        pool.check_refs(e.refs, [src, dst])
-
     def _free(self, pool: PoolState, e: Free) -> None:  # and Preempt
         seq = self._live(pool, e)
         if pool.tables[seq] != e.blocks:
@@ -210,8 +187,6 @@ class Auditor:
     _HANDLERS: ClassVar[dict[type[BlockEvent], Callable]] = {
         Allocate: _allocate,
         Append: _append,
-        Fork: _fork,
-        Cow: _cow,
         Free: _free,
         Preempt: _free,
         BlockStored: _stored,
@@ -223,7 +198,7 @@ class Auditor:
     }
 
     @staticmethod
-    def _live(pool: PoolState, e: Append | Cow | Free) -> str:
+    def _live(pool: PoolState, e: Append | Free) -> str:
         if e.seq_id not in pool.tables:
             raise Violation(f"{e.TYPE} of sequence {e.seq_id}, which holds no blocks (double free?)")
         return e.seq_id

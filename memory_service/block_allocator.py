@@ -4,16 +4,17 @@ A sequence's KV cache lives in fixed-size blocks of one shared pool. This module
 *which* physical blocks a sequence owns (its block table); the compute side holds the tensors
 and writes token k/v into `block_id * block_size + offset`.
 
-Blocks are shared two ways: `fork` (n samples of one prompt share its blocks) and the prefix
-cache (memory_service.prefix_cache): a full block whose content hash the compute side committed
-can be matched by a later admission with the same prefix, and when nobody references it any more
-it is parked, not freed, until a new block is needed and it is the least recently released.
+Blocks are shared through the prefix cache (memory_service.prefix_cache): a full block whose
+content hash the compute side committed can be matched by a later admission with the same prefix
+(the samples of a request with n > 1 share their prompt this way), and when nobody references it
+any more it is parked, not freed, until a new block is needed and it is the least recently
+released.
 
 Invariants (checked by tests/test_block_allocator_state_machine.py after every operation):
 - every block is either free (never cached, or parked in the cache) or referenced, never both;
 - a block's ref count equals the number of block tables holding it;
-- a shared block (ref count > 1) is never written: appending into one copies it first
-  (copy-on-write), and the caller must copy the src block's tensors into dst;
+- a shared block (ref count > 1) is never written: only full blocks are shared (a hit never
+  includes the block holding a prompt's last token), and appends go past them;
 - a cached (hashed) block is full and never written; it loses its hash only when evicted.
 Every public mutation checks before it changes anything, so a failed call changes nothing.
 """
@@ -21,7 +22,7 @@ Every public mutation checks before it changes anything, so a failed call change
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from common.blocks import blocks_to_admit, new_blocks_to_append
@@ -32,9 +33,7 @@ from memory_service.block_events import (
     BlockEvent,
     BlockRemoved,
     BlockStored,
-    Cow,
     Evict,
-    Fork,
     Free,
     Preempt,
 )
@@ -59,15 +58,6 @@ class UnknownSequenceError(BlockAllocatorError, KeyError):
 
 class DuplicateSequenceError(BlockAllocatorError):
     """The sequence id already has a block table."""
-
-
-@dataclass
-class AppendResult:
-    """What the compute side must do after `append_slots`."""
-
-    new_blocks: list[int] = field(default_factory=list)
-    # (src, dst) block copies the compute side must perform before writing (copy-on-write).
-    copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -146,16 +136,9 @@ class BlockAllocator:
         return blocks_to_admit(num_tokens, reserve_tokens, self.block_size) <= self.num_free_blocks
 
     def blocks_needed_to_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> int:
-        """New blocks `append_slots` would take: fresh blocks past the table plus copy-on-write."""
+        """New blocks `append_slots` would take: the fresh blocks past the table."""
         state = self._state(seq_id)
-        needed = new_blocks_to_append(state.num_tokens, len(state.block_table), num_new_tokens, self.block_size)
-        last = state.num_tokens + num_new_tokens - 1
-        for logical in range(
-            state.num_tokens // self.block_size, min(last // self.block_size + 1, len(state.block_table))
-        ):
-            if self._ref_counts[state.block_table[logical]] > 1:
-                needed += 1
-        return needed
+        return new_blocks_to_append(state.num_tokens, len(state.block_table), num_new_tokens, self.block_size)
 
     def can_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> bool:
         return self.blocks_needed_to_append(seq_id, num_new_tokens) <= self.num_free_blocks
@@ -226,12 +209,9 @@ class BlockAllocator:
             )
         return state.block_table
 
-    def append_slots(self, seq_id: SeqId, num_new_tokens: int = 1) -> AppendResult:
-        """Make room for `num_new_tokens` more tokens at the end of a sequence.
-
-        Takes a fresh block only at a block boundary; copies a shared block before the first
-        write into it.
-        """
+    def append_slots(self, seq_id: SeqId, num_new_tokens: int = 1) -> list[int]:
+        """Make room for `num_new_tokens` more tokens at the end of a sequence; returns the new
+        blocks (a fresh block is taken only at a block boundary)."""
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be > 0, got {num_new_tokens}")
         state = self._state(seq_id)
@@ -240,42 +220,12 @@ class BlockAllocator:
             raise OutOfBlocksError(
                 f"sequence {seq_id!r} needs {needed} blocks to append, only {self.num_free_blocks} free"
             )
-        result = AppendResult()
-        last_block = (state.num_tokens + num_new_tokens - 1) // self.block_size
-        for logical in range(state.num_tokens // self.block_size, last_block + 1):
-            if logical == len(state.block_table):
-                block = self._take_block()
-                state.block_table.append(block)
-                result.new_blocks.append(block)
-            elif self._ref_counts[state.block_table[logical]] > 1:
-                src = state.block_table[logical]
-                dst = self._take_block()
-                self._ref_counts[src] -= 1
-                self._filled[dst] = min(
-                    max(state.num_tokens - logical * self.block_size, 0), self.block_size
-                )  # its own slots
-                self._tokens_stored += self._filled[dst]
-                state.block_table[logical] = dst
-                result.copies.append((src, dst))
-                if self.listener is not None:
-                    self.listener(Cow(str(seq_id), src, dst, logical, self._refs([src, dst])))
+        new_blocks = [self._take_block() for _ in range(needed)]
+        state.block_table += new_blocks
         self._fill(state, num_new_tokens)
-        if result.new_blocks and self.listener is not None:
-            self.listener(Append(str(seq_id), list(result.new_blocks), state.num_tokens))
-        return result
-
-    def fork(self, parent_id: SeqId, child_id: SeqId) -> list[int]:
-        """The child shares every block of the parent (parallel sampling, beam search)."""
-        parent = self._state(parent_id)
-        if child_id in self._seqs:
-            raise DuplicateSequenceError(f"sequence {child_id!r} already has a block table")
-        for block in parent.block_table:
-            self._ref_counts[block] += 1
-        self._seqs[child_id] = _SeqState(list(parent.block_table), parent.num_tokens)
-        if self.listener is not None:
-            table = list(parent.block_table)
-            self.listener(Fork(str(child_id), str(parent_id), table, self._refs(table)))
-        return list(parent.block_table)
+        if new_blocks and self.listener is not None:
+            self.listener(Append(str(seq_id), list(new_blocks), state.num_tokens))
+        return new_blocks
 
     def free(self, seq_id: SeqId, reason: str = "finish") -> None:
         """Drop a sequence's table; blocks nobody else references go back to the free list.
@@ -347,6 +297,7 @@ class BlockAllocator:
             logical, offset = divmod(pos, self.block_size)
             take = min(end - pos, self.block_size - offset)
             block = state.block_table[logical]
+            assert self._ref_counts[block] == 1, f"write into shared block {block}"
             assert self._filled[block] == offset, f"block {block}: non-sequential write"
             self._filled[block] = offset + take
             self._tokens_stored += take

@@ -54,27 +54,6 @@ class Append(BlockEvent):
 
 
 @dataclass(frozen=True)
-class Fork(BlockEvent):
-    TYPE: ClassVar[str] = "fork"
-    seq_id: str  # the child: it shares every block of the parent
-    parent: str
-    blocks: list[int]
-    refs: list[int]
-
-
-@dataclass(frozen=True)
-class Cow(BlockEvent):
-    """Copy-on-write: the sequence's shared block at `logical` was copied into `dst`."""
-
-    TYPE: ClassVar[str] = "cow"
-    seq_id: str
-    src: int
-    dst: int
-    logical: int
-    refs: list[int]  # of src and dst
-
-
-@dataclass(frozen=True)
 class Free(BlockEvent):
     """A sequence's table dropped because it finished (or was aborted)."""
 
@@ -174,8 +153,6 @@ EVENT_TYPES: dict[str, type[BlockEvent]] = {
     for cls in (
         Allocate,
         Append,
-        Fork,
-        Cow,
         Free,
         Preempt,
         Evict,

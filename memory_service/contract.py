@@ -4,11 +4,10 @@ per engine step, and the only module of this package the compute side imports
 
 One engine step's block bookkeeping travels as a single batched request. The compute side sends
 everything a step needs at once (full blocks whose forward has run, to commit to the prefix
-cache; sequences to free; prompts to admit, with their block hashes; forks; sequences that
-grow) and gets back the block tables that changed, how many prompt tokens each admission found
-cached, the copy-on-write copies to perform, and which sequences found no space (nothing changed
-for those). Order inside a step: commits, frees, allocations, forks, appends (memory_service.step
-applies it, and its docstring says why).
+cache; sequences to free; prompts to admit, with their block hashes; sequences that grow) and
+gets back the block tables that changed, how many prompt tokens each admission found cached, and
+which sequences found no space (nothing changed for those). Order inside a step: commits, frees,
+allocations, appends (memory_service.step applies it, and its docstring says why).
 
 The call is split into send and receive so the compute side can send the next step's request
 before its forward runs and read the answer after it (the round trip hides behind the forward).
@@ -69,13 +68,12 @@ class Commit:
 
 @dataclass
 class StepRequest:
-    """Applied in the order commit, free, allocate, fork, append."""
+    """Applied in the order commit, free, allocate, append."""
 
     free: list[SeqId] = field(default_factory=list)
     allocate: list[Allocation] = field(default_factory=list)
     append: list[tuple[SeqId, int]] = field(default_factory=list)  # (seq_id, num_new_tokens)
     commit: list[Commit] = field(default_factory=list)
-    fork: list[tuple[SeqId, SeqId]] = field(default_factory=list)  # (parent, child): child shares every block
     num_waiting: int = 0  # not bookkeeping: the replica's queue length, its load as a router sees it
     step: int = 0  # the engine's step number, for block events
     preempted: list[SeqId] = field(default_factory=list)  # of `free`: freed by preemption (events say so)
@@ -84,8 +82,7 @@ class StepRequest:
 @dataclass
 class StepResponse:
     block_tables: dict[SeqId, list[int]]  # full table of every sequence whose table changed
-    copies: list[tuple[int, int]]  # (src, dst) blocks to copy before this step's writes
-    rejected: list[SeqId]  # allocations/appends that found no space, forks of a rejected parent
+    rejected: list[SeqId]  # allocations/appends that found no space
     stats: AllocatorStats
     hit_tokens: dict[SeqId, int] = field(default_factory=dict)  # per admission: prompt tokens found cached
 
@@ -122,7 +119,6 @@ def step_request_to_proto(request: StepRequest, pool_id: str) -> memory_pb2.Step
             )
             for a in request.allocate
         ],
-        fork=[memory_pb2.Fork(parent=str(p), child=str(c)) for p, c in request.fork],
         append=[memory_pb2.Append(seq_id=str(s), num_new_tokens=n) for s, n in request.append],
         num_waiting=request.num_waiting,
         step=request.step,
@@ -135,7 +131,6 @@ def step_request_from_proto(message: memory_pb2.StepRequest) -> StepRequest:
         commit=[Commit(c.seq_id, c.first_block, list(c.block_hashes)) for c in message.commit],
         free=list(message.free),
         allocate=[Allocation(a.seq_id, a.num_tokens, a.reserve_tokens, list(a.block_hashes)) for a in message.allocate],
-        fork=[(f.parent, f.child) for f in message.fork],
         append=[(a.seq_id, a.num_new_tokens) for a in message.append],
         num_waiting=message.num_waiting,
         step=message.step,
@@ -181,7 +176,6 @@ def step_response_to_proto(response: StepResponse, pool_id: str, replica: str) -
             memory_pb2.BlockTable(seq_id=str(s), block_ids=t, hit_tokens=response.hit_tokens.get(s, 0))
             for s, t in response.block_tables.items()
         ],
-        copies=[memory_pb2.BlockCopy(src=s, dst=d) for s, d in response.copies],
         rejected=[str(s) for s in response.rejected],
         stats=stats_to_proto(response.stats, pool_id, replica),
     )
@@ -190,7 +184,6 @@ def step_response_to_proto(response: StepResponse, pool_id: str, replica: str) -
 def step_response_from_proto(message: memory_pb2.StepResponse) -> StepResponse:
     return StepResponse(
         block_tables={t.seq_id: list(t.block_ids) for t in message.block_tables},
-        copies=[(c.src, c.dst) for c in message.copies],
         rejected=list(message.rejected),
         stats=stats_from_proto(message.stats),
         hit_tokens={t.seq_id: t.hit_tokens for t in message.block_tables if t.hit_tokens},

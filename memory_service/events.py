@@ -209,7 +209,7 @@ class PoolEvents:
 
     def __call__(self, record: BlockEvent) -> None:
         event = self.recorder.record(record, self.pool, self.replica, self.allocator.step)
-        if record.TYPE in ("allocate", "fork"):
+        if record.TYPE == "allocate":
             self.created[event["seq_id"]] = event["time"]
         elif isinstance(record, Free):  # finished, or preempted
             self.created.pop(event["seq_id"], None)

@@ -1,9 +1,8 @@
 """One engine step's block bookkeeping applied to a BlockAllocator: the memory side of the
 contract in memory_service.contract (which says what a step carries).
 
-Order inside a step: commits, frees, allocations, forks, appends: a finished sequence's blocks
-are cached before they are released, freed blocks are reusable at once, and a prompt admitted in
-this step can be forked in it (n samples) before every sample appends its first token.
+Order inside a step: commits, frees, allocations, appends: a finished sequence's blocks are
+cached before they are released, and freed blocks are reusable at once.
 A step is atomic: the whole request is checked before any of it is applied, so a malformed one
 (an unknown or repeated id) raises and changes nothing. Running out of blocks is not an error:
 those allocations and appends are answered as rejected, and they alone change nothing.
@@ -23,9 +22,9 @@ from memory_service.contract import SeqId, StepRequest, StepResponse
 def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
     """Raise (BlockAllocatorError or ValueError) if any part of the step is malformed: ids follow
     the step's order (committed blocks must be full blocks of a live sequence, freed ids must
-    exist and go away, allocated and forked ids must be new (a fork's parent may be allocated in
-    this step), appended ids must exist and not be freed, allocated or forked in this step: an
-    allocation may be rejected for lack of space, and an append to it would then fail half-way),
+    exist and go away, allocated ids must be new, appended ids must exist and not be freed or
+    allocated in this step: an allocation may be rejected for lack of space, and an append to it
+    would then fail half-way),
     each id at most once per list, token counts positive."""
     live = set(allocator.sequence_ids())
     for commit in request.commit:
@@ -41,13 +40,6 @@ def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
             raise ValueError(f"allocation of {alloc.seq_id!r}: num_tokens must be > 0 and reserve_tokens >= 0")
     if len({a.seq_id for a in request.allocate}) < len(request.allocate):
         raise DuplicateSequenceError("a sequence is allocated twice in one step")
-    allocated = {a.seq_id for a in request.allocate}
-    for parent, child in request.fork:
-        if parent not in live and parent not in allocated:
-            raise UnknownSequenceError(f"cannot fork {parent!r}: unknown sequence")
-        if child in live or child in allocated:
-            raise DuplicateSequenceError(f"fork child {child!r} already has a block table")
-        allocated.add(child)
     appended: set[SeqId] = set()
     for seq_id, num_new in request.append:
         if seq_id not in live or seq_id in appended:
@@ -58,7 +50,7 @@ def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
 
 
 def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
-    """Apply one step's commits, frees, allocations, forks and appends, or (malformed request)
+    """Apply one step's commits, frees, allocations and appends, or (malformed request)
     raise having changed nothing."""
     check_step(allocator, request)
     allocator.step = request.step
@@ -68,7 +60,6 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
     for seq_id in request.free:
         allocator.free(seq_id, "preempt" if seq_id in preempted else "finish")
     tables: dict[SeqId, list[int]] = {}
-    copies: list[tuple[int, int]] = []
     rejected: list[SeqId] = []
     hit_tokens: dict[SeqId, int] = {}
     for alloc in request.allocate:
@@ -79,23 +70,15 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
             hit_tokens[alloc.seq_id] = allocator.hit_tokens(alloc.seq_id)
         except OutOfBlocksError:
             rejected.append(alloc.seq_id)
-    for parent, child in request.fork:
-        if allocator.has_sequence(parent):  # else its admission was rejected, and so is the fork
-            tables[child] = allocator.fork(parent, child)
-        else:
-            rejected.append(child)
     for seq_id, num_new in request.append:
         try:
-            result = allocator.append_slots(seq_id, num_new)
+            new_blocks = allocator.append_slots(seq_id, num_new)
         except OutOfBlocksError:
             rejected.append(seq_id)
             continue
-        if result.new_blocks or result.copies:
+        if new_blocks:
             tables[seq_id] = allocator.block_table(seq_id)
-            copies.extend(result.copies)
-    return StepResponse(
-        block_tables=tables, copies=copies, rejected=rejected, stats=allocator.stats(), hit_tokens=hit_tokens
-    )
+    return StepResponse(block_tables=tables, rejected=rejected, stats=allocator.stats(), hit_tokens=hit_tokens)
 
 
 class LocalMemory:

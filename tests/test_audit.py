@@ -70,10 +70,11 @@ def test_planted_wrong_ref_count_is_caught():
     ok, message = audit(
         log(
             event(3, "allocate", seq_id="a", blocks=[0, 1], hits=0, tokens=8, refs=[1, 1]),
-            event(4, "fork", seq_id="b", parent="a", blocks=[0, 1], refs=[2, 1]),
+            event(4, "BlockStored", seq_id="a", blocks=[0], hashes=["aa"]),
+            event(5, "allocate", seq_id="b", blocks=[0, 2], hits=1, tokens=8, refs=[1, 1]),
         )
     )
-    assert not ok and "event 4" in message and "block 1: ref count 1 reported, 2 tables point at it" in message
+    assert not ok and "event 5" in message and "block 0: ref count 1 reported, 2 tables point at it" in message
 
 
 @pytest.mark.parametrize(
@@ -101,8 +102,8 @@ def test_an_event_in_a_released_pool_is_caught():
 
 
 def recorded_run(path: str) -> LocalEngine:
-    """Shared prefixes, n=2 (forks, copy-on-write), a pool small enough to preempt and evict, and
-    an abort: the engine's own log."""
+    """Shared prefixes, n=2 (samples sharing their prompt), a pool small enough to preempt and
+    evict, and an abort: the engine's own log."""
     engine = LocalEngine(
         model="dummy:tiny", block_size=16, kv_budget_tokens=512, max_num_seqs=16, headroom_blocks_per_seq=0
     )
@@ -128,13 +129,13 @@ def recorded_run(path: str) -> LocalEngine:
     return engine
 
 
-def test_a_real_run_with_preemption_forks_and_an_abort_passes_and_a_dropped_free_is_caught(tmp_path):
+def test_a_real_run_with_preemption_samples_and_an_abort_passes_and_a_dropped_free_is_caught(tmp_path):
     path = tmp_path / "events.jsonl"
     engine = recorded_run(str(path))
     assert engine.scheduler.num_preemptions > 0
     events = read_log(str(path))
     kinds = {e["type"] for e in events}
-    assert {"allocate", "append", "fork", "cow", "free", "preempt", "evict", "BlockStored"} <= kinds
+    assert {"allocate", "append", "free", "preempt", "evict", "BlockStored"} <= kinds
     assert all(e["step"] > 0 for e in events if e["type"] == "allocate")
     ok, message = audit(events)
     assert ok, message

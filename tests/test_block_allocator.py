@@ -19,8 +19,8 @@ def test_allocate_takes_ceil_blocks_and_append_takes_a_block_only_at_boundaries(
     table = alloc.allocate("a", 5)
     assert len(table) == 2 and alloc.num_free_blocks == 6
     for _ in range(3):  # tokens 6, 7, 8 fit in block 2
-        assert alloc.append_slots("a").new_blocks == []
-    assert len(alloc.append_slots("a").new_blocks) == 1  # token 9 opens block 3
+        assert alloc.append_slots("a") == []
+    assert len(alloc.append_slots("a")) == 1  # token 9 opens block 3
     assert alloc.num_tokens("a") == 9 and alloc.num_free_blocks == 5
     stats = alloc.stats()
     assert stats.num_tokens_stored == 9 and stats.utilization == pytest.approx(9 / 12)
@@ -46,40 +46,10 @@ def test_double_free_and_unknown_sequences_raise():
         alloc.free("a")
     with pytest.raises(UnknownSequenceError):
         alloc.append_slots("nope")
-    with pytest.raises(UnknownSequenceError):
-        alloc.fork("nope", "child")
     alloc.allocate("b", 1)
     with pytest.raises(DuplicateSequenceError):
         alloc.allocate("b", 1)
     assert alloc.num_free_blocks == 3
-
-
-def test_fork_shares_then_diverges_with_exactly_one_copy():
-    alloc = BlockAllocator(num_blocks=8, block_size=4)
-    parent = alloc.allocate("p", 6)  # 2 blocks, the last half full
-    assert alloc.fork("p", "c") == parent
-    assert all(alloc.ref_count(b) == 2 for b in parent)
-    free_before = alloc.num_free_blocks
-    result = alloc.append_slots("c")  # writes into the shared, half-full last block
-    assert result.new_blocks == [] and len(result.copies) == 1
-    src, dst = result.copies[0]
-    assert src == parent[1] and alloc.block_table("c") == [parent[0], dst]
-    assert alloc.num_free_blocks == free_before - 1
-    assert alloc.ref_count(parent[0]) == 2 and alloc.ref_count(parent[1]) == 1
-    assert alloc.append_slots("p").copies == []  # the parent's last block is its own again
-    alloc.free("p")
-    alloc.free("c")
-    assert alloc.num_free_blocks == 8
-
-
-def test_failed_copy_on_write_leaves_ref_counts_untouched():
-    alloc = BlockAllocator(num_blocks=2, block_size=4)
-    table = alloc.allocate("p", 6)
-    alloc.fork("p", "c")
-    with pytest.raises(OutOfBlocksError):
-        alloc.append_slots("c")
-    assert [alloc.ref_count(b) for b in table] == [2, 2]
-    assert alloc.block_table("c") == table and alloc.num_tokens("c") == 6
 
 
 def test_blocks_return_to_the_free_list_in_free_order():

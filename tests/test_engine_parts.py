@@ -28,15 +28,6 @@ def test_half_precision_checkpoint_loads_into_the_configured_dtype(tmp_path):
     assert all(p.dtype == torch.float32 for p in reloaded.parameters())
 
 
-def test_copy_blocks_copies_every_layer_of_k_and_v():
-    cache = KVCache(n_layer=3, n_head=2, head_dim=4, num_blocks=6, block_size=2)
-    cache.pool.normal_()
-    before = cache.pool.clone()
-    cache.copy_blocks([(1, 4), (2, 5)])
-    assert torch.equal(cache.pool[:, :, 4], before[:, :, 1]) and torch.equal(cache.pool[:, :, 5], before[:, :, 2])
-    assert torch.equal(cache.pool[:, :, :4], before[:, :, :4])
-
-
 def test_write_puts_each_token_at_its_slot():
     cache = KVCache(n_layer=1, n_head=2, head_dim=3, num_blocks=4, block_size=4)
     k = torch.randn(3, 2, 3)

@@ -22,7 +22,7 @@ def make_case(batch=5, n_head=4, head_dim=64, block_size=16, seed=0):
     num_blocks = batch * max_blocks + 3
     perm = torch.randperm(num_blocks, generator=gen)[: batch * max_blocks]
     tables = perm.view(batch, max_blocks).to(torch.int32)
-    tables[1, :2] = tables[0, :2]  # shared prefix blocks, as after a fork
+    tables[1, :2] = tables[0, :2]  # shared prefix blocks, as after a prefix-cache hit
     k = torch.randn(num_blocks, n_head, block_size, head_dim, generator=gen)
     v = torch.randn(num_blocks, n_head, block_size, head_dim, generator=gen)
     q = torch.randn(batch, n_head, head_dim, generator=gen)

@@ -1,5 +1,6 @@
-"""n samples of one prompt: one prefill, blocks shared until the samples diverge (copy-on-write),
-each sample reproducible from the request's seed and equal to HF where it is greedy."""
+"""n samples of one prompt, fanned out as n sequences: the prompt's full blocks computed once and
+shared through the prefix cache, each sample computing only the block that holds the prompt's
+last token; each sample reproducible from the request's seed and equal to HF where it is greedy."""
 
 from __future__ import annotations
 
@@ -24,20 +25,18 @@ def seeded(n: int, seed: int = 7, max_new_tokens: int = 12) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95, seed=seed, n=n, ignore_eos=True)
 
 
-def record_steps(eng: LocalEngine) -> tuple[list[tuple[int, int]], list[int]]:
-    """Every copy-on-write copy the runner performs, and the token count of every prefill."""
-    copies: list[tuple[int, int]] = []
+def record_prefills(eng: LocalEngine) -> list[int]:
+    """The token count of every prefill the runner computes."""
     prefill_tokens: list[int] = []
     execute = eng.runner.execute
 
     def recording(prepared):
-        copies.extend(prepared.copies)
         if prepared.meta.is_prefill:
             prefill_tokens.append(len(prepared.input_ids))
         return execute(prepared)
 
     eng.runner.execute = recording
-    return copies, prefill_tokens
+    return prefill_tokens
 
 
 def test_greedy_samples_each_equal_hf(hf_gpt2_dir, hf_model):
@@ -50,21 +49,21 @@ def test_greedy_samples_each_equal_hf(hf_gpt2_dir, hf_model):
     assert all(s.token_ids == expected for s in result.samples)
 
 
-@pytest.mark.parametrize("prompt_len, expected_copies", [(37, 3), (32, 0)])
-def test_one_prefill_and_exactly_the_copies_divergence_needs(hf_gpt2_dir, prompt_len, expected_copies):
-    """4 samples share the prompt's blocks. A partial last block is copied once per sample but
-    the last to write (n - 1 copies); a prompt that fills its blocks exactly needs none."""
+@pytest.mark.parametrize("prompt_len", [37, 32])
+def test_the_prompt_is_computed_once_and_its_full_blocks_shared(hf_gpt2_dir, prompt_len):
+    """4 samples: the first computes the whole prompt; the others wait for its blocks to be
+    committed, then compute only the block holding the prompt's last token (an admission never
+    hits that one), and every full block before it is shared."""
     prompt = random_prompt(np.random.default_rng(2), prompt_len)
     eng = engine(hf_gpt2_dir)
-    copies, prefill_tokens = record_steps(eng)
+    prefill_tokens = record_prefills(eng)
     result = eng.generate([prompt], seeded(4))[0]
-    assert prefill_tokens == [prompt_len]  # the prompt was computed once for the 4 samples
-    assert len(copies) == expected_copies
+    shared_blocks = (prompt_len - 1) // BLOCK  # full blocks before the one with the last token
+    last_block_tokens = prompt_len - shared_blocks * BLOCK
+    assert prefill_tokens == [prompt_len, 3 * last_block_tokens]  # then the 3 others, in one step
     assert len({tuple(s.token_ids) for s in result.samples}) == 4  # they did diverge
-    prompt_blocks = -(-prompt_len // BLOCK)
-    growth = -(-(prompt_len + 11) // BLOCK) - prompt_len // BLOCK  # blocks each sample adds past the shared ones
-    assert eng.stats.peak_used_blocks <= prompt_len // BLOCK + 4 * growth
-    assert eng.stats.peak_used_blocks < 4 * prompt_blocks
+    own = -(-(prompt_len + 11) // BLOCK) - shared_blocks  # blocks each sample holds past the shared ones
+    assert eng.stats.peak_used_blocks == shared_blocks + 4 * own
     assert eng.allocator.stats().num_used_blocks == 0
 
 
@@ -126,22 +125,21 @@ def test_n_is_validated(hf_gpt2_dir):
             eng.add_request([1, 2, 3], SamplingParams(n=n))
 
 
-def test_a_sample_preempted_before_its_first_token_then_the_memory_side_lost_is_forked_again(hf_gpt2_dir):
-    """Forked, preempted before its first token was drawn, and the pool lost before the prefill
-    ran: the sample goes back to waiting on its parent (not into the queue as well), and every
-    sample still ends as in an uninterrupted run."""
+def test_samples_lost_with_the_memory_side_mid_request_are_recomputed_to_the_same_tokens(hf_gpt2_dir):
+    """The memory side is lost while sample 0 decodes and the others have just been admitted:
+    every sample goes back to the queue once, and each still ends as in an uninterrupted run."""
     prompt = random_prompt(np.random.default_rng(8), 37)
     expected = [s.token_ids for s in engine(hf_gpt2_dir).generate([prompt], seeded(3))[0].samples]
     eng = engine(hf_gpt2_dir)
     request_id = eng.add_request(prompt, seeded(3))
+    for _ in range(2):  # sample 0's prefill, then the others' (sample 0 decodes beside them)
+        eng.step()
     sched = eng.scheduler
-    assert sched.schedule() is not None  # sample 0 admitted, samples 1 and 2 forked off it
-    child = next(s for s in sched.running if s.index == 2)
-    sched._preempt(child)  # as a plan made during the prefill would
-    eng.allocator = BlockAllocator(eng.allocator.num_blocks, BLOCK)  # ...and the memory side is lost
+    assert len(sched.running) == 3
+    eng.allocator = BlockAllocator(eng.allocator.num_blocks, BLOCK)  # the memory side is lost
     eng.kv.memory = LocalMemory(eng.allocator)
-    sched.forget_memory()
-    assert child not in sched.waiting and child.status.value == "waiting"
+    assert sched.forget_memory() == 3
+    assert sorted(s.index for s in sched.waiting) == [0, 1, 2] and len(sched.waiting) == 3
     done = {}
     while eng.has_unfinished():
         for out in eng.step():
@@ -166,8 +164,8 @@ def test_contiguous_mode_runs_samples_on_their_own_reservations(hf_gpt2_dir):
     prompt = random_prompt(np.random.default_rng(9), 30)
     paged = engine(hf_gpt2_dir).generate([prompt], seeded(3))[0].samples
     eng = engine(hf_gpt2_dir, mode="contiguous", reserve="max-new-tokens")
-    copies, prefill_tokens = record_steps(eng)
+    prefill_tokens = record_prefills(eng)
     contiguous = eng.generate([prompt], seeded(3))[0].samples
     assert [s.token_ids for s in contiguous] == [s.token_ids for s in paged]
     assert eng.scheduler.num_preemptions == 0
-    assert copies == [] and sum(prefill_tokens) == 3 * 30  # nothing shared, nothing copied
+    assert sum(prefill_tokens) == 3 * 30  # nothing shared

@@ -1,5 +1,5 @@
-"""Hypothesis drives the allocator with prefix-cache hits, commits, eviction, forks, copy-on-write
-and frees, against a model of what every physical block holds (the token written in each slot).
+"""Hypothesis drives the allocator with prefix-cache hits, commits, eviction and frees, against
+a model of what every physical block holds (the token written in each slot).
 
 Checked after every step: no block is both free and referenced; ref counts equal the tables that
 hold a block; every slot a live table points at holds that sequence's token (so no shared or
@@ -76,23 +76,13 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         free_before = self.alloc.num_free_blocks
         try:
-            result = self.alloc.append_slots(seq, len(new))
+            self.alloc.append_slots(seq, len(new))
         except OutOfBlocksError:
             assert self.alloc.num_free_blocks == free_before
             return
-        for src, dst in result.copies:
-            self.content[dst] = list(self.content[src])
         start = len(self.tokens[seq])
         self.tokens[seq] = self.tokens[seq] + new
         self._write(seq, start)
-
-    @precondition(lambda self: self.tokens)
-    @rule(data=st.data())
-    def fork(self, data):
-        parent = data.draw(st.sampled_from(sorted(self.tokens)))
-        self.alloc.fork(parent, self.next_id)
-        self.tokens[self.next_id] = list(self.tokens[parent])
-        self.next_id += 1
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())

@@ -37,9 +37,7 @@ class RejectingMemory(LocalMemory):
             request = StepRequest(request.free, request.allocate, request.append[1:])
             self.rejected["append"] += 1
         response = apply_step(self.allocator, request)
-        self._response = StepResponse(
-            response.block_tables, response.copies, response.rejected + refused, response.stats
-        )
+        self._response = StepResponse(response.block_tables, response.rejected + refused, response.stats)
 
 
 def test_rejected_admissions_and_appends_are_requeued_or_preempted_and_tokens_do_not_change():
