@@ -223,9 +223,10 @@ class InferenceEngine:
 
         A request with n samples is fanned out here, as vLLM v1 does: n sequences of their own
         (sample i draws with seed sample_seed(seed, i)), reported under the request's id. The
-        prompt is computed once: the first sample to be admitted computes it, and admission holds
-        the others until its blocks are committed, then they find every full block of the
-        prompt in the prefix cache and compute only the one holding its last token."""
+        prompt is computed once with prefix caching on (paged mode): the first sample to be
+        admitted computes it, and admission holds the others until its blocks are committed, then
+        they find every full block of the prompt in the prefix cache and compute only the one
+        holding its last token. With caching off (or in the baselines) each sample computes it."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else new_seed()
         if sample_outputs is None:

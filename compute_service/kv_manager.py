@@ -13,7 +13,7 @@ carries); this object speaks that contract for the scheduler:
 - the verbs that reach memory: `commit_computed` (blocks whose forward ran become matchable),
   `free`, `allocate_slots` (admit prompts), `append_slots` (one more token
   each), `flush`. At most one call is in flight: `receive` applies its answer to the sequences
-  (block tables, prefix hits, shared last blocks) and returns what did not fit, for the scheduler
+  (block tables, prefix hits) and returns what did not fit, for the scheduler
   to requeue or preempt.
 Sequences keep their own KV fields (block_table, num_computed_tokens, num_committed_blocks,
 num_hit_tokens); only this object writes them, apart from the engine marking

@@ -173,7 +173,7 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
         engine_config.mode,
         engine.num_blocks,
         engine.block_size,
-        f"{config.memory_address} ({memory.pool_id})" if memory else "in-process",
+        f"{config.memory_address} ({memory.pool_id})" if memory else "none (no-cache mode)",
     )
     loop = asyncio.get_running_loop()
     server, health = make_server([SERVICE])

@@ -130,8 +130,10 @@ class Answer:
     def usage(self) -> dict:
         prompt = len(self.prepared.prompt_ids)
         completion = sum(c.completion_tokens for c in self.completions.values())
-        # after a continuation elsewhere a replica's hit may include generated tokens: at most the prompt
-        cached = min(max((c.cached_tokens for c in self.completions.values()), default=0), prompt)
+        # n > 1: the samples after the first find the prompt the first computed, so the request's
+        # own hit is the smallest; after a continuation elsewhere a hit may include generated
+        # tokens: at most the prompt
+        cached = min(min((c.cached_tokens for c in self.completions.values()), default=0), prompt)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,

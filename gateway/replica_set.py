@@ -227,7 +227,8 @@ class ReplicaSet:
                 )
                 self.update([r.address for r in reply.replicas], reply.epoch, reply.lease_ttl_s)
             except grpc.aio.AioRpcError as exc:  # keep the set as it is until the memory service answers
-                log.debug("discovery: memory service did not answer (%s)", exc.code().name)
+                level = logging.WARNING if exc.code() == grpc.StatusCode.UNIMPLEMENTED else logging.DEBUG
+                log.log(level, "discovery: the memory service did not answer ListReplicas (%s)", exc.code().name)
             except Exception:  # a bug here must not end discovery for good
                 log.exception("discovery poll failed")
             await asyncio.sleep(self.discovery_poll_s)

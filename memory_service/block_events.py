@@ -170,6 +170,6 @@ EVENT_TYPES: dict[str, type[BlockEvent]] = {
 
 
 def parse(event: dict) -> BlockEvent:
-    """A logged event's record (KeyError for an unknown type, TypeError for missing fields)."""
+    """A logged event's record (KeyError for an unknown type or a missing field)."""
     cls = EVENT_TYPES[event["type"]]
     return cls(**{name: event[name] for name in field_names(cls)})

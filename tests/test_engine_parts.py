@@ -1,4 +1,4 @@
-"""Smaller parts of the engine: the project's checkpoint format, copy-on-write in the pool, and
+"""Smaller parts of the engine: the project's checkpoint format, the pipelined memory call, and
 the streaming form of generation."""
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def test_kv_aware_keeps_each_prefix_on_the_replica_that_holds_it(stack):
 def test_a_replica_joins_once_serving_and_leaves_when_its_lease_ends_or_it_drains(stack):
     memory_channel = grpc.insecure_channel(stack["memory"])
     memory = memory_pb2_grpc.MemoryServiceStub(memory_channel)
-    listed = lambda: len(memory.Match(memory_pb2.MatchRequest(), timeout=5).replicas)  # noqa: E731
+    listed = lambda: len(memory.ListReplicas(memory_pb2.ListReplicasRequest(), timeout=5).replicas)  # noqa: E731
     (port,) = free_ports(1)
     spec = stack["compute_spec"]
     spec = dataclasses.replace(spec, name="compute-2", port=port, settings={**spec.settings, "replica": "compute-2"})
