@@ -27,7 +27,7 @@ from tqdm import tqdm
 from bench import sharing
 from bench.decode_speed import decode_scaling, llama_peer_names, single_stream_comparison
 from bench.local_engine import LocalEngine
-from bench.quick import add_quick_flag, apply_quick, at_most, first_of, scratch_file
+from bench.quick import add_quick_flag, apply_quick, at_most, first_of, scratch_file, shared_prefix_shrink
 from bench.roofline import ReadProbe
 from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length
 from common.sampling_params import SamplingParams
@@ -319,17 +319,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sharing.add_arguments(ap)
     add_quick_flag(
         ap,
-        model="dummy:tiny",
+        **shared_prefix_shrink(),
         prompt_tokens=at_most(40),  # past two 16-token blocks: n > 1 samples share a prefix
         new_tokens=at_most(8),
         warmup=0,
         runs=at_most(2),
-        num_requests=at_most(4),
         rounds=1,
-        num_groups=at_most(2),
-        prompts_per_group=at_most(2),
-        system_prompt_tokens=at_most(32),
-        question_tokens=at_most(8),
         n=at_most(2),
         decode_scaling=first_of(2),
         decode_context=at_most(16),

@@ -48,6 +48,18 @@ def scratch_dir() -> Shrink:
     return lambda _: tempfile.mkdtemp(prefix="bench-quick-")
 
 
+def shared_prefix_shrink() -> dict[str, Any]:
+    """The shared-prefix workload's shape at a smoke run's size (bench.benchmark and bench.serve)."""
+    return dict(
+        model="dummy:tiny",
+        num_requests=at_most(4),
+        num_groups=at_most(2),
+        prompts_per_group=at_most(2),
+        system_prompt_tokens=at_most(32),
+        question_tokens=at_most(8),
+    )
+
+
 def add_quick_flag(parser: argparse.ArgumentParser, **shrink: Any) -> None:
     """`shrink`: argument dest -> its quick value, or a function of the value given."""
     said = ", ".join(f"{dest}" for dest in shrink)

@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from bench.quick import add_quick_flag, apply_quick, at_most, fast_sweep, scratch_file
+from bench.quick import add_quick_flag, apply_quick, at_most, fast_sweep, scratch_file, shared_prefix_shrink
 from bench.transports import BACKENDS, Transports, paired_run, report_pairs
 from bench.workloads import WORKLOADS, ModelLimits, Request, describe, fixed_length, served_model_limits, shared_prefix
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
@@ -404,13 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output", type=Path, default=RESULTS)
     add_quick_flag(
         ap,
-        model="dummy:tiny",
-        num_requests=at_most(4),
+        **shared_prefix_shrink(),
         prompt_tokens=at_most(16),
-        num_groups=at_most(2),
-        prompts_per_group=at_most(2),
-        system_prompt_tokens=at_most(32),
-        question_tokens=at_most(8),
         new_tokens=at_most(4),
         sweep=fast_sweep(),
         compare_rounds=1,
