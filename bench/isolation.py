@@ -20,9 +20,8 @@ import httpx
 
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
-from gateway.client import auth_metadata, stream_generate
+from gateway.client import stream_generate
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
-from rpc.v1 import gateway_pb2, gateway_pb2_grpc
 
 API_KEY = "isolation-test-key"
 FAULT_SALT = "inject-a-row-fault"  # compute's fault_injection_salt in these stacks
@@ -167,14 +166,6 @@ class Innocents:
                     for choice in event["choices"]:
                         texts[choice["index"]] += choice["text"]
         return texts
-
-
-def replicas_state(stack: Stack) -> list[gateway_pb2.ReplicaRouting]:
-    with grpc.insecure_channel(stack.grpc) as channel:
-        stats = gateway_pb2_grpc.GatewayStub(channel).GetStats(
-            gateway_pb2.StatsRequest(), timeout=10, metadata=auth_metadata(API_KEY)
-        )
-    return list(stats.replicas)
 
 
 def gateway_metric(http: str, sample: str) -> float:

@@ -19,8 +19,9 @@ from typing import Callable
 
 from common.failures import REPLICA_SCOPE, REQUEST_SCOPE
 from common.sampling_params import SamplingParams
-from compute_service.engine import InferenceEngine, RequestOutput
+from compute_service.engine import InferenceEngine
 from compute_service.memory_client import MemoryClient
+from compute_service.outputs import RequestOutput
 from compute_service.sequence import FinishReason
 from memory_service.contract import MemoryLost
 

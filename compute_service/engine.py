@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from common.sampling_params import SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
@@ -24,6 +23,7 @@ from compute_service.kv_cache import KVCache
 from compute_service.kv_manager import KVCacheManager, Reservation
 from compute_service.model_runner import ModelRunner
 from compute_service.native import load_extension
+from compute_service.outputs import EngineLoad, GenerationResult, RequestOutput, StepStats, to_result
 from compute_service.prefix_view import NoPrefixIndex, PrefixCacheView
 from compute_service.sampling import sample, token_logprobs
 from compute_service.scheduler import Scheduler, SchedulerConfig
@@ -32,66 +32,6 @@ from compute_service.weights import load_model
 from memory_service.contract import MemoryConnection, MemoryLost
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (new tokens; the rest once it finishes)."""
-
-    request_id: str  # the sequence's: the request's id for sample 0, "<id>#<i>" for sample i
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None
-    sequence: Sequence | None = None
-    group_id: str = ""  # the request's id (every sample's outputs go to its stream)
-    index: int = 0  # which sample
-    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of new_token_ids, if the request asked
-    error: str = ""  # finish_reason "error": why this request failed (the rest of the batch did not)
-
-
-@dataclass
-class GenerationResult:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    queue_seconds: float
-    ttft_seconds: float
-    total_seconds: float
-    num_preemptions: int
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache
-    index: int = 0
-    samples: list[GenerationResult] | None = None  # n > 1: every sample, by index (this one first)
-
-
-@dataclass
-class StepStats:
-    """Running totals the benchmarks read: concurrency, preemptions, KV utilization."""
-
-    num_forwards: int = 0
-    sum_running: int = 0
-    peak_running: int = 0
-    sum_utilization: float = 0.0
-    num_utilization_samples: int = 0
-    peak_used_blocks: int = 0
-
-    @property
-    def mean_running(self) -> float:
-        return self.sum_running / self.num_forwards if self.num_forwards else 0.0
-
-    @property
-    def mean_utilization(self) -> float:
-        return self.sum_utilization / self.num_utilization_samples if self.num_utilization_samples else 0.0
-
-
-@dataclass
-class EngineLoad:
-    num_running: int
-    num_waiting: int
-    num_preemptions: int
-    num_schedule_rounds: int  # rounds that talked to memory (a step, or a call that only frees)
-    num_memory_calls: int
 
 
 class InferenceEngine:
@@ -466,19 +406,3 @@ class InferenceEngine:
                 if out.group_id == request_id:
                     yield out
                     remaining -= out.finished
-
-
-def to_result(seq: Sequence) -> GenerationResult:
-    return GenerationResult(
-        request_id=seq.request_id,
-        prompt_token_ids=seq.prompt_token_ids,
-        token_ids=seq.output_token_ids,
-        text=seq.output_text,
-        finish_reason=seq.finish_reason.value,
-        queue_seconds=(seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time,
-        ttft_seconds=(seq.first_token_time or seq.finish_time) - seq.arrival_time,
-        total_seconds=seq.finish_time - seq.arrival_time,
-        num_preemptions=seq.num_preemptions,
-        cached_tokens=seq.cached_prompt_tokens,
-        index=seq.index,
-    )

@@ -19,8 +19,9 @@ from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
 from compute_service.async_engine import AsyncEngine, EngineFailure
 from compute_service.config import ComputeServiceConfig, EngineConfig
-from compute_service.engine import InferenceEngine, RequestOutput
+from compute_service.engine import InferenceEngine
 from compute_service.memory_client import MemoryClient
+from compute_service.outputs import RequestOutput
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc
 
 log = logging.getLogger("compute_service")

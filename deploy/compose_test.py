@@ -10,7 +10,8 @@ the in-process engine (and the same text from POST /v1/completions on the publis
 discovers the new replica through the memory service), check the block map (published on
 loopback 9102) shows both replicas' pools, then `down`. Container storage lives in this
 project's cache folder (`$XDG_CACHE_HOME/paged-nanogpt/compose-test`, or COMPOSE_TEST_WORKDIR),
-never the machine's default: the base image and the image's layers (system packages, torch, the
+never the machine's default, on the overlay driver where the kernel has it (deploy.compose_test.
+storage_driver): the base image and the image's layers (system packages, torch, the
 dependencies, the kernels, keyed on their sources) are built once per machine and reused, so a
 later run rebuilds only what changed (the last layer, the tree). Containers and dangling layers are
 removed after each run; COMPOSE_TEST_FRESH=1 uses a temporary folder and deletes it.
@@ -54,18 +55,33 @@ def cache_dir() -> Path:
     return base / "paged-nanogpt" / "compose-test"
 
 
+def storage_driver() -> str:
+    """overlay where the kernel has it (layers and containers are diffs: a build and `up` copy
+    nothing), else vfs (every layer and every container is a full copy of the image: minutes
+    and gigabytes more). COMPOSE_TEST_STORAGE_DRIVER overrides."""
+    chosen = os.environ.get("COMPOSE_TEST_STORAGE_DRIVER")
+    if chosen:
+        return chosen
+    try:
+        return "overlay" if "\toverlay\n" in Path("/proc/filesystems").read_text() else "vfs"
+    except OSError:
+        return "vfs"
+
+
 def missing_tools() -> list[str]:
     return [t for t in REQUIRED if shutil.which(t) is None]
 
 
 class Podman:
-    """podman, its Docker-API socket and docker-compose, confined to one temporary storage folder."""
+    """podman, its Docker-API socket and docker-compose, confined to one storage folder."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
-        (work / "storage").mkdir(exist_ok=True)
+        driver = storage_driver()
+        storage = work / f"storage-{driver}"  # one folder per driver: they cannot share layers
+        storage.mkdir(exist_ok=True)
         (work / "storage.conf").write_text(
-            f'[storage]\ndriver = "vfs"\ngraphroot = "{work}/storage/graph"\nrunroot = "{work}/storage/run"\n'
+            f'[storage]\ndriver = "{driver}"\ngraphroot = "{storage}/graph"\nrunroot = "{storage}/run"\n'
         )
         (work / "containers.conf").write_text(
             '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n[engine]\nruntime = "runc"\n'
@@ -155,6 +171,7 @@ def make_base_image(podman: Podman) -> None:
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     subprocess.run(["podman", "import", "-", BASE], stdin=tar.stdout, env=podman.env, check=True)
     tar.wait()
+    shutil.rmtree(rootfs, ignore_errors=True)  # imported: the image holds it now
 
 
 def build_image(podman: Podman) -> None:

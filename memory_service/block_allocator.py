@@ -132,16 +132,10 @@ class BlockAllocator:
             prefix_hit_tokens=self.cache.hit_tokens,
         )
 
-    def can_allocate(self, num_tokens: int, reserve_tokens: int = 0) -> bool:
-        return blocks_to_admit(num_tokens, reserve_tokens, self.block_size) <= self.num_free_blocks
-
     def blocks_needed_to_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> int:
         """New blocks `append_slots` would take: the fresh blocks past the table."""
         state = self._state(seq_id)
         return new_blocks_to_append(state.num_tokens, len(state.block_table), num_new_tokens, self.block_size)
-
-    def can_append(self, seq_id: SeqId, num_new_tokens: int = 1) -> bool:
-        return self.blocks_needed_to_append(seq_id, num_new_tokens) <= self.num_free_blocks
 
     # ---- mutations -----------------------------------------------------------------------
     def allocate(

@@ -88,13 +88,6 @@ class PoolRegistry:
         pool.lease_until = self.clock() + self.lease_ttl_s
         return pool
 
-    def heartbeat(self, pool_id: str, address: str | None = None) -> Pool:
-        """Renew the lease; `address` (when given) replaces the advertised one."""
-        pool = self.pool(pool_id)
-        if address is not None:
-            self.advertise(pool, address)
-        return pool
-
     @staticmethod
     def advertise(pool: Pool, address: str) -> bool:
         """Set the address the pool's replica serves on (empty = withdrawn); True if it changed."""

@@ -26,15 +26,8 @@ class PrefixCache:
     def num_parked(self) -> int:
         return len(self._parked)
 
-    @property
-    def num_hashed(self) -> int:
-        return len(self._hash_of)
-
     def hash_of(self, block: int) -> bytes | None:
         return self._hash_of.get(block)
-
-    def is_parked(self, block: int) -> bool:
-        return block in self._parked
 
     def match(self, hashes: list[bytes]) -> list[int]:
         """The blocks holding the longest cached prefix of `hashes` (stops at the first miss)."""

@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from common.blocks import blocks_to_admit
 from memory_service.block_allocator import BlockAllocator, OutOfBlocksError
 
 NUM_BLOCKS, BLOCK_SIZE = 12, 4
@@ -22,7 +23,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @rule(num_tokens=st.integers(1, 30), reserve=st.sampled_from([0, 0, 40]))
     def allocate(self, num_tokens, reserve):
-        fits = self.alloc.can_allocate(num_tokens, reserve)
+        fits = blocks_to_admit(num_tokens, reserve, BLOCK_SIZE) <= self.alloc.num_free_blocks
         try:
             self.alloc.allocate(self.next_id, num_tokens, reserve)
         except OutOfBlocksError:
@@ -36,7 +37,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data(), num_new=st.integers(1, 6))
     def append(self, data, num_new):
         seq = data.draw(st.sampled_from(sorted(self.lengths)))
-        fits = self.alloc.can_append(seq, num_new)
+        fits = self.alloc.blocks_needed_to_append(seq, num_new) <= self.alloc.num_free_blocks
         free_before = self.alloc.num_free_blocks
         try:
             new_blocks = self.alloc.append_slots(seq, num_new)

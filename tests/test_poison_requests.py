@@ -23,10 +23,9 @@ from bench.isolation import (
     leaked_blocks,
     migrations,
     reference_outputs,
-    replicas_state,
 )
 from gateway.client import auth_metadata, stream_generate
-from rpc.v1 import generate_pb2
+from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from tests.openai_stack import cancelled_requests
 
 MODEL = "dummy:tiny"
@@ -41,6 +40,14 @@ def attack(tmp_path_factory):
         time.sleep(1.0)  # they are running when the first poison arrives
         yield stack, innocents
         innocents.stop()
+
+
+def replicas_state(stack) -> list[gateway_pb2.ReplicaRouting]:
+    with grpc.insecure_channel(stack.grpc) as channel:
+        stats = gateway_pb2_grpc.GatewayStub(channel).GetStats(
+            gateway_pb2.StatsRequest(), timeout=10, metadata=auth_metadata(API_KEY)
+        )
+    return list(stats.replicas)
 
 
 def grpc_error(stack, prompt, **params) -> grpc.RpcError:

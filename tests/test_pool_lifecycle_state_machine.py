@@ -54,7 +54,7 @@ class PoolLifecycle(RuleBasedStateMachine):
     @precondition(lambda self: self.registry.pools)
     @rule(data=st.data())
     def heartbeat(self, data):
-        self.registry.heartbeat(data.draw(st.sampled_from(self._live())))
+        self.registry.pool(data.draw(st.sampled_from(self._live())))  # renews the lease
 
     @rule(seconds=st.floats(0.5, 8.0))
     def time_passes(self, seconds):
@@ -74,7 +74,7 @@ class PoolLifecycle(RuleBasedStateMachine):
         with pytest.raises(FencedPoolError):
             self.registry.pool(pool_id)
         with pytest.raises(FencedPoolError):
-            self.registry.heartbeat(pool_id)
+            self.registry.pool(pool_id)
 
     @precondition(lambda self: self.registry.pools)
     @rule(data=st.data())

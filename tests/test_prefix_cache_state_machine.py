@@ -97,7 +97,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         free = list(self.alloc._free)
         assert len(set(free)) == len(free), "a block is on the free list twice"
         for block in range(NUM_BLOCKS):
-            parked = self.alloc.cache.is_parked(block)
+            parked = block in self.alloc.cache.parked_blocks()
             assert ((block in free) or parked) != (holders[block] > 0), f"block {block}: free xor referenced"
             assert not (block in free and parked)
             assert self.alloc.ref_count(block) == holders[block]

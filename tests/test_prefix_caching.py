@@ -182,7 +182,7 @@ def test_blocks_of_a_sequence_that_ends_before_its_forward_never_match(hf_gpt2_d
     eng.abort(victim)
     while eng.has_unfinished():
         eng.step()
-    committed = eng.allocator.cache.num_hashed
+    committed = len(eng.allocator.cache.hashed_blocks())
     assert committed == 4  # the first prompt's 4 blocks (the victim committed none)
     del second
 

@@ -180,11 +180,11 @@ def test_the_index_lists_advertised_live_pools_once_each_with_their_matches():
     assert [(m.pool_id, m.matched_blocks) for m in registry.match(hashes(tokens))] == [(old, 4)]
     new = registry.register(64, BLOCK, "a", address="a:1")  # the replica registered again (its link broke)
     assert [(m.pool_id, m.matched_blocks) for m in registry.match(hashes(tokens))] == [(new, 0)]
-    registry.heartbeat(starting, address="c:1")
+    registry.advertise(registry.pool(starting), "c:1")
     assert sorted(m.pool.address for m in registry.match([])) == ["a:1", "c:1"]
-    registry.heartbeat(starting, address="")  # draining: withdrawn
+    registry.advertise(registry.pool(starting), "")  # draining: withdrawn
     now[0] = 4.0
-    registry.heartbeat(new)
+    registry.pool(new)
     now[0] = 6.0  # the old pool and the withdrawn one are not renewed: their leases end
     registry.expire()
     assert [m.pool_id for m in registry.match(hashes(tokens))] == [new]
