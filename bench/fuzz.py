@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--innocent-tokens", type=int, default=64)
     ap.add_argument("--log-dir", default="", help="the services' logs (default: a temporary folder)")
-    add_quick_flag(ap, requests=at_most(50), innocent_tokens=at_most(8))
+    add_quick_flag(ap, requests=at_most(20), innocent_tokens=at_most(8))
     args = apply_quick(ap.parse_args(argv))
     expected = reference_outputs(args.model, args.innocent_tokens)
     with tempfile.TemporaryDirectory() as tmp, isolation_stack(args.log_dir or tmp, args.model) as stack:
