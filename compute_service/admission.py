@@ -67,7 +67,9 @@ class Admission:
         if not held:  # prompts held for a prefix one admitted now computes
             for seq in admitted:
                 computing.update(kv.prefix_hashes(seq)[hits[id(seq)] // block_size :])
-            self.holding = any(h in computing for s in candidates if id(s) not in taken for h in kv.prefix_hashes(s))
+            self.holding = bool(computing) and any(  # nothing computing (caching off): nobody waits
+                h in computing for s in candidates if id(s) not in taken for h in kv.prefix_hashes(s)
+            )
         return admitted
 
     def _take(

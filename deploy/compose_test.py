@@ -273,7 +273,7 @@ def main() -> int:
     fresh = os.environ.get("COMPOSE_TEST_FRESH") == "1"
     work = Path(tempfile.mkdtemp(prefix="compose-test-")) if fresh else cache_dir()
     work.mkdir(parents=True, exist_ok=True)
-    lock = open(work / "lock", "w")  # noqa: SIM115 (held for the whole run)
+    lock = open(work / "lock", "w")  # held for the whole run
     fcntl.flock(lock, fcntl.LOCK_EX)  # one run at a time per storage folder
     podman = Podman(work)
     try:
