@@ -2,8 +2,10 @@
 
 A full block's hash covers everything its k/v depend on: its tokens and every token before it
 (through the parent block's hash), the model and weights that computed them (the namespace), and
-an optional per-request `cache_salt` that keeps tenants' caches apart (a block computed under one
-salt never matches a request with another). Only full blocks are hashed: a partial block is still
+the request's `cache_salt` (a block computed under one salt never matches a request with
+another). The gateway folds the caller's tenant into that salt once (`tenant_cache_salt`), so
+every later hash (its router's, the replicas', the memory service's index) keeps tenants apart
+without knowing about tenants. Only full blocks are hashed: a partial block is still
 being written.
 
 No torch, no Python `hash()` (randomised per process): SHA-256 over fixed-width little-endian
@@ -25,6 +27,17 @@ def root_hash(namespace: str, cache_salt: str = "") -> bytes:
     """The parent of a sequence's first block: the model's namespace and the tenant's salt."""
     payload = b"paged-nanogpt/v1\0" + namespace.encode() + b"\0" + cache_salt.encode()
     return hashlib.sha256(payload).digest()[:HASH_BYTES]
+
+
+def tenant_cache_salt(tenant: str, cache_salt: str) -> str:
+    """The salt a request is cached under: its own `cache_salt` within its tenant's namespace.
+    Without a tenant (a gateway without API keys) the salt is the client's, unchanged. With one,
+    a digest of both, length-prefixed so that no (tenant, salt) pair can spell another's: a
+    client cannot pick a salt that lands in another tenant's namespace."""
+    if not tenant:
+        return cache_salt
+    payload = b"tenant\0" + struct.pack("<I", len(tenant.encode())) + tenant.encode() + cache_salt.encode()
+    return "t-" + hashlib.sha256(payload).hexdigest()
 
 
 def block_hash(parent: bytes, token_ids: list[int]) -> bytes:

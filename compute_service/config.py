@@ -35,6 +35,11 @@ class ComputeServiceConfig:
     advertise_address: str = ""
     max_waiting: int = 256  # queued requests beyond this get RESOURCE_EXHAUSTED
     drain_timeout_s: float = 30.0  # on SIGTERM: time for in-flight requests to finish before they move
+    # The internal services' shared token (common/grpc_auth.py): required of callers of this
+    # replica and sent to the memory service. None: anyone may call, which a replica listening
+    # beyond loopback refuses unless allow_unauthenticated.
+    internal_token_file: str = ""
+    allow_unauthenticated: bool = False
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import grpc
 
+from common.grpc_auth import internal_sync_channel
 from common.grpc_server import CHANNEL_OPTIONS
 from memory_service.contract import (
     MemoryLost,
@@ -44,8 +45,9 @@ class MemoryClient:
         replica: str,
         timeout_s: float = 30.0,
         on_lost: Callable[[], None] | None = None,
+        token_file: str = "",
     ) -> None:
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = internal_sync_channel(address, token_file, CHANNEL_OPTIONS)
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         self.stub = memory_pb2_grpc.MemoryServiceStub(self.channel)
         self.num_blocks, self.block_size, self.replica = num_blocks, block_size, replica

@@ -14,6 +14,7 @@ import time
 import grpc
 
 from common.failures import FAILURE_SCOPE_KEY, REPLICA_SCOPE
+from common.grpc_auth import internal_interceptors, refuse_open_listener
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
@@ -155,7 +156,11 @@ def build_engine(
     clients: list[MemoryClient] = []
 
     def connect(num_blocks: int, block_size: int) -> MemoryClient:
-        clients.append(MemoryClient(config.memory_address, num_blocks, block_size, config.replica))
+        clients.append(
+            MemoryClient(
+                config.memory_address, num_blocks, block_size, config.replica, token_file=config.internal_token_file
+            )
+        )
         return clients[-1]
 
     return InferenceEngine(engine_config, connect_memory=connect), clients[0]
@@ -163,6 +168,9 @@ def build_engine(
 
 async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> None:
     config.replica = config.replica or f"{socket.gethostname()}:{config.port}"
+    refuse_open_listener(
+        "compute", config.host, bool(config.internal_token_file), config.allow_unauthenticated, "--internal-token-file"
+    )
     started = time.perf_counter()
     engine, memory = build_engine(engine_config, config)
     log.info(
@@ -177,7 +185,7 @@ async def serve(engine_config: EngineConfig, config: ComputeServiceConfig) -> No
         f"{config.memory_address} ({memory.pool_id})" if memory else "none (no-cache mode)",
     )
     loop = asyncio.get_running_loop()
-    server, health = make_server([SERVICE])
+    server, health = make_server([SERVICE], interceptors=internal_interceptors(config.internal_token_file))
 
     def on_serving_change(serving: bool) -> None:  # from the engine thread: the memory link
         asyncio.run_coroutine_threadsafe(set_serving(health, [SERVICE], serving and not servicer.draining), loop)

@@ -14,12 +14,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.grpc_auth import write_new_token
 from common.settings import env_name
 from deploy.services import ENV_PREFIXES, ServiceSpec, free_ports, local_services
 from gateway.auth import read_keys
@@ -55,7 +57,7 @@ def demo_client(gateway: ServiceSpec, prompt: str) -> tuple[list[str], dict[str,
         f"127.0.0.1:{gateway.port}",
         *(["--tls-ca", cert] if cert else []),
     ]
-    env = {**os.environ, "OPENAI_API_KEY": keys[0] if keys else ""}
+    env = {**os.environ, "OPENAI_API_KEY": keys[0].key if keys else ""}
     return command, env
 
 
@@ -145,10 +147,18 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
-    services = local_services_on_free_ports() if args.free_ports else local_services()
+    # The internal token (common/grpc_auth.py): fresh for each run, readable by this user alone,
+    # gone when the run ends. The services check it on every internal call and the block map.
+    token_dir = tempfile.TemporaryDirectory(prefix="paged-nanogpt-")
+    token_file = os.path.join(token_dir.name, "internal_token")
+    write_new_token(token_file)
+    if args.free_ports:
+        services = local_services_on_free_ports(token_file)
+    else:
+        services = local_services(internal_token_file=token_file)
     gateway = next(s for s in services if s.role == "gateway")
     try:
-        with running_stack(services):
+        with token_dir, running_stack(services):
             print("[run] all services SERVING", file=sys.stderr)
             if args.demo_prompt:
                 command, env = demo_client(gateway, args.demo_prompt)
@@ -171,9 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def local_services_on_free_ports() -> list[ServiceSpec]:
+def local_services_on_free_ports(internal_token_file: str = "") -> list[ServiceSpec]:
     memory, compute, gateway, gateway_metrics, memory_metrics, http = free_ports(6)
-    return local_services(memory, (compute,), gateway, gateway_metrics, memory_metrics, gateway_http_port=http)
+    return local_services(
+        memory,
+        (compute,),
+        gateway,
+        gateway_metrics,
+        memory_metrics,
+        gateway_http_port=http,
+        internal_token_file=internal_token_file,
+    )
 
 
 if __name__ == "__main__":

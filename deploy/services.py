@@ -44,12 +44,15 @@ def local_services(
     gateway_settings: dict[str, str] | None = None,
     gateway_http_port: int = 8000,
     memory_http_port: int | None = None,
+    internal_token_file: str = "",
 ) -> list[ServiceSpec]:
     """Memory, then one compute per port, then the gateway, all on loopback. With `discovery`
     the gateway learns the replicas from the memory service (as in compose); else it is given
     their addresses. The block map (`memory_http_port`) is on 9102 for the default stack (`make
     run`) and off for any other unless asked for: tests and benchmarks start stacks on free
-    ports beside a running `make run`, and 9102 would collide."""
+    ports beside a running `make run`, and 9102 would collide. `internal_token_file`: the shared
+    token every service checks and sends (common/grpc_auth.py); empty = none (loopback only)."""
+    token = {"internal_token_file": internal_token_file} if internal_token_file else {}
     memory_address = f"127.0.0.1:{memory_port}"
     if memory_http_port is None:
         memory_http_port = 9102 if memory_port == 50051 else 0
@@ -60,7 +63,7 @@ def local_services(
             "memory_service.server",
             memory_port,
             "rpc.internal.v1.MemoryService",
-            {"metrics_port": str(memory_metrics_port), "http_port": str(memory_http_port)},
+            {"metrics_port": str(memory_metrics_port), "http_port": str(memory_http_port), **token},
         )
     ]
     for i, port in enumerate(compute_ports):
@@ -71,7 +74,7 @@ def local_services(
                 "compute_service.server",
                 port,
                 "rpc.internal.v1.ComputeService",
-                {"memory_address": memory_address, "replica": f"compute-{i}", **(compute_settings or {})},
+                {"memory_address": memory_address, "replica": f"compute-{i}", **token, **(compute_settings or {})},
             )
         )
     services.append(
@@ -86,6 +89,7 @@ def local_services(
                 "memory_address": memory_address,
                 "metrics_port": str(gateway_metrics_port),
                 "http_port": str(gateway_http_port),
+                **token,
                 **(gateway_settings or {}),
             },
         )

@@ -11,20 +11,23 @@ from common.sampling_params import SamplingParams, TokenLogprobs
 class GatewayError(Exception):
     """A request the gateway cannot serve. `status` is a gRPC status name (INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED, UNAVAILABLE, ...); every front maps it onto its own protocol. `field`
-    names the request field at fault (SamplingParams' names, or "prompt"), when one is."""
+    names the request field at fault (SamplingParams' names, or "prompt"), when one is.
+    `retry_after_s`: when a refused request could succeed again (a per-tenant limit), if known."""
 
-    def __init__(self, status: str, message: str, field: str = "") -> None:
+    def __init__(self, status: str, message: str, field: str = "", retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
 class ClientRequest:
     prompt: str | bytes | list[int] | None  # text (bytes: checked to be UTF-8) is tokenized here
     params: SamplingParams
-    request_id: str = ""  # empty = the gateway makes one
+    request_id: str = ""  # empty = the gateway makes one; unique among its tenant's requests in flight
+    tenant: str = ""  # whose request: the API key's tenant (gateway/auth.py); "" without keys
 
 
 @dataclass

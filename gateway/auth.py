@@ -1,11 +1,13 @@
-"""API keys for the gateway's public listeners: one check, used by the gRPC interceptor and the
-HTTP front alike.
+"""API keys for the gateway's public listeners, and the tenant each key belongs to: one check,
+used by the gRPC interceptor and the HTTP front alike.
 
-Keys come from `api_keys_file` (one key a line; blank lines and `#` comments skipped) and the
-comma-separated `api_keys` setting (`GATEWAY_API_KEYS`). No keys = open, as before. A client
-sends `authorization: Bearer <key>` (gRPC metadata or HTTP header, as OpenAI's clients do).
-Health checks and Prometheus metrics stay open: load balancers
-and scrapers carry no keys, and neither shows a prompt or a token.
+Keys come from `api_keys_file` and the comma-separated `api_keys` setting (`GATEWAY_API_KEYS`).
+Each entry (a line of the file, an item of the list) is `<key> <tenant>`; a key alone is its own
+tenant (`key-` and the first 8 hex digits of its SHA-256: the old one-key-a-line files load
+unchanged). Blank lines and `#` comments are skipped. A tenant is the unit of isolation: its own
+prefix-cache namespace, request ids, limits and metrics (gateway/tenant_limits.py). No keys =
+no authentication and one tenant, "" (allowed only on loopback unless `allow_unauthenticated`).
+A client sends `authorization: Bearer <key>` (gRPC metadata or HTTP header, as OpenAI's clients do).
 """
 
 from __future__ import annotations
@@ -14,26 +16,52 @@ import contextlib
 import hashlib
 import hmac
 import inspect
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-# gRPC methods that need no key: health (probes) and reflection (grpcurl's discovery).
-OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+from common.grpc_auth import OPEN_GRPC_PREFIXES, RequireCredential, bearer
+
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+UNAUTHENTICATED_MESSAGE = "missing or invalid API key: send metadata 'authorization: Bearer <key>'"
 
 
-def read_keys(keys_file: str = "", keys: str = "") -> list[str]:
-    """The configured keys in order: the comma-separated setting's, then the file's."""
-    found = [k.strip() for k in keys.split(",") if k.strip()]
+@dataclass(frozen=True)
+class ApiKey:
+    key: str
+    tenant: str
+
+
+def parse_key_entry(entry: str, where: str) -> ApiKey:
+    """One `<key> [<tenant>]` entry; ValueError naming `where` (never the key) if malformed."""
+    parts = entry.split()
+    if len(parts) > 2:
+        raise ValueError(f"{where}: expected '<key> <tenant>', found {len(parts)} fields")
+    key = parts[0]
+    tenant = parts[1] if len(parts) == 2 else "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    if not TENANT_NAME.fullmatch(tenant):
+        raise ValueError(f"{where}: a tenant name is 1-64 of A-Z a-z 0-9 . _ -")
+    return ApiKey(key, tenant)
+
+
+def read_keys(keys_file: str = "", keys: str = "") -> list[ApiKey]:
+    """The configured keys in order: the comma-separated setting's, then the file's. ValueError
+    for a malformed entry or a key given twice."""
+    found = [parse_key_entry(k, f"api_keys item {i + 1}") for i, k in enumerate(keys.split(",")) if k.strip()]
     if keys_file:
-        lines = Path(keys_file).read_text().splitlines()
-        found += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        for number, line in enumerate(Path(keys_file).read_text().splitlines(), 1):
+            if line.strip() and not line.strip().startswith("#"):
+                found.append(parse_key_entry(line, f"{keys_file} line {number}"))
+    if len({k.key for k in found}) != len(found):
+        raise ValueError("an API key is configured twice")
     return found
 
 
 class ApiKeys:
-    def __init__(self, keys: list[str]) -> None:
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._digests = [(hashlib.sha256(k.key.encode()).digest(), k.tenant) for k in keys]
 
     @classmethod
     def load(cls, keys_file: str = "", keys: str = "") -> "ApiKeys":
@@ -43,61 +71,29 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def allows(self, authorization: str | None) -> bool:
-        """Whether a request with this `authorization` header may pass (always, with no keys
-        configured). Constant-time comparison against every key."""
+    @property
+    def tenants(self) -> set[str]:
+        return {tenant for _, tenant in self._digests}
+
+    def tenant(self, authorization: str | None) -> str | None:
+        """The tenant of the key in this `authorization` header; None if it is no key of ours.
+        "" with no keys configured (everyone is the one anonymous tenant). Constant time: every
+        key's digest is compared, equal lengths, no early exit, so timing tells nothing about any key."""
         if not self._digests:
-            return True
-        scheme, _, value = (authorization or "").partition(" ")
-        given = hashlib.sha256(value.strip().encode() if scheme.lower() == "bearer" else b"").digest()
-        found = False
-        for digest in self._digests:  # every key, equal-length digests: the time tells nothing about any key
-            found |= hmac.compare_digest(given, digest)
+            return ""
+        given = hashlib.sha256(bearer(authorization)).digest()
+        found = None
+        for digest, tenant in self._digests:
+            if hmac.compare_digest(given, digest):
+                found = tenant
         return found
 
+    def allows(self, authorization: str | None) -> bool:
+        return self.tenant(authorization) is not None
 
-class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED for a call to a keyed method without a valid key."""
-
-    def __init__(self, keys: ApiKeys) -> None:
-        self.keys = keys
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_GRPC_PREFIXES):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if self.keys.allows(metadata.get("authorization")):
-            return handler
-        return _refusing(handler)
-
-
-def _unread(body: bytes) -> None:
-    """The deserializer of a refused call: the body is dropped unparsed."""
-    return None
-
-
-def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that ends the call UNAUTHENTICATED."""
-    message = "missing or invalid API key: send metadata 'authorization: Bearer <key>'"
-
-    async def refuse_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def refuse_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # an async generator, as a streaming handler must be
-
-    # The body is never parsed: an unauthenticated caller costs no deserializing (only the public
-    # receive limit's bytes, which grpc reads before any handler runs).
-    codec = dict(request_deserializer=_unread, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse_unary, **codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **codec)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse_unary, **codec)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **codec)
+    def interceptor(self) -> RequireCredential:
+        """UNAUTHENTICATED for a call to a keyed method without a valid key."""
+        return RequireCredential(self.allows, UNAUTHENTICATED_MESSAGE)
 
 
 class GrpcCallLimits(grpc.aio.ServerInterceptor):

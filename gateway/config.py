@@ -14,9 +14,17 @@ class GatewayConfig:
     port: int = 50050
     metrics_port: int = 9100  # Prometheus /metrics; 0 = off (the HTTP front serves /metrics too)
     http_port: int = 8000  # the OpenAI-compatible HTTP front (gateway/openai_api.py); 0 = off
-    # API keys (gateway/auth.py): a file of one key a line, and/or a comma-separated list; none = open.
+    # API keys (gateway/auth.py): a file of `<key> <tenant>` lines, and/or a comma-separated list
+    # of such entries. None = open, which a gateway listening beyond loopback refuses unless
+    # allow_unauthenticated says the network is trusted.
     api_keys_file: str = ""
     api_keys: str = ""
+    allow_unauthenticated: bool = False
+    # Per-tenant limits (gateway/tenant_limits.py); 0 = off. Over one: RESOURCE_EXHAUSTED / 429 with a retry hint.
+    tenant_max_in_flight: int = 0  # a tenant's requests at once
+    tenant_tokens_per_minute: int = 0  # prompt + n x max_new_tokens charged at admission, the unused part refunded
+    # The internal services' shared token (common/grpc_auth.py), sent on every call to memory and compute.
+    internal_token_file: str = ""
     # TLS for the gRPC and HTTP listeners (PEM files); empty = plaintext. Internal ports stay plaintext.
     tls_cert_file: str = ""
     tls_key_file: str = ""

@@ -19,7 +19,9 @@ from typing import AsyncIterator
 
 import grpc
 
+from common.block_hash import tenant_cache_salt
 from common.failures import REPLICA_SCOPE, REQUEST_SCOPE, failure_scope
+from common.grpc_auth import internal_channel
 from common.grpc_server import CHANNEL_OPTIONS
 from common.protocol import logprobs_from_proto
 from common.sampling_params import FieldError, check_prompt_text, new_seed, validate_request
@@ -27,9 +29,10 @@ from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
 from gateway.api_types import ClientRequest, Completion, GatewayError, ModelInfo, TokenChunk
 from gateway.config import GatewayConfig
-from gateway.metrics import IN_FLIGHT, MIGRATIONS, GatewayMetrics, RequestTimer
+from gateway.metrics import IN_FLIGHT, MIGRATIONS, TENANT_TOKENS, GatewayMetrics, RequestTimer, tenant_label
 from gateway.replica_set import Replica, ReplicaSet
 from gateway.routing import PrefixKey, Route, Routing
+from gateway.tenant_limits import TenantLease, TenantLimits
 from gateway.tracked_request import SampleProgress, TrackedRequest
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -49,7 +52,7 @@ class GatewayCore:
         self.config = config
         self._memory, self._memory_channel = None, None
         if config.memory_address:
-            self._memory_channel = grpc.aio.insecure_channel(config.memory_address, options=CHANNEL_OPTIONS)
+            self._memory_channel = internal_channel(config.memory_address, config.internal_token_file, CHANNEL_OPTIONS)
             self._memory = memory_pb2_grpc.MemoryServiceStub(self._memory_channel)
         self.replicas = ReplicaSet(
             config.compute_addresses,
@@ -57,17 +60,20 @@ class GatewayCore:
             config.health_poll_s,
             config.replica_down_after_s,
             config.discovery_poll_s,
+            config.internal_token_file,
         )
         self.routing = Routing(
             config.routing, self.replicas, self._memory, config.kv_overlap_weight, config.match_timeout_s
         )
         self.tokenizer = get_tokenizer()
         self.metrics = GatewayMetrics()
+        self.tenant_limits = TenantLimits(config.tenant_max_in_flight, config.tenant_tokens_per_minute)
         self._model_info: ModelInfo | None = None
-        self._requests: set[str] = set()  # accepted and not finished (running or waiting for a replica)
-        self._calls: dict[str, tuple[grpc.aio.UnaryStreamCall, Replica]] = {}  # the attempt running now
-        self._aborted: set[str] = set()  # by the client's Abort
-        self._evicted: set[str] = set()  # attempt cancelled by the gateway: its replica is down
+        # By (tenant, request_id): a request id is unique within its tenant, and invisible to others.
+        self._requests: set[tuple[str, str]] = set()  # accepted and not finished (running or waiting for a replica)
+        self._calls: dict[tuple[str, str], tuple[grpc.aio.UnaryStreamCall, Replica]] = {}  # the attempt running now
+        self._aborted: set[tuple[str, str]] = set()  # by the client's Abort
+        self._evicted: set[tuple[str, str]] = set()  # attempt cancelled by the gateway: its replica is down
 
     async def start(self) -> ModelInfo:
         """Watch the replicas (discover them, poll their health), then wait for one to tell the
@@ -114,11 +120,13 @@ class GatewayCore:
         prompt = await self.tokenize(prompt) if isinstance(prompt, (str, bytes)) else list(prompt)
         validate_request(prompt, request.params, info.context_length, info.vocab_size)
         request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self._requests:
+        if (request.tenant, request_id) in self._requests:
             raise FieldError("request_id", f"request_id {request_id!r} is already in flight")
         params = request.params if request.params.seed is not None else replace(request.params, seed=new_seed())
+        # The tenant's prefix-cache namespace, from here on for routing, the replicas and the memory service.
+        params = replace(params, cache_salt=tenant_cache_salt(request.tenant, params.cache_salt))
         samples = [SampleProgress(IncrementalText(self.tokenizer, params.stop)) for _ in range(params.n)]
-        return TrackedRequest(request_id, prompt, params, samples)
+        return TrackedRequest(request_id, prompt, params, samples, request.tenant)
 
     async def generate(
         self, request: ClientRequest, timeout_s: float | None = None
@@ -132,19 +140,45 @@ class GatewayCore:
         replica's call is cancelled and its blocks freed.
 
         The attempt loop: route, run one attempt (_attempt), and on its outcome (_after_failure)
-        continue elsewhere or end the request."""
+        continue elsewhere or end the request. Around it, the tenant's limits: a slot before any
+        work, its token budget once the prompt's length is known, both given back at the end."""
         timer = RequestTimer()
-        self._refuse_if_full(timer)  # before any work on the request
+        self._refuse_if_full(timer, request.tenant)  # before any work on the request
+        try:
+            lease = self.tenant_limits.admit(request.tenant)
+        except GatewayError:
+            self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None, request.tenant)
+            raise
+        usage = [0, 0]  # prompt and completion tokens, once known
+        try:
+            async with aclosing(self._generate(request, timer, lease, usage, timeout_s)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.tenant_limits.release(lease, sum(usage))
+            TENANT_TOKENS.labels(tenant_label(request.tenant), "prompt").inc(usage[0])
+            TENANT_TOKENS.labels(tenant_label(request.tenant), "completion").inc(usage[1])
+
+    async def _generate(
+        self, request: ClientRequest, timer: RequestTimer, lease: TenantLease, usage: list[int], timeout_s: float | None
+    ) -> AsyncIterator[TokenChunk | Completion]:
+        """generate() within the tenant's slot; fills `usage` with the tokens the request used."""
+        tenant = request.tenant
         try:
             tracked = await self._track(request)
         except ValueError as exc:
-            self.metrics.record_request("INVALID_ARGUMENT", timer, None)
+            self.metrics.record_request("INVALID_ARGUMENT", timer, None, tenant)
             raise GatewayError("INVALID_ARGUMENT", str(exc), getattr(exc, "field", "")) from None
-        self._refuse_if_full(timer)  # again: others arrived while it was tokenized
+        self._refuse_if_full(timer, tenant)  # again: others arrived while it was tokenized
+        try:  # the worst case: every sample runs to max_tokens (the unused part is refunded)
+            self.tenant_limits.charge(lease, len(tracked.prompt) + tracked.params.n * tracked.params.max_new_tokens)
+        except GatewayError:
+            self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None, tenant)
+            raise
         if self.config.max_request_s > 0:  # no request outlives the bound, whatever its client asked
             timeout_s = self.config.max_request_s if timeout_s is None else min(timeout_s, self.config.max_request_s)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        request_id, status = tracked.request_id, None
+        request_id, status = tracked.key, None
         failed: set[str] = set()  # replicas that failed this request: another is preferred
         full: set[str] = set()  # replicas that answered RESOURCE_EXHAUSTED
         key = self.routing.key(tracked.prompt, tracked.params.cache_salt)
@@ -197,7 +231,8 @@ class GatewayCore:
             self._requests.discard(request_id)
             self._aborted.discard(request_id)
             self._evicted.discard(request_id)
-            self.metrics.record_request(status or "CANCELLED", timer, tracked.queue_ms)
+            usage[:] = [len(tracked.prompt), tracked.num_generated]
+            self.metrics.record_request(status or "CANCELLED", timer, tracked.queue_ms, tenant)
 
     async def _attempt(
         self, tracked: TrackedRequest, route: Route, timer: RequestTimer, deadline: float | None
@@ -208,7 +243,7 @@ class GatewayCore:
         replica, first_complete, call = route.replica, True, None
         try:
             call = replica.stub.Generate(tracked.forward(), timeout=_remaining(deadline))
-            self._calls[tracked.request_id] = (call, replica)
+            self._calls[tracked.key] = (call, replica)
             async for response in call:
                 route.prefilled()
                 if response.HasField("chunk"):
@@ -247,7 +282,7 @@ class GatewayCore:
         finally:
             if call is not None:
                 call.cancel()
-            self._calls.pop(tracked.request_id, None)
+            self._calls.pop(tracked.key, None)
 
     def _after_failure(
         self, tracked: TrackedRequest, replica: Replica, exc: grpc.aio.AioRpcError, failed: set[str], full: set[str]
@@ -267,9 +302,9 @@ class GatewayCore:
         # details (addresses) stay in the log.
         self._migrate(tracked, replica, f"{code}: {exc.details()}", died=scope != REPLICA_SCOPE, client_why=code)
 
-    def _refuse_if_full(self, timer: RequestTimer) -> None:
+    def _refuse_if_full(self, timer: RequestTimer, tenant: str) -> None:
         if len(self._requests) >= self.config.max_in_flight:
-            self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None)
+            self.metrics.record_request("RESOURCE_EXHAUSTED", timer, None, tenant)
             raise GatewayError("RESOURCE_EXHAUSTED", "gateway is at max_in_flight; retry later")
 
     def _aborted_completions(self, stream: TrackedRequest, timer: RequestTimer, replica: str) -> list[Completion]:
@@ -339,7 +374,7 @@ class GatewayCore:
         )
 
     async def _wait_for_replica(
-        self, request_id: str, key: PrefixKey, failed: set[str], full: set[str], deadline: float | None
+        self, request_id: tuple[str, str], key: PrefixKey, failed: set[str], full: set[str], deadline: float | None
     ) -> Route | None:
         """The route of the next attempt, chosen by the routing policy: to a replica that has not
         failed this request if there is one, never to one that said it is full. With none SERVING
@@ -370,14 +405,16 @@ class GatewayCore:
                 self._evicted.add(request_id)
                 call.cancel()
 
-    def abort(self, request_id: str) -> None:
-        """End a request in flight; its stream finishes with finish_reason abort."""
-        if request_id not in self._requests:
+    def abort(self, request_id: str, tenant: str = "") -> None:
+        """End `tenant`'s request in flight; its stream finishes with finish_reason abort. Another
+        tenant's request with this id is not seen: the same answer as for no request at all."""
+        key = (tenant, request_id)
+        if key not in self._requests:
             raise GatewayError("INVALID_ARGUMENT", f"request_id {request_id!r} is not in flight")
-        self._aborted.add(request_id)
-        if request_id in self._calls:  # else it is waiting for a replica, and stops waiting
+        self._aborted.add(key)
+        if key in self._calls:  # else it is waiting for a replica, and stops waiting
             # compute sees the cancel, aborts, and frees the blocks at its next step
-            self._calls[request_id][0].cancel()
+            self._calls[key][0].cancel()
 
     async def close(self) -> None:
         await self.replicas.close()

@@ -30,7 +30,17 @@ MATCH_MS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250),
 )
 MATCH_FAILURES = Counter("gateway_kv_match_failures_total", "Match calls that failed (routed on local state)")
+# Per tenant (the API key's: gateway/auth.py); the label set is bounded by the configured keys.
+TENANT_REQUESTS = Counter("gateway_tenant_requests_total", "Requests by tenant and final status", ["tenant", "status"])
+TENANT_TOKENS = Counter("gateway_tenant_tokens_total", "Tokens by tenant: prompt and completion", ["tenant", "kind"])
+TENANT_IN_FLIGHT = Gauge("gateway_tenant_requests_in_flight", "Requests being served, by tenant", ["tenant"])
+TENANT_LIMITED = Counter("gateway_tenant_limited_total", "Requests refused by a per-tenant limit", ["tenant", "limit"])
 _PER_REPLICA = (PROMPT_TOKENS, CACHED_TOKENS, MATCHED_TOKENS, HIT_RATE)
+
+
+def tenant_label(tenant: str) -> str:
+    """The metrics label of a tenant ("anonymous" where no keys are configured)."""
+    return tenant or "anonymous"
 
 
 def forget_replica(address: str) -> None:
@@ -102,9 +112,10 @@ class GatewayMetrics:
             self._token_times.popleft()
         TOKENS_PER_SECOND.set(sum(k for _, k in self._token_times) / 10)
 
-    def record_request(self, status: str, timer: RequestTimer, queue_ms: float | None) -> None:
+    def record_request(self, status: str, timer: RequestTimer, queue_ms: float | None, tenant: str = "") -> None:
         self.requests_total += 1
         REQUESTS.labels(status).inc()
+        TENANT_REQUESTS.labels(tenant_label(tenant), status).inc()
         if status != "OK":
             self.requests_failed += 1
             return

@@ -35,7 +35,8 @@ log = logging.getLogger("gateway")
 
 
 class _RequireKey:
-    """ASGI middleware: a /v1/ request without a valid key is refused before its body is read."""
+    """ASGI middleware: a /v1/ request without a valid key is refused before its body is read;
+    a valid one's tenant goes into the scope (`scope["tenant"]`) for the routes."""
 
     def __init__(self, app, keys: ApiKeys) -> None:
         self.app, self.keys = app, keys
@@ -43,7 +44,8 @@ class _RequireKey:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/") and self.keys.enabled:
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not self.keys.allows(authorization):
+            scope["tenant"] = self.keys.tenant(authorization)
+            if scope["tenant"] is None:
                 error = OpenAIError(
                     "UNAUTHENTICATED",
                     "missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -140,6 +142,7 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
             prepared = await (prepare_chat if chat else prepare_completion)(body, uuid.uuid4().hex, core)
         except FieldError as exc:
             raise OpenAIError("INVALID_ARGUMENT", str(exc), exc.field) from None
+        prepared.request.tenant = request.scope.get("tenant") or ""
         events = core.generate(prepared.request)
         streaming = False
         try:

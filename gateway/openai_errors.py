@@ -5,6 +5,7 @@ before any route runs (gateway/http_bounds.py), is answered this way."""
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
@@ -48,7 +49,8 @@ class OpenAIError(Exception):
         """The core's error, its field renamed as the client named it."""
         param = prepared.param_name(exc.field) if prepared and exc.field else exc.field or None
         message = exc.message.replace(exc.field, param) if exc.field and param else exc.message
-        return cls(exc.status, message, param)
+        retry = {"retry-after": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s is not None else None
+        return cls(exc.status, message, param, headers=retry)
 
     def body(self) -> dict:
         return {

@@ -34,6 +34,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.grpc_auth import internal_channel
 from common.grpc_server import CHANNEL_OPTIONS
 from gateway.metrics import CACHED_TOKENS, HIT_RATE, MATCHED_TOKENS, PROMPT_TOKENS, forget_replica
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc, memory_pb2, memory_pb2_grpc
@@ -107,6 +108,7 @@ class ReplicaSet:
         poll_s: float = 0.5,
         down_after_s: float = 2.0,
         discovery_poll_s: float = 0.5,
+        internal_token_file: str = "",
     ) -> None:
         addresses = [a.strip() for a in compute_addresses.split(",") if a.strip()]
         if not addresses and memory is None:
@@ -114,6 +116,7 @@ class ReplicaSet:
         self.discovered = not addresses
         self.memory = memory
         self.poll_s, self.down_after_s, self.discovery_poll_s = poll_s, down_after_s, discovery_poll_s
+        self.internal_token_file = internal_token_file  # sent on every call to a replica
         self.replicas: list[Replica] = []  # the routable set
         self._retired: dict[str, Replica] = {}  # left the discovered set with requests still running
         self._watchers: dict[str, asyncio.Task] = {}
@@ -130,7 +133,7 @@ class ReplicaSet:
         options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         if address.startswith("dns:"):
             options.append(("grpc.lb_policy_name", "round_robin"))
-        channel = grpc.aio.insecure_channel(address, options=options)
+        channel = internal_channel(address, self.internal_token_file, options)
         replica = Replica(
             address,
             channel,

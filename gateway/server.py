@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 import grpc
 from prometheus_client import start_http_server
 
+from common.grpc_auth import refuse_open_listener
 from common.grpc_server import bind, make_server, public_server_options, set_serving, until_stop_signal
 from common.http_server import start_http
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import parse_config
 from gateway.api_types import ClientRequest, Completion, GatewayError
-from gateway.auth import ApiKeys, GrpcAuthInterceptor, GrpcCallLimits
+from gateway.auth import ApiKeys, GrpcCallLimits
 from gateway.config import GatewayConfig
 from gateway.core import GatewayCore
 from gateway.http_bounds import HttpBounds, bounded_protocol
@@ -29,8 +31,8 @@ log = logging.getLogger("gateway")
 SERVICE = "rpc.v1.Gateway"
 
 
-def client_request(message: generate_pb2.GenerateRequest) -> ClientRequest:
-    """The public message as the core's request (the core checks it)."""
+def client_request(message: generate_pb2.GenerateRequest, tenant: str) -> ClientRequest:
+    """The public message as the core's request (the core checks it), on behalf of `tenant`."""
     kind = message.WhichOneof("prompt")
     if kind == "token_ids":
         prompt: bytes | list[int] | None = list(message.token_ids.ids)
@@ -38,7 +40,15 @@ def client_request(message: generate_pb2.GenerateRequest) -> ClientRequest:
         prompt = message.text
     else:
         prompt = None
-    return ClientRequest(prompt, sampling_params_from_proto(message.params), message.request_id)
+    return ClientRequest(prompt, sampling_params_from_proto(message.params), message.request_id, tenant)
+
+
+async def refuse(context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
+    """End the call with the core's error; a limit that lifts later says when, in `retry-after`
+    trailing metadata (whole seconds, as HTTP's Retry-After)."""
+    if exc.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(math.ceil(exc.retry_after_s))),))
+    await context.abort(grpc.StatusCode[exc.status], exc.message)
 
 
 def complete_message(done: Completion) -> generate_pb2.Complete:
@@ -59,13 +69,17 @@ def complete_message(done: Completion) -> generate_pb2.Complete:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, core: GatewayCore) -> None:
-        self.core = core
+    def __init__(self, core: GatewayCore, keys: ApiKeys) -> None:
+        self.core, self.keys = core, keys
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant (the interceptor has already refused a call without a valid key)."""
+        return self.keys.tenant(dict(context.invocation_metadata() or ()).get("authorization")) or ""
 
     async def Generate(self, request, context):
         try:
             async with contextlib.aclosing(
-                self.core.generate(client_request(request), context.time_remaining())
+                self.core.generate(client_request(request, self._tenant(context)), context.time_remaining())
             ) as events:
                 async for event in events:
                     if isinstance(event, Completion):
@@ -80,7 +94,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             )
                         )
         except GatewayError as exc:
-            await context.abort(grpc.StatusCode[exc.status], exc.message)
+            await refuse(context, exc)
 
     async def GenerateUnary(self, request, context):
         samples: dict[int, generate_pb2.GenerateResult] = {}
@@ -107,7 +121,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Abort(self, request, context):
         try:
-            self.core.abort(request.request_id)
+            self.core.abort(request.request_id, self._tenant(context))
         except GatewayError as exc:
             await context.abort(grpc.StatusCode[exc.status], exc.message)
         return gateway_pb2.AbortResponse()
@@ -155,13 +169,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 async def serve(config: GatewayConfig) -> None:
     keys = ApiKeys.load(config.api_keys_file, config.api_keys)
+    refuse_open_listener(
+        "gateway", config.host, keys.enabled, config.allow_unauthenticated, "API keys (--api-keys-file)"
+    )
     core = GatewayCore(config)
     server, health = make_server(
         [SERVICE],
-        interceptors=(GrpcAuthInterceptor(keys), GrpcCallLimits(config.max_concurrent_rpcs)),
+        interceptors=(keys.interceptor(), GrpcCallLimits(config.max_concurrent_rpcs)),
         options=public_server_options(config.max_request_bytes, config.grpc_keepalive_s, config.grpc_min_client_ping_s),
     )
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core, keys), server)
     port = bind(server, config.host, config.port, config.tls_cert_file, config.tls_key_file)
     await server.start()  # health answers NOT_SERVING until a replica has told us the model
     bounds = HttpBounds.from_config(config)
@@ -188,7 +205,7 @@ async def serve(config: GatewayConfig) -> None:
         port,
         ", TLS" if config.tls_cert_file else "",
         f" and {scheme}://{config.host}:{config.http_port} (OpenAI API)" if http else "",
-        "required" if keys.enabled else "off",
+        f"required ({len(keys.tenants)} tenant(s))" if keys.enabled else "off",
         config.compute_addresses or f"the replicas the memory service at {config.memory_address} lists",
         config.routing,
     )

@@ -29,9 +29,15 @@ class TrackedRequest:
     prompt: list[int]
     params: SamplingParams
     samples: list[SampleProgress]
+    tenant: str = ""  # the API key's (gateway/auth.py): request ids and Abort are scoped to it
     migrations: int = 0
     replica_deaths: int = 0  # attempts whose replica broke under it (common.failures)
     queue_ms: float | None = None  # the replica's queue time, from its last Complete
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What the gateway knows this request by: ids are unique within a tenant, not across."""
+        return self.tenant, self.request_id
 
     @property
     def num_generated(self) -> int:
@@ -40,9 +46,11 @@ class TrackedRequest:
     def forward(self) -> compute_pb2.GenerateRequest:
         """The replica's request: prompt + the tokens so far, the same seed, the same budget (with
         n > 1 after a fault: the samples still running, each with its tokens). Each attempt has
-        its own id, so a replica still cleaning up an earlier one never collides."""
+        its own id, so a replica still cleaning up an earlier one never collides; the tenant is
+        part of it, so two tenants' equal ids never collide there either."""
+        scope = f"{self.tenant}:" if self.tenant else ""  # a tenant name has no ':' (gateway/auth.py)
         message = compute_pb2.GenerateRequest(
-            request_id=f"{self.request_id}/{self.migrations}",
+            request_id=f"{scope}{self.request_id}/{self.migrations}",
             prompt_token_ids=self.prompt,
             params=sampling_params_to_proto(self.params, compute_pb2.SamplingParams),
         )

@@ -7,22 +7,57 @@ that draws every pool's blocks from the memory service's block events.
                    (a `missed` event if this client fell behind its bounded queue)
     GET /state     the same state as JSON, now
 Served by uvicorn in the memory service's event loop on `http_port` (default 9102).
+
+With an internal token configured, every path needs it, as the gRPC port does: a script sends
+`Authorization: Bearer <token>`; a browser opens `/?token=<token>` once, which sets an HttpOnly
+cookie and redirects to `/` (the token leaves the address bar and the history).
 """
 
 from __future__ import annotations
 
 import json
 from importlib import resources
+from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from starlette.routing import Route
 
+from common.grpc_auth import TokenCheck, read_token
 from common.http_server import HttpServer, start_http
-from memory_service.events import COALESCE_S
+from memory_service.events import COALESCE_S, TooManyWatchers
 
 PAGE = resources.files("memory_service").joinpath("assets/block_map.html")
+COOKIE = "block_map_token"
+
+
+class _RequireToken:
+    """ASGI middleware: 401 for a request with neither the token's header nor its cookie; the
+    token in `/?token=` (a browser's first visit) becomes the cookie."""
+
+    def __init__(self, app, token: str) -> None:
+        self.app, self.check, self.token = app, TokenCheck(token), token
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        if self.check.allows(request.headers.get("authorization")) or self.check.allows(
+            f"Bearer {request.cookies.get(COOKIE, '')}"
+        ):
+            return await self.app(scope, receive, send)
+        given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+        if scope["path"] == "/" and self.check.allows(f"Bearer {given}"):
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+        else:
+            response = PlainTextResponse(
+                "the block map needs the internal token: open /?token=<the internal token file's contents>, "
+                "or send 'Authorization: Bearer <token>'",
+                status_code=401,
+            )
+        await response(scope, receive, send)
 
 
 def _state(servicer) -> dict:
@@ -41,9 +76,15 @@ def create_app(servicer) -> Starlette:
     async def state(request: Request) -> JSONResponse:
         return JSONResponse(_state(servicer))
 
-    async def events(request: Request) -> StreamingResponse:
+    async def events(request: Request) -> StreamingResponse | PlainTextResponse:
+        if servicer.events.watchers_full:  # the clean answer; a race past it ends the stream at once
+            return PlainTextResponse(f"at most {servicer.events.max_watchers} event watchers", status_code=503)
+
         async def stream():
-            subscription = servicer.events.subscribe()
+            try:
+                subscription = servicer.events.subscribe()
+            except TooManyWatchers:
+                return
             first = _state(servicer)  # with the subscription, no await between: no event falls between them
             try:
                 yield f"event: state\ndata: {json.dumps(first, separators=(',', ':'))}\n\n"
@@ -58,6 +99,10 @@ def create_app(servicer) -> Starlette:
     return Starlette(routes=[Route("/", page), Route("/state", state), Route("/events", events)])
 
 
-async def start_block_map(servicer, host: str, port: int) -> HttpServer:
-    """Serve the block map on host:port in this event loop (stopped with the service)."""
-    return await start_http(create_app(servicer), host, port, graceful_timeout_s=1.0)
+async def start_block_map(servicer, host: str, port: int, token_file: str = "") -> HttpServer:
+    """Serve the block map on host:port in this event loop (stopped with the service); with a
+    token file, only to callers with the token."""
+    app = create_app(servicer)
+    if token_file:
+        app = _RequireToken(app, read_token(token_file))
+    return await start_http(app, host, port, graceful_timeout_s=1.0)

@@ -41,6 +41,10 @@ QUEUE_BATCHES = 1024  # batches a watcher may fall behind before it misses event
 MAX_QUEUE_BATCHES = 65536  # the most a watcher may ask for
 
 
+class TooManyWatchers(RuntimeError):
+    """Another watcher would pass the memory service's max_watchers."""
+
+
 def marker(record: Watching | Missed, seq: int) -> dict:
     """An event that tells a watcher about its stream (`watching`, `missed`), never recorded:
     numbered as the last event it refers to."""
@@ -96,8 +100,9 @@ class Subscription:
 
 
 class EventRecorder:
-    def __init__(self, ring_size: int = 65536, log_path: str = "", epoch: str = "") -> None:
+    def __init__(self, ring_size: int = 65536, log_path: str = "", epoch: str = "", max_watchers: int = 64) -> None:
         self.seq = 0
+        self.max_watchers = max_watchers
         self.ring: deque[dict] = deque(maxlen=ring_size)
         self._subscribers: set[Subscription] = set()
         self._pending: list[dict] = []  # recorded since the last flush: one batch for subscribers and the file
@@ -179,9 +184,16 @@ class EventRecorder:
             replay.insert(0, marker(Missed(first - 1 - after_seq), first - 1))
         return replay
 
+    @property
+    def watchers_full(self) -> bool:
+        return len(self._subscribers) >= self.max_watchers
+
     def subscribe(self, maxsize: int = QUEUE_BATCHES) -> Subscription:
         """A subscription to every event recorded from now on (a snapshot or `since` taken now
-        covers the ones before, even those not flushed yet)."""
+        covers the ones before, even those not flushed yet). TooManyWatchers past max_watchers:
+        each one's queue is memory a caller makes the service hold."""
+        if self.watchers_full:
+            raise TooManyWatchers(f"the memory service serves its maximum of {self.max_watchers} event watchers")
         subscription = Subscription(maxsize, self.seq)
         self._subscribers.add(subscription)
         return subscription

@@ -36,6 +36,27 @@ class FencedPoolError(Exception):
     """The pool's lease ran out and its blocks were freed: its replica must register again."""
 
 
+class PoolLimitError(ValueError):
+    """A registration past what the memory service agreed to hold (PoolLimits). `too_large`:
+    the pool itself can never fit; otherwise there are too many pools now."""
+
+    def __init__(self, message: str, too_large: bool) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """What one caller can make the memory service hold. A pool's bookkeeping costs about 60
+    bytes and 0.4 us a block to create (measured: 2^20 blocks, 63 MB, 0.43 s), on the event loop
+    every replica's steps share, so a registration is bounded before any of it is built."""
+
+    max_pool_blocks: int = 1 << 18  # 4M tokens at block size 16; about 16 MB and 0.1 s to create
+    max_block_size: int = 1024
+    max_pools: int = 64
+    max_pools_per_replica: int = 4  # a replica that re-registers keeps its old pool until its lease runs out
+
+
 @dataclass
 class Pool:
     allocator: BlockAllocator
@@ -54,11 +75,16 @@ class ReplicaMatch:
 
 class PoolRegistry:
     def __init__(
-        self, lease_ttl_s: float, clock: Callable[[], float] = time.monotonic, epoch: str | None = None
+        self,
+        lease_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        epoch: str | None = None,
+        limits: PoolLimits = PoolLimits(),
     ) -> None:
         if lease_ttl_s <= 0:
             raise ValueError(f"lease_ttl_s must be > 0, got {lease_ttl_s}")
         self.lease_ttl_s = lease_ttl_s
+        self.limits = limits
         self.clock = clock
         self.epoch = epoch or secrets.token_hex(4)
         self.pools: dict[str, Pool] = {}
@@ -66,6 +92,20 @@ class PoolRegistry:
         self._ids = itertools.count()
 
     def register(self, num_blocks: int, block_size: int, replica: str, address: str = "") -> str:
+        """A new pool's id; PoolLimitError (nothing built) past the limits."""
+        limits = self.limits
+        if num_blocks > limits.max_pool_blocks or block_size > limits.max_block_size:
+            raise PoolLimitError(
+                f"a pool of {num_blocks} blocks of {block_size} tokens is past this memory service's limits "
+                f"(max_pool_blocks {limits.max_pool_blocks}, block size at most {limits.max_block_size})",
+                too_large=True,
+            )
+        if len(self.pools) >= limits.max_pools:
+            raise PoolLimitError(f"this memory service holds its maximum of {limits.max_pools} pools", False)
+        if sum(p.replica == replica for p in self.pools.values()) >= limits.max_pools_per_replica:
+            raise PoolLimitError(
+                f"replica {replica!r} already holds {limits.max_pools_per_replica} pools (max_pools_per_replica)", False
+            )
         pool_id = f"{self.epoch}-{next(self._ids)}"
         self.pools[pool_id] = Pool(
             BlockAllocator(num_blocks, block_size), replica, self.clock() + self.lease_ttl_s, address

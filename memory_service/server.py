@@ -17,15 +17,24 @@ from typing import ClassVar
 import grpc
 from prometheus_client import start_http_server
 
+from common.grpc_auth import internal_interceptors, refuse_open_listener
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.settings import parse_config
 from memory_service.block_allocator import BlockAllocatorError
 from memory_service.block_events import Watching
 from memory_service.block_map import start_block_map
 from memory_service.contract import stats_to_proto, step_request_from_proto, step_response_to_proto
-from memory_service.events import COALESCE_S, MAX_QUEUE_BATCHES, QUEUE_BATCHES, EventRecorder, marker
+from memory_service.events import COALESCE_S, MAX_QUEUE_BATCHES, QUEUE_BATCHES, EventRecorder, TooManyWatchers, marker
 from memory_service.metrics import EXPIRED, export_pool, unexport_pool
-from memory_service.pools import FencedPoolError, Pool, PoolRegistry, ReplicaMatch, UnknownPoolError
+from memory_service.pools import (
+    FencedPoolError,
+    Pool,
+    PoolLimitError,
+    PoolLimits,
+    PoolRegistry,
+    ReplicaMatch,
+    UnknownPoolError,
+)
 from memory_service.step import apply_step
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -44,6 +53,19 @@ class MemoryServiceConfig:
     event_log: str = ""  # append every block event to this JSON-lines file (continued across restarts)
     event_ring_size: int = 65536  # recent events kept in memory
     block_events: bool = True  # off: no events, no block map (bench/events_overhead.py compares)
+    # Who may call (common/grpc_auth.py): the shared token's file, for gRPC and the block map page
+    # alike. None: anyone, which a service listening beyond loopback refuses unless allowed.
+    internal_token_file: str = ""
+    allow_unauthenticated: bool = False
+    # What a caller can make it hold (memory_service/pools.py, PoolLimits; events.py).
+    max_pool_blocks: int = PoolLimits.max_pool_blocks
+    max_pools: int = PoolLimits.max_pools
+    max_pools_per_replica: int = PoolLimits.max_pools_per_replica
+    max_watchers: int = 64  # WatchEvents streams and block map pages at once; more: RESOURCE_EXHAUSTED / 503
+    max_watcher_queue: int = MAX_QUEUE_BATCHES  # event batches one watcher may have queued (it may ask for fewer)
+
+    def pool_limits(self) -> PoolLimits:
+        return PoolLimits(self.max_pool_blocks, PoolLimits.max_block_size, self.max_pools, self.max_pools_per_replica)
 
 
 def replica_match_to_proto(m: ReplicaMatch) -> memory_pb2.ReplicaMatch:
@@ -69,14 +91,21 @@ def events_message(events: list[dict]) -> memory_pb2.BlockEvents:
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, registry: PoolRegistry, events: EventRecorder | None = None) -> None:
+    def __init__(
+        self, registry: PoolRegistry, events: EventRecorder | None = None, max_watcher_queue: int = MAX_QUEUE_BATCHES
+    ) -> None:
         self.registry = registry
         self.events = events  # None: block events are off
+        self.max_watcher_queue = max_watcher_queue
 
     async def RegisterPool(self, request, context):
         if request.num_blocks == 0 or request.block_size == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be > 0")
-        pool_id = self.registry.register(request.num_blocks, request.block_size, request.replica, request.address)
+        try:
+            pool_id = self.registry.register(request.num_blocks, request.block_size, request.replica, request.address)
+        except PoolLimitError as exc:
+            status = grpc.StatusCode.INVALID_ARGUMENT if exc.too_large else grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(status, str(exc))
         if self.events is not None:
             self.events.attach(pool_id, request.replica, self.registry.pools[pool_id].allocator)
             self.events.flush()
@@ -183,7 +212,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "snapshot and after_seq: a snapshot already holds the events it would replay",
             )
-        subscription = self.events.subscribe(min(request.max_queue or QUEUE_BATCHES, MAX_QUEUE_BATCHES))
+        try:
+            subscription = self.events.subscribe(min(request.max_queue or QUEUE_BATCHES, self.max_watcher_queue))
+        except TooManyWatchers as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:  # first: from which event on this watcher sees everything
             first = [marker(Watching(), self.events.seq)]
             if request.snapshot:
@@ -216,10 +248,17 @@ async def _expire_leases_forever(servicer: MemoryServicer, period_s: float) -> N
 
 
 async def serve(config: MemoryServiceConfig) -> None:
-    server, health = make_server([SERVICE])
-    registry = PoolRegistry(config.lease_ttl_s)
-    events = EventRecorder(config.event_ring_size, config.event_log, registry.epoch) if config.block_events else None
-    servicer = MemoryServicer(registry, events)
+    refuse_open_listener(
+        "memory", config.host, bool(config.internal_token_file), config.allow_unauthenticated, "--internal-token-file"
+    )
+    server, health = make_server([SERVICE], interceptors=internal_interceptors(config.internal_token_file))
+    registry = PoolRegistry(config.lease_ttl_s, limits=config.pool_limits())
+    events = (
+        EventRecorder(config.event_ring_size, config.event_log, registry.epoch, config.max_watchers)
+        if config.block_events
+        else None
+    )
+    servicer = MemoryServicer(registry, events, config.max_watcher_queue)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     page, expiry = None, None
     try:
@@ -228,7 +267,7 @@ async def serve(config: MemoryServiceConfig) -> None:
             start_http_server(config.metrics_port, addr=config.host)
         await server.start()
         if config.http_port and events is not None:
-            page = await start_block_map(servicer, config.host, config.http_port)
+            page = await start_block_map(servicer, config.host, config.http_port, config.internal_token_file)
         await set_serving(health, [SERVICE])
         expiry = asyncio.create_task(_expire_leases_forever(servicer, min(0.5, config.lease_ttl_s / 4)))
         log.info(
