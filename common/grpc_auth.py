@@ -226,6 +226,6 @@ def refuse_open_listener(
         return
     raise SystemExit(
         f"{service}: refusing to listen on {host!r} with no authentication: anyone who can reach it could call it. "
-        f"Configure {how_to_authenticate}, or pass --allow-unauthenticated "
+        f"Configure {how_to_authenticate}, or pass --allow-unauthenticated true "
         f"(env {service.upper()}_ALLOW_UNAUTHENTICATED=true) if this network is trusted."
     )
