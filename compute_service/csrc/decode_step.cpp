@@ -13,8 +13,9 @@
 // norms) is split by rows; threads meet at a barrier only where the next phase reads what
 // another thread wrote (7 per layer). Each (sequence, head group) task writes its new k/v and
 // then reads its context: that no task reads a slot another task writes relies on the block
-// manager (a sequence appends only into a block it alone holds: shared blocks are copied
-// first); the check below refuses two sequences with one slot.
+// manager (a sequence appends only into a block it alone holds: only full blocks are shared);
+// the checks below refuse a step where a sequence writes anywhere but the next slot of its own
+// table, or into a block another sequence of the step holds.
 //
 // The linears and the attention are the same loops as skinny_linear and paged_attention_decode
 // (same bits); layer norm and GELU are row_ops.cpp's, which differ from ATen's in the last bits,
@@ -28,7 +29,8 @@
 //               (scale empty unless int8, b empty without bias; w the decode copy:
 //               float32, bfloat16 or int8)
 // pool          (n_layer, 2, num_blocks, nh, block_size, hs) the KV pool (compute_service/kv_cache.py)
-// slot_mapping  (B,) int64 where each new token's k/v go: block * block_size + offset
+// slot_mapping  (B,) int64 where each new token's k/v go: block * block_size + offset, the slot
+//               of the context's last token in the sequence's own table
 // block_tables  (B, max_blocks) int32, context_lens (B,) int32 (the new token included)
 // returns       (B, V) logits
 #include "kernels.h"
@@ -38,6 +40,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -56,9 +59,11 @@ struct Layer {
 };
 
 Norm norm_of(const torch::Tensor& weight, const torch::Tensor& bias, int64_t C) {
-  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() && weight.numel() == C,
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() &&
+                  weight.numel() == C,
               "layer norm weight must be float32 (C,)");
-  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == C),
+  TORCH_CHECK(bias.numel() == 0 || (bias.device().is_cpu() && bias.scalar_type() == torch::kFloat32 &&
+                                    bias.is_contiguous() && bias.numel() == C),
               "layer norm bias must be float32 (C,) or empty");
   return Norm{weight.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr};
 }
@@ -139,10 +144,12 @@ torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torc
                           torch::Tensor block_tables, torch::Tensor context_lens, int64_t n_head, double eps,
                           double attn_scale) {
   // Every check before the parallel region: nothing inside it may throw.
+  for (const auto* t : {&input_ids, &positions, &wte, &wpe, &pool, &slot_mapping, &block_tables, &context_lens})
+    TORCH_CHECK(t->device().is_cpu(), "decode_step: every tensor must be on the CPU");
   TORCH_CHECK(wte.dim() == 2 && wpe.dim() == 2 && wte.size(1) == wpe.size(1) && wte.scalar_type() == torch::kFloat32 &&
                   wpe.scalar_type() == torch::kFloat32 && wte.is_contiguous() && wpe.is_contiguous(),
               "wte (V, C) and wpe (T, C) must be contiguous float32");
-  TORCH_CHECK(pool.dim() == 6 && pool.scalar_type() == torch::kFloat32 && pool.is_contiguous(),
+  TORCH_CHECK(pool.dim() == 6 && pool.size(1) == 2 && pool.scalar_type() == torch::kFloat32 && pool.is_contiguous(),
               "pool must be a contiguous float32 (n_layer, 2, num_blocks, nh, block_size, hs)");
   TORCH_CHECK(n_head > 0, "n_head must be positive");
   const int64_t n_layer = pool.size(0), n_embd = wte.size(1), head_dim = n_embd / n_head;
@@ -163,16 +170,38 @@ torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torc
   const int64_t *ids = input_ids.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int32_t *tables = block_tables.data_ptr<int32_t>(), *lens = context_lens.data_ptr<int32_t>();
+  check_block_tables("decode_step", tables, lens, batch, max_blocks, block_size, num_blocks);
   int64_t max_ctx = 1;
+  // Where each sequence writes: the slot of its new token (its context's last) in its own table,
+  // so no malformed step writes into another sequence's KV (and, the blocks being checked, in the pool).
+  std::vector<std::pair<int64_t, int64_t>> writes(batch);  // (block, sequence), sorted by block below
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(ids[b] >= 0 && ids[b] < wte.size(0), "token id out of range");
     TORCH_CHECK(pos[b] >= 0 && pos[b] < wpe.size(0), "position out of range");
-    TORCH_CHECK(lens[b] > 0 && lens[b] <= max_blocks * block_size, "context length out of range");
-    TORCH_CHECK(slots[b] >= 0 && slots[b] < num_blocks * block_size, "slot out of range");
-    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
-      TORCH_CHECK(tables[b * max_blocks + i] >= 0 && tables[b * max_blocks + i] < num_blocks, "block out of range");
+    const int64_t last = lens[b] - 1, block = tables[b * max_blocks + last / block_size];
+    const int64_t own = block * block_size + last % block_size;
+    TORCH_CHECK(slots[b] == own, "decode_step: slot_mapping[", b, "] = ", slots[b],
+                " is not the next slot of its sequence's own table (", own, ": block_tables[", b, "][",
+                last / block_size, "] = block ", block, ", offset ", last % block_size, ")");
+    writes[b] = {block, b};
     max_ctx = std::max<int64_t>(max_ctx, lens[b]);
-    for (int64_t other = 0; other < b; ++other) TORCH_CHECK(slots[other] != slots[b], "two sequences write one slot");
+  }
+  // ...and into a block no other sequence of the step holds (the same block in two tables is a
+  // shared prefix: read-only). O(B x blocks x log B) integer work.
+  const auto by_block = [](const std::pair<int64_t, int64_t>& x, const std::pair<int64_t, int64_t>& y) {
+    return x.first < y.first;
+  };
+  std::sort(writes.begin(), writes.end(), by_block);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t last_block = (lens[b] - 1) / block_size;
+    for (int64_t i = 0; i <= last_block; ++i) {
+      const int64_t block = tables[b * max_blocks + i];
+      const auto [first, stop] = std::equal_range(writes.begin(), writes.end(), std::make_pair(block, b), by_block);
+      for (auto w = first; w != stop; ++w)
+        TORCH_CHECK(w->second == b && i == last_block, "decode_step: block_tables[", b, "][", i, "] holds block ",
+                    block, ", which sequence ", w->second,
+                    " writes into this step (only the one sequence holding a block may write it)");
+    }
   }
   std::vector<Layer> layers;
   for (int64_t l = 0; l < n_layer; ++l) {

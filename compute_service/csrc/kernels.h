@@ -28,6 +28,13 @@ torch::Tensor decode_step(torch::Tensor input_ids, torch::Tensor positions, torc
                           double attn_scale);
 torch::Tensor argmax_rows(torch::Tensor logits);
 
+// --- checks the entry points share (before any parallel region: they throw) ---
+// Every sequence's context fits its table (0 < context_lens[b] <= max_blocks * block_size) and
+// every block it reads lies in the pool: a bad id would read or write outside the pool.
+// `entry` names the caller in the message (paged_attention.cpp).
+void check_block_tables(const char* entry, const int32_t* tables, const int32_t* lens, int64_t batch,
+                        int64_t max_blocks, int64_t block_size, int64_t num_blocks);
+
 // --- loops shared with the fused decode step ---
 // One linear's weights as the skinny kernel reads them (skinny_linear.cpp).
 struct SkinnyWeight {

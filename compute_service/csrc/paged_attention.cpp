@@ -107,17 +107,48 @@ int64_t attention_head_groups(int64_t batch, int64_t n_head, int64_t threads) {
   return (n_head + per - 1) / per;
 }
 
+void check_block_tables(const char* entry, const int32_t* tables, const int32_t* lens, int64_t batch,
+                        int64_t max_blocks, int64_t block_size, int64_t num_blocks) {
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] > 0 && lens[b] <= max_blocks * block_size, entry, ": context_lens[", b, "] = ", lens[b],
+                " outside 1..", max_blocks * block_size, " (block_tables holds ", max_blocks, " blocks of ",
+                block_size, " tokens)");
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+      const int32_t block = tables[b * max_blocks + i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, entry, ": block_tables[", b, "][", i, "] holds block ", block,
+                  " outside the pool of ", num_blocks, " blocks");
+    }
+  }
+}
+
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
                                      double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "bad ranks");
+  // Every check before the parallel loop (an exception must not leave it): the shapes that set
+  // the strides and loop bounds, then every block id the loop will follow.
+  for (const auto* t : {&q, &k_cache, &v_cache, &block_tables, &context_lens})
+    TORCH_CHECK(t->device().is_cpu(), "paged_attention_decode: every tensor must be on the CPU");
+  TORCH_CHECK(q.dim() == 3, "paged_attention_decode: q must be (B, nh, hs), got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "paged_attention_decode: k_cache and v_cache must both be (num_blocks, nh, block_size, hs), got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
-                  v_cache.scalar_type() == torch::kFloat32, "float32 only");
+                  v_cache.scalar_type() == torch::kFloat32,
+              "paged_attention_decode: q, k_cache and v_cache must be float32");
+  TORCH_CHECK(q.size(1) == k_cache.size(1) && q.size(2) == k_cache.size(3), "paged_attention_decode: q ", q.sizes(),
+              " and k_cache ", k_cache.sizes(), " disagree on heads or head_dim");
+  TORCH_CHECK(k_cache.size(2) > 0, "paged_attention_decode: block_size (k_cache.size(2)) must be positive");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
-              "block_tables and context_lens must be int32");
+              "paged_attention_decode: block_tables and context_lens must be int32");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0),
+              "paged_attention_decode: block_tables must be (B, max_blocks) with B = ", q.size(0), " (q), got ",
+              block_tables.sizes());
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == q.size(0),
+              "paged_attention_decode: context_lens must be (B,) with B = ", q.size(0), " (q), got ",
+              context_lens.sizes());
   TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
                   v_cache.stride(3) == 1 && v_cache.stride(2) == v_cache.size(3),
-              "each block tile must be contiguous");
+              "paged_attention_decode: each block tile must be contiguous");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
@@ -135,6 +166,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   float* out_ptr = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  check_block_tables("paged_attention_decode", tables, lens, batch, max_blocks, block_size, k_cache.size(0));
 
   const std::vector<int64_t> order = attention_order(tables, batch, max_blocks);
   const int64_t groups = attention_head_groups(batch, n_head, at::get_num_threads());
@@ -145,7 +177,6 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
       const int64_t b = order[i / groups], g = i % groups;
       const int64_t h0 = g * per, h1 = std::min(n_head, h0 + per);
       const int64_t ctx = lens[b];
-      TORCH_CHECK(ctx > 0 && ctx <= max_blocks * block_size, "context length out of range");
       scores.resize((h1 - h0) * ctx);
       attend_heads(q_ptr + b * n_head * head_dim, k_ptr, v_ptr, tables + b * max_blocks, ctx, block_size, head_dim,
                    h0, h1, k_block_stride, v_block_stride, k_head_stride, v_head_stride, fscale, scores.data(),

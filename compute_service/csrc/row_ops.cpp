@@ -103,8 +103,9 @@ int64_t argmax_row(const float* values, int64_t n) {
 // (B, V) float32 logits -> (B,) int64: each row's argmax, as torch.argmax(dim=-1) (56-76 us for
 // a 50257-wide row on the AVX2 build machine; this ~20, Python call included).
 torch::Tensor argmax_rows(torch::Tensor logits) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 && logits.size(1) > 0,
-              "logits must be a non-empty (B, V) float32");
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.scalar_type() == torch::kFloat32 &&
+                  logits.size(1) > 0,
+              "argmax_rows: logits must be a non-empty (B, V) float32 on the CPU, got ", logits.sizes());
   logits = logits.contiguous();
   const int64_t rows = logits.size(0), n = logits.size(1);
   auto out = torch::empty({rows}, logits.options().dtype(torch::kInt64));

@@ -110,6 +110,9 @@ void linear_rows(const float* x, const W* w, int64_t M, int64_t K, int64_t N, in
 
 SkinnyWeight skinny_weight(const torch::Tensor& weight, const torch::Tensor& scale, const torch::Tensor& bias) {
   TORCH_CHECK(kIsa != Isa::kNone, "skinny_linear needs AVX2+FMA or AVX-512 (use F.linear)");
+  // The kernel reads N x K weights and N scales and biases through raw pointers: CPU memory of those shapes.
+  for (const auto* t : {&weight, &scale, &bias})
+    TORCH_CHECK(t->device().is_cpu(), "skinny_linear: weight, scale and bias must be on the CPU");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous (N, K)");
   TORCH_CHECK(weight.size(1) % 16 == 0, "K must be a multiple of 16");
   const auto wtype = weight.scalar_type();
@@ -156,9 +159,12 @@ std::string skinny_linear_isa() {
 }
 
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x (M, K) and weight (N, K)");
+  TORCH_CHECK(x.device().is_cpu(), "skinny_linear: x must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "skinny_linear: x (M, K) and weight (N, K), got ", x.sizes(), " and ",
+              weight.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be float32");
-  TORCH_CHECK(x.size(1) == weight.size(1), "x and weight disagree on K");
+  TORCH_CHECK(x.size(1) == weight.size(1), "skinny_linear: x ", x.sizes(), " and weight ", weight.sizes(),
+              " disagree on K");
   const SkinnyWeight w = skinny_weight(weight, scale, bias);
   x = x.contiguous();
   auto y = torch::empty({x.size(0), w.rows}, x.options());
