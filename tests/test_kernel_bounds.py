@@ -1,7 +1,7 @@
 """A malformed internal request is a RuntimeError before anything touches memory, never a crash
 or a write into another sequence's KV: the C++ kernels check every block id they will follow
 against the pool and every shape that sets a stride or a loop bound, the fused decode step
-(csrc/decode_step.cpp) and the Python layer loop (model.check_decode_writes) refuse a slot
+(csrc/decode_step.cpp) and the Python layer loop (kv_write_check.check_decode_writes) refuse a slot
 outside the writing sequence's own table, and a refused step leaves the pool as it was."""
 
 from __future__ import annotations
