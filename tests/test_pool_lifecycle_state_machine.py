@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from memory_service.block_allocator import BlockAllocatorError
 from memory_service.contract import Allocation, StepRequest
-from memory_service.pools import FencedPoolError, PoolRegistry, UnknownPoolError
+from memory_service.pools import FencedPoolError, PoolLimitError, PoolRegistry, UnknownPoolError
 from memory_service.step import apply_step
 
 TTL = 5.0
@@ -34,7 +34,13 @@ class PoolLifecycle(RuleBasedStateMachine):
 
     @rule(num_blocks=st.integers(1, 12))
     def register(self, num_blocks):
-        pool_id = self.registry.register(num_blocks, 4, "replica")
+        held = len(self.registry.pools)  # every pool here is the one replica's
+        try:
+            pool_id = self.registry.register(num_blocks, 4, "replica")
+        except PoolLimitError:  # refused exactly when the replica holds its maximum, and nothing was built
+            assert held == self.registry.limits.max_pools_per_replica == len(self.registry.pools)
+            return
+        assert held < self.registry.limits.max_pools_per_replica
         assert pool_id not in self.ever_issued, "a pool id repeated"
         self.ever_issued.add(pool_id)
 
