@@ -151,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     # gone when the run ends. The services check it on every internal call and the block map.
     token_dir = tempfile.TemporaryDirectory(prefix="paged-nanogpt-")
     token_file = os.path.join(token_dir.name, "internal_token")
-    write_new_token(token_file)
+    token = write_new_token(token_file)
     if args.free_ports:
         services = local_services_on_free_ports(token_file)
     else:
         services = local_services(internal_token_file=token_file)
     gateway = next(s for s in services if s.role == "gateway")
+    memory = next(s for s in services if s.role == "memory")
     try:
         with token_dir, running_stack(services):
             print("[run] all services SERVING", file=sys.stderr)
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                     "Ctrl-C stops everything.",
                     file=sys.stderr,
                 )
+                page_port = memory.settings.get("http_port", "0")
+                if page_port != "0":  # the token is this run's, shown to the user who started it
+                    print(f"[run] block map: http://127.0.0.1:{page_port}/?token={token}", file=sys.stderr)
                 while True:
                     time.sleep(3600)
     except KeyboardInterrupt:
