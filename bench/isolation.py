@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 import grpc
 import httpx
 
+from common.block_hash import tenant_cache_salt
 from deploy.run_local import running_stack
 from deploy.services import free_ports, local_services
+from gateway.auth import read_keys
 from gateway.client import stream_generate
 from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
 
@@ -55,7 +57,14 @@ def isolation_stack(log_dir: str, model: str = "dummy:tiny", replicas: int = 2, 
     API key and GATEWAY_BOUNDS (overridden by `gateway_settings`), on free loopback ports."""
     ports = free_ports(5 + replicas)
     memory, gateway, m1, m2, http, *computes = ports
-    compute = {"model": model, "kv_budget_tokens": "8192", "max_num_seqs": "32", "fault_injection_salt": FAULT_SALT}
+    # The replica sees the salt within the key's tenant (common/block_hash.py): inject on that one.
+    tenant = read_keys(keys=API_KEY)[0].tenant
+    compute = {
+        "model": model,
+        "kv_budget_tokens": "8192",
+        "max_num_seqs": "32",
+        "fault_injection_salt": tenant_cache_salt(tenant, FAULT_SALT),
+    }
     services = local_services(
         memory,
         tuple(computes),

@@ -69,7 +69,8 @@ class EngineConfig:
     prefix_caching: str = "on"  # on | off
     # Testing only: a request whose cache_salt equals this fails inside the engine's per-row output
     # handling, as a bug hit by one request's data would (tests/test_poison_requests.py proves that
-    # it ends that request alone). Empty = off.
+    # it ends that request alone). With API keys the replica sees the salt within the tenant
+    # (common/block_hash.py, tenant_cache_salt): that is what this is compared with. Empty = off.
     fault_injection_salt: str = ""
     # Kernel switches, for measuring and debugging the CPU kernels against the PyTorch paths
     # (README "Configuration"; docs/benchmarks.md measures what each buys): decode attention auto | cpp |
