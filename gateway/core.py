@@ -40,6 +40,7 @@ log = logging.getLogger("gateway")
 # Replica statuses that are about the request itself: the client sees them as they are. Any other
 # failure is the replica's, and the request continues on another one.
 _CLIENT_ERRORS = {"INVALID_ARGUMENT", "ALREADY_EXISTS", "DEADLINE_EXCEEDED"}
+MAX_REQUEST_ID_CHARS = 256
 _TOKENIZE_INLINE_CHARS = 4096  # shorter texts tokenize in ~50 us: cheaper than a hop to a thread
 
 
@@ -120,6 +121,8 @@ class GatewayCore:
         prompt = await self.tokenize(prompt) if isinstance(prompt, (str, bytes)) else list(prompt)
         validate_request(prompt, request.params, info.context_length, info.vocab_size)
         request_id = request.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_CHARS:  # it is kept, logged and sent on: bounded like cache_salt
+            raise FieldError("request_id", f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
         if (request.tenant, request_id) in self._requests:
             raise FieldError("request_id", f"request_id {request_id!r} is already in flight")
         params = request.params if request.params.seed is not None else replace(request.params, seed=new_seed())

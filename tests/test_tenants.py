@@ -152,3 +152,9 @@ def test_concurrent_tenants_with_equal_ids_do_not_collide(stack):
     for t in threads:
         t.join()
     assert results == {ALICE: "length", OLD: "length"}
+
+
+def test_a_request_id_is_bounded(stack):
+    with pytest.raises(grpc.RpcError) as refused:
+        complete(stack, ALICE, request([1, 2], 1, "x" * 257))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in refused.value.details()
