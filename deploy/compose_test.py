@@ -8,7 +8,11 @@ a generation through the published gateway port with the project's client and co
 the in-process engine (and the same text from POST /v1/completions on the published port 8000),
 `up -d --scale compute=2` and check both replicas serve (the gateway is not restarted: it
 discovers the new replica through the memory service), check the block map (published on
-loopback 9102) shows both replicas' pools, then `down`. Container storage lives in this
+loopback 9102) shows both replicas' pools, then `down`. The hardening is checked too: the runtime
+image has no compiler or make; in every running container the root filesystem is read-only (a
+write to /, /app, /opt fails with EROFS, /tmp works), the engine applied the file's limits, and
+the compute service runs the kernels from the prebuilt library (mapped into the server process,
+said in its log) with no compiler and no extension cache. Container storage lives in this
 project's cache folder (`$XDG_CACHE_HOME/paged-nanogpt/compose-test`, or COMPOSE_TEST_WORKDIR),
 never the machine's default, on the overlay driver where the kernel has it (deploy.compose_test.
 storage_driver): the base image and the image's layers (system packages, torch, the
@@ -41,6 +45,9 @@ from compute_service.config import DEFAULT_MODEL  # noqa: E402
 
 PROJECT = "pagedcompose"
 IMAGE = "paged-nanogpt:latest"
+# The Dockerfile's build stage, tagged: else `podman image prune` deletes its layers (torch, the
+# dependencies, the compiled kernels) after each run, and the next one rebuilds them.
+BUILD_STAGE = "paged-nanogpt-build:cache"
 BASE = "localbase:bookworm"
 PROMPT, MAX_NEW = "ROMEO:", 16
 REQUIRED = ("podman", "debootstrap", "docker-compose", "runc")
@@ -101,7 +108,8 @@ class Podman:
         self._timer = threading.Thread(target=self._health_timer, daemon=True)
 
     def run(self, *args: str, check: bool = True, capture: bool = False, timeout: float = 1800) -> str:
-        print("+", " ".join(args), flush=True)
+        shown = (a.strip().splitlines()[0] + " ..." if "\n" in a else a for a in args)  # scripts: their first line
+        print("+", " ".join(shown), flush=True)
         result = subprocess.run(
             args,
             env=self.env,
@@ -187,22 +195,92 @@ def build_image(podman: Podman) -> None:
         # This machine's HTTPS goes through a proxy whose CA lives in the host's certificates:
         # the build borrows them read-only (Debian's pip reads the system bundle); nothing of
         # them lands in the image.
-        podman.run(
-            "podman",
-            "build",
-            "-t",
-            IMAGE,
-            "--build-arg",
-            f"BASE_IMAGE={BASE}",
-            "--build-arg",
-            "TORCH_INDEX_URL=" if local else "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu",
-            "--volume",
-            "/etc/ssl/certs:/etc/ssl/certs:ro",
-            str(ROOT),
-        )
+        for target in (["--target", "build", "-t", BUILD_STAGE], ["-t", IMAGE]):  # the second reuses the first
+            podman.run(
+                "podman",
+                "build",
+                *target,
+                "--build-arg",
+                f"BASE_IMAGE={BASE}",
+                "--build-arg",
+                "TORCH_INDEX_URL=" if local else "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu",
+                "--volume",
+                "/etc/ssl/certs:/etc/ssl/certs:ro",
+                str(ROOT),
+            )
     finally:
         for target in copied:
             target.unlink()
+
+
+# Compilers and build tools the runtime stage must not have (PATH lookups, versioned names such as
+# x86_64-linux-gnu-g++-12, and GCC's own cc1/cc1plus).
+NO_COMPILER_CHECK = r"""
+import glob, os, re, shutil
+names = ("gcc", "g++", "cc", "c++", "cpp", "make", "clang", "clang++", "ld")
+found = {shutil.which(n) for n in names} - {None}
+for d in filter(os.path.isdir, os.environ["PATH"].split(os.pathsep)):
+    found |= {os.path.join(d, f) for f in os.listdir(d) if re.search(r"(^|-)(gcc|g\+\+|clang|c\+\+)(-[0-9.]+)?$", f)}
+found |= set(glob.glob("/usr/lib/gcc/*/*/cc1*") + glob.glob("/usr/libexec/gcc/*/*/cc1*"))
+print("compilers:", sorted(found))
+"""
+
+# Run inside each service's container (as its user): the root filesystem is read-only, /tmp is
+# not; in compute, the server process has the prebuilt kernel library mapped.
+RUNNING_CHECK = r"""
+import errno, glob, os, sys
+for d in ("/", "/app", "/opt/kernels", "/opt/venv"):
+    try:
+        open(os.path.join(d, ".write-probe"), "w").close()
+    except OSError as exc:
+        assert exc.errno == errno.EROFS, f"{d}: {exc} (expected EROFS: a read-only root filesystem)"
+    else:
+        raise AssertionError(f"{d} is writable")
+with open("/tmp/.write-probe", "w") as f:
+    f.write("ok")
+os.remove("/tmp/.write-probe")
+report = "read-only root (EROFS on /, /app, /opt; /tmp writable)"
+if sys.argv[1] == "compute":
+    lib = "/opt/kernels/paged_nanogpt_cpu_kernels.so"  # the image's PAGED_NANOGPT_KERNELS
+    mapped = []
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            if lib in open(maps).read():
+                mapped.append(maps.split("/")[2])
+        except OSError:
+            pass
+    assert mapped, f"no process has {lib} mapped"
+    assert not glob.glob("/tmp/**/torch_extensions", recursive=True), "an extension cache: built at run time"
+    report += f"; kernels {lib} mapped by pid {','.join(mapped)}"
+print(report)
+"""
+
+
+def check_no_compiler(podman: Podman, cid: str) -> None:
+    """In a running container of the image (podman 4.3's `run --rm` takes 20 s to return here)."""
+    out = podman.run("podman", "exec", cid, "python", "-c", NO_COMPILER_CHECK, capture=True)
+    assert out.strip() == "compilers: []", f"the runtime image has build tools: {out.strip()}"
+    print("runtime image: no compiler, no make")
+
+
+def check_hardened(podman: Podman, service: str) -> None:
+    """The file's hardening as the engine applied it, and as the processes inside see it."""
+    (cid,) = podman.container_ids(service)
+    out = podman.run("podman", "exec", cid, "python", "-c", RUNNING_CHECK, service, capture=True)
+    host = json.loads(podman.run("podman", "inspect", "--format", "{{json .HostConfig}}", cid, capture=True))
+    assert host["ReadonlyRootfs"] is True, f"{service}: root filesystem not read-only"
+    assert host["Memory"] > 0 and host["NanoCpus"] > 0 and host["PidsLimit"] > 0, f"{service}: no limits"
+    assert any("no-new-privileges" in opt for opt in host.get("SecurityOpt") or []), f"{service}: {host['SecurityOpt']}"
+    assert "CAP_NET_RAW" in host["CapDrop"] and not host.get("CapAdd"), f"{service}: capabilities kept"
+    print(
+        f"{service}: {out.strip()}; limits: {host['Memory'] // 2**20} MiB, {host['NanoCpus'] / 1e9:g} CPUs, "
+        f"{host['PidsLimit']} pids; capabilities dropped, no-new-privileges"
+    )
+    if service == "compute":
+        logs = subprocess.run(["podman", "logs", cid], env=podman.env, capture_output=True, text=True)
+        text = logs.stdout + logs.stderr
+        assert "C++ CPU kernels loaded from the prebuilt library /opt/kernels/" in text, text[-3000:]
+        assert "PyTorch paths" not in text, text[-3000:]
 
 
 def wait_healthy(podman: Podman, services: list[str], count: int = 1, timeout_s: float = 600) -> None:
@@ -283,6 +361,9 @@ def main() -> int:
         podman.start_api()
         podman.compose("up", "-d")
         wait_healthy(podman, ["memory", "compute", "gateway"])
+        check_no_compiler(podman, podman.container_ids("compute")[0])
+        for service in ("memory", "compute", "gateway"):
+            check_hardened(podman, service)
         tokens, replicas = generate_through_gateway()
         expected = in_process_tokens()
         assert tokens == expected, f"gateway tokens {tokens} != in-process {expected}"

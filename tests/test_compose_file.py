@@ -5,6 +5,7 @@ real: tests/test_compose_up.py.)"""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ from gateway.config import GatewayConfig
 from tests.settings_names import CONFIGS, settings_of
 
 ROOT = Path(__file__).resolve().parent.parent
+NOT_SETTINGS = {"OMP_NUM_THREADS"}  # torch's threads, set with compute's CPU limit (as deploy/k8s does)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_services_match_the_local_launcher(compose):
         missing = set(launcher) - {f"{prefix}_REPLICA"} - set(env)
         assert not missing, f"{spec.name}: launcher settings missing in compose: {missing}"
         assert set(launcher) <= settings_of(spec.role), f"{spec.name}: the launcher sets an unknown setting"
-        assert set(env) <= settings_of(spec.role), f"{spec.name}: compose sets an unknown setting"
+        assert set(env) - NOT_SETTINGS <= settings_of(spec.role), f"{spec.name}: compose sets an unknown setting"
         check = svc["healthcheck"]["test"]
         assert check == ["CMD", "python", "-m", "common.healthcheck", f"127.0.0.1:{spec.port}", spec.health_service]
 
@@ -99,3 +101,64 @@ def test_stop_grace_period_covers_the_drain_timeouts(compose):
     drain = {"compute": ComputeServiceConfig.drain_timeout_s, "gateway": GatewayConfig.drain_timeout_s}
     for name, timeout_s in drain.items():
         assert grace[name].endswith("s") and float(grace[name][:-1]) > timeout_s, (name, grace[name])
+
+
+def dockerfile_stages() -> tuple[list[str], list[list[str]]]:
+    """The Dockerfile's instructions (continuations joined, comments dropped): those before the
+    first FROM, then each stage's."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    starts = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    return lines[: starts[0]], [lines[a:b] for a, b in zip(starts, [*starts[1:], len(lines)], strict=True)]
+
+
+def test_the_image_builds_in_one_stage_and_runs_in_another_without_a_compiler(compose):
+    from compute_service import native
+
+    preamble, stages = dockerfile_stages()
+    (arg,) = [line for line in preamble if line.startswith("ARG BASE_IMAGE=")]
+    default = arg.split("=", 1)[1]
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", default), "the default base is pinned by digest"
+    assert compose["x-service"]["build"]["args"]["BASE_IMAGE"] == f"${{BASE_IMAGE:-{default}}}"
+    assert len(stages) == 2 and all(stage[0].split()[1] == "${BASE_IMAGE}" for stage in stages)
+    build, runtime = stages
+    assert build[0].endswith(" AS build")
+    assert any(" g++ " in line for line in build if line.startswith("RUN "))
+    assert any("compute_service.native --build --require --install-to /opt/kernels" in line for line in build)
+    for line in runtime:
+        assert not re.search(r"\b(g\+\+|gcc|clang|make|build-essential)\b", line), f"a build tool at run time: {line}"
+    env = dict(
+        item.split("=", 1) for line in runtime if line.startswith("ENV ") for item in line.split()[1:] if "=" in item
+    )
+    assert env["PAGED_NANOGPT_KERNELS"] == f"/opt/kernels/{native.MODULE}.so"
+    assert "COPY --from=build /opt/kernels /opt/kernels" in runtime
+    assert "TORCH_EXTENSIONS_DIR" not in env, "the runtime never builds: no extension cache"
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"].startswith("/tmp")
+    (user,) = [line for line in runtime if line.startswith("USER ")]
+    assert user == "USER 10001:10001", "numeric: Kubernetes' runAsNonRoot can check it"
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    return int(quantity[:-1]) * units[quantity[-1]] if quantity[-1] in units else int(quantity)
+
+
+def test_every_service_runs_read_only_unprivileged_and_limited(compose):
+    """Read-only root with a tmpfs /tmp, no capabilities, no privilege escalation, memory, CPU
+    and process limits; compute's memory limit holds the default model and pool, and the
+    README's larger example (deploy.sizing)."""
+    from deploy.sizing import replica_memory
+
+    for name, svc in compose["services"].items():
+        assert svc["read_only"] is True, name
+        assert [t.split(":")[0] for t in svc["tmpfs"]] == ["/tmp"], name
+        assert svc["security_opt"] == ["no-new-privileges:true"], name
+        assert svc["cap_drop"] == ["ALL"] and "cap_add" not in svc and not svc.get("privileged"), name
+        assert memory_bytes(svc["mem_limit"]) >= 256 * 2**20 and 0 < float(svc["cpus"]) <= 2, name
+        assert 64 <= svc["pids_limit"] <= 4096, name
+    compute = compose["services"]["compute"]
+    default = {k: re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", str(v)) for k, v in compute["environment"].items()}
+    for model, tokens in ((default["COMPUTE_MODEL"], int(default["COMPUTE_KV_BUDGET_TOKENS"])), ("dummy:gpt2", 8192)):
+        need = replica_memory(model, tokens).suggested_limit_bytes
+        assert need <= memory_bytes(compute["mem_limit"]), f"{model} with {tokens} tokens needs {need >> 20} MiB"
+    assert compute["environment"]["OMP_NUM_THREADS"] == str(compute["cpus"]), "torch's threads = the CPU limit"

@@ -102,6 +102,7 @@ def test_settings_agree_with_compose_and_the_launcher(objects, compose):
     assert set(data) <= known, f"not a setting: {set(data) - known}"
     for role, svc in compose["services"].items():
         env = {k: re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", str(v)) for k, v in svc["environment"].items()}
+        env.pop("OMP_NUM_THREADS", None)  # not a setting: the container's own env here (test_pods_are_hardened)
         missing = {k for k in env if k not in data and k != "GATEWAY_API_KEYS"}
         assert not missing, f"{role}: set in compose, not in the ConfigMap: {missing}"
         for k, v in env.items():
@@ -195,6 +196,35 @@ def test_pods_get_no_service_link_variables_and_run_on_x86_64(objects):
         assert pod["securityContext"]["runAsNonRoot"] is True, name
     labels = find(objects, "Namespace", "paged-nanogpt")["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_pods_are_hardened(objects, compose):
+    """Every workload: no service-account token, and each container with a read-only root (an
+    emptyDir at /tmp, where the image keeps HOME and caches), no privilege escalation, no
+    capabilities, non-root, the runtime's seccomp profile. The prebuilt kernels need nothing from
+    the manifests (the image sets PAGED_NANOGPT_KERNELS). The CPU limits and torch's threads agree
+    with docker-compose.yml."""
+    workloads = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")]
+    assert {o["metadata"]["name"] for o in workloads} == {"memory", "compute", "gateway"}
+    for workload in workloads:
+        name, pod = workload["metadata"]["name"], workload["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False, name
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, (name, c["name"])
+            assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert sc["runAsNonRoot"] is True, (name, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]}, (name, c["name"])
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, (name, c["name"])
+            (tmp,) = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            assert "emptyDir" in volumes[tmp["name"]] and not tmp.get("readOnly"), (name, c["name"])
+            env = {e["name"] for e in c.get("env", [])}
+            assert not env & {"PAGED_NANOGPT_KERNELS", "TORCH_EXTENSIONS_DIR", "HOME"}, "the image sets these"
+    assert not set(settings(objects)) & {"PAGED_NANOGPT_KERNELS", "TORCH_EXTENSIONS_DIR"}
+    threads = {e["name"]: e["value"] for e in container(objects, "compute")["env"] if "value" in e}["OMP_NUM_THREADS"]
+    compute = compose["services"]["compute"]
+    assert compute["environment"]["OMP_NUM_THREADS"] == threads == str(compute["cpus"])
 
 
 class Pod:
