@@ -229,3 +229,25 @@ def refuse_open_listener(
         f"Configure {how_to_authenticate}, or pass --allow-unauthenticated true "
         f"(env {service.upper()}_ALLOW_UNAUTHENTICATED=true) if this network is trusted."
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m common.grpc_auth new-token PATH`: write a fresh token to PATH unless a token is
+    there already (compose's one-shot `token` service: services that keep running keep theirs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["new-token"])
+    parser.add_argument("path")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.path):
+        read_token(args.path)  # a short or empty file is an error, not a token
+        print(f"{args.path}: keeping the token there")
+    else:
+        write_new_token(args.path)
+        print(f"{args.path}: wrote a new token")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

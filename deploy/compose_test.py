@@ -3,26 +3,28 @@
 Steps: validate the file (`docker-compose config -q`), make a local Debian base image with
 debootstrap (no registry needed), build the project image with the CPU torch wheel from a local
 folder, then drive the compose file with Docker's own `docker-compose` (1.29, Debian) talking to
-`podman system service` through DOCKER_HOST: `up -d` (start-up ordered by service_healthy), stream
-a generation through the published gateway port with the project's client and compare it with
-the in-process engine (and the same text from POST /v1/completions on the published port 8000),
-`up -d --scale compute=2` and check both replicas serve (the gateway is not restarted: it
-discovers the new replica through the memory service), check the block map (published on
-loopback 9102) shows both replicas' pools, then `down`. The hardening is checked too: the runtime
-image has no compiler or make; in every running container the root filesystem is read-only (a
-write to /, /app, /opt fails with EROFS, /tmp works), the engine applied the file's limits, and
-the compute service runs the kernels from the prebuilt library (mapped into the server process,
-said in its log) with no compiler and no extension cache. Container storage lives in this
-project's cache folder (`$XDG_CACHE_HOME/paged-nanogpt/compose-test`, or COMPOSE_TEST_WORKDIR),
-never the machine's default, on the overlay driver where the kernel has it (deploy.compose_test.
-storage_driver): the base image and the image's layers (system packages, torch, the
-dependencies, the kernels, keyed on their sources) are built once per machine and reused, so a
-later run rebuilds only what changed (the last layer, the tree). Containers and dangling layers are
-removed after each run; COMPOSE_TEST_FRESH=1 uses a temporary folder and deletes it.
-Podman runs healthchecks from systemd timers, and there is no systemd here: a thread of this
-driver plays the timer (`podman healthcheck run` every 2 s), so `service_healthy` still means
-the service's own grpc.health check passed.
-Needs (Debian): podman runc debootstrap docker-compose catatonit.
+`podman system service` through DOCKER_HOST: `up -d` (start-up ordered by service_healthy), stream a
+generation through the published gateway port with the project's client and compare it with the in-
+process engine (and the same text from POST /v1/completions on the published port 8000), `up -d
+--scale compute=2` with API keys from a mounted keys file (the gateway is recreated with keys; the
+new replica is discovered through the memory service) and check both replicas serve a keyed client
+and a client without a key is refused, check the services authenticate each other (inside the
+network, a call to the memory service without the token written by the `token` service is refused,
+with it answered), check the block map (published on loopback 9102) refuses a request without the
+token and shows both replicas' pools with it, then `down`. The hardening is checked too: the runtime
+image has no compiler or make; in every running container the root filesystem is read-only (a write
+to /, /app, /opt fails with EROFS, /tmp works), the engine applied the file's limits, and the
+compute service runs the kernels from the prebuilt library (mapped into the server process, said in
+its log) with no compiler and no extension cache. Container storage lives in this project's cache
+folder (`$XDG_CACHE_HOME/paged-nanogpt/compose-test`, or COMPOSE_TEST_WORKDIR), never the machine's
+default, on the overlay driver where the kernel has it (deploy.compose_test. storage_driver): the
+base image and the image's layers (system packages, torch, the dependencies, the kernels, keyed on
+their sources) are built once per machine and reused, so a later run rebuilds only what changed (the
+last layer, the tree). Containers and dangling layers are removed after each run;
+COMPOSE_TEST_FRESH=1 uses a temporary folder and deletes it. Podman runs healthchecks from systemd
+timers, and there is no systemd here: a thread of this driver plays the timer (`podman healthcheck
+run` every 2 s), so `service_healthy` still means the service's own grpc.health check passed. Needs
+(Debian): podman runc debootstrap docker-compose catatonit.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ IMAGE = "paged-nanogpt:latest"
 BUILD_STAGE = "paged-nanogpt-build:cache"
 BASE = "localbase:bookworm"
 PROMPT, MAX_NEW = "ROMEO:", 16
+API_KEY = "sk-compose-test"
 REQUIRED = ("podman", "debootstrap", "docker-compose", "runc")
 INSTALL_HINT = "on Debian: apt-get install -y podman runc debootstrap docker-compose catatonit (.ci/run does)"
 
@@ -294,7 +297,7 @@ def wait_healthy(podman: Podman, services: list[str], count: int = 1, timeout_s:
     raise TimeoutError(f"not healthy after {timeout_s:.0f}s: {healthy}")
 
 
-def generate_through_gateway(times: int = 4, vary: bool = False) -> tuple[list[int], set[str]]:
+def generate_through_gateway(times: int = 4, vary: bool = False, api_key: str = "") -> tuple[list[int], set[str]]:
     """Generate `times` times (with `vary`, prompts that share no prefix: kv-aware routing
     would rightly keep repeats of one prompt on the replica that caches it)."""
     from gateway.client import stream_generate
@@ -303,7 +306,10 @@ def generate_through_gateway(times: int = 4, vary: bool = False) -> tuple[list[i
     for i in range(times):
         tokens = []
         prompt = f"Request {i}: {PROMPT}" if vary else PROMPT
-        for r in stream_generate("127.0.0.1:50050", prompt, max_new_tokens=MAX_NEW, temperature=0.0, ignore_eos=True):
+        stream = stream_generate(
+            "127.0.0.1:50050", prompt, api_key=api_key, max_new_tokens=MAX_NEW, temperature=0.0, ignore_eos=True
+        )
+        for r in stream:
             if r.HasField("chunk"):
                 tokens.extend(r.chunk.token_ids)
             elif r.HasField("complete"):
@@ -323,14 +329,62 @@ def http_completion_text() -> str:
         return json.load(response)["choices"][0]["text"]
 
 
-def block_map_pools() -> list[dict]:
-    """The pools the memory service's block map shows, through its port published on loopback (9102)."""
+def block_map_pools(token: str) -> list[dict]:
+    """The pools the memory service's block map shows, through its port published on loopback
+    (9102), which answers 401 without the internal token."""
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen("http://127.0.0.1:9102/", timeout=30) as response:
+    try:
+        urllib.request.urlopen("http://127.0.0.1:9102/state", timeout=30)
+        raise AssertionError("the block map answered without the internal token")
+    except urllib.error.HTTPError as refused:
+        assert refused.code == 401, refused.code
+    auth = {"authorization": f"Bearer {token}"}
+    with urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:9102/", headers=auth), timeout=30) as response:
         assert b"KV block map" in response.read(), "9102 does not serve the block map page"
-    with urllib.request.urlopen("http://127.0.0.1:9102/state", timeout=30) as response:
-        return json.load(response)["pools"]
+    with urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:9102/state", headers=auth), timeout=30) as r:
+        return json.load(r)["pools"]
+
+
+# Run inside the gateway's container: the memory service without the token, then with it.
+INTERNAL_AUTH_CHECK = """
+import grpc
+from common.grpc_auth import internal_channel
+from rpc.internal.v1 import memory_pb2, memory_pb2_grpc
+import asyncio
+
+async def ask(token_file):
+    async with internal_channel("memory:50051", token_file) as channel:
+        try:
+            await memory_pb2_grpc.MemoryServiceStub(channel).ListReplicas(memory_pb2.ListReplicasRequest(), timeout=10)
+            return "OK"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+
+print(asyncio.run(ask("")), asyncio.run(ask("/run/internal-token/token")))
+"""
+
+
+def check_internal_auth(podman: Podman) -> str:
+    """The services authenticate each other: the memory service refuses a caller inside the
+    network without the token and answers one with it. Returns the token (for the block map)."""
+    (gateway,) = podman.container_ids("gateway")
+    out = podman.run("podman", "exec", gateway, "python", "-c", INTERNAL_AUTH_CHECK, capture=True)
+    assert out.split() == ["UNAUTHENTICATED", "OK"], out
+    print("inside the network: the memory service refuses a caller without the internal token")
+    return podman.run("podman", "exec", gateway, "cat", "/run/internal-token/token", capture=True).strip()
+
+
+def check_keys_required() -> None:
+    """With the keys file mounted, a client without a key is refused."""
+    import grpc
+
+    try:
+        generate_through_gateway(times=1)
+        raise AssertionError("the gateway served a client without a key")
+    except grpc.RpcError as refused:
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, refused
 
 
 def in_process_tokens() -> list[int]:
@@ -373,13 +427,19 @@ def main() -> int:
         assert http_text == get_tokenizer().decode(expected), f"HTTP text {http_text!r} != gRPC's"
         print("HTTP /v1/completions on the published port 8000: the same text")
         print(f"one replica ({DEFAULT_MODEL}): tokens match the in-process engine; served by {replicas}")
+        # Keys from a mounted file (never the environment), the open default switched off.
+        (work / "api_keys.txt").write_text(f"{API_KEY} compose-test\n")
+        podman.env.update(API_KEYS_FILE=str(work / "api_keys.txt"), GATEWAY_ALLOW_UNAUTHENTICATED="false")
         podman.compose("up", "-d", "--scale", "compute=2")
         wait_healthy(podman, ["compute"], count=2)
-        time.sleep(1.0)  # no gateway restart: it discovers the new replica (polls every 0.5 s)
-        _, replicas = generate_through_gateway(times=6, vary=True)
+        wait_healthy(podman, ["gateway"])
+        time.sleep(1.0)  # the gateway discovers both replicas (polls every 0.5 s)
+        _, replicas = generate_through_gateway(times=6, vary=True, api_key=API_KEY)
         assert len(replicas) == 2, f"expected both compute replicas to serve, got {replicas}"
-        print(f"scaled: both replicas served: {sorted(replicas)}")
-        pools = block_map_pools()
+        print(f"scaled, keys required: both replicas served a keyed client: {sorted(replicas)}")
+        check_keys_required()
+        print("a client without a key: UNAUTHENTICATED")
+        pools = block_map_pools(check_internal_auth(podman))
         assert len(pools) == 2 and all(p["num_blocks"] > 0 for p in pools), pools
         print(f"block map on 127.0.0.1:9102: {len(pools)} pools ({pools[0]['num_blocks']} blocks each)")
         print(json.dumps({"compose_test": "passed"}))

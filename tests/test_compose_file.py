@@ -42,7 +42,7 @@ def test_each_service_reads_its_own_prefixed_variables():
 
 def test_services_match_the_local_launcher(compose):
     services = compose["services"]
-    assert set(services) == set(CONFIGS)
+    assert set(services) == set(CONFIGS) | {"token"}  # token: the one-shot writer of the internal token
     for spec in local_services():
         svc = services[spec.name]
         env = {k: str(v) for k, v in svc["environment"].items()}
@@ -64,7 +64,10 @@ def test_only_the_gateway_and_the_block_map_are_published_and_startup_is_ordered
     assert "ports" not in services["compute"] and services["compute"]["networks"] == ["internal"]
     assert services["memory"]["ports"] == ["127.0.0.1:9102:9102"], "the block map only, on the host's loopback"
     assert services["memory"]["environment"]["MEMORY_HTTP_PORT"] == "9102"
-    assert sorted(services["gateway"]["ports"]) == ["50050:50050", "8000:8000", "9100:9100"]
+    publish = "${GATEWAY_PUBLISH:-127.0.0.1}"  # the host's loopback unless the operator says otherwise
+    assert sorted(services["gateway"]["ports"]) == [f"{publish}:{p}:{p}" for p in (50050, 8000, 9100)]
+    assert "ports" not in services["token"] and services["token"]["network_mode"] == "none"
+    assert services["memory"]["depends_on"] == {"token": {"condition": "service_completed_successfully"}}
     assert services["compute"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
     assert services["gateway"]["depends_on"] == {"compute": {"condition": "service_healthy"}}
     assert services["gateway"]["environment"]["GATEWAY_COMPUTE_ADDRESSES"] == "", "compose discovers its replicas"
@@ -162,3 +165,28 @@ def test_every_service_runs_read_only_unprivileged_and_limited(compose):
         need = replica_memory(model, tokens).suggested_limit_bytes
         assert need <= memory_bytes(compute["mem_limit"]), f"{model} with {tokens} tokens needs {need >> 20} MiB"
     assert compute["environment"]["OMP_NUM_THREADS"] == str(compute["cpus"]), "torch's threads = the CPU limit"
+
+
+def test_the_services_authenticate_each_other_with_the_token_services_volume(compose):
+    services = compose["services"]
+    token = services["token"]
+    assert token["command"] == ["python", "-m", "common.grpc_auth", "new-token", "/run/internal-token/token"]
+    assert token["volumes"] == ["internal-token:/run/internal-token"] and token["restart"] == "no"
+    for name, prefix in ENV_PREFIXES.items():
+        svc = services[name]
+        assert svc["environment"][f"{prefix}_INTERNAL_TOKEN_FILE"] == "/run/internal-token/token", name
+        assert "internal-token:/run/internal-token:ro" in svc["volumes"], f"{name}: the token's volume, read-only"
+        assert f"{prefix}_ALLOW_UNAUTHENTICATED" not in svc["environment"] or name == "gateway"
+    assert compose["volumes"] == {"internal-token": {}}
+
+
+def test_the_gateway_reads_keys_from_a_mounted_file_and_its_open_default_is_explicit(compose):
+    gateway = compose["services"]["gateway"]
+    env = gateway["environment"]
+    assert "GATEWAY_API_KEYS" not in env, "keys never pass through the environment"
+    assert env["GATEWAY_API_KEYS_FILE"] == "/run/secrets/api-keys/keys"  # where Kubernetes mounts its Secret too
+    assert "${API_KEYS_FILE:-./deploy/compose/no-api-keys.txt}:/run/secrets/api-keys/keys:ro" in gateway["volumes"]
+    assert env["GATEWAY_ALLOW_UNAUTHENTICATED"] == "${GATEWAY_ALLOW_UNAUTHENTICATED:-true}"
+    from gateway.auth import read_keys
+
+    assert read_keys(str(ROOT / "deploy/compose/no-api-keys.txt")) == [], "the default file holds no key"

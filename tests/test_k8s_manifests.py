@@ -65,9 +65,12 @@ def find(objects: list[dict], kind: str, name: str) -> dict:
     return matches[0]
 
 
+def workload(objects: list[dict], role: str) -> dict:
+    return next(o for o in objects if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] == role)
+
+
 def container(objects: list[dict], role: str) -> dict:
-    workload = next(o for o in objects if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] == role)
-    (only,) = workload["spec"]["template"]["spec"]["containers"]
+    (only,) = workload(objects, role)["spec"]["template"]["spec"]["containers"]
     return only
 
 
@@ -101,21 +104,38 @@ def test_settings_agree_with_compose_and_the_launcher(objects, compose):
     known = set().union(*(settings_of(role) for role in CONFIGS))
     assert set(data) <= known, f"not a setting: {set(data) - known}"
     for role, svc in compose["services"].items():
+        if role == "token":  # compose's one-shot token writer; Kubernetes reads a Secret instead
+            continue
         env = {k: re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", str(v)) for k, v in svc["environment"].items()}
         env.pop("OMP_NUM_THREADS", None)  # not a setting: the container's own env here (test_pods_are_hardened)
-        missing = {k for k in env if k not in data and k != "GATEWAY_API_KEYS"}
+        # The one choice made differently, in the open: compose serves on the host's loopback
+        # without keys by default; the Kubernetes LoadBalancer is public, so keys are required.
+        assert env.pop("GATEWAY_ALLOW_UNAUTHENTICATED", "true") == "true" and (
+            role != "gateway" or data["GATEWAY_ALLOW_UNAUTHENTICATED"] == "false"
+        )
+        missing = {k for k in env if k not in data}
         assert not missing, f"{role}: set in compose, not in the ConfigMap: {missing}"
         for k, v in env.items():
             if k in data:
                 assert data[k] == v, f"{k}: {data[k]!r} in Kubernetes, {v!r} in compose"
-    compose_env = set().union(*(svc["environment"] for svc in compose["services"].values()))
+    compose_env = set().union(*(svc.get("environment", {}) for svc in compose["services"].values()))
     for k in set(data) - compose_env:  # only Kubernetes sets it: it must be the default then, stated
         default = setting_default(k)
         assert parse_value(data[k], default) == default, f"{k}: {data[k]!r}, default {default!r}"
-    # API keys: read from a Secret the user creates, never one in the kustomization (which a later
-    # `kubectl apply -k` would put back empty: an open gateway after its next restart)
+    # API keys and the internal token: Secrets the user creates, never ones in the kustomization
+    # (which a later `kubectl apply -k` would put back empty), required (no pod starts without).
     assert not [o for o in objects if o["kind"] == "Secret"]
-    assert {"secretRef": {"name": "api-keys", "optional": True}} in container(objects, "gateway")["envFrom"]
+    for name in ("memory", "compute", "gateway"):
+        pod = workload(objects, name)["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+        wanted = {"internal-token": "token", **({"api-keys": "keys"} if name == "gateway" else {})}
+        assert set(secrets) == set(wanted), name
+        for volume, key in wanted.items():
+            assert "optional" not in secrets[volume] and secrets[volume]["items"] == [{"key": key, "path": key}]
+            assert secrets[volume]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 10001
+        mounts = {m["name"]: m for m in container(objects, name)["volumeMounts"]}
+        assert all(mounts[v]["readOnly"] for v in wanted), name
+        assert "secretRef" not in str(container(objects, name).get("envFrom")), "keys never pass through env"
     for spec in local_services():
         prefix = spec.role.upper()
         assert int(data[f"{prefix}_PORT"]) == spec.port, f"{spec.role}: port differs from make run's"
