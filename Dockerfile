@@ -56,7 +56,7 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \
     HOME=/tmp XDG_CACHE_HOME=/tmp/.cache \
     PAGED_NANOGPT_KERNELS=/opt/kernels/paged_nanogpt_cpu_kernels.so
 # /run/internal-token: where compose mounts the internal token's volume; an empty volume takes
-# this directory's owner, so the one-shot token service (uid 10001) can write the token there.
+# this directory's owner, so the memory service (uid 10001) can write the token there.
 RUN groupadd --gid 10001 app \
     && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin app \
     && mkdir -p /run/internal-token && chown 10001:10001 /run/internal-token && chmod 700 /run/internal-token

@@ -233,7 +233,7 @@ def refuse_open_listener(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m common.grpc_auth new-token PATH`: write a fresh token to PATH unless a token is
-    there already (compose's one-shot `token` service: services that keep running keep theirs)."""
+    there already (compose's memory service, before it starts: a restart keeps the token the others hold)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -9,7 +9,7 @@ process engine (and the same text from POST /v1/completions on the published por
 --scale compute=2` with API keys from a mounted keys file (the gateway is recreated with keys; the
 new replica is discovered through the memory service) and check both replicas serve a keyed client
 and a client without a key is refused, check the services authenticate each other (inside the
-network, a call to the memory service without the token written by the `token` service is refused,
+network, a call to the memory service without the token the memory service wrote is refused,
 with it answered), check the block map (published on loopback 9102) refuses a request without the
 token and shows both replicas' pools with it, then `down`. The hardening is checked too: the runtime
 image has no compiler or make; in every running container the root filesystem is read-only (a write

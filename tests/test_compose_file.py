@@ -42,12 +42,13 @@ def test_each_service_reads_its_own_prefixed_variables():
 
 def test_services_match_the_local_launcher(compose):
     services = compose["services"]
-    assert set(services) == set(CONFIGS) | {"token"}  # token: the one-shot writer of the internal token
+    assert set(services) == set(CONFIGS)
     for spec in local_services():
         svc = services[spec.name]
         env = {k: str(v) for k, v in svc["environment"].items()}
         launcher = spec.environment(host="0.0.0.0")
-        assert svc["command"] == ["python", "-m", spec.module]
+        command = svc["command"] if spec.role != "memory" else svc["command"][-1].split("&& exec ")[-1].split()
+        assert command == ["python", "-m", spec.module]
         prefix = ENV_PREFIXES[spec.role]
         assert env[f"{prefix}_PORT"] == str(spec.port) and env[f"{prefix}_HOST"] == "0.0.0.0"
         missing = set(launcher) - {f"{prefix}_REPLICA"} - set(env)
@@ -66,8 +67,7 @@ def test_only_the_gateway_and_the_block_map_are_published_and_startup_is_ordered
     assert services["memory"]["environment"]["MEMORY_HTTP_PORT"] == "9102"
     publish = "${GATEWAY_PUBLISH:-127.0.0.1}"  # the host's loopback unless the operator says otherwise
     assert sorted(services["gateway"]["ports"]) == [f"{publish}:{p}:{p}" for p in (50050, 8000, 9100)]
-    assert "ports" not in services["token"] and services["token"]["network_mode"] == "none"
-    assert services["memory"]["depends_on"] == {"token": {"condition": "service_completed_successfully"}}
+    assert "depends_on" not in services["memory"]
     assert services["compute"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
     assert services["gateway"]["depends_on"] == {"compute": {"condition": "service_healthy"}}
     assert services["gateway"]["environment"]["GATEWAY_COMPUTE_ADDRESSES"] == "", "compose discovers its replicas"
@@ -169,13 +169,20 @@ def test_every_service_runs_read_only_unprivileged_and_limited(compose):
 
 def test_the_services_authenticate_each_other_with_the_token_services_volume(compose):
     services = compose["services"]
-    token = services["token"]
-    assert token["command"] == ["python", "-m", "common.grpc_auth", "new-token", "/run/internal-token/token"]
-    assert token["volumes"] == ["internal-token:/run/internal-token"] and token["restart"] == "no"
+    memory = services["memory"]  # writes the token before it starts; the others wait for it to be healthy
+    assert memory["command"][:2] == ["sh", "-c"] and memory["command"][2].startswith(
+        "python -m common.grpc_auth new-token /run/internal-token/token && exec "
+    )
+    assert memory["volumes"] == ["internal-token:/run/internal-token"]
     for name, prefix in ENV_PREFIXES.items():
         svc = services[name]
         assert svc["environment"][f"{prefix}_INTERNAL_TOKEN_FILE"] == "/run/internal-token/token", name
-        assert "internal-token:/run/internal-token:ro" in svc["volumes"], f"{name}: the token's volume, read-only"
+        if name != "memory":
+            assert "internal-token:/run/internal-token:ro" in svc["volumes"], f"{name}: the token's volume, read-only"
+            assert svc["depends_on"] in (
+                {"memory": {"condition": "service_healthy"}},
+                {"compute": {"condition": "service_healthy"}},
+            )
         assert f"{prefix}_ALLOW_UNAUTHENTICATED" not in svc["environment"] or name == "gateway"
     assert compose["volumes"] == {"internal-token": {}}
 

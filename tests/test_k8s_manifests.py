@@ -104,8 +104,6 @@ def test_settings_agree_with_compose_and_the_launcher(objects, compose):
     known = set().union(*(settings_of(role) for role in CONFIGS))
     assert set(data) <= known, f"not a setting: {set(data) - known}"
     for role, svc in compose["services"].items():
-        if role == "token":  # compose's one-shot token writer; Kubernetes reads a Secret instead
-            continue
         env = {k: re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", str(v)) for k, v in svc["environment"].items()}
         env.pop("OMP_NUM_THREADS", None)  # not a setting: the container's own env here (test_pods_are_hardened)
         # The one choice made differently, in the open: compose serves on the host's loopback
