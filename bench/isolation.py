@@ -49,6 +49,7 @@ class Stack:
     http: str
     memory: str
     log_dir: str
+    metrics: str  # the gateway's metrics port (with API keys the HTTP front serves no /metrics)
 
 
 @contextmanager
@@ -77,7 +78,9 @@ def isolation_stack(log_dir: str, model: str = "dummy:tiny", replicas: int = 2, 
     )
     os.makedirs(log_dir, exist_ok=True)
     with running_stack(services, timeout_s=180, log_dir=log_dir):
-        yield Stack(f"127.0.0.1:{gateway}", f"http://127.0.0.1:{http}", f"127.0.0.1:{memory}", log_dir)
+        yield Stack(
+            f"127.0.0.1:{gateway}", f"http://127.0.0.1:{http}", f"127.0.0.1:{memory}", log_dir, f"http://127.0.0.1:{m1}"
+        )
 
 
 def reference_outputs(model: str, max_new_tokens: int) -> list[list[tuple[list[int], str]]]:
@@ -177,10 +180,11 @@ class Innocents:
         return texts
 
 
-def gateway_metric(http: str, sample: str) -> float:
-    """One sample of the gateway's /metrics, named as Prometheus prints it (with its labels, e.g.
-    'gateway_requests_total{status="CANCELLED"}'); 0 before it is first counted."""
-    for line in httpx.get(f"{http}/metrics", timeout=10).text.splitlines():
+def gateway_metric(metrics: str, sample: str) -> float:
+    """One sample of the gateway's /metrics at `metrics` (its metrics port's URL), named as
+    Prometheus prints it (with its labels, e.g. 'gateway_requests_total{status="CANCELLED"}'); 0
+    before it is first counted."""
+    for line in httpx.get(f"{metrics}/metrics", timeout=10).text.splitlines():
         name, _, value = line.rpartition(" ")
         if name == sample:
             return float(value)
@@ -188,7 +192,7 @@ def gateway_metric(http: str, sample: str) -> float:
 
 
 def migrations(stack: Stack) -> float:
-    return gateway_metric(stack.http, "gateway_migrations_total")
+    return gateway_metric(stack.metrics, "gateway_migrations_total")
 
 
 def leaked_blocks(stack: Stack, settle_s: float = 15.0) -> int:

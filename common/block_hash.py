@@ -30,12 +30,11 @@ def root_hash(namespace: str, cache_salt: str = "") -> bytes:
 
 
 def tenant_cache_salt(tenant: str, cache_salt: str) -> str:
-    """The salt a request is cached under: its own `cache_salt` within its tenant's namespace.
-    Without a tenant (a gateway without API keys) the salt is the client's, unchanged. With one,
-    a digest of both, length-prefixed so that no (tenant, salt) pair can spell another's: a
-    client cannot pick a salt that lands in another tenant's namespace."""
-    if not tenant:
-        return cache_salt
+    """The salt a request is cached under: its own `cache_salt` within its tenant's namespace
+    (the anonymous tenant "" of a gateway without keys included): a digest of both,
+    length-prefixed so that no (tenant, salt) pair can spell another's. A client cannot pick a
+    salt that lands in another tenant's namespace, even through a keyless gateway beside a keyed
+    one on the same replicas."""
     payload = b"tenant\0" + struct.pack("<I", len(tenant.encode())) + tenant.encode() + cache_salt.encode()
     return "t-" + hashlib.sha256(payload).hexdigest()
 

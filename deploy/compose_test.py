@@ -429,7 +429,7 @@ def main() -> int:
         print(f"one replica ({DEFAULT_MODEL}): tokens match the in-process engine; served by {replicas}")
         # Keys from a mounted file (never the environment), the open default switched off.
         (work / "api_keys.txt").write_text(f"{API_KEY} compose-test\n")
-        podman.env.update(API_KEYS_FILE=str(work / "api_keys.txt"), GATEWAY_ALLOW_UNAUTHENTICATED="false")
+        podman.env.update(API_KEYS_FILE=str(work / "api_keys.txt"))
         podman.compose("up", "-d", "--scale", "compute=2")
         wait_healthy(podman, ["compute"], count=2)
         wait_healthy(podman, ["gateway"])

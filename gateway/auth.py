@@ -1,13 +1,15 @@
-"""API keys for the gateway's public listeners, and the tenant each key belongs to: one check,
-used by the gRPC interceptor and the HTTP front alike.
+"""API keys for the gateway's public listeners, and the tenant each key belongs to: one check, used by
+the gRPC interceptor and the HTTP front alike.
 
-Keys come from `api_keys_file` and the comma-separated `api_keys` setting (`GATEWAY_API_KEYS`).
-Each entry (a line of the file, an item of the list) is `<key> <tenant>`; a key alone is its own
-tenant (`key-` and the first 8 hex digits of its SHA-256: the old one-key-a-line files load
-unchanged). Blank lines and `#` comments are skipped. A tenant is the unit of isolation: its own
-prefix-cache namespace, request ids, limits and metrics (gateway/tenant_limits.py). No keys =
-no authentication and one tenant, "" (allowed only on loopback unless `allow_unauthenticated`).
-A client sends `authorization: Bearer <key>` (gRPC metadata or HTTP header, as OpenAI's clients do).
+Keys come from `api_keys_file` and the comma-separated `api_keys` setting (`GATEWAY_API_KEYS`). Each
+entry (a line of the file, an item of the list) is `<key> <tenant>`; a key alone is its own tenant
+(the old one-key-a-line files load unchanged): named from the key's SHA-256 inside the gateway
+(stable across restarts and gateways, so its cache namespace is too), shown in metrics as `key-<n>`,
+its place among the unnamed keys, so nothing derived from a key is ever published. Blank lines and
+`#` comments are skipped. A tenant is the unit of isolation: its own prefix-cache namespace, request
+ids, limits and metrics (gateway/tenant_limits.py). No keys = no authentication and one tenant, ""
+(allowed only on loopback unless `allow_unauthenticated`). A client sends `authorization: Bearer
+<key>` (gRPC metadata or HTTP header, as OpenAI's clients do).
 """
 
 from __future__ import annotations
@@ -31,29 +33,34 @@ UNAUTHENTICATED_MESSAGE = "missing or invalid API key: send metadata 'authorizat
 @dataclass(frozen=True)
 class ApiKey:
     key: str
-    tenant: str
+    tenant: str  # the unit of isolation (cache namespace, request ids, limits)
+    label: str  # what metrics call it: the tenant's name, or key-<n> for a key alone
 
 
-def parse_key_entry(entry: str, where: str) -> ApiKey:
-    """One `<key> [<tenant>]` entry; ValueError naming `where` (never the key) if malformed."""
+def parse_key_entry(entry: str, where: str, unnamed: int) -> ApiKey:
+    """One `<key> [<tenant>]` entry (`unnamed`: how many keys alone came before it); ValueError
+    naming `where` (never the key) if malformed."""
     parts = entry.split()
     if len(parts) > 2:
         raise ValueError(f"{where}: expected '<key> <tenant>', found {len(parts)} fields")
     key = parts[0]
-    tenant = parts[1] if len(parts) == 2 else "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-    if not TENANT_NAME.fullmatch(tenant):
+    if len(parts) == 1:  # ':' keeps it apart from every name a file can give (TENANT_NAME has none)
+        return ApiKey(key, "key:" + hashlib.sha256(key.encode()).hexdigest()[:32], f"key-{unnamed + 1}")
+    if not TENANT_NAME.fullmatch(parts[1]):
         raise ValueError(f"{where}: a tenant name is 1-64 of A-Z a-z 0-9 . _ -")
-    return ApiKey(key, tenant)
+    return ApiKey(key, parts[1], parts[1])
 
 
 def read_keys(keys_file: str = "", keys: str = "") -> list[ApiKey]:
     """The configured keys in order: the comma-separated setting's, then the file's. ValueError
     for a malformed entry or a key given twice."""
-    found = [parse_key_entry(k, f"api_keys item {i + 1}") for i, k in enumerate(keys.split(",")) if k.strip()]
+    entries = [(k, f"api_keys item {i + 1}") for i, k in enumerate(keys.split(",")) if k.strip()]
     if keys_file:
-        for number, line in enumerate(Path(keys_file).read_text().splitlines(), 1):
-            if line.strip() and not line.strip().startswith("#"):
-                found.append(parse_key_entry(line, f"{keys_file} line {number}"))
+        lines = enumerate(Path(keys_file).read_text().splitlines(), 1)
+        entries += [(line, f"{keys_file} line {n}") for n, line in lines if line.strip() and line.strip()[0] != "#"]
+    found: list[ApiKey] = []
+    for entry, where in entries:
+        found.append(parse_key_entry(entry, where, sum(k.tenant.startswith("key:") for k in found)))
     if len({k.key for k in found}) != len(found):
         raise ValueError("an API key is configured twice")
     return found
@@ -62,6 +69,7 @@ def read_keys(keys_file: str = "", keys: str = "") -> list[ApiKey]:
 class ApiKeys:
     def __init__(self, keys: list[ApiKey]) -> None:
         self._digests = [(hashlib.sha256(k.key.encode()).digest(), k.tenant) for k in keys]
+        self.labels = {k.tenant: k.label for k in keys}  # tenant -> its name in metrics
 
     @classmethod
     def load(cls, keys_file: str = "", keys: str = "") -> "ApiKeys":

@@ -12,7 +12,7 @@ class GatewayConfig:
     env_prefix: ClassVar[str] = "GATEWAY"
     host: str = "127.0.0.1"
     port: int = 50050
-    metrics_port: int = 9100  # Prometheus /metrics; 0 = off (the HTTP front serves /metrics too)
+    metrics_port: int = 9100  # Prometheus /metrics; 0 = off (the HTTP front serves /metrics too, without API keys only)
     http_port: int = 8000  # the OpenAI-compatible HTTP front (gateway/openai_api.py); 0 = off
     # API keys (gateway/auth.py): a file of `<key> <tenant>` lines, and/or a comma-separated list
     # of such entries. None = open, which a gateway listening beyond loopback refuses unless
@@ -20,6 +20,9 @@ class GatewayConfig:
     api_keys_file: str = ""
     api_keys: str = ""
     allow_unauthenticated: bool = False
+    # Where clients reach the gateway, when that is not its listen host: compose listens on 0.0.0.0
+    # inside the container and publishes on this host address. The secure-by-default check uses it.
+    exposed_host: str = ""
     # Per-tenant limits (gateway/tenant_limits.py); 0 = off. Over one: RESOURCE_EXHAUSTED / 429 with a retry hint.
     tenant_max_in_flight: int = 0  # a tenant's requests at once
     tenant_tokens_per_minute: int = 0  # prompt + n x max_new_tokens charged at admission, the unused part refunded

@@ -181,16 +181,16 @@ class GatewayCore:
         if self.config.max_request_s > 0:  # no request outlives the bound, whatever its client asked
             timeout_s = self.config.max_request_s if timeout_s is None else min(timeout_s, self.config.max_request_s)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        request_id, status = tracked.key, None
+        scoped_id, status = tracked.key, None
         failed: set[str] = set()  # replicas that failed this request: another is preferred
         full: set[str] = set()  # replicas that answered RESOURCE_EXHAUSTED
         key = self.routing.key(tracked.prompt, tracked.params.cache_salt)
-        self._requests.add(request_id)
+        self._requests.add(scoped_id)
         IN_FLIGHT.inc()
         try:
             while True:
-                self._evicted.discard(request_id)
-                route = await self._wait_for_replica(request_id, key, failed, full, deadline)
+                self._evicted.discard(scoped_id)
+                route = await self._wait_for_replica(scoped_id, key, failed, full, deadline)
                 if route is None:  # aborted while it waited for a replica
                     status = "OK"
                     for completion in self._aborted_completions(tracked, timer, ""):
@@ -207,12 +207,12 @@ class GatewayCore:
                     failed.add(replica.address)  # the stream ended with no result: the replica's fault
                     self._migrate(tracked, replica, "the stream ended without a result", died=True)
                 except asyncio.CancelledError:
-                    if request_id in self._aborted:
+                    if scoped_id in self._aborted:
                         status = "OK"
                         for completion in self._aborted_completions(tracked, timer, replica.address):
                             yield completion
                         return
-                    if request_id in self._evicted:  # the replica is down: continue elsewhere
+                    if scoped_id in self._evicted:  # the replica is down: continue elsewhere
                         failed.add(replica.address)
                         self.replicas.suspect(replica)
                         self._migrate(tracked, replica, "its replica stopped answering", died=True)
@@ -231,9 +231,9 @@ class GatewayCore:
             raise
         finally:
             IN_FLIGHT.dec()
-            self._requests.discard(request_id)
-            self._aborted.discard(request_id)
-            self._evicted.discard(request_id)
+            self._requests.discard(scoped_id)
+            self._aborted.discard(scoped_id)
+            self._evicted.discard(scoped_id)
             usage[:] = [len(tracked.prompt), tracked.num_generated]
             self.metrics.record_request(status or "CANCELLED", timer, tracked.queue_ms, tenant)
 
@@ -377,7 +377,7 @@ class GatewayCore:
         )
 
     async def _wait_for_replica(
-        self, request_id: tuple[str, str], key: PrefixKey, failed: set[str], full: set[str], deadline: float | None
+        self, scoped_id: tuple[str, str], key: PrefixKey, failed: set[str], full: set[str], deadline: float | None
     ) -> Route | None:
         """The route of the next attempt, chosen by the routing policy: to a replica that has not
         failed this request if there is one, never to one that said it is full. With none SERVING
@@ -386,10 +386,10 @@ class GatewayCore:
         give_up = time.monotonic() + self.config.replica_wait_s
         if deadline is not None:
             give_up = min(give_up, deadline)
-        while request_id not in self._aborted:
+        while scoped_id not in self._aborted:
             route = await self.routing.choose(key, failed | full) or await self.routing.choose(key, full)
             if route is not None:
-                if request_id in self._aborted:  # aborted while routing asked the memory service
+                if scoped_id in self._aborted:  # aborted while routing asked the memory service
                     route.release()
                     return None
                 return route
@@ -403,9 +403,9 @@ class GatewayCore:
 
     def _replica_down(self, replica: Replica) -> None:
         """The replica set lost a replica: cancel its calls, which continue elsewhere."""
-        for request_id, (call, at) in list(self._calls.items()):
+        for scoped_id, (call, at) in list(self._calls.items()):
             if at is replica:
-                self._evicted.add(request_id)
+                self._evicted.add(scoped_id)
                 call.cancel()
 
     def abort(self, request_id: str, tenant: str = "") -> None:

@@ -38,9 +38,14 @@ TENANT_LIMITED = Counter("gateway_tenant_limited_total", "Requests refused by a 
 _PER_REPLICA = (PROMPT_TOKENS, CACHED_TOKENS, MATCHED_TOKENS, HIT_RATE)
 
 
+# Tenant -> its metrics label (gateway/auth.py: a key alone is shown as key-<n>, never by anything
+# derived from the key); set once at start, as the Prometheus registry is the process's.
+TENANT_LABELS: dict[str, str] = {}
+
+
 def tenant_label(tenant: str) -> str:
     """The metrics label of a tenant ("anonymous" where no keys are configured)."""
-    return tenant or "anonymous"
+    return TENANT_LABELS.get(tenant, tenant) or "anonymous"
 
 
 def forget_replica(address: str) -> None:

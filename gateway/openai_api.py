@@ -205,6 +205,8 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if keys.enabled:  # the per-tenant series name every tenant: not for the public port
+            raise OpenAIError("NOT_FOUND", "with API keys, metrics are served on the metrics port only (metrics_port)")
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -24,6 +24,7 @@ from gateway.auth import ApiKeys, GrpcCallLimits
 from gateway.config import GatewayConfig
 from gateway.core import GatewayCore
 from gateway.http_bounds import HttpBounds, bounded_protocol
+from gateway.metrics import TENANT_LABELS
 from gateway.openai_api import create_app
 from rpc.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 
@@ -72,14 +73,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, core: GatewayCore, keys: ApiKeys) -> None:
         self.core, self.keys = core, keys
 
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        """The caller's tenant (the interceptor has already refused a call without a valid key)."""
-        return self.keys.tenant(dict(context.invocation_metadata() or ()).get("authorization")) or ""
+    async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant. The interceptor has already refused a call without a valid key;
+        should this servicer ever run without it, such a call still fails closed here."""
+        tenant = self.keys.tenant(dict(context.invocation_metadata() or ()).get("authorization"))
+        if tenant is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+        return tenant
 
     async def Generate(self, request, context):
         try:
             async with contextlib.aclosing(
-                self.core.generate(client_request(request, self._tenant(context)), context.time_remaining())
+                self.core.generate(client_request(request, await self._tenant(context)), context.time_remaining())
             ) as events:
                 async for event in events:
                     if isinstance(event, Completion):
@@ -121,7 +126,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Abort(self, request, context):
         try:
-            self.core.abort(request.request_id, self._tenant(context))
+            self.core.abort(request.request_id, await self._tenant(context))
         except GatewayError as exc:
             await context.abort(grpc.StatusCode[exc.status], exc.message)
         return gateway_pb2.AbortResponse()
@@ -169,8 +174,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 async def serve(config: GatewayConfig) -> None:
     keys = ApiKeys.load(config.api_keys_file, config.api_keys)
+    TENANT_LABELS.update(keys.labels)
     refuse_open_listener(
-        "gateway", config.host, keys.enabled, config.allow_unauthenticated, "API keys (--api-keys-file)"
+        "gateway",
+        config.exposed_host or config.host,
+        keys.enabled,
+        config.allow_unauthenticated,
+        "API keys (--api-keys-file)",
     )
     core = GatewayCore(config)
     server, health = make_server(

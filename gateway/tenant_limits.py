@@ -4,9 +4,10 @@ refused RESOURCE_EXHAUSTED (HTTP 429) at once, with a retry-after hint, before a
 
 Tokens per minute is a token bucket per tenant: it holds at most `tokens_per_minute` and refills
 at that rate. A request is charged its worst case when admitted (prompt + n x max_new_tokens, as
-OpenAI's rate limits count max_tokens) and refunded what it did not use when it ends, so a
-tenant's running requests can never together exceed its budget, and a short answer costs only
-what it streamed. Tokens replayed after a migration are not charged again.
+OpenAI's rate limits count max_tokens) and refunded what it did not use when it ends: no request
+starts that the budget does not cover, and a short answer costs only what it streamed. Tokens
+replayed after a migration are not charged again. The limits are per gateway, and protect other
+tenants only while the tenants' limits together fit the gateway's and replicas' capacity.
 """
 
 from __future__ import annotations

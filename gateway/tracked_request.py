@@ -48,7 +48,7 @@ class TrackedRequest:
         n > 1 after a fault: the samples still running, each with its tokens). Each attempt has
         its own id, so a replica still cleaning up an earlier one never collides; the tenant is
         part of it, so two tenants' equal ids never collide there either."""
-        scope = f"{self.tenant}:" if self.tenant else ""  # a tenant name has no ':' (gateway/auth.py)
+        scope = f"{self.tenant}/" if self.tenant else ""  # no tenant has a '/' in it (gateway/auth.py)
         message = compute_pb2.GenerateRequest(
             request_id=f"{scope}{self.request_id}/{self.migrations}",
             prompt_token_ids=self.prompt,

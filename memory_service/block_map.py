@@ -15,6 +15,8 @@ cookie and redirects to `/` (the token leaves the address bar and the history).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from importlib import resources
 from urllib.parse import parse_qs
@@ -37,20 +39,23 @@ class _RequireToken:
     token in `/?token=` (a browser's first visit) becomes the cookie."""
 
     def __init__(self, app, token: str) -> None:
-        self.app, self.check, self.token = app, TokenCheck(token), token
+        # The cookie holds a value derived from the token, good for this page alone: browsers
+        # send a host's cookies to every port on it, and the token itself opens the gRPC ports.
+        self.cookie = hmac.new(token.encode(), b"block-map-cookie", hashlib.sha256).hexdigest()
+        self.app, self.check, self.cookie_check = app, TokenCheck(token), TokenCheck(self.cookie)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
-        if self.check.allows(request.headers.get("authorization")) or self.check.allows(
+        if self.check.allows(request.headers.get("authorization")) or self.cookie_check.allows(
             f"Bearer {request.cookies.get(COOKIE, '')}"
         ):
             return await self.app(scope, receive, send)
         given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
         if scope["path"] == "/" and self.check.allows(f"Bearer {given}"):
             response = RedirectResponse("/", status_code=303)
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+            response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="strict")
         else:
             response = PlainTextResponse(
                 "the block map needs the internal token: open /?token=<the internal token file's contents>, "

@@ -38,7 +38,7 @@ from memory_service.block_events import (
 
 COALESCE_S = 0.02  # a watcher gets at most one message per 20 ms: it costs a fast step loop little
 QUEUE_BATCHES = 1024  # batches a watcher may fall behind before it misses events
-MAX_QUEUE_BATCHES = 65536  # the most a watcher may ask for
+MAX_QUEUE_BATCHES = 4096  # the most a watcher may have queued (the memory service's max_watcher_queue)
 
 
 class TooManyWatchers(RuntimeError):

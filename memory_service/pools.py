@@ -55,6 +55,8 @@ class PoolLimits:
     max_block_size: int = 1024
     max_pools: int = 64
     max_pools_per_replica: int = 4  # a replica that re-registers keeps its old pool until its lease runs out
+    max_total_blocks: int = 1 << 21  # every pool's together: about 126 MB of bookkeeping at most
+    max_name_chars: int = 256  # a replica's name and address (kept per pool, logged, used as metric labels)
 
 
 @dataclass
@@ -100,8 +102,14 @@ class PoolRegistry:
                 f"(max_pool_blocks {limits.max_pool_blocks}, block size at most {limits.max_block_size})",
                 too_large=True,
             )
+        if len(replica) > limits.max_name_chars or len(address) > limits.max_name_chars:
+            raise PoolLimitError(f"replica and address are at most {limits.max_name_chars} characters", True)
         if len(self.pools) >= limits.max_pools:
             raise PoolLimitError(f"this memory service holds its maximum of {limits.max_pools} pools", False)
+        if sum(p.allocator.num_blocks for p in self.pools.values()) + num_blocks > limits.max_total_blocks:
+            raise PoolLimitError(
+                f"this memory service holds its maximum of {limits.max_total_blocks} blocks in all pools", False
+            )
         if sum(p.replica == replica for p in self.pools.values()) >= limits.max_pools_per_replica:
             raise PoolLimitError(
                 f"replica {replica!r} already holds {limits.max_pools_per_replica} pools (max_pools_per_replica)", False
@@ -130,7 +138,10 @@ class PoolRegistry:
 
     @staticmethod
     def advertise(pool: Pool, address: str) -> bool:
-        """Set the address the pool's replica serves on (empty = withdrawn); True if it changed."""
+        """Set the address the pool's replica serves on (empty = withdrawn); True if it changed.
+        An address past PoolLimits.max_name_chars is PoolLimitError, as at registration."""
+        if len(address) > PoolLimits.max_name_chars:
+            raise PoolLimitError(f"address is at most {PoolLimits.max_name_chars} characters", True)
         changed = pool.address != address
         pool.address = address
         return changed

@@ -61,11 +61,18 @@ class MemoryServiceConfig:
     max_pool_blocks: int = PoolLimits.max_pool_blocks
     max_pools: int = PoolLimits.max_pools
     max_pools_per_replica: int = PoolLimits.max_pools_per_replica
+    max_total_blocks: int = PoolLimits.max_total_blocks
     max_watchers: int = 64  # WatchEvents streams and block map pages at once; more: RESOURCE_EXHAUSTED / 503
     max_watcher_queue: int = MAX_QUEUE_BATCHES  # event batches one watcher may have queued (it may ask for fewer)
 
     def pool_limits(self) -> PoolLimits:
-        return PoolLimits(self.max_pool_blocks, PoolLimits.max_block_size, self.max_pools, self.max_pools_per_replica)
+        return PoolLimits(
+            self.max_pool_blocks,
+            PoolLimits.max_block_size,
+            self.max_pools,
+            self.max_pools_per_replica,
+            self.max_total_blocks,
+        )
 
 
 def replica_match_to_proto(m: ReplicaMatch) -> memory_pb2.ReplicaMatch:
@@ -123,7 +130,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def Heartbeat(self, request, context):
         pool = await self._pool(request.pool_id, context)
         before = pool.address
-        if self.registry.advertise(pool, request.address):
+        try:
+            changed = self.registry.advertise(pool, request.address)
+        except PoolLimitError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if changed:
             log.info(
                 "replica %r (%s) %s",
                 pool.replica,

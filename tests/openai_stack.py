@@ -38,6 +38,7 @@ def openai_stack(tmp_path, **gateway_settings):
             grpc=f"127.0.0.1:{gateway}",
             http=f"http://127.0.0.1:{http}",
             memory=f"127.0.0.1:{memory}",
+            metrics=f"http://127.0.0.1:{m1}",
             procs=procs,
             services=services,
         )
@@ -50,9 +51,9 @@ def grpc_stats(address: str, key: str = FILE_KEY) -> gateway_pb2.GatewayStats:
         )
 
 
-def cancelled_requests(http: str) -> float:
-    """gateway_requests_total{status="CANCELLED"} from /metrics (0 before the first)."""
-    return gateway_metric(http, 'gateway_requests_total{status="CANCELLED"}')
+def cancelled_requests(metrics: str) -> float:
+    """gateway_requests_total{status="CANCELLED"} from the metrics port's /metrics (0 before the first)."""
+    return gateway_metric(metrics, 'gateway_requests_total{status="CANCELLED"}')
 
 
 def wait_until_idle(address: str, timeout_s: float = 10.0) -> gateway_pb2.GatewayStats:

@@ -187,13 +187,16 @@ def test_the_services_authenticate_each_other_with_the_token_services_volume(com
     assert compose["volumes"] == {"internal-token": {}}
 
 
-def test_the_gateway_reads_keys_from_a_mounted_file_and_its_open_default_is_explicit(compose):
+def test_the_gateway_reads_keys_from_a_mounted_file_and_is_open_only_on_loopback(compose):
     gateway = compose["services"]["gateway"]
     env = gateway["environment"]
     assert "GATEWAY_API_KEYS" not in env, "keys never pass through the environment"
     assert env["GATEWAY_API_KEYS_FILE"] == "/run/secrets/api-keys/keys"  # where Kubernetes mounts its Secret too
     assert "${API_KEYS_FILE:-./deploy/compose/no-api-keys.txt}:/run/secrets/api-keys/keys:ro" in gateway["volumes"]
-    assert env["GATEWAY_ALLOW_UNAUTHENTICATED"] == "${GATEWAY_ALLOW_UNAUTHENTICATED:-true}"
+    assert env["GATEWAY_ALLOW_UNAUTHENTICATED"] == "${GATEWAY_ALLOW_UNAUTHENTICATED:-false}"
+    # Open only where published on loopback: the gateway checks the address its ports are published on.
+    assert env["GATEWAY_EXPOSED_HOST"] == "${GATEWAY_PUBLISH:-127.0.0.1}"
+    assert all(p.startswith("${GATEWAY_PUBLISH:-127.0.0.1}:") for p in gateway["ports"])
     from gateway.auth import read_keys
 
     assert read_keys(str(ROOT / "deploy/compose/no-api-keys.txt")) == [], "the default file holds no key"

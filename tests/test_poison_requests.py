@@ -259,7 +259,7 @@ def test_connections_and_calls_past_their_limits_are_refused_at_once(tmp_path):
 
 def test_a_stream_whose_client_stops_reading_is_ended_and_frees_its_blocks(attack):
     stack, _ = attack
-    cancelled_before = cancelled_requests(stack.http)
+    cancelled_before = cancelled_requests(stack.metrics)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the gateway's sends back up
     host, port = stack.http.removeprefix("http://").split(":")
@@ -285,7 +285,7 @@ def test_a_stream_whose_client_stops_reading_is_ended_and_frees_its_blocks(attac
     )
     deadline = time.monotonic() + 30
     try:
-        while cancelled_requests(stack.http) == cancelled_before:  # it ends long before 16 x 1000 tokens are read
+        while cancelled_requests(stack.metrics) == cancelled_before:  # it ends long before 16 x 1000 tokens are read
             assert time.monotonic() < deadline, "the stalled stream still runs"
             time.sleep(0.5)
     finally:

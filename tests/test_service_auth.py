@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.grpc_auth import write_new_token
 from deploy.run_local import running_stack, stop_service, wait_serving
 from deploy.services import ServiceSpec, free_ports, local_services
+from memory_service.pools import PoolLimitError, PoolLimits, PoolRegistry
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 MAX_WATCHERS = 2
@@ -109,6 +110,7 @@ def test_block_map_page_needs_the_token(stack):
         first = browser.get(f"/?token={token}")
         assert first.status_code == 303 and first.headers["location"] == "/"
         assert "httponly" in first.headers["set-cookie"].lower()
+        assert token not in first.headers["set-cookie"], "the cookie must not carry the token that opens gRPC"
         assert browser.get("/state").status_code == 200 and "pools" in browser.get("/state").json()
 
 
@@ -189,3 +191,23 @@ def test_allow_unauthenticated_is_an_explicit_choice(tmp_path):
         wait_serving(port, "rpc.internal.v1.MemoryService", 60, proc)  # on 0.0.0.0, which loopback reaches
     finally:
         stop_service(proc)
+
+
+def test_a_gateway_published_beyond_loopback_refuses_to_start_open():
+    """Compose listens on 0.0.0.0 in the container and publishes on a host address: that address decides."""
+    port = free_ports(1)[0]
+    command = [sys.executable, "-m", "gateway.server", "--port", str(port), "--metrics-port", "0", "--http-port", "0"]
+    result = subprocess.run([*command, "--exposed-host", "192.0.2.7"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "refusing to listen on '192.0.2.7'" in result.stderr
+
+
+def test_pool_limits_refuse_before_building_anything():
+    registry = PoolRegistry(5.0, limits=PoolLimits(max_pool_blocks=64, max_pools=8, max_total_blocks=100))
+    registry.register(64, 16, "a")
+    with pytest.raises(PoolLimitError, match="100 blocks in all pools"):
+        registry.register(64, 16, "b")
+    with pytest.raises(PoolLimitError, match="at most 256 characters"):
+        registry.register(4, 16, "r" * 257)
+    with pytest.raises(PoolLimitError, match="at most 256 characters"):
+        registry.advertise(registry.pools[next(iter(registry.pools))], "h" * 300)
+    assert len(registry.pools) == 1

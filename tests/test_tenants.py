@@ -4,6 +4,7 @@ retry hint and leave other tenants alone; per-tenant metrics count each."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import grpc
@@ -48,7 +49,11 @@ def stack(tmp_path_factory):
     )
     with running_stack(services, timeout_s=120, log_dir=str(tmp)):
         with grpc.insecure_channel(f"127.0.0.1:{gateway}") as channel:
-            yield dict(stub=gateway_pb2_grpc.GatewayStub(channel), http=f"http://127.0.0.1:{http}")
+            yield dict(
+                stub=gateway_pb2_grpc.GatewayStub(channel),
+                http=f"http://127.0.0.1:{http}",
+                metrics=f"http://127.0.0.1:{m1}",
+            )
 
 
 def request(prompt: list[int], max_new_tokens: int, request_id: str = "", **params) -> generate_pb2.GenerateRequest:
@@ -117,7 +122,7 @@ def test_a_tenant_over_its_in_flight_limit_is_refused_and_others_are_not(stack):
         for _ in s:
             pass
     assert complete(stack, CAROL, request([1, 2], 1)).finish_reason == "length"  # its slots are back
-    assert gateway_metric(stack["http"], 'gateway_tenant_limited_total{limit="in_flight",tenant="carol"}') == 2
+    assert gateway_metric(stack["metrics"], 'gateway_tenant_limited_total{limit="in_flight",tenant="carol"}') == 2
 
 
 def test_a_tenant_over_its_tokens_per_minute_waits_and_others_do_not(stack):
@@ -134,8 +139,8 @@ def test_a_tenant_over_its_tokens_per_minute_waits_and_others_do_not(stack):
     assert wait.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens per minute" in wait.value.details()
     assert int(dict(wait.value.trailing_metadata())["retry-after"]) >= 5  # hundreds of tokens at 33 a second
     assert complete(stack, ALICE, request([1, 2, 3], 900)).finish_reason == "length"  # her own budget
-    assert gateway_metric(stack["http"], 'gateway_tenant_tokens_total{kind="completion",tenant="bob"}') >= 1800
-    assert gateway_metric(stack["http"], 'gateway_tenant_limited_total{limit="tokens_per_minute",tenant="bob"}') == 2
+    assert gateway_metric(stack["metrics"], 'gateway_tenant_tokens_total{kind="completion",tenant="bob"}') >= 1800
+    assert gateway_metric(stack["metrics"], 'gateway_tenant_limited_total{limit="tokens_per_minute",tenant="bob"}') == 2
 
 
 def test_concurrent_tenants_with_equal_ids_do_not_collide(stack):
@@ -158,3 +163,12 @@ def test_a_request_id_is_bounded(stack):
     with pytest.raises(grpc.RpcError) as refused:
         complete(stack, ALICE, request([1, 2], 1, "x" * 257))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in refused.value.details()
+
+
+def test_per_tenant_metrics_name_no_key_and_stay_off_the_public_port(stack):
+    complete(stack, OLD, request([1, 2], 1))
+    # A key alone is shown by its place among the unnamed keys, never by anything derived from it.
+    assert gateway_metric(stack["metrics"], 'gateway_tenant_requests_total{status="OK",tenant="key-1"}') >= 1
+    page = httpx.get(f"{stack['metrics']}/metrics", timeout=10).text
+    assert hashlib.sha256(OLD.encode()).hexdigest()[:8] not in page
+    assert httpx.get(f"{stack['http']}/metrics", timeout=10).status_code == 404
