@@ -278,7 +278,14 @@ def test_tls_round_trip_on_grpc_and_https(stack, tmp_path):
         "gateway.server",
         gateway,
         "rpc.v1.Gateway",
-        {**plain.settings, "http_port": str(http), "metrics_port": "0", "tls_cert_file": cert, "tls_key_file": key},
+        {
+            **plain.settings,
+            "http_port": str(http),
+            "metrics_port": "0",
+            "tls_cert_file": cert,
+            "tls_key_file": key,
+            "drain_timeout_s": "2",  # its stop waits this long for the OpenAI client's keep-alive connection
+        },
     )
     proc = start_serving(spec, str(tmp_path), timeout_s=60)  # the launcher's health wait, over TLS
     try:
