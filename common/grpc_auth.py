@@ -94,8 +94,8 @@ def read_token(path: str) -> str:
 
 
 def write_new_token(path: str, mode: int = 0o600) -> str:
-    """A fresh random token in a new file at `path` (what `make run` and compose's token
-    service do). Created with `mode` from the start: never readable by others in between."""
+    """A fresh random token in a new file at `path` (what `make run` and, before it starts,
+    compose's memory service do). Created with `mode` from the start: never readable by others in between."""
     token = secrets.token_hex(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as f:

@@ -38,6 +38,7 @@ from memory_service.block_events import (
 
 COALESCE_S = 0.02  # a watcher gets at most one message per 20 ms: it costs a fast step loop little
 QUEUE_BATCHES = 1024  # batches a watcher may fall behind before it misses events
+MAX_WATCHERS = 64  # watchers at once (the memory service's max_watchers): each queue is memory a caller holds
 MAX_QUEUE_BATCHES = 4096  # the most a watcher may have queued (the memory service's max_watcher_queue)
 
 
@@ -100,7 +101,9 @@ class Subscription:
 
 
 class EventRecorder:
-    def __init__(self, ring_size: int = 65536, log_path: str = "", epoch: str = "", max_watchers: int = 64) -> None:
+    def __init__(
+        self, ring_size: int = 65536, log_path: str = "", epoch: str = "", max_watchers: int = MAX_WATCHERS
+    ) -> None:
         self.seq = 0
         self.max_watchers = max_watchers
         self.ring: deque[dict] = deque(maxlen=ring_size)

@@ -24,7 +24,15 @@ from memory_service.block_allocator import BlockAllocatorError
 from memory_service.block_events import Watching
 from memory_service.block_map import start_block_map
 from memory_service.contract import stats_to_proto, step_request_from_proto, step_response_to_proto
-from memory_service.events import COALESCE_S, MAX_QUEUE_BATCHES, QUEUE_BATCHES, EventRecorder, TooManyWatchers, marker
+from memory_service.events import (
+    COALESCE_S,
+    MAX_QUEUE_BATCHES,
+    MAX_WATCHERS,
+    QUEUE_BATCHES,
+    EventRecorder,
+    TooManyWatchers,
+    marker,
+)
 from memory_service.metrics import EXPIRED, export_pool, unexport_pool
 from memory_service.pools import (
     FencedPoolError,
@@ -62,7 +70,7 @@ class MemoryServiceConfig:
     max_pools: int = PoolLimits.max_pools
     max_pools_per_replica: int = PoolLimits.max_pools_per_replica
     max_total_blocks: int = PoolLimits.max_total_blocks
-    max_watchers: int = 64  # WatchEvents streams and block map pages at once; more: RESOURCE_EXHAUSTED / 503
+    max_watchers: int = MAX_WATCHERS  # WatchEvents streams and block map pages at once; more: RESOURCE_EXHAUSTED / 503
     max_watcher_queue: int = MAX_QUEUE_BATCHES  # event batches one watcher may have queued (it may ask for fewer)
 
     def pool_limits(self) -> PoolLimits:
