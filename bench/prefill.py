@@ -25,7 +25,7 @@ def forward_ms(model, seq_lens: list[int], repeats: int) -> float:
     ids = torch.randint(0, 50000, (n,))
     positions = torch.cat([torch.arange(k) for k in seq_lens])
     last = torch.tensor(seq_lens).cumsum(0) - 1
-    meta = AttentionMetadata(is_prefill=True, seq_lens=seq_lens)
+    meta = AttentionMetadata(seq_lens=seq_lens)
     times = []
     with torch.inference_mode():
         model(ids, positions, meta, logits_indices=last)

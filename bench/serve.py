@@ -116,9 +116,11 @@ def summarize(records: list[RequestRecord], requests: list[Request], wall: float
     return row
 
 
-def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: str) -> tuple[str, list[str], str]:
+def start_stack(
+    stack: ExitStack, args: argparse.Namespace, mode: str, routing: str, compute: dict[str, str] | None = None
+) -> tuple[str, list[str], str]:
     """Memory, --replicas computes and the gateway on free ports; returns the gateway's gRPC address
-    and the replicas'."""
+    and the replicas'. `compute`: more settings of the replicas (their EngineConfig names)."""
     from deploy.run_local import running_stack
     from deploy.services import free_ports, local_services
 
@@ -128,6 +130,7 @@ def start_stack(stack: ExitStack, args: argparse.Namespace, mode: str, routing: 
         "mode": mode,
         "kv_budget_tokens": str(args.kv_budget_tokens),
         "max_num_seqs": str(args.max_num_seqs),
+        **(compute or {}),
     }
     services = local_services(
         memory,
@@ -367,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--request-rate", type=float, default=math.inf)
     ap.add_argument("--burstiness", type=float, default=1.0)
     ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--workload", default="sharegpt-synth", choices=sorted([*WORKLOADS, "shared-prefix", "fixed"]))
+    ap.add_argument(
+        "--workload", default="sharegpt-synth", choices=sorted([*WORKLOADS, "shared-prefix", "fixed", "long-prompts"])
+    )
     ap.add_argument("--prompt-tokens", type=int, default=64, help="fixed: prompt tokens of each request")
     ap.add_argument("--num-groups", type=int, default=16, help="shared-prefix: system prompts")
     ap.add_argument("--prompts-per-group", type=int, default=8)
@@ -402,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
         "--compare-rounds", type=int, default=2, help="rounds of (services, in-process), alternating which goes first"
     )
     ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--chunked-prefill", default="on,off", type=lambda s: s.split(","), help="long-prompts: arms")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=256, help="long-prompts: the step's token budget")
+    ap.add_argument("--period-factor", type=float, default=4.0, help="long-prompts: arrival period / prefill time")
     add_quick_flag(
         ap,
         **shared_prefix_shrink(),
@@ -414,6 +422,11 @@ def main(argv: list[str] | None = None) -> None:
     args = apply_quick(ap.parse_args(argv))
     if args.backend == "both":
         compare_transports(args)
+        return
+    if args.workload == "long-prompts":
+        from bench.long_prompts import run_long_prompts
+
+        run_long_prompts(args)
         return
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
     by_arm: dict[tuple[str, str], list[dict]] = {}

@@ -3,8 +3,10 @@ no RPC (compute_service.scheduler owns the queues; this decides who leaves the w
 compute_service.kv_manager what blocks and cached prefixes there are).
 
 In queue order, as many as fit: running sequences at most,
-the step's token budget, and free blocks counted as if nothing were cached, keeping headroom for
-the running sequences to grow. With prefix caching, SGLang's
+what the running sequences left of the step's token budget (with chunked prefill a prompt needs
+only some of it: its first chunk; without, all of its uncached tokens), and free blocks counted as
+if nothing were cached (a prompt's blocks are all taken at admission, even when it is computed
+in chunks), keeping headroom for the running sequences to grow. With prefix caching, SGLang's
 longest-prefix-first idea in a starvation-free form: prompts this replica has a cached prefix for
 go first and alone in their step, and the next admission is in plain queue order; a prompt whose
 prefix another sequence is computing right now waits for its commit (it will hit then).
@@ -32,7 +34,7 @@ class Admission:
         self.took_hits_only = False  # the last admission preferred prompts with a cached prefix
 
     def admit(
-        self, waiting: deque[Sequence], running: list[Sequence], free_blocks: int, num_running: int
+        self, waiting: deque[Sequence], running: list[Sequence], free_blocks: int, num_running: int, token_budget: int
     ) -> list[Sequence]:
         """Waiting sequences to admit now. With prefix caching, as SGLang's longest-prefix-first
         policy does: prompts whose prefix this replica has cached go first, and a step that takes
@@ -40,7 +42,7 @@ class Admission:
         the step); the next admission is in plain queue order, so cold prompts are never starved.
         Prompts whose prefix another sequence is computing right now wait for its commit.
         Admitted sequences leave `waiting`; the others keep their places."""
-        candidates = [waiting[i] for i in range(min(len(waiting), MAX_SCAN))]
+        candidates = [waiting[i] for i in range(min(len(waiting), MAX_SCAN))] if token_budget > 0 else []
         if num_running and candidates:  # a full pool (the usual case under load) costs no hashing
             smallest = min(self.kv.blocks_to_admit(s) for s in candidates)
             if free_blocks - smallest < self._headroom(num_running + 1) or num_running >= self.config.max_num_seqs:
@@ -53,12 +55,13 @@ class Admission:
         self.holding = bool(held)
         admitted: list[Sequence] = []
         if any(hits.values()) and not self.took_hits_only:
-            admitted = self._take(
-                [s for s in candidates if hits[id(s)] and id(s) not in held], hits, free_blocks, num_running
-            )
+            warm = [s for s in candidates if hits[id(s)] and id(s) not in held]
+            admitted = self._take(warm, hits, free_blocks, num_running, token_budget)
         self.took_hits_only = bool(admitted)
         if not admitted:
-            admitted = self._take([s for s in candidates if id(s) not in held], hits, free_blocks, num_running)
+            admitted = self._take(
+                [s for s in candidates if id(s) not in held], hits, free_blocks, num_running, token_budget
+            )
         taken = {id(s) for s in admitted}
         if taken:
             remaining = [s for s in waiting if id(s) not in taken]
@@ -73,10 +76,11 @@ class Admission:
         return admitted
 
     def _take(
-        self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int, num_running: int
+        self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int, num_running: int, token_budget: int
     ) -> list[Sequence]:
         """The longest run of candidates, in order, that fits: sequences,
-        the step's token budget (tokens to compute: less a likely cached prefix) and free blocks
+        the token budget (tokens to compute: less a likely cached prefix; with chunked prefill a
+        prompt fits while any budget is left, and takes at most what is left) and free blocks
         (counted as if nothing were cached), keeping headroom for the running ones to grow."""
         admitted: list[Sequence] = []
         num_tokens = 0
@@ -87,8 +91,12 @@ class Admission:
                 continue  # shares a prefix with one admitted in this step: next time, it hits
             if num_running + 1 > self.config.max_num_seqs:
                 break
-            to_compute = seq.num_tokens - hits.get(id(seq), 0)
-            if admitted and num_tokens + to_compute > self.config.max_num_batched_tokens:
+            to_compute = max(1, seq.num_tokens - hits.get(id(seq), 0))
+            if self.config.chunked_prefill:
+                if num_tokens >= token_budget:
+                    break
+                to_compute = min(to_compute, token_budget - num_tokens)  # its first chunk
+            elif num_tokens + to_compute > token_budget:
                 break
             needed = self.kv.blocks_to_admit(seq)
             if free_blocks - needed < self._headroom(num_running + 1) and (num_running or admitted):

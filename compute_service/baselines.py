@@ -33,7 +33,8 @@ class RecomputeScheduler(Scheduler):
             seq.status = SequenceStatus.RUNNING
             seq.first_scheduled_time = seq.first_scheduled_time or time.perf_counter()
             self.running.append(seq)
-        return ScheduledBatch(is_prefill=True, seqs=list(self.running)) if self.running else None
+        seqs = list(self.running)  # every token of each, every step; each samples one
+        return ScheduledBatch(seqs, [s.num_tokens for s in seqs], [True] * len(seqs)) if seqs else None
 
     def plan_next(self, batch: ScheduledBatch) -> None:
         pass  # nothing to ask for ahead
@@ -55,5 +56,6 @@ class RecomputeRunner(ModelRunner):
         seqs = batch.seqs
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], device=self.device)
         positions = torch.cat([torch.arange(s.num_tokens) for s in seqs]).to(self.device)
-        meta = AttentionMetadata(is_prefill=True, seq_lens=[s.num_tokens for s in seqs], slot_mapping=None)
-        return PreparedBatch(input_ids, positions, meta)
+        seq_lens = [s.num_tokens for s in seqs]
+        last = (torch.tensor(seq_lens).cumsum(0) - 1).to(self.device)  # (B,) each sequence's last token
+        return PreparedBatch(input_ids, positions, AttentionMetadata(seq_lens=seq_lens), last)

@@ -56,8 +56,12 @@ class EngineConfig:
     # (docs/benchmarks.md, "Concurrency": 104 -> 26 preemptions on sharegpt-synth in a simulation; measured,
     # paged went from 57.3 to 60.8 tok/s).
     headroom_blocks_per_seq: int = 3
-    # vLLM's default for online serving; docs/benchmarks.md "Shared KV blocks" measures 4096 too.
+    # The step's token budget: every decode's token, then prompt chunks (chunked_prefill on), as
+    # vLLM v1 schedules. Chosen by measurement (docs/benchmarks.md, "Chunked prefill").
     max_num_batched_tokens: int = 2048
+    # on: a prompt longer than what the decodes leave of the budget runs in chunks over several
+    # steps, beside the decodes (their inter-token latency stays bounded); off: a prompt runs whole.
+    chunked_prefill: str = "on"
     device: str = "cpu"
     # Precision of the weights. On CPU: float32 (token-exact with HF) or bfloat16, the copy of the
     # weights decode's few-row products read; activations, the KV cache and prefill stay float32
@@ -94,6 +98,13 @@ class EngineConfig:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.quantize != "none" and (self.dtype != "float32" or not self.on_cpu):
             raise ValueError("quantize=int8 needs dtype=float32 on the CPU (the scales apply to float32 products)")
+        if self.chunked_prefill not in ("on", "off"):
+            raise ValueError(f"chunked_prefill must be on or off, got {self.chunked_prefill!r}")
+        if self.chunked_prefill == "on" and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) with chunked prefill: every running sequence's decode fits a step"
+            )
         if self.prefix_caching not in ("on", "off"):
             raise ValueError(f"prefix_caching must be on or off, got {self.prefix_caching!r}")
         for name, allowed in (

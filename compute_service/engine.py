@@ -3,8 +3,8 @@
 Thin glue (as nano-vllm's LLMEngine): the Scheduler decides who runs, the KVCacheManager speaks
 for the blocks (the memory side keeps the tables: the memory service over gRPC, or an in-process
 allocator its caller hands over, as bench.local_engine does), the ModelRunner runs the forward,
-`sample` picks tokens. `step()` advances every running request by
-one token; `generate()` and `stream()` are loops over it.
+`sample` picks tokens. `step()` runs one forward: every running request's next row (a decode's
+token, or the next chunk of a prompt); `generate()` and `stream()` are loops over it.
 """
 
 from __future__ import annotations
@@ -58,9 +58,14 @@ class InferenceEngine:
         self.max_model_len = self.model.config.context_length
         cfg = self.model.config
         paged = config.mode == "paged"
+        chunked = config.chunked_prefill == "on"
         scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            # without chunks a prompt runs whole: the budget holds the longest beside every decode
+            max_num_batched_tokens=config.max_num_batched_tokens
+            if chunked
+            else max(config.max_num_batched_tokens, self.max_model_len + config.max_num_seqs),
+            chunked_prefill=chunked,
             watermark_blocks=0,
             headroom_blocks_per_seq=config.headroom_blocks_per_seq if paged else 0,
         )
@@ -254,7 +259,10 @@ class InferenceEngine:
         prepared = self.runner.prepare(batch)
         self.scheduler.plan_next(batch)  # the next step's memory call travels during this forward
         logits = self.runner.execute(prepared)
-        seqs = batch.seqs
+        for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples, strict=True):
+            if not samples and seq.status is SequenceStatus.RUNNING:  # a chunk: not preempted meanwhile
+                seq.num_computed_tokens += num_new
+        seqs = batch.sampling_seqs  # the logits' rows
         params = [s.params for s in seqs]
         tokens, failures = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs])
         logprobs = token_logprobs(logits, params, tokens)

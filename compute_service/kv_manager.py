@@ -11,13 +11,13 @@ carries); this object speaks that contract for the scheduler:
   arithmetic (common.blocks) so that a step is rarely wasted, never the authority: a plan never
   asks for more new blocks than it holds, and the answer says what did not fit;
 - the verbs that reach memory: `commit_computed` (blocks whose forward ran become matchable),
-  `free`, `allocate_slots` (admit prompts), `append_slots` (one more token
-  each), `flush`. At most one call is in flight: `receive` applies its answer to the sequences
-  (block tables, prefix hits) and returns what did not fit, for the scheduler
-  to requeue or preempt.
-Sequences keep their own KV fields (block_table, num_computed_tokens, num_committed_blocks,
-num_hit_tokens); only this object writes them, apart from the engine marking
-tokens computed after a forward.
+  `free`, `send_step` (admit prompts, whose whole token count is allocated at once even when
+  they are computed in chunks, and grow running sequences by the slots their next rows write),
+  `flush`. At most one call is in flight: `receive` applies its answer to the sequences (block
+  tables, prefix hits) and returns what did not fit, for the scheduler to requeue or preempt.
+Sequences keep their own KV fields (block_table, num_slots, num_computed_tokens,
+num_committed_blocks, num_hit_tokens); only this object writes them, apart from the engine
+marking tokens computed after a forward.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class KVCacheManager:
         self._preempted: set[str] = set()  # of those, the ones preempted (not finished)
         self._commits: list[Commit] = []  # written blocks made matchable by the next call
         self._awaiting: dict[str, Sequence] | None = None  # whose slots the call in flight asks for
-        self._admitting = False
+        self._admitting: set[str] = set()  # of those, the ones it admits
 
     # ---- prefix knowledge ----------------------------------------------------------------
     def track(self, seq: Sequence) -> None:
@@ -117,12 +117,15 @@ class KVCacheManager:
         reserve = self.reservation.tokens(prompt_len, max_new_tokens)
         return blocks_to_admit(longest, reserve, self.block_size) <= self.num_blocks
 
-    def blocks_for_next_token(self, seq: Sequence, ahead: set) -> int:
-        """Blocks the sequence's next slot takes (0 or 1). The slots it holds: its computed
-        tokens, plus the one already asked for if it is in the step whose forward is in flight
-        (`ahead`)."""
-        held = seq.num_tokens if seq.request_id in ahead else seq.num_computed_tokens
-        return new_blocks_to_append(held, len(seq.block_table), 1, self.block_size)
+    def slots_to_grow(self, seq: Sequence, upto: int) -> int:
+        """Slots the sequence's table must gain so that its first `upto` tokens have one (0 for
+        a prompt's chunks: the admission asked for the whole prompt; 1 for a decode)."""
+        return max(0, upto - seq.num_slots)
+
+    def blocks_to_grow(self, seq: Sequence, upto: int) -> int:
+        """Fresh blocks that growth takes (every answer is in when a step is planned, so the table
+        and the slot count the sequence holds are the memory side's)."""
+        return new_blocks_to_append(seq.num_slots, len(seq.block_table), self.slots_to_grow(seq, upto), self.block_size)
 
     def private_blocks(self, seq: Sequence, running: list[Sequence]) -> int:
         """Blocks that come back to the free count when the sequence lets go of its table: those
@@ -156,19 +159,23 @@ class KVCacheManager:
         """Forget the sequence's table here without freeing it (it never had one, or the pool
         that held it is gone)."""
         seq.block_table = []
+        seq.num_slots = 0
         seq.num_committed_blocks = 0
 
-    def allocate_slots(self, admitted: list[Sequence], num_waiting: int) -> None:
-        """Ask for the admitted prompts' blocks (their cached prefix is looked up), in one call."""
-        allocs = [
-            Allocation(s.request_id, s.num_tokens, self.reservation.of(s), list(s.block_hashes)) for s in admitted
-        ]
-        self._send(StepRequest(allocate=allocs), admitted, num_waiting)
-        self._admitting = True
-
-    def append_slots(self, seqs: list[Sequence], num_waiting: int) -> None:
-        """Ask for one more token slot for each sequence, in one call."""
-        self._send(StepRequest(append=[(s.request_id, 1) for s in seqs]), seqs, num_waiting)
+    def send_step(self, admit: list[Sequence], grow: dict[Sequence, int], num_waiting: int) -> None:
+        """One step's call: allocate the admitted sequences' tokens (their cached prefix is looked
+        up) and grow running ones so their first `grow[seq]` tokens have slots. Counted as held
+        from now on; a rejection preempts or requeues the sequence, which drops the count."""
+        allocate = [Allocation(s.request_id, s.num_tokens, self.reservation.of(s), list(s.block_hashes)) for s in admit]
+        append = []
+        for seq, upto in grow.items():
+            if (num_new := self.slots_to_grow(seq, upto)) > 0:
+                append.append((seq.request_id, num_new))
+                seq.num_slots += num_new
+        for seq in admit:
+            seq.num_slots = seq.num_tokens
+        self._send(StepRequest(allocate=allocate, append=append), [*admit, *grow], num_waiting)
+        self._admitting = {s.request_id for s in admit}
 
     def flush(self, running: list[Sequence], num_waiting: int) -> bool:
         """Commit and free what is pending now, in a call of its own (nothing else to run).
@@ -202,26 +209,26 @@ class KVCacheManager:
         self.memory.send(request)
         self.num_calls += 1
         self._awaiting = {s.request_id: s for s in seqs}
-        self._admitting = False
+        self._admitting = set()
 
     def receive(self) -> StepAnswer:
         """Apply the answer to the call in flight to its sequences."""
         awaiting, admitting = self._awaiting or {}, self._admitting
-        self._awaiting = None
+        self._awaiting, self._admitting = None, set()
         response = self.memory.receive()
         self._num_free_blocks = response.stats.num_free_blocks
         self.last_stats = response.stats
         for seq_id, table in response.block_tables.items():
             seq = awaiting[seq_id]
             if seq.is_finished:  # ended while its call was in flight: free what it got
-                if admitting:  # the whole table is news; its cached prefix is shared
+                if seq_id in admitting:  # the whole table is news; its cached prefix is shared
                     shared = response.hit_tokens.get(seq_id, 0) // self.block_size
                     self._to_free[seq_id] = max(len(table) - shared, 0)
                 else:  # free() counted the table it knew; the block this answer may add is not counted
                     self._to_free.setdefault(seq_id, 0)
                 continue
             seq.block_table = table
-            if admitting:  # the prompt's cached prefix is not computed again
+            if seq_id in admitting:  # the prompt's cached prefix is not computed again
                 seq.num_hit_tokens = response.hit_tokens.get(seq_id, 0)
                 seq.num_computed_tokens = seq.num_hit_tokens
                 seq.num_committed_blocks = seq.num_hit_tokens // self.block_size

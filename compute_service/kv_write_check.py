@@ -1,4 +1,4 @@
-"""The one check a decode step's KV writes pass before layer 0 writes (the PyTorch layer loop;
+"""The one check the KV writes of a step's decode rows pass before layer 0 writes (the PyTorch layer loop;
 csrc/decode_step.cpp checks the same for the fused step): every used block id lies in the pool,
 and each sequence writes only the next slot of its own table, in a block no other sequence of
 the step holds. The layer loop's indexed write takes any slot it is given (and wraps a negative
@@ -21,7 +21,7 @@ def check_decode_writes(meta: AttentionMetadata, num_blocks: int, block_size: in
     wraps a negative one): a wrong one would overwrite another sequence's KV without a word.
     csrc/decode_step.cpp checks the same for the fused step. Once per step, before layer 0
     writes: O(B x max_blocks) vectorized work and one read of the verdict."""
-    tables, lens, slots = meta.block_tables, meta.context_lens, meta.slot_mapping
+    tables, lens, slots = meta.block_tables, meta.context_lens, meta.slot_mapping[: meta.num_decodes]
     if tables is None or lens is None or tables.dim() != 2 or not lens.shape == slots.shape == (tables.shape[0],):
         raise RuntimeError("decode metadata: block_tables (B, max_blocks), context_lens (B,) and slot_mapping (B,)")
     batch, max_blocks = tables.shape

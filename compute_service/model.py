@@ -1,8 +1,11 @@
 """NanoGPT (the GPT-2 architecture, as nanoGPT's model.py writes it) reading a paged KV cache.
 
-A step runs a *batch* of sequences packed into one token dimension N (no padding):
-- prefill: every prompt token of each sequence (variable lengths, `seq_lens`);
-- decode: one new token per sequence, attending to its cached context through its block table.
+A step runs a *batch* of rows packed into one token dimension N (no padding):
+- decode rows first: one new token per sequence, attending to its cached context through its
+  block table (the paged decode kernel);
+- then prompt chunks (variable lengths, `seq_lens`): causal over their own tokens and over what
+  the pool holds of their sequence already (a cached prefix, earlier chunks of a long prompt).
+A step of decode rows only may run as one C++ call (csrc/decode_step.cpp, the fused decode).
 The KV cache is optional: without one the model is plain nanoGPT (the `no-cache` mode).
 Weights use nanoGPT's parameter names; `compute_service.weights` maps Hugging Face names to them.
 """
@@ -39,17 +42,25 @@ class GPTConfig:
 
 @dataclass
 class AttentionMetadata:
-    """How the packed tokens of one step map onto sequences and KV-cache slots."""
+    """How the packed tokens of one step map onto sequences and KV-cache slots. Rows of one
+    token come first (`num_decodes` of them: decodes, attending to their context through the
+    paged decode kernel); the rest are prompt chunks (causal over themselves, and over the tokens
+    their sequence has in the pool already). A step may hold either kind or both."""
 
-    is_prefill: bool
-    seq_lens: list[int]  # tokens of each sequence in this step (all 1 for decode)
+    seq_lens: list[int]  # tokens of each row in this step (1 for the decode rows)
+    num_decodes: int = 0  # leading rows that attend through block_tables / context_lens
     slot_mapping: torch.Tensor | None = None  # (N,) int64: block_id * block_size + offset
-    block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decode only
-    context_lens: torch.Tensor | None = None  # (B,) int32 tokens to attend to, decode only
-    # Prefill after a prefix-cache hit: tokens of each sequence already in the pool (None: none
-    # anywhere in the batch), and the block tables (int64) of the sequences that have some.
+    block_tables: torch.Tensor | None = None  # (num_decodes, max_blocks) int32
+    context_lens: torch.Tensor | None = None  # (num_decodes,) int32 tokens to attend to, the new one included
+    # Chunks after tokens already in the pool (a cached prefix, or earlier chunks): per chunk row,
+    # how many (None: none anywhere in the batch), and the block tables (int64) of those with some.
     prefix_lens: list[int] | None = None
     prefix_tables: list[torch.Tensor | None] | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        """Every row is a decode row."""
+        return self.num_decodes == len(self.seq_lens)
 
 
 class CausalSelfAttention(nn.Module):
@@ -71,16 +82,24 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None and meta.slot_mapping is not None:
             kv_cache.write(layer, k, v, meta.slot_mapping)
 
-        if meta.is_prefill and meta.prefix_lens is not None:
-            y = self._prefill_after_prefix(q, k, v, meta, kv_cache.layer(layer))  # (N, nh, hs)
-        elif meta.is_prefill:
-            y = self._prefill_attention(q, k, v, meta.seq_lens)  # (N, nh, hs)
-        else:
+        decodes = meta.num_decodes
+        outputs = []  # (num_decodes, nh, hs), then (N - num_decodes, nh, hs)
+        if decodes:
             assert kv_cache is not None, "decode needs a KV cache"
             k_cache, v_cache = kv_cache.layer(layer)
-            y = paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, 1.0 / math.sqrt(self.head_dim), self.backend
-            )  # (B, nh, hs)
+            scale = 1.0 / math.sqrt(self.head_dim)
+            outputs.append(
+                paged_decode_attention(
+                    q[:decodes], k_cache, v_cache, meta.block_tables, meta.context_lens, scale, self.backend
+                )
+            )
+        if decodes < len(meta.seq_lens):
+            qc, kc, vc, chunk_lens = q[decodes:], k[decodes:], v[decodes:], meta.seq_lens[decodes:]
+            if meta.prefix_lens is not None:
+                outputs.append(self._prefill_after_prefix(qc, kc, vc, chunk_lens, meta, kv_cache.layer(layer)))
+            else:
+                outputs.append(self._prefill_attention(qc, kc, vc, chunk_lens))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (N, nh, hs)
         return self.c_proj(y.reshape(n_tokens, n_embd))
 
     @staticmethod
@@ -101,34 +120,29 @@ class CausalSelfAttention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        chunk_lens: list[int],
         meta: AttentionMetadata,
         kv_layer: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Prefill where some sequences start past a cached prefix: their T new tokens attend to
-        the prefix's P tokens (whole blocks), read from the pool through the block table, and
-        causally to themselves. Sequences with the same prefix blocks (one system prompt) share
-        one gather of them."""
+        """Prompt chunks of which some start past tokens already in the pool (a cached prefix of
+        whole blocks, or the sequence's earlier chunks, ending anywhere in a block): a chunk's T
+        new tokens attend to those P tokens, read through the block table, and causally to
+        themselves. Chunks with the same prefix (one system prompt) share one gather of it."""
         k_cache, v_cache = kv_layer  # (num_blocks, nh, bs, hs)
         block_size = k_cache.shape[2]
         prefixes: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         outputs = []
-        splits = zip(
-            q.split(meta.seq_lens),
-            k.split(meta.seq_lens),
-            v.split(meta.seq_lens),
-            meta.prefix_lens,
-            meta.prefix_tables,
-            strict=False,
-        )
+        qs, ks, vs = q.split(chunk_lens), k.split(chunk_lens), v.split(chunk_lens)
+        splits = zip(qs, ks, vs, meta.prefix_lens, meta.prefix_tables, strict=True)
         for qi, ki, vi, prefix, table in splits:
             if prefix == 0:
                 outputs.append(cls._prefill_attention(qi, ki, vi, [qi.shape[0]]))
                 continue
-            blocks = table[: prefix // block_size]
-            key = tuple(blocks.tolist())
+            blocks = table[: -(-prefix // block_size)]
+            key = (prefix, *blocks.tolist())
             if key not in prefixes:  # (nb, nh, bs, hs) -> (nh, P, hs)
                 prefixes[key] = tuple(
-                    c.index_select(0, blocks).transpose(0, 1).flatten(1, 2) for c in (k_cache, v_cache)
+                    c.index_select(0, blocks).transpose(0, 1).flatten(1, 2)[:, :prefix] for c in (k_cache, v_cache)
                 )
             k_prefix, v_prefix = prefixes[key]
             keys = torch.cat([k_prefix, ki.transpose(0, 1)], dim=1)[None]  # (1, nh, P + T, hs)
@@ -260,7 +274,7 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """The final hidden states (after ln_f) that lm_head turns into logits; training takes
         them to compute the softmax in chunks."""
-        if kv_cache is not None and not meta.is_prefill and meta.slot_mapping is not None:
+        if kv_cache is not None and meta.num_decodes and meta.slot_mapping is not None:
             check_decode_writes(meta, kv_cache.num_blocks, kv_cache.block_size)  # before layer 0 writes
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
         for layer, block in enumerate(self.transformer.h):
@@ -274,7 +288,7 @@ class GPT(nn.Module):
         kernel chosen, no autograd: where csrc/decode_step.cpp computes the same function."""
         wte = self.transformer.wte.weight
         return (
-            not meta.is_prefill
+            meta.is_decode
             and kv_cache is not None
             and not torch.is_grad_enabled()
             and wte.device.type == "cpu"

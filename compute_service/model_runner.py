@@ -1,10 +1,11 @@
 """ModelRunner: turns a scheduled batch into tensors, runs one forward, returns next-token logits.
 
 It owns the model and the KV pool (the only tensors in the engine), and builds per step:
-`input_ids` and `positions` packed over all sequences, `slot_mapping` (block_id * block_size +
-offset) for the new tokens, and for decode the padded `block_tables` and `context_lens`.
-A prefill computes only the tokens past a sequence's cached prefix (`num_computed_tokens`: found
-in the prefix cache at admission); those attend to the prefix through its block table.
+`input_ids` and `positions` packed over all rows, `slot_mapping` (block_id * block_size + offset)
+for the new tokens, the padded `block_tables` and `context_lens` of the one-token rows (decodes:
+the paged decode kernel reads their context), and for the prompt chunks the tokens each has in
+the pool already (`prefix_lens`: a cached prefix found at admission, or its earlier chunks) with
+its block table, which the chunk attends to.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from compute_service.scheduler import ScheduledBatch
 
 @dataclass
 class PreparedBatch:
-    input_ids: torch.Tensor  # (N,) packed over the batch's sequences
+    input_ids: torch.Tensor  # (N,) packed over the batch's rows
     positions: torch.Tensor  # (N,)
     meta: AttentionMetadata
+    logits_indices: torch.Tensor | None  # (S,) rows of N whose logits are sampled; None: every row
 
 
 class ModelRunner:
@@ -35,57 +37,46 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         """The step's tensors, read from the sequences' block tables before the scheduler
         plans the next step (which may preempt one of them and drop its table)."""
-        if batch.is_prefill:
-            input_ids, positions, meta = self._prepare_prefill(batch)
-        else:
-            input_ids, positions, meta = self._prepare_decode(batch)
-        return PreparedBatch(input_ids, positions, meta)
+        bs = self.kv_cache.block_size
+        num_decodes = batch.num_decodes
+        ids, positions, slots = [], [], []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens  # what the pool holds already is not computed again
+            pos = torch.arange(start, start + num_new)
+            ids.append(torch.tensor(seq.token_ids[start : start + num_new]))
+            positions.append(pos)
+            table = torch.tensor(seq.block_table)
+            slots.append(table[pos // bs] * bs + pos % bs)
+        decodes = batch.seqs[:num_decodes]
+        chunks = batch.seqs[num_decodes:]
+        meta = AttentionMetadata(seq_lens=list(batch.num_new_tokens), num_decodes=num_decodes)
+        meta.slot_mapping = torch.cat(slots).to(self.device)
+        if decodes:
+            max_blocks = max(len(seq.block_table) for seq in decodes)
+            tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in decodes]
+            meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=self.device)
+            meta.context_lens = torch.tensor(
+                [seq.num_computed_tokens + 1 for seq in decodes], dtype=torch.int32, device=self.device
+            )
+        prefix_lens = [seq.num_computed_tokens for seq in chunks]
+        if any(prefix_lens):
+            meta.prefix_lens = prefix_lens
+            meta.prefix_tables = [
+                torch.tensor(seq.block_table, device=self.device) if prefix else None
+                for seq, prefix in zip(chunks, prefix_lens, strict=True)
+            ]
+        logits_indices = None  # a decode step samples every row: the fused decode can run it
+        if not batch.is_decode_only:
+            last = torch.tensor(batch.num_new_tokens).cumsum(0) - 1  # (B,) each row's last token
+            logits_indices = last[torch.tensor(batch.samples, dtype=torch.bool)].to(self.device)
+        return PreparedBatch(torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), meta, logits_indices)
 
     @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> torch.Tensor:
-        """Logits (B, vocab) for the next token of every sequence in the batch."""
-        meta = prepared.meta
-        if not meta.is_prefill:  # one token per sequence: every row's logits
-            return self.model(prepared.input_ids, prepared.positions, meta, self.kv_cache)
-        last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1  # (B,)
-        return self.model(prepared.input_ids, prepared.positions, meta, self.kv_cache, logits_indices=last)
-
-    def _prepare_prefill(self, batch: ScheduledBatch):
-        ids, positions, slots, seq_lens, prefix_lens, tables = [], [], [], [], [], []
-        for seq in batch.seqs:
-            start = seq.num_computed_tokens  # the cached prefix is not recomputed
-            pos = torch.arange(start, seq.num_tokens)
-            ids.append(torch.tensor(seq.token_ids[start:]))
-            positions.append(pos)
-            seq_lens.append(seq.num_tokens - start)
-            prefix_lens.append(start)
-            table = torch.tensor(seq.block_table)
-            bs = self.kv_cache.block_size
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(table.to(self.device) if start else None)
-        slot_mapping = torch.cat(slots).to(self.device)
-        meta = AttentionMetadata(
-            is_prefill=True,
-            seq_lens=seq_lens,
-            slot_mapping=slot_mapping,
-            prefix_lens=prefix_lens if any(prefix_lens) else None,
-            prefix_tables=tables if any(prefix_lens) else None,
-        )
-        return torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), meta
-
-    def _prepare_decode(self, batch: ScheduledBatch):
-        bs = self.kv_cache.block_size
-        seqs = batch.seqs
-        positions = [seq.num_tokens - 1 for seq in seqs]
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=False)]
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
-        meta = AttentionMetadata(
-            is_prefill=False,
-            seq_lens=[1] * len(seqs),
-            slot_mapping=torch.tensor(slots, device=self.device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=self.device),
-            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=self.device),
-        )
-        input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=self.device)
-        return input_ids, torch.tensor(positions, device=self.device), meta
+        """Logits (S, vocab) for the next token of every row that samples (none: (0, vocab), after
+        the forward has written the chunks' KV)."""
+        indices = prepared.logits_indices
+        if indices is not None and not len(indices):
+            self.model.features(prepared.input_ids, prepared.positions, prepared.meta, self.kv_cache, indices)
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        return self.model(prepared.input_ids, prepared.positions, prepared.meta, self.kv_cache, logits_indices=indices)

@@ -1,24 +1,30 @@
-"""Who runs each step: continuous batching with all-or-nothing preemption by recompute.
+"""Who runs each step: continuous batching with chunked prefill, preemption by recompute.
 
 No tensors and no memory messages here: the KVCacheManager (compute_service.kv_manager) owns the
-blocks, the free count, the prefix knowledge and the memory call; this decides who runs. Each step
-is either a prefill of newly admitted sequences (prefill first, as vLLM v0 and nano-vllm do) or
-one decode token for every running sequence. Admissions and preemptions are decided with the
-manager's count of free blocks; what the memory side's answer says did not fit is requeued (an
-admission) or preempted (an append) here.
+blocks, the free count, the prefix knowledge and the memory call; this decides who runs.
+
+One rule per step, as vLLM v1's: a token budget (`max_num_batched_tokens`) is filled first with
+every running sequence's next row (a decode's one token, then the next chunk of a prompt being
+computed), in admission order, then with newly admitted prompts. A prompt longer than what is left
+runs in chunks over several steps, each chunk attending to the earlier ones in the pool; a
+sequence has one `num_computed_tokens` that chunks and decodes both advance, and samples a token
+only in the step whose row reaches its last token. With `chunked_prefill` off a prompt runs whole
+(the budget is raised so that any prompt fits beside every decode). Admissions and preemptions
+are decided with the manager's count of free blocks; what the memory side's answer says did not
+fit is requeued (an admission) or preempted (a growth) here.
 
 The call is pipelined one step ahead (vLLM's async scheduling): `plan_next(batch)` sends the
-next step's request while `batch`'s forward runs, assuming every sequence in it gets one more
-token; `schedule()` reads the answer. A sequence that ends by EOS or a stop string in between
-had one slot asked for it in vain: its blocks go back one call later. One that ends by length is
-foreseen and asks for nothing.
+next step's request while `batch`'s forward runs, projecting each sequence's state as if that
+forward had run (its chunk computed, a token appended where its row samples); `schedule()` reads
+the answer. A sequence that ends by EOS or a stop string in between had a slot asked for it in
+vain: its blocks go back one call later. One that ends by length is foreseen and asks for nothing.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compute_service.admission import Admission
 from compute_service.kv_manager import KVCacheManager
@@ -28,23 +34,61 @@ from compute_service.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 4096  # the step's token budget: decodes' tokens plus prompt chunks'
+    chunked_prefill: bool = True  # False: a prompt is computed in one step, whole
     watermark_blocks: int = 1  # kept free at admission so running sequences can grow
     headroom_blocks_per_seq: int = 0  # and this many more per running sequence (fewer recomputes)
 
 
 @dataclass
 class ScheduledBatch:
-    is_prefill: bool
+    """One step's rows: a sequence and how many of its tokens the forward computes (from its
+    num_computed_tokens on), rows of one token (decodes) first, then prompt chunks. A row samples
+    a token when it reaches the sequence's last token; a chunk in the middle of a prompt does not."""
+
     seqs: list[Sequence]
+    num_new_tokens: list[int]
+    samples: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, rows: list[tuple[Sequence, int]]) -> ScheduledBatch:
+        """Rows in the order the runner packs them, and which of them sample (from the sequences'
+        state now: build it just before the forward's tensors are prepared)."""
+        rows = sorted(rows, key=lambda row: row[1] > 1)  # stable: one-token rows first, in order
+        return cls(
+            [seq for seq, _ in rows],
+            [n for _, n in rows],
+            [seq.num_computed_tokens + n == seq.num_tokens for seq, n in rows],
+        )
+
+    @property
+    def num_decodes(self) -> int:
+        """Leading rows of one token: they attend through the paged decode kernel."""
+        return next((i for i, n in enumerate(self.num_new_tokens) if n > 1), len(self.num_new_tokens))
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that get a token from this step, in row order (the logits' rows)."""
+        return [seq for seq, sample in zip(self.seqs, self.samples, strict=True) if sample]
+
+    @property
+    def is_decode_only(self) -> bool:
+        """Every row is one token that samples: the fused decode step can run it."""
+        return all(self.samples) and self.num_decodes == len(self.seqs)
+
+    def rows(self) -> dict[str, int]:
+        """Tokens each sequence computes in this step, by id."""
+        return {seq.request_id: n for seq, n in zip(self.seqs, self.num_new_tokens, strict=True)}
 
 
 @dataclass
 class _Plan:
-    """The step whose memory call is in flight: what it will run once the answer is in."""
+    """The step whose memory call is in flight: its rows' sequences and the most tokens each may
+    compute (an admission's first chunk is cut to it once the answer says what was cached)."""
 
-    is_prefill: bool
     seqs: list[Sequence]
+    budgets: dict[str, int]
+    admitted: set[str]
 
 
 class Scheduler:
@@ -93,48 +137,75 @@ class Scheduler:
         or (nothing in flight, or all of it finished meanwhile) a call made now."""
         self.num_schedule_rounds += 1
         batch = self._receive() if self._in_flight is not None else None
-        if batch is None and self._plan(ahead=set()):
+        if batch is None and self._plan(ahead={}):
             batch = self._receive()
         return batch
 
     def plan_next(self, batch: ScheduledBatch) -> None:
         """Send the next step's memory call now, as if `batch` had run: it travels while
-        `batch`'s forward does. Only called with nothing in flight. Not after a prefill that
-        prompts are held back for: planned after it ran, the next step can admit them with the
-        prefix it computed (a round trip of under a millisecond next to a prefill's forward)."""
-        if batch.is_prefill and self.admission.holding:
+        `batch`'s forward does. Only called with nothing in flight. Not after a step computing
+        prompt tokens that prompts are held back for: planned after it ran, the next step can
+        admit them with the prefix it computed (a round trip of under a millisecond next to the
+        forward of a chunk)."""
+        if not batch.is_decode_only and self.admission.holding:
             return
-        self._plan(ahead={s.request_id for s in batch.seqs})
+        self._plan(ahead=batch.rows())
 
-    def _plan(self, ahead: set) -> bool:
-        """Decide the next step and send its call; `ahead` = sequences gaining a token before
-        it runs. False when there is nothing to run (queued frees then wait for the next call)."""
+    def _plan(self, ahead: dict[str, int]) -> bool:
+        """Decide the next step and send its call; `ahead` = tokens each sequence computes in the
+        step whose forward runs before it. False when there is nothing to run (queued frees then
+        wait for the next call)."""
         self.kv.commit_computed(self.running)
         free_blocks = self.kv.num_free_blocks
+        budget = self.config.max_num_batched_tokens
         going_on = [s for s in self.running if not self._ends_by_length(s, ahead)]
-        admitted = self.admission.admit(self.waiting, self.running, free_blocks, len(going_on))
-        if admitted:
-            for seq in admitted:
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
-            self.kv.allocate_slots(admitted, len(self.waiting))
-            self._in_flight = _Plan(True, admitted)
-            return True
-        needs = {s.request_id: self.kv.blocks_for_next_token(s, ahead) for s in going_on}
+        rows: dict[Sequence, tuple[int, int]] = {}  # seq -> (first token, tokens) of its next row
+        for seq in sorted(going_on, key=lambda s: self._remaining(s, ahead) > 1):  # decodes first
+            start, remaining = self._projected_computed(seq, ahead), self._remaining(seq, ahead)
+            num_new = min(remaining, budget)
+            if num_new <= 0 or (num_new < remaining and not self.config.chunked_prefill):
+                continue  # waits for a step with room
+            rows[seq] = (start, num_new)
+            budget -= num_new
+        needs = {seq: self.kv.blocks_to_grow(seq, start + n) for seq, (start, n) in rows.items()}
         new_blocks = sum(needs.values())
         while going_on and new_blocks > free_blocks:
             victim = going_on.pop()  # the last admitted; if its forward is in flight, that forward
             free_blocks += self.kv.private_blocks(victim, self.running)  # still writes these blocks, which no one reads
-            new_blocks -= needs[victim.request_id]
+            new_blocks -= needs.pop(victim, 0)
+            rows.pop(victim, None)
             self._preempt(victim)
-        if not going_on:
+        admitted = self.admission.admit(self.waiting, self.running, free_blocks - new_blocks, len(going_on), budget)
+        budgets = {seq.request_id: n for seq, (_, n) in rows.items()}
+        for seq in admitted:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            to_compute = max(1, seq.num_tokens - self.kv.estimated_hit_tokens(seq))
+            budgets[seq.request_id] = min(to_compute, budget) if self.config.chunked_prefill else seq.num_tokens
+            budget -= budgets[seq.request_id]
+        if not rows and not admitted:
             return False
-        self.kv.append_slots(going_on, len(self.waiting))
-        self._in_flight = _Plan(False, going_on)
+        self.kv.send_step(admitted, {seq: start + n for seq, (start, n) in rows.items()}, len(self.waiting))
+        self._in_flight = _Plan([*rows, *admitted], budgets, {s.request_id for s in admitted})
         return True
 
-    def _ends_by_length(self, seq: Sequence, ahead: set) -> bool:
-        return seq.request_id in ahead and len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens
+    @staticmethod
+    def _projected_computed(seq: Sequence, ahead: dict[str, int]) -> int:
+        """The sequence's computed tokens once the forward in flight has run."""
+        return seq.num_computed_tokens + ahead.get(seq.request_id, 0)
+
+    @classmethod
+    def _remaining(cls, seq: Sequence, ahead: dict[str, int]) -> int:
+        """Tokens it has to compute after the forward in flight (1 for a decode; a row that
+        reaches the last token appends one)."""
+        computed = cls._projected_computed(seq, ahead)
+        return seq.num_tokens + (seq.request_id in ahead and computed == seq.num_tokens) - computed
+
+    @classmethod
+    def _ends_by_length(cls, seq: Sequence, ahead: dict[str, int]) -> bool:
+        """The forward in flight samples its last token (max_new_tokens): nothing to plan for it."""
+        samples = seq.request_id in ahead and cls._projected_computed(seq, ahead) == seq.num_tokens
+        return samples and len(seq.output_token_ids) + 1 >= seq.params.max_new_tokens
 
     def forget_memory(self) -> int:
         """The memory side lost this pool (it restarted, or the lease ran out): every block table
@@ -160,6 +231,7 @@ class Scheduler:
     def _requeue(self, seq: Sequence) -> None:
         """Back to the front of the queue: it is the next to be admitted."""
         self.running.remove(seq)
+        self.kv.drop(seq)  # an admission the memory side refused holds nothing
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -170,13 +242,18 @@ class Scheduler:
         for seq in reversed(plan.seqs):
             if seq.request_id in answer.rejected and seq.status is SequenceStatus.RUNNING:
                 # the memory side disagreed with the count: admit later, or recompute later
-                if plan.is_prefill:
+                if seq.request_id in plan.admitted:
                     self._requeue(seq)  # nothing was allocated for it
                 else:
                     self._preempt(seq)
-        seqs = [s for s in plan.seqs if s.status is SequenceStatus.RUNNING]
-        if plan.is_prefill:
-            now = time.perf_counter()
-            for seq in seqs:
+        now = time.perf_counter()
+        rows = []
+        for seq in plan.seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # finished or preempted meanwhile
+            if seq.request_id in plan.admitted:
                 seq.first_scheduled_time = seq.first_scheduled_time or now
-        return ScheduledBatch(plan.is_prefill, seqs) if seqs else None
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, plan.budgets[seq.request_id])
+            if num_new > 0:
+                rows.append((seq, num_new))
+        return ScheduledBatch.of(rows) if rows else None

@@ -36,7 +36,8 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + generated (here or on another replica)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # as the memory service last reported it
-    num_computed_tokens: int = 0  # tokens whose k/v are in the cache
+    num_computed_tokens: int = 0  # leading tokens whose k/v are in the cache (chunks and decodes advance it)
+    num_slots: int = 0  # token slots its block table was asked for (the whole prompt at admission, then appends)
     group_id: str = ""  # the client request's id (samples of one request share it); default request_id
     index: int = 0  # which of the request's n samples
     # Prefix caching: hashes of the full blocks of token_ids (common.block_hash), and how many

@@ -7,7 +7,7 @@ everything a step needs at once (full blocks whose forward has run, to commit to
 cache; sequences to free; prompts to admit, with their block hashes; sequences that grow) and
 gets back the block tables that changed, how many prompt tokens each admission found cached, and
 which sequences found no space (nothing changed for those). Order inside a step: commits, frees,
-allocations, appends (memory_service.step applies it, and its docstring says why).
+appends, allocations (memory_service.step applies it, and its docstring says why).
 
 The call is split into send and receive so the compute side can send the next step's request
 before its forward runs and read the answer after it (the round trip hides behind the forward).
@@ -68,7 +68,7 @@ class Commit:
 
 @dataclass
 class StepRequest:
-    """Applied in the order commit, free, allocate, append."""
+    """Applied in the order commit, free, append, allocate."""
 
     free: list[SeqId] = field(default_factory=list)
     allocate: list[Allocation] = field(default_factory=list)

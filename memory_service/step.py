@@ -1,8 +1,10 @@
 """One engine step's block bookkeeping applied to a BlockAllocator: the memory side of the
 contract in memory_service.contract (which says what a step carries).
 
-Order inside a step: commits, frees, allocations, appends: a finished sequence's blocks are
-cached before they are released, and freed blocks are reusable at once.
+Order inside a step: commits, frees, appends, allocations: a finished sequence's blocks are
+cached before they are released, freed blocks are reusable at once, and running sequences grow
+before new ones are admitted (a step carries both: decodes beside the first chunks of prompts),
+so a count that was off rejects an admission, which waits, rather than a growth, which preempts.
 A step is atomic: the whole request is checked before any of it is applied, so a malformed one
 (an unknown or repeated id) raises and changes nothing. Running out of blocks is not an error:
 those allocations and appends are answered as rejected, and they alone change nothing.
@@ -50,7 +52,7 @@ def check_step(allocator: BlockAllocator, request: StepRequest) -> None:
 
 
 def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
-    """Apply one step's commits, frees, allocations and appends, or (malformed request)
+    """Apply one step's commits, frees, appends and allocations, or (malformed request)
     raise having changed nothing."""
     check_step(allocator, request)
     allocator.step = request.step
@@ -62,14 +64,6 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
     tables: dict[SeqId, list[int]] = {}
     rejected: list[SeqId] = []
     hit_tokens: dict[SeqId, int] = {}
-    for alloc in request.allocate:
-        try:
-            tables[alloc.seq_id] = allocator.allocate(
-                alloc.seq_id, alloc.num_tokens, alloc.reserve_tokens, alloc.block_hashes
-            )
-            hit_tokens[alloc.seq_id] = allocator.hit_tokens(alloc.seq_id)
-        except OutOfBlocksError:
-            rejected.append(alloc.seq_id)
     for seq_id, num_new in request.append:
         try:
             new_blocks = allocator.append_slots(seq_id, num_new)
@@ -78,6 +72,14 @@ def apply_step(allocator: BlockAllocator, request: StepRequest) -> StepResponse:
             continue
         if new_blocks:
             tables[seq_id] = allocator.block_table(seq_id)
+    for alloc in request.allocate:
+        try:
+            tables[alloc.seq_id] = allocator.allocate(
+                alloc.seq_id, alloc.num_tokens, alloc.reserve_tokens, alloc.block_hashes
+            )
+            hit_tokens[alloc.seq_id] = allocator.hit_tokens(alloc.seq_id)
+        except OutOfBlocksError:
+            rejected.append(alloc.seq_id)
     return StepResponse(block_tables=tables, rejected=rejected, stats=allocator.stats(), hit_tokens=hit_tokens)
 
 

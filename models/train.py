@@ -103,7 +103,7 @@ def forward_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, offset: torch.Ten
     glibc's 32 MB mmap ceiling are mapped fresh and page-faulted in on every step (measured: ~200k
     page faults and ~18% of the step in the kernel with whole-batch logits)."""
     batch, seq = x.shape
-    meta = AttentionMetadata(is_prefill=True, seq_lens=[seq] * batch)
+    meta = AttentionMetadata(seq_lens=[seq] * batch)
     positions = torch.arange(seq, device=x.device).repeat(batch)
     hidden = model.features(x.reshape(-1), positions, meta)  # (B*T, C)
     targets = y.reshape(-1)

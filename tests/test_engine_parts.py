@@ -17,7 +17,7 @@ def test_own_checkpoint_round_trips_to_the_same_logits(tmp_path):
     save_checkpoint(model, tmp_path / "ckpt", dtype=torch.float32)
     reloaded = load_model(str(tmp_path / "ckpt"))
     ids = torch.tensor([15496, 995, 11, 262])
-    meta = AttentionMetadata(is_prefill=True, seq_lens=[4])
+    meta = AttentionMetadata(seq_lens=[4])
     with torch.inference_mode():
         assert torch.equal(model(ids, torch.arange(4), meta), reloaded(ids, torch.arange(4), meta))
 

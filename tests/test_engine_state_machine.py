@@ -1,6 +1,7 @@
 """Hypothesis drives add/step/abort against a live engine with a tiny pool (so it preempts),
 prompts that share prefixes (prefix-cache hits) and requests of n samples (sharing their prompt),
-and checks after every step that the books balance and no block leaks."""
+with a step budget that chunks prompts (ChunkedEngineMachine) and one that runs them whole, and
+checks after every step that the books balance and no block leaks."""
 
 from __future__ import annotations
 
@@ -17,10 +18,17 @@ from compute_service.sequence import SequenceStatus
 
 
 class EngineMachine(RuleBasedStateMachine):
+    budget: dict = {"chunked_prefill": "off"}  # prompts run whole
+
     def __init__(self) -> None:
         super().__init__()
         self.engine = LocalEngine(
-            model="dummy:tiny", block_size=4, kv_budget_tokens=96, max_num_seqs=6, headroom_blocks_per_seq=0
+            model="dummy:tiny",
+            block_size=4,
+            kv_budget_tokens=96,
+            max_num_seqs=6,
+            headroom_blocks_per_seq=0,
+            **self.budget,
         )
         self.submitted: list[str] = []
         self.finished: dict[str, str] = {}
@@ -67,22 +75,22 @@ class EngineMachine(RuleBasedStateMachine):
         for seq in sched.running:
             assert seq.status is SequenceStatus.RUNNING
             table = alloc.block_table(seq.request_id)
-            if seq.request_id in in_flight:
-                # Memory already holds a slot for every token the sequence has, the one the next
-                # forward writes included, and exactly the blocks those slots take. Admitted in
-                # that request: the whole table is news (the sequence knows none of it yet).
-                # Decoding: the table it knows, plus at most the one block that slot opened.
-                assert alloc.num_tokens(seq.request_id) == seq.num_tokens
-                assert len(table) == blocks_for_tokens(seq.num_tokens, alloc.block_size)
-                if not seq.block_table:  # admitted (or readmitted after preemption) in that request
-                    assert seq.num_computed_tokens == 0
-                else:  # decoding: one token not yet in the cache, at most one block opened for it
-                    assert seq.num_computed_tokens == seq.num_tokens - 1
-                    assert table[: len(seq.block_table)] == seq.block_table
-                    assert len(table) - len(seq.block_table) <= 1
+            # Memory holds the slots the sequence counts (its whole prompt from admission on, then
+            # one per decode, the one the next forward writes included) and the blocks they take.
+            assert alloc.num_tokens(seq.request_id) == seq.num_slots
+            assert len(table) == blocks_for_tokens(seq.num_slots, alloc.block_size)
+            assert seq.num_computed_tokens <= seq.num_slots <= seq.num_tokens
+            if seq.num_computed_tokens < seq.num_tokens - 1:  # a prompt part-computed: its chunks
+                assert self.budget.get("chunked_prefill") != "off" or seq.num_computed_tokens == 0
+                assert seq.num_slots == seq.num_tokens
+            if seq.request_id in in_flight and not seq.block_table:
+                # admitted (or readmitted after preemption) in that request: the table is news
+                assert seq.num_computed_tokens == 0 and seq.num_slots == seq.num_tokens
+            elif seq.request_id in in_flight:  # growing: at most one block opened for its next slot
+                assert table[: len(seq.block_table)] == seq.block_table
+                assert len(table) - len(seq.block_table) <= 1
             else:
                 assert table == seq.block_table
-                assert alloc.num_tokens(seq.request_id) == seq.num_computed_tokens
         for seq in sched.waiting:
             assert seq.status is SequenceStatus.WAITING and not seq.block_table
 
@@ -94,5 +102,11 @@ class EngineMachine(RuleBasedStateMachine):
         assert self.engine.allocator.num_free_blocks == self.engine.allocator.num_blocks
 
 
-EngineMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+class ChunkedEngineMachine(EngineMachine):
+    budget = {"max_num_batched_tokens": 7}  # prompts of up to 40 tokens run in chunks beside decodes
+
+
+EngineMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
+ChunkedEngineMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
 TestEngineMachine = EngineMachine.TestCase
+TestChunkedEngineMachine = ChunkedEngineMachine.TestCase

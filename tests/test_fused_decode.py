@@ -33,7 +33,7 @@ def decode_step(batch: int, kv: KVCache, vocab: int, gen: torch.Generator):
     positions = (lens - 1).long()
     slots = tables[torch.arange(batch), positions // kv.block_size].long() * kv.block_size + positions % kv.block_size
     meta = AttentionMetadata(
-        is_prefill=False, seq_lens=[1] * batch, slot_mapping=slots, block_tables=tables, context_lens=lens
+        seq_lens=[1] * batch, num_decodes=batch, slot_mapping=slots, block_tables=tables, context_lens=lens
     )
     return torch.randint(0, vocab, (batch,), generator=gen), positions, meta
 
@@ -97,8 +97,8 @@ def test_a_sequences_logits_do_not_depend_on_its_batch():
     def run(rows: list[int]) -> torch.Tensor:
         kv.pool.copy_(before)
         sub = AttentionMetadata(
-            is_prefill=False,
             seq_lens=[1] * len(rows),
+            num_decodes=len(rows),
             slot_mapping=meta.slot_mapping[rows],
             block_tables=meta.block_tables[rows],
             context_lens=meta.context_lens[rows],

@@ -93,7 +93,7 @@ def malformed(meta: AttentionMetadata, kv: KVCache, what: str) -> tuple[Attentio
         slots[1] = int(tables[1, last[1]]) * bs + (int(lens[1]) - 1) % bs
         message = "another sequence|which sequence"
     bad = AttentionMetadata(
-        is_prefill=False, seq_lens=meta.seq_lens, slot_mapping=slots, block_tables=tables, context_lens=lens
+        seq_lens=meta.seq_lens, num_decodes=meta.num_decodes, slot_mapping=slots, block_tables=tables, context_lens=lens
     )
     return bad, message
 

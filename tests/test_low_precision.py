@@ -55,7 +55,7 @@ def windows_and_reference():
 
 
 def logits_of(model, windows) -> torch.Tensor:
-    meta = AttentionMetadata(is_prefill=True, seq_lens=[WINDOW])
+    meta = AttentionMetadata(seq_lens=[WINDOW])
     with torch.inference_mode():
         return torch.stack([model(torch.tensor(w), torch.arange(WINDOW), meta) for w in windows])
 

@@ -26,13 +26,14 @@ def seeded(n: int, seed: int = 7, max_new_tokens: int = 12) -> SamplingParams:
 
 
 def record_prefills(eng: LocalEngine) -> list[int]:
-    """The token count of every prefill the runner computes."""
+    """The prompt tokens every step computes (its chunk rows; steps of decodes only are left out)."""
     prefill_tokens: list[int] = []
     execute = eng.runner.execute
 
     def recording(prepared):
-        if prepared.meta.is_prefill:
-            prefill_tokens.append(len(prepared.input_ids))
+        meta = prepared.meta
+        if not meta.is_decode:
+            prefill_tokens.append(sum(meta.seq_lens[meta.num_decodes :]))
         return execute(prepared)
 
     eng.runner.execute = recording

@@ -1,0 +1,152 @@
+"""Inter-token latency under long prompts: chunked prefill on against off, one run, arms alternating.
+
+    python -m bench.serve --workload long-prompts --chunked-prefill on,off --model dummy:gpt2
+
+8 streams decode 256 tokens each (32-token prompts, sent at once) while long prompts (900 distinct
+random tokens each, so none hits the prefix cache; 16 output tokens) arrive one every period =
+4 x the prefill time of one such prompt measured on this machine first (a stack with chunking
+off, a lone prompt, the median TTFT of 3). Every arm gets the same requests at the same offsets,
+on a fresh stack (memory, one compute replica, gateway) with `--max-num-batched-tokens` (printed);
+the arms alternate (on, off, off, on for 2 rounds) so drift of the machine favours neither, and
+each metric is the mean over an arm's rounds.
+Measured: ITL p99 and TPOT p50 of the decoding streams, TTFT p50 of the long prompts, output
+tokens/s of everything; and, in the off arm, the share of the decoding streams' gaps that overlap
+a prefill (a gap overlaps one when it intersects [first token - prefill time, first token] of a
+long prompt): p99 reflects stalls only when that share is over 1%. Last line:
+`chunked_itl_p99_ratio=... chunked_tpot_ratio=... chunked_ttft_ratio=... chunked_throughput_ratio=...
+stalled_gap_share=...` (ratios are on / off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.serve import RequestRecord, start_stack
+from bench.transports import Transports
+from bench.workloads import Request
+
+NUM_STREAMS, STREAM_PROMPT, STREAM_TOKENS = 8, 32, 256
+LONG_PROMPT, LONG_TOKENS = 900, 16
+GOALS = dict(itl_p99=0.35, tpot=1.10, ttft=1.20, throughput=0.97)  # on / off: at most, at most, at most, at least
+
+
+@dataclass
+class TimedRecord(RequestRecord):
+    sent_at: float = math.nan
+
+    def token_times(self) -> np.ndarray:
+        """When each streamed chunk arrived (perf_counter seconds)."""
+        return self.sent_at + self.ttft + np.concatenate([[0.0], np.cumsum(self.itl)])
+
+
+async def drive(gateway: str, http_url: str, timed: list[tuple[float, Request]]) -> tuple[list[TimedRecord], float]:
+    """Send each request at its offset (seconds from now), streamed over gRPC; wait for all."""
+    records = [TimedRecord() for _ in timed]
+    async with Transports(gateway, http_url) as transports:
+        with tqdm(total=len(timed), desc="requests", unit="req", leave=False) as progress:
+            start, tasks = time.perf_counter(), []
+            for (offset, req), rec in zip(timed, records, strict=True):
+                await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+                rec.sent_at = time.perf_counter()
+                tasks.append(asyncio.create_task(transports.send("grpc", req, rec, progress)))
+            await asyncio.gather(*tasks)
+            wall = time.perf_counter() - start
+    failed = [r.error for r in records if r.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed: {failed[:3]}")
+    return records, wall
+
+
+def random_requests(rng: np.random.Generator, count: int, prompt_len: int, output_len: int) -> list[Request]:
+    return [Request(rng.integers(0, 50257, size=prompt_len).tolist(), output_len) for _ in range(count)]
+
+
+def calibrate(args: argparse.Namespace) -> tuple[float, float]:
+    """(prefill seconds of one long prompt, decode seconds per token of the 8 streams) on a
+    stack with chunking off, after a warm-up."""
+    rng = np.random.default_rng(args.seed + 1000)
+    with ExitStack() as stack:
+        gateway, _, http_url = start_stack(stack, args, "paged", "kv-aware", arm_settings(args, "off"))
+        asyncio.run(drive(gateway, http_url, [(0.0, r) for r in random_requests(rng, 2, 40, 4)]))
+        ttfts = []
+        for req in random_requests(rng, 3, LONG_PROMPT, 1):
+            records, _ = asyncio.run(drive(gateway, http_url, [(0.0, req)]))
+            ttfts.append(records[0].ttft)
+        streams = random_requests(rng, NUM_STREAMS, STREAM_PROMPT, 32)
+        records, _ = asyncio.run(drive(gateway, http_url, [(0.0, r) for r in streams]))
+    tpot = float(np.median([(r.e2el - r.ttft) / (r.output_tokens - 1) for r in records]))
+    return float(np.median(ttfts)), tpot
+
+
+def arm_settings(args: argparse.Namespace, arm: str) -> dict[str, str]:
+    return {"chunked_prefill": arm, "max_num_batched_tokens": str(args.max_num_batched_tokens)}
+
+
+def run_arm(args: argparse.Namespace, arm: str, timed: list[tuple[float, Request]], prefill_s: float) -> dict:
+    with ExitStack() as stack:
+        gateway, _, http_url = start_stack(stack, args, "paged", "kv-aware", arm_settings(args, arm))
+        warm = random_requests(np.random.default_rng(args.seed + 2000), 2, 40, 4)
+        asyncio.run(drive(gateway, http_url, [(0.0, r) for r in warm]))
+        records, wall = asyncio.run(drive(gateway, http_url, timed))
+    streams, longs = records[:NUM_STREAMS], records[NUM_STREAMS:]
+    gaps = [(t[:-1], t[1:]) for t in (r.token_times() for r in streams)]
+    windows = [(r.sent_at + r.ttft - prefill_s, r.sent_at + r.ttft) for r in longs]
+    stalled = sum(int(np.sum((lo < w1) & (hi > w0))) for lo, hi in gaps for w0, w1 in windows)
+    num_gaps = sum(len(lo) for lo, _ in gaps)
+    ms = 1000.0
+    return dict(
+        itl_p99=float(np.percentile([g for r in streams for g in r.itl], 99)) * ms,
+        itl_p50=float(np.median([g for r in streams for g in r.itl])) * ms,
+        tpot=float(np.median([(r.e2el - r.ttft) / (r.output_tokens - 1) for r in streams])) * ms,
+        ttft=float(np.median([r.ttft for r in longs])) * ms,
+        throughput=sum(r.output_tokens for r in records) / wall,
+        stalled_gap_share=stalled / max(num_gaps, 1),
+    )
+
+
+def run_long_prompts(args: argparse.Namespace) -> None:
+    arms = args.chunked_prefill
+    print(f"max_num_batched_tokens={args.max_num_batched_tokens} (both arms; off raises it to fit any prompt)")
+    prefill_s, tpot_s = calibrate(args)
+    period = args.period_factor * prefill_s
+    # long prompts arrive while the streams decode: in the off arm each period holds one prefill
+    num_long = max(2, int(STREAM_TOKENS * tpot_s / (period - prefill_s)))
+    print(
+        f"calibration: prefill of {LONG_PROMPT} tokens {prefill_s * 1000:.0f} ms, stream decode "
+        f"{tpot_s * 1000:.1f} ms/token -> a long prompt every {period:.2f} s, {num_long} of them"
+    )
+    rng = np.random.default_rng(args.seed)
+    streams = random_requests(rng, NUM_STREAMS, STREAM_PROMPT, STREAM_TOKENS)
+    longs = random_requests(rng, num_long, LONG_PROMPT, LONG_TOKENS)
+    timed = [(0.0, r) for r in streams] + [(period * (k + 0.5), r) for k, r in enumerate(longs)]
+    order = [arm for r in range(args.compare_rounds) for arm in (arms if r % 2 == 0 else arms[::-1])]
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for arm in order:
+        row = run_arm(args, arm, timed, prefill_s)
+        results[arm].append(row)
+        print(f"chunked_prefill={arm}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
+    mean = {arm: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for arm, rows in results.items()}
+    if set(arms) != {"on", "off"}:
+        return
+    on, off = mean["on"], mean["off"]
+    print("\n| metric | chunked on | chunked off | on / off | goal |\n|---|---|---|---|---|")
+    labels = dict(itl_p99="decode ITL p99 (ms)", tpot="decode TPOT p50 (ms)", ttft="long-prompt TTFT p50 (ms)")
+    labels["throughput"] = "output tokens/s"
+    for key, label in labels.items():
+        sign = ">=" if key == "throughput" else "<="
+        print(f"| {label} | {on[key]:.1f} | {off[key]:.1f} | {on[key] / off[key]:.3f} | {sign} {GOALS[key]} |")
+    print(f"| decode ITL p50 (ms) | {on['itl_p50']:.1f} | {off['itl_p50']:.1f} | - | - |")
+    print(
+        f"chunked_itl_p99_ratio={on['itl_p99'] / off['itl_p99']:.3f} chunked_tpot_ratio={on['tpot'] / off['tpot']:.3f} "
+        f"chunked_ttft_ratio={on['ttft'] / off['ttft']:.3f} "
+        f"chunked_throughput_ratio={on['throughput'] / off['throughput']:.3f} "
+        f"stalled_gap_share={off['stalled_gap_share']:.4f}"
+    )
