@@ -70,8 +70,8 @@ def peak_rss_mib(pid: int) -> float:
 class LlamaServer:
     """`with LlamaServer(gguf, threads, pool_tokens, slots) as server:` started and healthy inside
     (server.url, server.startup_s = spawn to the first healthy /health); stopped cleanly after
-    (SIGTERM, then SIGKILL after `stop_timeout_s`). Its log goes to a temporary file, whose tail is
-    raised with any failure to start."""
+    (SIGTERM, then SIGKILL after `stop_timeout_s`). Its log goes to a file in `log_dir` (kept), or
+    to a temporary file removed on exit; its tail is raised with any failure to start."""
 
     gguf: str | os.PathLike
     threads: int
@@ -79,6 +79,7 @@ class LlamaServer:
     slots: int
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
+    log_dir: str | os.PathLike | None = None
     port: int = 0
     startup_s: float = float("nan")
     command: list[str] = field(default_factory=list)
@@ -96,7 +97,7 @@ class LlamaServer:
             *server_flags(self.gguf, self.port, self.threads, self.pool_tokens, self.slots),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
-        self._log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+        self._log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", dir=self.log_dir, delete=False)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         try:
@@ -140,4 +141,5 @@ class LlamaServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        os.unlink(self._log.name)
+        if self.log_dir is None:
+            os.unlink(self._log.name)

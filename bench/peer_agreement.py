@@ -91,6 +91,8 @@ def llama_server_greedy(url: str, prompt: list[int], new_tokens: int) -> list[in
 def check_agreement(gateway: str, url: str, prompts: list[list[int]], new_tokens: int = 16, api_key: str = "") -> None:
     """Raises SystemExit (the run stops before any timing) on a real disagreement; prints one
     line per prompt either way."""
+    if not prompts:
+        raise SystemExit("no prompt to check llama-server's agreement on: nothing is timed unchecked")
     verdicts = []
     for i, prompt in enumerate(prompts):
         ours, theirs = ours_greedy(gateway, prompt, new_tokens, api_key), llama_server_greedy(url, prompt, new_tokens)

@@ -16,6 +16,7 @@ and --routing names the gateway's policies to compare (bench/routing.py sums the
 --compare-in-process also runs the same workload in-process and prints the split's efficiency; the
 arms alternate (services, in-process, in-process, services for --compare-rounds 2) so that drift
 of a shared machine during the run cancels instead of landing on one arm.
+--peers llama-server runs llama.cpp's own server beside our stack on the same requests (bench/serve_peers.py).
 """
 
 from __future__ import annotations
@@ -402,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
         "--compare-rounds", type=int, default=2, help="rounds of (services, in-process), alternating which goes first"
     )
     ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--peers", default="", choices=["", "llama-server"], help="a peer server beside ours")
+    ap.add_argument("--peer-slots", type=int, default=0, help="llama-server's -np (0 = --max-num-seqs)")
     add_quick_flag(
         ap,
         **shared_prefix_shrink(),
@@ -416,6 +419,11 @@ def main(argv: list[str] | None = None) -> None:
         compare_transports(args)
         return
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
+    if args.peers:
+        from bench.serve_peers import run
+
+        run(args, rates)
+        return
     by_arm: dict[tuple[str, str], list[dict]] = {}
     for mode in args.modes:
         for policy in args.routing:
