@@ -13,7 +13,8 @@ generate the same greedy tokens (bench/peer_agreement.py). Flags: bench/llama_se
 
 Service level, one for both: TTFT p99 <= 2 s, TPOT p50 <= 3x OUR TPOT p50 at the lowest swept
 rate, and no failed request (llama-server has no preemption: when its unified KV fills, every
-request in flight fails with "Context size has been exceeded"). A server's sustainable rate is
+request in flight fails with "Context size has been exceeded"; --peer-slots sets its -np, by
+default --max-num-seqs, the admission cap of our engine). A server's sustainable rate is
 the highest swept rate that meets it (0 when none does). The last line is machine-readable:
 `vs_llama_server_rate=` (ours / theirs; `inf` when llama-server meets no swept rate, said above it)
 and `vs_llama_server_throughput=` (output tok/s at the top rate); `prefix_` after `vs_llama_server_`
@@ -35,71 +36,8 @@ from pathlib import Path
 
 from bench.llama_server_peer import LlamaServer, peak_rss_mib, require_binary
 from bench.peer_agreement import check_agreement
+from bench.peer_slo import print_table, summary_lines
 from bench.workloads import ModelLimits, fixed_length
-
-PEERS = ("llama-server",)
-TTFT_P99_LIMIT_MS = 2000.0
-TPOT_FACTOR = 3.0
-TABLE_KEYS = (
-    ("TTFT p50 (ms)", "median_ttft_ms"),
-    ("TTFT p99 (ms)", "p99_ttft_ms"),
-    ("TPOT p50 (ms)", "median_tpot_ms"),
-    ("TPOT p99 (ms)", "p99_tpot_ms"),
-    ("ITL p50 (ms)", "median_itl_ms"),
-    ("ITL p99 (ms)", "p99_itl_ms"),
-    ("output tok/s", "output_token_throughput"),
-    ("failed", "failed"),
-)
-
-
-def meets_slo(row: dict, tpot_limit_ms: float) -> bool:
-    return row["failed"] == 0 and row["p99_ttft_ms"] <= TTFT_P99_LIMIT_MS and row["median_tpot_ms"] <= tpot_limit_ms
-
-
-def sustainable(rows: list[dict], tpot_limit_ms: float) -> float:
-    """The highest swept rate whose run meets the service level; 0.0 when none does."""
-    return max((r["request_rate"] for r in rows if meets_slo(r, tpot_limit_ms)), default=0.0)
-
-
-def ratio(ours: float, theirs: float) -> float:
-    """ours / theirs; inf when only ours is positive, nan when neither is."""
-    if theirs > 0:
-        return ours / theirs
-    return math.inf if ours > 0 else math.nan
-
-
-def summary_lines(workload: str, ours: list[dict], theirs: list[dict]) -> list[str]:
-    """The verdict lines; the last one machine-readable."""
-    by_rate = lambda rows: sorted(rows, key=lambda r: r["request_rate"])  # noqa: E731
-    ours, theirs = by_rate(ours), by_rate(theirs)
-    tpot_limit = TPOT_FACTOR * ours[0]["median_tpot_ms"]
-    ours_rate, theirs_rate = sustainable(ours, tpot_limit), sustainable(theirs, tpot_limit)
-    lines = [
-        f"service level: TTFT p99 <= {TTFT_P99_LIMIT_MS:.0f} ms, TPOT p50 <= {tpot_limit:.1f} ms ({TPOT_FACTOR:g}x "
-        f"ours at {ours[0]['request_rate']:g} req/s), no failed request",
-        f"sustainable rate: ours {ours_rate:g} req/s, llama-server {theirs_rate:g} req/s",
-    ]
-    if theirs_rate == 0 and ours_rate > 0:
-        lines.append(
-            f"llama-server met the service level at no swept rate: the ratio is inf; taking the lowest swept rate "
-            f"({ours[0]['request_rate']:g}) as its upper bound, ours is >= {ours_rate / ours[0]['request_rate']:.2f}x"
-        )
-    top_ours, top_theirs = ours[-1]["output_token_throughput"], theirs[-1]["output_token_throughput"]
-    prefix = "prefix_" if workload == "shared-prefix" else ""
-    lines.append(
-        f"vs_llama_server_{prefix}rate={ratio(ours_rate, theirs_rate):.2f} "
-        f"vs_llama_server_{prefix}throughput={ratio(top_ours, top_theirs):.2f}"
-    )
-    return lines
-
-
-def print_table(rate: float, ours: dict, theirs: dict) -> None:
-    print(f"rate {rate:g} req/s")
-    print("| server | " + " | ".join(name for name, _ in TABLE_KEYS) + " |")
-    print("| --- " * (len(TABLE_KEYS) + 1) + "|")
-    for name, row in (("ours", ours), ("llama-server", theirs)):
-        cells = [f"{row[k]:.0f}" if k == "failed" else f"{row[k]:.1f}" for _, k in TABLE_KEYS]
-        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 @dataclass(frozen=True)
@@ -165,6 +103,13 @@ def agree_and_measure(args: argparse.Namespace, peer: Peer) -> ModelLimits:
             print(f"llama-server {' '.join(server.command[1:])} (logs in {peer.log_dir})")
             fit = [r.prompt_token_ids for r in requests if len(r.prompt_token_ids) + 16 <= limits.context_length]
             check_agreement(gateway, server.url, fit[:4], 16)  # the workload's first 4 prompts with room for 16
+            longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
+            if peer.slots * longest > peer.pool_tokens:
+                print(
+                    f"note: {peer.slots} slots x up to {longest} tokens > the {peer.pool_tokens}-token pool: should "
+                    "the requests in flight fill it, llama-server fails every one of them (it has no preemption); "
+                    f"--peer-slots {max(1, peer.pool_tokens // longest)} would make it queue them instead"
+                )
             ours = {pid: peak_rss_mib(pid) for pid in _children() if pid != server.proc.pid}
             print(
                 f"start-up (spawn to serving): ours {ours_startup:.1f} s (memory, compute, gateway one after "

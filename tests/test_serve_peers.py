@@ -13,7 +13,7 @@ import pytest
 from bench.build_llama_server import CMAKE_FLAGS, binary_path, pinned_version
 from bench.llama_server_peer import server_flags
 from bench.peer_agreement import MAX_GAP, Greedy, judge
-from bench.serve_peers import meets_slo, ratio, summary_lines, sustainable
+from bench.peer_slo import meets_slo, ratio, summary_lines, sustainable
 from common.tokenizer import EOT_TOKEN_ID
 
 
