@@ -12,15 +12,24 @@ driven over its OpenAI endpoint with the same requests as our gateway. Every fla
   --cache-ram 0     its host-RAM prompt cache (8192 MiB by default) would hold prompts far beyond
                     our pool; 0 turns it off (and with it --cache-idle-slots, which needs it)
   -np SLOTS         slots = requests in flight at once; default our --max-num-seqs (the admission
-                    cap of our engine); with --kv-unified slots cost no KV of their own
+                    cap of our engine); with --kv-unified slots cost no KV of their own. It has no
+                    preemption: when the requests in flight fill the pool, every one of them fails
+                    ("Context size has been exceeded"); fewer slots (bench.serve --peer-slots,
+                    e.g. pool // longest request) make it queue instead
   -cb               continuous batching (its default; written so the command says it)
-  -fa auto          flash attention as llama.cpp decides (its default; the decode peer's too)
+  -fa auto          flash attention as llama.cpp decides (its default; the decode peer's too): on
+                    this CPU build its log says "Flash Attention enabled"
   --fit off         do not shrink unset parameters to "fit device memory": we set what matters
   --no-webui        no browser UI (the build embeds none anyway)
 Left at llama.cpp's defaults: -b 2048 -ub 512, prompt caching per slot (cache_prompt, the
-prefix reuse llama-server has: a slot reuses its own previous prompt's KV, slots share none),
---slot-prompt-similarity 0.1, no context shift. LLAMA_ARG_* variables are removed from its
-environment so that nothing outside this list configures it.
+prefix reuse llama-server has: an idle slot reuses its own previous prompt's KV, slots share none),
+--slot-prompt-similarity 0.1, no context shift, -lm auto (the GGUF memory-mapped: -lm none made no
+difference here), --poll 50 (its threads spin a while waiting for work), warm-up at start.
+LLAMA_ARG_* variables are removed from its environment so that nothing outside this list
+configures it. Its OpenMP threads meet at a barrier after every op: with -t equal to the cores,
+another job on the machine stalls it far more than it stalls us (a 2-core VM with ~1 core taken
+by a test run: 56-230 ms a token single-stream, against 14-16 ms idle), so time it on a quiet
+machine; bench/serve_peers.py prints what other processes used during each arm.
 """
 
 from __future__ import annotations
