@@ -51,5 +51,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info rpc
 
 # Benchmark peers (llama.cpp compiled from its sdist: a few minutes; never part of `make test`).
+# Then llama.cpp's own llama-server from the same sdist, into ~/.cache/paged-nanogpt (bench/build_llama_server.py).
 peers: install
 	$(PY) -m pip install --quiet -e '.[peers]'
+	$(PY) -m bench.build_llama_server

@@ -16,6 +16,7 @@ and --routing names the gateway's policies to compare (bench/routing.py sums the
 --compare-in-process also runs the same workload in-process and prints the split's efficiency; the
 arms alternate (services, in-process, in-process, services for --compare-rounds 2) so that drift
 of a shared machine during the run cancels instead of landing on one arm.
+--peers llama-server runs llama.cpp's own server beside our stack on the same requests (bench/serve_peers.py).
 """
 
 from __future__ import annotations
@@ -410,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunked-prefill", default="on,off", type=lambda s: s.split(","), help="long-prompts: arms")
     ap.add_argument("--max-num-batched-tokens", type=int, default=256, help="long-prompts: the step's token budget")
     ap.add_argument("--period-factor", type=float, default=4.0, help="long-prompts: arrival period / prefill time")
+    ap.add_argument("--peers", default="", choices=["", "llama-server"], help="a peer server beside ours")
+    ap.add_argument("--peer-slots", type=int, default=0, help="llama-server's -np (0 = --max-num-seqs)")
     add_quick_flag(
         ap,
         **shared_prefix_shrink(),
@@ -429,6 +432,11 @@ def main(argv: list[str] | None = None) -> None:
         run_long_prompts(args)
         return
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
+    if args.peers:
+        from bench.serve_peers import run
+
+        run(args, rates)
+        return
     by_arm: dict[tuple[str, str], list[dict]] = {}
     for mode in args.modes:
         for policy in args.routing:

@@ -110,20 +110,24 @@ async def one_grpc_request(
 
 class Transports:
     """Open connections to one gateway over both transports (async context manager), with its API
-    key and, for a TLS gateway, the certificate to verify it against."""
+    key and, for a TLS gateway, the certificate to verify it against. An empty `grpc_address` opens
+    HTTP alone (a peer server that only speaks OpenAI's HTTP API: bench/serve_peers.py)."""
 
     def __init__(self, grpc_address: str, http_url: str, api_key: str = "", tls_ca_file: str = "") -> None:
         self.grpc_address, self.http_url = grpc_address, http_url.rstrip("/")
         self.api_key, self.tls_ca_file = api_key, tls_ca_file
 
     async def __aenter__(self) -> "Transports":
-        if self.tls_ca_file:
+        if not self.grpc_address:
+            self.channel = self.stub = None
+        elif self.tls_ca_file:
             with open(self.tls_ca_file, "rb") as ca:
                 credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
             self.channel = grpc.aio.secure_channel(self.grpc_address, credentials)
         else:
             self.channel = grpc.aio.insecure_channel(self.grpc_address)
-        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        if self.channel is not None:
+            self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.metadata = auth_metadata(self.api_key)
         # aiohttp, as vLLM's serving benchmark: its client costs ~0.35 ms a request here, httpx's ~1.3 ms
         ssl_context = ssl.create_default_context(cafile=self.tls_ca_file) if self.tls_ca_file else None
@@ -135,7 +139,8 @@ class Transports:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
         await self.http.close()
 
     def send(self, backend: str, req: Request, record, progress: tqdm, cache_salt: str = ""):
