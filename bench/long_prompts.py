@@ -5,14 +5,15 @@
 8 streams decode 256 tokens each (32-token prompts, sent at once) while long prompts (900 distinct
 random tokens each, so none hits the prefix cache; 16 output tokens) arrive one every period =
 4 x the prefill time of one such prompt measured on this machine first (a stack with chunking
-off, a lone prompt, the median TTFT of 3). Every arm gets the same requests at the same offsets,
-on a fresh stack (memory, one compute replica, gateway) with `--max-num-batched-tokens` (printed);
-the arms alternate (on, off, off, on for 2 rounds) so drift of the machine favours neither, and
-each metric is the mean over an arm's rounds.
+off, a lone prompt, the median TTFT of 3), shortened where that would stall under 3% of the
+streams' gaps in the off arm (`arrival_plan`: p99 must see the stalls). Every arm gets the same
+requests at the same offsets, on a fresh stack (memory, one compute replica, gateway) with
+`--max-num-batched-tokens` (printed); the arms alternate (on, off, off, on for 2 rounds) so drift
+of the machine favours neither, and each metric is the mean over an arm's rounds.
 Measured: ITL p99 and TPOT p50 of the decoding streams, TTFT p50 of the long prompts, output
 tokens/s of everything; and, in the off arm, the share of the decoding streams' gaps that overlap
-a prefill (a gap overlaps one when it intersects [first token - prefill time, first token] of a
-long prompt): p99 reflects stalls only when that share is over 1%. Last line:
+a prefill (a gap holds the middle of [first token - prefill time, first token] of a long prompt:
+in the off arm, the one step that computes it): p99 reflects stalls only when that share is over 1%. Last line:
 `chunked_itl_p99_ratio=... chunked_tpot_ratio=... chunked_ttft_ratio=... chunked_throughput_ratio=...
 stalled_gap_share=...` (ratios are on / off).
 """
@@ -35,6 +36,7 @@ from bench.workloads import Request
 
 NUM_STREAMS, STREAM_PROMPT, STREAM_TOKENS = 8, 32, 256
 LONG_PROMPT, LONG_TOKENS = 900, 16
+MIN_STALLED_SHARE = 0.03  # of the decoding streams' gaps that overlap a prefill in the off arm
 GOALS = dict(itl_p99=0.35, tpot=1.10, ttft=1.20, throughput=0.97)  # on / off: at most, at most, at most, at least
 
 
@@ -98,8 +100,8 @@ def run_arm(args: argparse.Namespace, arm: str, timed: list[tuple[float, Request
         records, wall = asyncio.run(drive(gateway, http_url, timed))
     streams, longs = records[:NUM_STREAMS], records[NUM_STREAMS:]
     gaps = [(t[:-1], t[1:]) for t in (r.token_times() for r in streams)]
-    windows = [(r.sent_at + r.ttft - prefill_s, r.sent_at + r.ttft) for r in longs]
-    stalled = sum(int(np.sum((lo < w1) & (hi > w0))) for lo, hi in gaps for w0, w1 in windows)
+    middles = [r.sent_at + r.ttft - prefill_s / 2 for r in longs]  # of the step computing its last token(s)
+    stalled = sum(int(np.sum((lo < m) & (hi > m))) for lo, hi in gaps for m in middles)
     num_gaps = sum(len(lo) for lo, _ in gaps)
     ms = 1000.0
     return dict(
@@ -112,16 +114,32 @@ def run_arm(args: argparse.Namespace, arm: str, timed: list[tuple[float, Request
     )
 
 
+def arrival_plan(prefill_s: float, tpot_s: float, factor: float) -> tuple[float, int]:
+    """(period, number of long prompts). In the off arm a stream gets one stalled gap per long
+    prompt arriving in its life (255 gaps of `tpot_s`, plus the stalls), so the stalled share is
+    about tpot / (period - prefill). The period is `factor` x the prefill unless that share would
+    be under MIN_STALLED_SHARE (p99 would then miss the stalls): then the longest period that
+    reaches it, said so. As many prompts as arrive while the streams decode."""
+    period = factor * prefill_s
+    longest = prefill_s + tpot_s / MIN_STALLED_SHARE
+    if period > longest:
+        print(
+            f"a period of {factor} x the prefill would stall about {tpot_s / (period - prefill_s):.1%} of the "
+            f"streams' gaps (< {MIN_STALLED_SHARE:.0%}: p99 would not see them); shortened to {longest:.2f} s"
+        )
+        period = longest
+    return period, max(2, math.ceil((STREAM_TOKENS - 1) * tpot_s / (period - prefill_s)))
+
+
 def run_long_prompts(args: argparse.Namespace) -> None:
     arms = args.chunked_prefill
     print(f"max_num_batched_tokens={args.max_num_batched_tokens} (both arms; off raises it to fit any prompt)")
     prefill_s, tpot_s = calibrate(args)
-    period = args.period_factor * prefill_s
-    # long prompts arrive while the streams decode: in the off arm each period holds one prefill
-    num_long = max(2, int(STREAM_TOKENS * tpot_s / (period - prefill_s)))
+    period, num_long = arrival_plan(prefill_s, tpot_s, args.period_factor)
     print(
         f"calibration: prefill of {LONG_PROMPT} tokens {prefill_s * 1000:.0f} ms, stream decode "
-        f"{tpot_s * 1000:.1f} ms/token -> a long prompt every {period:.2f} s, {num_long} of them"
+        f"{tpot_s * 1000:.1f} ms/token -> a long prompt every {period:.2f} s ({period / prefill_s:.2f} x the "
+        f"prefill), {num_long} of them"
     )
     rng = np.random.default_rng(args.seed)
     streams = random_requests(rng, NUM_STREAMS, STREAM_PROMPT, STREAM_TOKENS)

@@ -30,6 +30,11 @@ class KVCache:
         shape = (n_layer, 2, num_blocks, n_head, block_size, head_dim)
         if torch.device(device).type == "cpu":  # decode streams it: huge pages save the page walks
             self.pool = hugepage_zeros(shape, dtype)
+            # Fault every page in now: the mapping is lazy, and a step that first touches a block
+            # paid ~1.3 ms per MB of it (a 900-token prompt's blocks: ~90 ms on the build machine),
+            # so latency depended on which blocks a request happened to get; and a pool this
+            # machine cannot hold fails here, at start, not in the middle of serving.
+            self.pool.zero_()
         else:
             self.pool = torch.zeros(shape, device=device, dtype=dtype)
 
