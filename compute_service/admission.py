@@ -95,7 +95,7 @@ class Admission:
             if self.config.chunked_prefill:
                 if num_tokens >= token_budget:
                     break
-                to_compute = min(to_compute, token_budget - num_tokens)  # its first chunk
+                to_compute = min(to_compute, token_budget - num_tokens, self.config.chunk_cap)  # its first chunk
             elif num_tokens + to_compute > token_budget:
                 break
             needed = self.kv.blocks_to_admit(seq)

@@ -62,6 +62,10 @@ class EngineConfig:
     # on: a prompt longer than what the decodes leave of the budget runs in chunks over several
     # steps, beside the decodes (their inter-token latency stays bounded); off: a prompt runs whole.
     chunked_prefill: str = "on"
+    # With chunked prefill, one prompt's chunk in a step at most (0 = the whole budget; vLLM's
+    # long_prefill_token_threshold): bounds the stall a long prompt causes, while the budget lets
+    # many short or cached prompts in at once.
+    long_prefill_token_threshold: int = 256
     device: str = "cpu"
     # Precision of the weights. On CPU: float32 (token-exact with HF) or bfloat16, the copy of the
     # weights decode's few-row products read; activations, the KV cache and prefill stay float32
@@ -100,6 +104,8 @@ class EngineConfig:
             raise ValueError("quantize=int8 needs dtype=float32 on the CPU (the scales apply to float32 products)")
         if self.chunked_prefill not in ("on", "off"):
             raise ValueError(f"chunked_prefill must be on or off, got {self.chunked_prefill!r}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         if self.chunked_prefill == "on" and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "

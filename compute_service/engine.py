@@ -66,6 +66,7 @@ class InferenceEngine:
             if chunked
             else max(config.max_num_batched_tokens, self.max_model_len + config.max_num_seqs),
             chunked_prefill=chunked,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
             watermark_blocks=0,
             headroom_blocks_per_seq=config.headroom_blocks_per_seq if paged else 0,
         )

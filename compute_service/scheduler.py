@@ -36,8 +36,18 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096  # the step's token budget: decodes' tokens plus prompt chunks'
     chunked_prefill: bool = True  # False: a prompt is computed in one step, whole
+    # A prompt's chunk in one step, at most (vLLM's long_prefill_token_threshold): bounds the
+    # stall one long prompt causes while the budget still lets many short ones in at once.
+    long_prefill_token_threshold: int = 0  # 0 = the budget
     watermark_blocks: int = 1  # kept free at admission so running sequences can grow
     headroom_blocks_per_seq: int = 0  # and this many more per running sequence (fewer recomputes)
+
+    @property
+    def chunk_cap(self) -> int:
+        """Tokens one prompt computes in one step, at most."""
+        if not self.chunked_prefill:
+            return self.max_num_batched_tokens
+        return self.long_prefill_token_threshold or self.max_num_batched_tokens
 
 
 @dataclass
@@ -162,7 +172,7 @@ class Scheduler:
         rows: dict[Sequence, tuple[int, int]] = {}  # seq -> (first token, tokens) of its next row
         for seq in sorted(going_on, key=lambda s: self._remaining(s, ahead) > 1):  # decodes first
             start, remaining = self._projected_computed(seq, ahead), self._remaining(seq, ahead)
-            num_new = min(remaining, budget)
+            num_new = min(remaining, budget, self.config.chunk_cap)
             if num_new <= 0 or (num_new < remaining and not self.config.chunked_prefill):
                 continue  # waits for a step with room
             rows[seq] = (start, num_new)
@@ -181,7 +191,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             to_compute = max(1, seq.num_tokens - self.kv.estimated_hit_tokens(seq))
-            budgets[seq.request_id] = min(to_compute, budget) if self.config.chunked_prefill else seq.num_tokens
+            chunk = min(to_compute, budget, self.config.chunk_cap)
+            budgets[seq.request_id] = chunk if self.config.chunked_prefill else seq.num_tokens
             budget -= budgets[seq.request_id]
         if not rows and not admitted:
             return False

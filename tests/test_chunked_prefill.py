@@ -184,3 +184,17 @@ def test_one_memory_call_per_step_with_chunks_and_decodes_mixed(hf_gpt2_dir):
     engine.generate([random_prompt(rng, int(n)) for n in (70, 5, 33, 100)], greedy(6))
     load = engine.load()
     assert load.num_memory_calls <= engine.stats.num_forwards + 2  # + the flushes of an idle engine
+
+
+def test_a_long_prompt_computes_at_most_the_threshold_a_step_while_short_ones_fill_the_budget(hf_gpt2_dir, hf_model):
+    """long_prefill_token_threshold caps one prompt's chunk; the budget still takes several prompts."""
+    engine = chunked_engine(hf_gpt2_dir, 64, long_prefill_token_threshold=16)
+    log = StepLog(engine)
+    rng = np.random.default_rng(8)
+    prompts = [random_prompt(rng, n) for n in (100, 12, 14, 10)]
+    results = engine.generate(prompts, greedy(5))
+    assert all(n <= 16 for rows in log.rows.values() for _, n in rows)
+    assert any(sum(n for n in b.num_new_tokens if n > 1) > 16 for b in log.batches)  # several chunks in a step
+    for prompt, got in zip(prompts, results, strict=True):
+        assert got.token_ids == hf_greedy(hf_model, prompt, 5)
+    assert_all_blocks_free(engine)
