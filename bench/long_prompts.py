@@ -34,8 +34,19 @@ from bench.serve import RequestRecord, start_stack
 from bench.transports import Transports
 from bench.workloads import Request
 
-NUM_STREAMS, STREAM_PROMPT, STREAM_TOKENS = 8, 32, 256
-LONG_PROMPT, LONG_TOKENS = 900, 16
+
+@dataclass(frozen=True)
+class Shape:
+    """The workload's sizes: decoding streams (prompt, output tokens) and long prompts."""
+
+    streams: int = 8
+    stream_prompt: int = 32
+    stream_tokens: int = 256
+    long_prompt: int = 900
+    long_tokens: int = 16
+
+
+FULL, QUICK = Shape(), Shape(streams=2, stream_prompt=8, stream_tokens=24, long_prompt=96, long_tokens=4)
 MIN_STALLED_SHARE = 0.03  # of the decoding streams' gaps that overlap a prefill in the off arm
 GOALS = dict(itl_p99=0.35, tpot=1.10, ttft=1.20, throughput=0.97)  # on / off: at most, at most, at most, at least
 
@@ -71,7 +82,7 @@ def random_requests(rng: np.random.Generator, count: int, prompt_len: int, outpu
     return [Request(rng.integers(0, 50257, size=prompt_len).tolist(), output_len) for _ in range(count)]
 
 
-def calibrate(args: argparse.Namespace) -> tuple[float, float]:
+def calibrate(args: argparse.Namespace, shape: Shape) -> tuple[float, float]:
     """(prefill seconds of one long prompt, decode seconds per token of the 8 streams) on a
     stack with chunking off, after a warm-up."""
     rng = np.random.default_rng(args.seed + 1000)
@@ -79,10 +90,10 @@ def calibrate(args: argparse.Namespace) -> tuple[float, float]:
         gateway, _, http_url = start_stack(stack, args, "paged", "kv-aware", arm_settings(args, "off"))
         asyncio.run(drive(gateway, http_url, [(0.0, r) for r in random_requests(rng, 2, 40, 4)]))
         ttfts = []
-        for req in random_requests(rng, 3, LONG_PROMPT, 1):
+        for req in random_requests(rng, 3, shape.long_prompt, 1):
             records, _ = asyncio.run(drive(gateway, http_url, [(0.0, req)]))
             ttfts.append(records[0].ttft)
-        streams = random_requests(rng, NUM_STREAMS, STREAM_PROMPT, 32)
+        streams = random_requests(rng, shape.streams, shape.stream_prompt, 32)
         records, _ = asyncio.run(drive(gateway, http_url, [(0.0, r) for r in streams]))
     tpot = float(np.median([(r.e2el - r.ttft) / (r.output_tokens - 1) for r in records]))
     return float(np.median(ttfts)), tpot
@@ -92,13 +103,15 @@ def arm_settings(args: argparse.Namespace, arm: str) -> dict[str, str]:
     return {"chunked_prefill": arm, "max_num_batched_tokens": str(args.max_num_batched_tokens)}
 
 
-def run_arm(args: argparse.Namespace, arm: str, timed: list[tuple[float, Request]], prefill_s: float) -> dict:
+def run_arm(
+    args: argparse.Namespace, arm: str, timed: list[tuple[float, Request]], prefill_s: float, num_streams: int
+) -> dict:
     with ExitStack() as stack:
         gateway, _, http_url = start_stack(stack, args, "paged", "kv-aware", arm_settings(args, arm))
         warm = random_requests(np.random.default_rng(args.seed + 2000), 2, 40, 4)
         asyncio.run(drive(gateway, http_url, [(0.0, r) for r in warm]))
         records, wall = asyncio.run(drive(gateway, http_url, timed))
-    streams, longs = records[:NUM_STREAMS], records[NUM_STREAMS:]
+    streams, longs = records[:num_streams], records[num_streams:]
     gaps = [(t[:-1], t[1:]) for t in (r.token_times() for r in streams)]
     middles = [r.sent_at + r.ttft - prefill_s / 2 for r in longs]  # of the step computing its last token(s)
     stalled = sum(int(np.sum((lo < m) & (hi > m))) for lo, hi in gaps for m in middles)
@@ -114,7 +127,7 @@ def run_arm(args: argparse.Namespace, arm: str, timed: list[tuple[float, Request
     )
 
 
-def arrival_plan(prefill_s: float, tpot_s: float, factor: float) -> tuple[float, int]:
+def arrival_plan(prefill_s: float, tpot_s: float, factor: float, stream_tokens: int) -> tuple[float, int]:
     """(period, number of long prompts). In the off arm a stream gets one stalled gap per long
     prompt arriving in its life (255 gaps of `tpot_s`, plus the stalls), so the stalled share is
     about tpot / (period - prefill). The period is `factor` x the prefill unless that share would
@@ -128,27 +141,30 @@ def arrival_plan(prefill_s: float, tpot_s: float, factor: float) -> tuple[float,
             f"streams' gaps (< {MIN_STALLED_SHARE:.0%}: p99 would not see them); shortened to {longest:.2f} s"
         )
         period = longest
-    return period, max(2, math.ceil((STREAM_TOKENS - 1) * tpot_s / (period - prefill_s)))
+    return period, max(2, math.ceil((stream_tokens - 1) * tpot_s / (period - prefill_s)))
 
 
 def run_long_prompts(args: argparse.Namespace) -> None:
+    shape = QUICK if args.quick else FULL  # --quick: the same code path at a smoke run's size
+    if args.quick:
+        args.compare_rounds = 1
     arms = args.chunked_prefill
     print(f"max_num_batched_tokens={args.max_num_batched_tokens} (both arms; off raises it to fit any prompt)")
-    prefill_s, tpot_s = calibrate(args)
-    period, num_long = arrival_plan(prefill_s, tpot_s, args.period_factor)
+    prefill_s, tpot_s = calibrate(args, shape)
+    period, num_long = arrival_plan(prefill_s, tpot_s, args.period_factor, shape.stream_tokens)
     print(
-        f"calibration: prefill of {LONG_PROMPT} tokens {prefill_s * 1000:.0f} ms, stream decode "
+        f"calibration: prefill of {shape.long_prompt} tokens {prefill_s * 1000:.0f} ms, stream decode "
         f"{tpot_s * 1000:.1f} ms/token -> a long prompt every {period:.2f} s ({period / prefill_s:.2f} x the "
         f"prefill), {num_long} of them"
     )
     rng = np.random.default_rng(args.seed)
-    streams = random_requests(rng, NUM_STREAMS, STREAM_PROMPT, STREAM_TOKENS)
-    longs = random_requests(rng, num_long, LONG_PROMPT, LONG_TOKENS)
+    streams = random_requests(rng, shape.streams, shape.stream_prompt, shape.stream_tokens)
+    longs = random_requests(rng, num_long, shape.long_prompt, shape.long_tokens)
     timed = [(0.0, r) for r in streams] + [(period * (k + 0.5), r) for k, r in enumerate(longs)]
     order = [arm for r in range(args.compare_rounds) for arm in (arms if r % 2 == 0 else arms[::-1])]
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for arm in order:
-        row = run_arm(args, arm, timed, prefill_s)
+        row = run_arm(args, arm, timed, prefill_s, shape.streams)
         results[arm].append(row)
         print(f"chunked_prefill={arm}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
     mean = {arm: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for arm, rows in results.items()}

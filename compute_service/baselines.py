@@ -13,7 +13,8 @@ import torch
 
 from compute_service.model import GPT, AttentionMetadata
 from compute_service.model_runner import ModelRunner, PreparedBatch
-from compute_service.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from compute_service.scheduled_batch import ScheduledBatch
+from compute_service.scheduler import Scheduler, SchedulerConfig
 from compute_service.sequence import Sequence, SequenceStatus
 
 

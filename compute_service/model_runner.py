@@ -16,7 +16,7 @@ import torch
 
 from compute_service.kv_cache import KVCache
 from compute_service.model import GPT, AttentionMetadata
-from compute_service.scheduler import ScheduledBatch
+from compute_service.scheduled_batch import ScheduledBatch
 
 
 @dataclass

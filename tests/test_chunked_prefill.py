@@ -11,7 +11,7 @@ import torch
 
 from bench.local_engine import LocalEngine
 from common.sampling_params import SamplingParams
-from compute_service.scheduler import ScheduledBatch
+from compute_service.scheduled_batch import ScheduledBatch
 from tests.conftest import hf_greedy, random_prompt
 from tests.test_continuous_batching import assert_all_blocks_free, assert_log_passes_audit, record_events
 

@@ -4,8 +4,9 @@ keeps the command's arms, modes and workload and shrinks only counts, sizes and 
 (bench/quick.py). A doc that shows a command a module no longer accepts fails here.
 
 One exception, stated: llama.cpp peers need `make peers` (llama.cpp compiled from its sdist, several
-minutes), which `make test` does not run. Where llama-cpp-python is not installed, a command's
-llama-cpp-* peers are left out of its `--peers` and the rest of the command runs.
+minutes, and llama-server built from the same sdist), which `make test` does not run. Where
+llama-cpp-python is not installed, a command's llama-cpp-* peers are left out of its `--peers`,
+and where llama-server is not built, `llama-server`; the rest of the command runs.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.build_llama_server import binary_path
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+HAVE_LLAMA_SERVER = binary_path().exists()
 
 
 def doc_commands() -> list[str]:
@@ -40,9 +44,13 @@ def doc_commands() -> list[str]:
 def runnable(command: str) -> list[str]:
     argv = shlex.split(command)
     argv[argv.index("python")] = sys.executable
-    if "--peers" in argv and not HAVE_LLAMA_CPP:
+    if "--peers" in argv:
         at = argv.index("--peers")
-        peers = [p for p in argv[at + 1].split(",") if not p.startswith("llama-cpp")]
+        peers = [
+            p
+            for p in argv[at + 1].split(",")
+            if (HAVE_LLAMA_CPP or not p.startswith("llama-cpp")) and (HAVE_LLAMA_SERVER or p != "llama-server")
+        ]
         argv[at : at + 2] = ["--peers", ",".join(peers)] if peers else []
     return [*argv, "--quick"]
 
