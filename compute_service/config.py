@@ -64,8 +64,9 @@ class EngineConfig:
     chunked_prefill: str = "on"
     # With chunked prefill, one prompt's chunk in a step at most (0 = the whole budget; vLLM's
     # long_prefill_token_threshold): bounds the stall a long prompt causes, while the budget lets
-    # many short or cached prompts in at once.
-    long_prefill_token_threshold: int = 256
+    # many short or cached prompts in at once. Off by default: 256 halves the decodes' ITL p99
+    # under a shared-prefix load and doubles its TTFT p50 (docs/benchmarks.md, "Chunked prefill").
+    long_prefill_token_threshold: int = 0
     device: str = "cpu"
     # Precision of the weights. On CPU: float32 (token-exact with HF) or bfloat16, the copy of the
     # weights decode's few-row products read; activations, the KV cache and prefill stay float32

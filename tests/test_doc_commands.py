@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-HAVE_LLAMA_SERVER = binary_path().exists()
+HAVE_LLAMA_SERVER = HAVE_LLAMA_CPP and binary_path().exists()  # it runs on the GGUF llama-cpp-python writes
 
 
 def doc_commands() -> list[str]:
