@@ -39,18 +39,17 @@ class ModelRunner:
         plans the next step (which may preempt one of them and drop its table)."""
         bs = self.kv_cache.block_size
         num_decodes = batch.num_decodes
-        ids, positions, slots = [], [], []
+        ids, positions, slots = [], [], []  # plain ints, one tensor each: a decode step builds this per token
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start = seq.num_computed_tokens  # what the pool holds already is not computed again
-            pos = torch.arange(start, start + num_new)
-            ids.append(torch.tensor(seq.token_ids[start : start + num_new]))
-            positions.append(pos)
-            table = torch.tensor(seq.block_table)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            table = seq.block_table
+            ids += seq.token_ids[start : start + num_new]
+            positions += range(start, start + num_new)
+            slots += (table[p // bs] * bs + p % bs for p in range(start, start + num_new))
         decodes = batch.seqs[:num_decodes]
         chunks = batch.seqs[num_decodes:]
         meta = AttentionMetadata(seq_lens=list(batch.num_new_tokens), num_decodes=num_decodes)
-        meta.slot_mapping = torch.cat(slots).to(self.device)
+        meta.slot_mapping = torch.tensor(slots, device=self.device)
         if decodes:
             max_blocks = max(len(seq.block_table) for seq in decodes)
             tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in decodes]
@@ -69,7 +68,9 @@ class ModelRunner:
         if not batch.is_decode_only:
             last = torch.tensor(batch.num_new_tokens).cumsum(0) - 1  # (B,) each row's last token
             logits_indices = last[torch.tensor(batch.samples, dtype=torch.bool)].to(self.device)
-        return PreparedBatch(torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), meta, logits_indices)
+        return PreparedBatch(
+            torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta, logits_indices
+        )
 
     @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> torch.Tensor:
