@@ -35,25 +35,26 @@ class Admission:
 
     def admit(
         self, waiting: deque[Sequence], running: list[Sequence], free_blocks: int, num_running: int, token_budget: int
-    ) -> list[Sequence]:
-        """Waiting sequences to admit now. With prefix caching, as SGLang's longest-prefix-first
-        policy does: prompts whose prefix this replica has cached go first, and a step that takes
-        some takes no cold prompt (a cold prompt's long prefill would delay every cheap one in
-        the step); the next admission is in plain queue order, so cold prompts are never starved.
-        Prompts whose prefix another sequence is computing right now wait for its commit.
-        Admitted sequences leave `waiting`; the others keep their places."""
+    ) -> dict[Sequence, int]:
+        """Waiting sequences to admit now, each with the tokens its first step computes (a likely
+        cached prefix left out; with chunked prefill, its first chunk). With prefix caching, as
+        SGLang's longest-prefix-first policy does: prompts whose prefix this replica has cached go
+        first, and a step that takes some takes no cold prompt (a cold prompt's long prefill would
+        delay every cheap one in the step); the next admission is in plain queue order, so cold
+        prompts are never starved. Prompts whose prefix another sequence is computing right now
+        wait for its commit. Admitted sequences leave `waiting`; the others keep their places."""
         candidates = [waiting[i] for i in range(min(len(waiting), MAX_SCAN))] if token_budget > 0 else []
         if num_running and candidates:  # a full pool (the usual case under load) costs no hashing
             smallest = min(self.kv.blocks_to_admit(s) for s in candidates)
             if free_blocks - smallest < self._headroom(num_running + 1) or num_running >= self.config.max_num_seqs:
                 self.holding = False
-                return []
+                return {}
         kv, block_size = self.kv, self.kv.block_size
         computing = kv.being_computed(running) if candidates else set()
         held = {id(s) for s in candidates if computing and any(h in computing for h in kv.prefix_hashes(s))}
         hits = {id(s): kv.estimated_hit_tokens(s) for s in candidates}
         self.holding = bool(held)
-        admitted: list[Sequence] = []
+        admitted: dict[Sequence, int] = {}
         if any(hits.values()) and not self.took_hits_only:
             warm = [s for s in candidates if hits[id(s)] and id(s) not in held]
             admitted = self._take(warm, hits, free_blocks, num_running, token_budget)
@@ -77,12 +78,12 @@ class Admission:
 
     def _take(
         self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int, num_running: int, token_budget: int
-    ) -> list[Sequence]:
-        """The longest run of candidates, in order, that fits: sequences,
+    ) -> dict[Sequence, int]:
+        """The longest run of candidates, in order, that fits, with the tokens each computes: sequences,
         the token budget (tokens to compute: less a likely cached prefix; with chunked prefill a
         prompt fits while any budget is left, and takes at most what is left) and free blocks
         (counted as if nothing were cached), keeping headroom for the running ones to grow."""
-        admitted: list[Sequence] = []
+        admitted: dict[Sequence, int] = {}
         num_tokens = 0
         computing: set[bytes] = set()
         for seq in candidates:
@@ -103,7 +104,7 @@ class Admission:
                 break
             if needed > free_blocks:
                 break
-            admitted.append(seq)
+            admitted[seq] = to_compute
             free_blocks -= needed
             num_tokens += to_compute
             num_running += 1

@@ -147,16 +147,14 @@ class Scheduler:
             self._preempt(victim)
         admitted = self.admission.admit(self.waiting, self.running, free_blocks - new_blocks, len(going_on), budget)
         budgets = {seq.request_id: n for seq, (_, n) in rows.items()}
-        for seq in admitted:
+        for seq, first_chunk in admitted.items():
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            to_compute = max(1, seq.num_tokens - self.kv.estimated_hit_tokens(seq))
-            chunk = min(to_compute, budget, self.config.chunk_cap)
-            budgets[seq.request_id] = chunk if self.config.chunked_prefill else seq.num_tokens
-            budget -= budgets[seq.request_id]
+            # unchunked, the prompt runs whole whatever the answer says was cached
+            budgets[seq.request_id] = first_chunk if self.config.chunked_prefill else seq.num_tokens
         if not rows and not admitted:
             return False
-        self.kv.send_step(admitted, {seq: start + n for seq, (start, n) in rows.items()}, len(self.waiting))
+        self.kv.send_step(list(admitted), {seq: start + n for seq, (start, n) in rows.items()}, len(self.waiting))
         self._in_flight = _Plan([*rows, *admitted], budgets, {s.request_id for s in admitted})
         return True
 
