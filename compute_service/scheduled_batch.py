@@ -4,7 +4,7 @@ compute_service.model_runner turns them into tensors)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from compute_service.sequence import Sequence
 
@@ -17,7 +17,7 @@ class ScheduledBatch:
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
-    samples: list[bool] = field(default_factory=list)
+    samples: list[bool]  # per row: whether it reaches its sequence's last token (and gets a token)
 
     @classmethod
     def of(cls, rows: list[tuple[Sequence, int]]) -> ScheduledBatch:

@@ -130,8 +130,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         going_on = [s for s in self.running if not self._ends_by_length(s, ahead)]
         rows: dict[Sequence, tuple[int, int]] = {}  # seq -> (first token, tokens) of its next row
-        for seq in sorted(going_on, key=lambda s: self._remaining(s, ahead) > 1):  # decodes first
-            start, remaining = self._projected_computed(seq, ahead), self._remaining(seq, ahead)
+        projected = {seq: (self._projected_computed(seq, ahead), self._remaining(seq, ahead)) for seq in going_on}
+        for seq in sorted(going_on, key=lambda s: projected[s][1] > 1):  # decodes first
+            start, remaining = projected[seq]
             num_new = min(remaining, budget, self.config.chunk_cap)
             if num_new <= 0 or (num_new < remaining and not self.config.chunked_prefill):
                 continue  # waits for a step with room
