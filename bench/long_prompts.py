@@ -23,15 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
-from bench.serve import RequestRecord, start_stack
-from bench.transports import Transports
+from bench.serve import RequestRecord, run_load, start_stack
 from bench.workloads import Request
 
 
@@ -51,27 +48,15 @@ MIN_STALLED_SHARE = 0.03  # of the decoding streams' gaps that overlap a prefill
 GOALS = dict(itl_p99=0.35, tpot=1.10, ttft=1.20, throughput=0.97)  # on / off: at most, at most, at most, at least
 
 
-@dataclass
-class TimedRecord(RequestRecord):
-    sent_at: float = math.nan
-
-    def token_times(self) -> np.ndarray:
-        """When each streamed chunk arrived (perf_counter seconds)."""
-        return self.sent_at + self.ttft + np.concatenate([[0.0], np.cumsum(self.itl)])
+def token_times(record: RequestRecord) -> np.ndarray:
+    """When each streamed chunk of a request arrived (perf_counter seconds)."""
+    return record.sent_at + record.ttft + np.concatenate([[0.0], np.cumsum(record.itl)])
 
 
-async def drive(gateway: str, http_url: str, timed: list[tuple[float, Request]]) -> tuple[list[TimedRecord], float]:
+def drive(gateway: str, http_url: str, timed: list[tuple[float, Request]]) -> tuple[list[RequestRecord], float]:
     """Send each request at its offset (seconds from now), streamed over gRPC; wait for all."""
-    records = [TimedRecord() for _ in timed]
-    async with Transports(gateway, http_url) as transports:
-        with tqdm(total=len(timed), desc="requests", unit="req", leave=False) as progress:
-            start, tasks = time.perf_counter(), []
-            for (offset, req), rec in zip(timed, records, strict=True):
-                await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-                rec.sent_at = time.perf_counter()
-                tasks.append(asyncio.create_task(transports.send("grpc", req, rec, progress)))
-            await asyncio.gather(*tasks)
-            wall = time.perf_counter() - start
+    offsets, requests = [t for t, _ in timed], [r for _, r in timed]
+    records, wall = asyncio.run(run_load(gateway, http_url, requests, math.inf, 1.0, 0, offsets=offsets))
     failed = [r.error for r in records if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed: {failed[:3]}")
@@ -88,13 +73,13 @@ def calibrate(args: argparse.Namespace, shape: Shape) -> tuple[float, float]:
     rng = np.random.default_rng(args.seed + 1000)
     with ExitStack() as stack:
         gateway, _, http_url = start_stack(stack, args, "paged", "kv-aware", arm_settings(args, "off"))
-        asyncio.run(drive(gateway, http_url, [(0.0, r) for r in random_requests(rng, 2, 40, 4)]))
+        drive(gateway, http_url, [(0.0, r) for r in random_requests(rng, 2, 40, 4)])
         ttfts = []
         for req in random_requests(rng, 3, shape.long_prompt, 1):
-            records, _ = asyncio.run(drive(gateway, http_url, [(0.0, req)]))
+            records, _ = drive(gateway, http_url, [(0.0, req)])
             ttfts.append(records[0].ttft)
         streams = random_requests(rng, shape.streams, shape.stream_prompt, 32)
-        records, _ = asyncio.run(drive(gateway, http_url, [(0.0, r) for r in streams]))
+        records, _ = drive(gateway, http_url, [(0.0, r) for r in streams])
     tpot = float(np.median([(r.e2el - r.ttft) / (r.output_tokens - 1) for r in records]))
     return float(np.median(ttfts)), tpot
 
@@ -109,10 +94,10 @@ def run_arm(
     with ExitStack() as stack:
         gateway, _, http_url = start_stack(stack, args, "paged", "kv-aware", arm_settings(args, arm))
         warm = random_requests(np.random.default_rng(args.seed + 2000), 2, 40, 4)
-        asyncio.run(drive(gateway, http_url, [(0.0, r) for r in warm]))
-        records, wall = asyncio.run(drive(gateway, http_url, timed))
+        drive(gateway, http_url, [(0.0, r) for r in warm])
+        records, wall = drive(gateway, http_url, timed)
     streams, longs = records[:num_streams], records[num_streams:]
-    gaps = [(t[:-1], t[1:]) for t in (r.token_times() for r in streams)]
+    gaps = [(t[:-1], t[1:]) for t in (token_times(r) for r in streams)]
     middles = [r.sent_at + r.ttft - prefill_s / 2 for r in longs]  # of the step computing its last token(s)
     stalled = sum(int(np.sum((lo < m) & (hi > m))) for lo, hi in gaps for m in middles)
     num_gaps = sum(len(lo) for lo, _ in gaps)

@@ -55,6 +55,7 @@ class RequestRecord:
     replica: str = ""
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    sent_at: float = math.nan  # perf_counter() when it was sent (run_load)
 
 
 def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -74,9 +75,11 @@ async def run_load(
     seed: int,
     backend: str = "grpc",
     credentials: tuple[str, str] = ("", ""),
+    offsets: list[float] | None = None,
 ):
-    """Open-loop arrivals, each request streamed over `backend` (grpc | openai-http)."""
-    offsets = arrival_offsets(len(requests), rate, burstiness, seed)
+    """Open-loop arrivals, each request streamed over `backend` (grpc | openai-http); `offsets`
+    (seconds from the start, ascending) instead of drawing them from rate and burstiness."""
+    offsets = offsets if offsets is not None else arrival_offsets(len(requests), rate, burstiness, seed)
     records = [RequestRecord() for _ in requests]
     async with Transports(gateway, http_url, *credentials) as transports:
         with tqdm(total=len(requests), desc=f"rate {rate}", unit="req") as progress:
@@ -86,6 +89,7 @@ async def run_load(
                 delay = start + offset - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                rec.sent_at = time.perf_counter()
                 tasks.append(asyncio.create_task(transports.send(backend, req, rec, progress)))
             await asyncio.gather(*tasks)
             wall = time.perf_counter() - start
