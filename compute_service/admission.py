@@ -3,8 +3,11 @@ no RPC (compute_service.scheduler owns the queues; this decides who leaves the w
 compute_service.kv_manager what blocks and cached prefixes there are).
 
 In queue order, as many as fit: running sequences at most,
-what the running sequences left of the step's token budget (with chunked prefill a prompt needs
-only some of it: its first chunk; without, all of its uncached tokens), and free blocks counted as
+what the running sequences left of the step's token budget (with chunked prefill the step's first
+admission takes whatever is left, as a first chunk; a later one must fit whole, or with a full
+chunk when it is longer than a chunk: a prompt is not cut just to fill the rest of a step, since
+that chunk would finish nothing now and lengthen the step for the prompts that do finish in it;
+without chunking, all of its uncached tokens), and free blocks counted as
 if nothing were cached (a prompt's blocks are all taken at admission, even when it is computed
 in chunks), keeping headroom for the running sequences to grow. With prefix caching, SGLang's
 longest-prefix-first idea in a starvation-free form: prompts this replica has a cached prefix for
@@ -80,8 +83,8 @@ class Admission:
         self, candidates: list[Sequence], hits: dict[int, int], free_blocks: int, num_running: int, token_budget: int
     ) -> dict[Sequence, int]:
         """The longest run of candidates, in order, that fits, with the tokens each computes: sequences,
-        the token budget (tokens to compute: less a likely cached prefix; with chunked prefill a
-        prompt fits while any budget is left, and takes at most what is left) and free blocks
+        the token budget (tokens to compute: less a likely cached prefix, at most a chunk; the
+        first admission is cut to what is left, a later one must fit) and free blocks
         (counted as if nothing were cached), keeping headroom for the running ones to grow."""
         admitted: dict[Sequence, int] = {}
         num_tokens = 0
@@ -94,9 +97,11 @@ class Admission:
                 break
             to_compute = max(1, seq.num_tokens - hits.get(id(seq), 0))
             if self.config.chunked_prefill:
-                if num_tokens >= token_budget:
-                    break
-                to_compute = min(to_compute, token_budget - num_tokens, self.config.chunk_cap)  # its first chunk
+                to_compute = min(to_compute, self.config.chunk_cap)  # what it computes in a step with room
+                if to_compute > token_budget - num_tokens:
+                    if admitted:
+                        break  # not cut to fill the rest: it runs whole (or a full chunk) in the next step
+                    to_compute = token_budget  # the step's first admission: what the running rows left
             elif num_tokens + to_compute > token_budget:
                 break
             needed = self.kv.blocks_to_admit(seq)

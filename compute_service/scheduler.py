@@ -5,9 +5,10 @@ blocks, the free count, the prefix knowledge and the memory call; this decides w
 
 One rule per step, as vLLM v1's: a token budget (`max_num_batched_tokens`) is filled first with
 every running sequence's next row (a decode's one token, then the next chunk of a prompt being
-computed), in admission order, then with newly admitted prompts. A prompt longer than what is left
-runs in chunks over several steps, each chunk attending to the earlier ones in the pool; a
-sequence has one `num_computed_tokens` that chunks and decodes both advance, and samples a token
+computed), in admission order, then with newly admitted prompts (the step's first admission is
+cut to what is left; a later one waits for a step it fits: compute_service.admission). A prompt
+longer than that runs in chunks over several steps, each chunk attending to the earlier ones in
+the pool; a sequence has one `num_computed_tokens` that chunks and decodes both advance, and samples a token
 only in the step whose row reaches its last token. With `chunked_prefill` off a prompt runs whole
 (the budget is raised so that any prompt fits beside every decode). Admissions and preemptions
 are decided with the manager's count of free blocks; what the memory side's answer says did not

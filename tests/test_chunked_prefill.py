@@ -198,3 +198,22 @@ def test_a_long_prompt_computes_at_most_the_threshold_a_step_while_short_ones_fi
     for prompt, got in zip(prompts, results, strict=True):
         assert got.token_ids == hf_greedy(hf_model, prompt, 5)
     assert_all_blocks_free(engine)
+
+
+def test_a_prompt_that_fits_a_step_is_not_cut_to_fill_the_rest_of_another(hf_gpt2_dir, hf_model):
+    """Only a step's first admission is cut to what is left (it would not fit a step of its own
+    either); a later prompt that fits a step whole waits for the next one rather than start a chunk
+    that finishes nothing now: a burst's short prompts get their first tokens sooner."""
+    engine = chunked_engine(hf_gpt2_dir, 64)
+    log = StepLog(engine)
+    rng = np.random.default_rng(10)
+    prompts = [random_prompt(rng, n) for n in (40, 40, 100)]
+    results = engine.generate(prompts, greedy(4))
+    ids = [r.request_id for r in results]
+    assert log.rows[ids[0]][0] == (0, 40) and log.rows[ids[1]][0] == (0, 40), "a fitting prompt was split"
+    assert [seq.request_id for seq in log.batches[0].seqs] == [ids[0]]  # 24 tokens were left: #2 waited
+    long_rows = [n for start, n in log.rows[ids[2]] if start < 100]
+    assert len(long_rows) > 1 and sum(long_rows) == 100  # longer than a step: chunked from what was left
+    for prompt, got in zip(prompts, results, strict=True):
+        assert got.token_ids == hf_greedy(hf_model, prompt, 4)
+    assert_all_blocks_free(engine)
