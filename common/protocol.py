@@ -12,14 +12,31 @@ from typing import TypeVar
 from common.sampling_params import SamplingParams, TokenLogprobs
 
 M = TypeVar("M")
-_OPTIONAL = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "n", "logprobs")
+_OPTIONAL = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "n",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 def sampling_params_from_proto(message) -> SamplingParams:
     """Unset optional fields take the SamplingParams defaults (seed: None)."""
     values = {name: getattr(message, name) for name in _OPTIONAL if message.HasField(name)}
     return SamplingParams(
-        **values, stop=list(message.stop), ignore_eos=message.ignore_eos, cache_salt=message.cache_salt
+        **values,
+        stop=list(message.stop),
+        ignore_eos=message.ignore_eos,
+        cache_salt=message.cache_salt,
+        logit_bias=dict(message.logit_bias),
+        min_tokens=message.min_tokens,
+        stop_token_ids=list(message.stop_token_ids),
     )
 
 
@@ -34,6 +51,12 @@ def sampling_params_to_proto(params: SamplingParams, message_cls: type[M]) -> M:
         ignore_eos=params.ignore_eos,
         n=params.n,
         cache_salt=params.cache_salt,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=params.logit_bias,
+        min_tokens=params.min_tokens,
+        stop_token_ids=params.stop_token_ids,
     )
     if params.seed is not None:
         message.seed = params.seed

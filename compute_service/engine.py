@@ -265,7 +265,8 @@ class InferenceEngine:
                 seq.num_computed_tokens += num_new
         seqs = batch.sampling_seqs  # the logits' rows
         params = [s.params for s in seqs]
-        tokens, failures = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs])
+        eos = self.tokenizer.eot_token_id
+        tokens, failures = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs], seqs, eos)
         logprobs = token_logprobs(logits, params, tokens)
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
@@ -326,9 +327,15 @@ class InferenceEngine:
         params = seq.params
         if token == self.tokenizer.eot_token_id and not params.ignore_eos:
             return FinishReason.EOS
-        if params.stop:
-            text = self.tokenizer.decode(seq.output_token_ids)
-            hits = [text.find(s) for s in params.stop if s in text]
+        output = seq.output_token_ids
+        if token in params.stop_token_ids:  # masked until min_tokens: it cannot come sooner
+            seq.output_text = self.tokenizer.decode(output[:-1])  # not in the text, as EOS
+            return FinishReason.STOP
+        if params.stop and len(output) >= params.min_tokens:
+            text = self.tokenizer.decode(output)
+            # Only a stop string that ends past the first min_tokens tokens' text counts.
+            floor = len(self.tokenizer.decode(output[: params.min_tokens])) if params.min_tokens else 0
+            hits = [i for s in params.stop if (i := text.find(s, max(floor - len(s) + 1, 0))) >= 0]
             if hits:
                 seq.output_text = text[: min(hits)]
                 return FinishReason.STOP

@@ -9,10 +9,12 @@ computed the tokens before this one.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 from common.sampling_params import SamplingParams, TokenLogprobs, position_seed
+from compute_service.logits_processors import TokenHistory, apply_processors
 from compute_service.native import load_extension
 
 
@@ -42,20 +44,30 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    positions: list[int],
+    histories: Sequence[TokenHistory] | None = None,
+    eos_token_id: int = -1,
 ) -> tuple[list[int], dict[int, str]]:
     """One next token per row of logits (B, vocab), each row under its own params; row i's draw
-    is seeded by (seeds[i], positions[i]).
+    is seeded by (seeds[i], positions[i]). With `histories` (each row's tokens so far), the rows'
+    logit processors apply first (compute_service.logits_processors; `eos_token_id` is what
+    min_tokens masks).
 
     A row that cannot be sampled (the model's logits are not finite, or its own sampling values
     leave no valid distribution) fails alone: it is in the returned {row: reason} and its token
     is meaningless; every other row gets exactly the token it would get in a batch without it."""
     logits = logits.float()
-    tokens = greedy_tokens(logits)  # for every row, overwritten where sampling
-    failures: dict[int, str] = {}
     # A row's max and min are finite exactly when every value is (NaN propagates through both):
     # two vectorized reductions, ~90 us for 32 rows of 50257 (isfinite().all() takes ~1.2 ms).
+    # Checked on the model's own logits: a processor's mask is -inf by design.
     finite = (torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))).tolist()
+    if histories is not None:
+        logits = apply_processors(logits, params, histories, eos_token_id)
+    tokens = greedy_tokens(logits)  # for every row, overwritten where sampling
+    failures: dict[int, str] = {}
     generator = torch.Generator()
     for row, (p, seed, position) in enumerate(zip(params, seeds, positions, strict=False)):
         if not finite[row]:

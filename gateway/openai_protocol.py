@@ -40,19 +40,25 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension, as vLLM
     cache_salt: str = ""  # extension, as vLLM: prefix-cache namespace
-    # OpenAI fields this server serves at their neutral value only (anything else is refused).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None  # OpenAI's default 0
+    frequency_penalty: float | None = None  # OpenAI's default 0
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias
+    repetition_penalty: float | None = None  # extension, as vLLM (HF's penalty); default 1
+    min_tokens: int = 0  # extension, as vLLM
+    stop_token_ids: list[int] | None = None  # extension, as vLLM
 
     def refuse_unsupported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise FieldError(name, f"{name} is not supported by this server; only 0")
-        if self.logit_bias:
-            raise FieldError("logit_bias", "logit_bias is not supported by this server")
+
+    def _logit_bias(self) -> dict[int, float]:
+        """OpenAI's logit_bias keys are token ids written as strings."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isascii() or not key.isdigit() or len(key) > 10:
+                raise FieldError("logit_bias", f"logit_bias keys must be token ids, got {key[:20]!r}")
+            bias[int(key)] = value
+        return bias
 
     def params(self, max_new_tokens: int, logprobs: int | None, extra_stop: list[str] = ()) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -75,6 +81,12 @@ class _Common(_Strict):
             n=self.n,
             cache_salt=self.cache_salt,
             logprobs=logprobs,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self._logit_bias(),
+            min_tokens=self.min_tokens,
+            stop_token_ids=list(self.stop_token_ids or []),
         )
 
     @property

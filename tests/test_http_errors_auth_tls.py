@@ -65,7 +65,17 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "logprobs": 6}, "logprobs"),
     ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"50257": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": "x"}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"prompt": "x", "stop_token_ids": [99999999]}, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": list(range(17))}, "stop_token_ids"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "unknown_field": 1}, "unknown_field"),
     ({"prompt": ""}, "prompt"),
@@ -139,6 +149,29 @@ def test_api_keys_on_http_and_grpc_and_open_health_and_metrics(stack):
     with grpc.insecure_channel(stack["grpc"]) as channel:  # probes carry no key
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="rpc.v1.Gateway"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes_behind_the_key(stack):
+    url = stack["http"]
+    answer = httpx.post(f"{url}/tokenize", json={"prompt": "But soft, what light"}, headers=AUTH).json()
+    assert answer["count"] == len(answer["tokens"]) > 0 and answer["max_model_len"] > 0
+    assert answer["token_strs"] is None
+    text = httpx.post(f"{url}/detokenize", json={"tokens": answer["tokens"]}, headers=AUTH).json()
+    assert text == {"prompt": "But soft, what light"}
+    strs = httpx.post(f"{url}/tokenize", json={"prompt": "But soft", "return_token_strs": True}, headers=AUTH)
+    assert "".join(strs.json()["token_strs"]) == "But soft"
+    chat = {"messages": [{"role": "user", "content": "hello"}]}
+    assert httpx.post(f"{url}/tokenize", json=chat, headers=AUTH).json()["count"] > 1
+    for path, body, param in (
+        ("tokenize", {"prompt": "x", "messages": chat["messages"]}, "prompt"),
+        ("tokenize", {"prompt": "to be " * 100000}, "prompt"),
+        ("detokenize", {"tokens": [1, 99999999]}, "tokens"),
+        ("detokenize", {"tokens": [1] * 5000}, "tokens"),
+        ("detokenize", {"tokens": "1 2"}, "tokens"),
+    ):
+        assert_error(httpx.post(f"{url}/{path}", json=body, headers=AUTH), 400, param)
+    assert_error(httpx.post(f"{url}/tokenize", json={"prompt": "x"}), 401, None, "invalid_api_key")
+    assert_error(httpx.post(f"{url}/detokenize", json={"tokens": [1]}), 401, None, "invalid_api_key")
 
 
 def test_curl_streams_server_sent_events_ending_in_done(stack):

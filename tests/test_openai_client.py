@@ -302,3 +302,30 @@ def test_streamed_stop_logprobs_and_chat_usage(stack, client):
     assert chat[-1].usage.prompt_tokens == whole_chat.usage.prompt_tokens
     assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == whole_chat.choices[0].message.content
     assert all(c.usage is None for c in chat[:-1])
+
+
+def test_penalties_bias_min_tokens_and_stop_token_ids_through_both_fronts(stack, client):
+    """Each field reaches the sampler from HTTP and gRPC alike (same greedy text), and takes effect."""
+    tokenizer = get_tokenizer()
+    plain = grpc_unary(stack, PROMPT, max_new_tokens=12, temperature=0, ignore_eos=True)
+    values = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.3, min_tokens=3)
+    forced = tokenizer.encode(" Juliet")[0]
+    expected = grpc_unary(
+        stack, PROMPT, max_new_tokens=12, temperature=0, logit_bias={forced: 100.0}, stop_token_ids=[13], **values
+    )
+    answer = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        presence_penalty=0.5,
+        frequency_penalty=1.0,
+        logit_bias={str(forced): 100},
+        extra_body={"repetition_penalty": 1.3, "min_tokens": 3, "stop_token_ids": [13]},
+    )
+    assert answer.choices[0].text == expected.text != plain.text
+    assert list(expected.token_ids)[0] == forced  # the bias won the first pick
+    biased_eos = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logit_bias={"50256": 100}, extra_body={"min_tokens": 2}
+    )
+    assert biased_eos.usage.completion_tokens == 3 and biased_eos.choices[0].finish_reason == "stop"
