@@ -45,6 +45,31 @@ class FieldError(ValueError):
         self.field = field_name
 
 
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_CONSTRAINT_CHARS = 64 * 1024  # a schema, regex or grammar's text, at most
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match (structured outputs; compiled and enforced by
+    common.structured_output). `spec`: the JSON schema as JSON text (json_schema), the regex
+    (regex), the choices as a JSON list of strings (choice), Lark or GBNF text (grammar); empty for
+    json_object (any JSON object)."""
+
+    kind: str
+    spec: str = ""
+
+    def check(self) -> None:
+        """Shape and size only, what needs no grammar engine: FieldError naming the field."""
+        name = "structured_output"
+        if self.kind not in CONSTRAINT_KINDS:
+            raise FieldError(name, f"{name} must be one of {', '.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.spec, str) or len(self.spec) > MAX_CONSTRAINT_CHARS:
+            raise FieldError(name, f"{name}: the {self.kind} is over {MAX_CONSTRAINT_CHARS} characters")
+        if self.kind != "json_object" and not self.spec:
+            raise FieldError(name, f"{name}: the {self.kind} is empty")
+
+
 @dataclass
 class TokenLogprobs:
     """The log probability of one sampled token and of the `logprobs` most likely tokens at its
@@ -77,6 +102,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids are masked, stop strings not matched, until this many
     stop_token_ids: list[int] = field(default_factory=list)  # sampling one ends the sample (finish "stop")
+    structured_output: Constraint | None = None  # the output must match it (a grammar masks each token)
 
     @property
     def greedy(self) -> bool:
@@ -112,6 +138,10 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise FieldError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         self._validate_processors()
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, Constraint):
+                raise FieldError("structured_output", "structured_output must be a Constraint")
+            self.structured_output.check()
 
     def _validate_processors(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

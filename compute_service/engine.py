@@ -15,9 +15,11 @@ import time
 from typing import Callable, Iterator
 
 from common.sampling_params import SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
+from common.structured_output import get_grammar_compiler
 from common.tokenizer import get_tokenizer
 from compute_service.baselines import RecomputeRunner, RecomputeScheduler
 from compute_service.config import EngineConfig
+from compute_service.grammar_masks import GrammarMasks
 from compute_service.hugepages import move_to_hugepages
 from compute_service.kv_cache import KVCache
 from compute_service.kv_manager import KVCacheManager, Reservation
@@ -95,6 +97,7 @@ class InferenceEngine:
             self.scheduler = Scheduler(scheduler_config, self.kv)
             self.runner = ModelRunner(self.model, self.kv_cache, config.device)
         self.stats = StepStats()
+        self.grammar_masks = GrammarMasks(self.model.config.vocab_size)
         self._requests: dict[str, Sequence] = {}  # every unreported sequence, by its id
         self._groups: dict[str, list[Sequence]] = {}  # a request's samples, by the request's id
         self._ids = itertools.count()
@@ -149,7 +152,15 @@ class InferenceEngine:
         params = params or SamplingParams()
         prompt_token_ids = self.encode_prompt(prompt)
         self.validate_request(prompt_token_ids, params)
-        return self.enqueue_validated(prompt_token_ids, params, request_id)
+        return self.enqueue_validated(prompt_token_ids, params, request_id, grammar=self.compile_grammar(params))
+
+    def compile_grammar(self, params: SamplingParams) -> object | None:
+        """The request's grammar matcher, at the start of its output (None without a constraint);
+        FieldError for a constraint that does not compile. Blocking (a cached grammar takes
+        microseconds, a new one up to its fuel limits): the service calls it off the engine thread."""
+        if params.structured_output is None:
+            return None
+        return get_grammar_compiler(self.model.config.vocab_size).matcher(params.structured_output)
 
     def enqueue_validated(
         self,
@@ -158,6 +169,7 @@ class InferenceEngine:
         request_id: str | None = None,
         output_token_ids: list[int] = (),
         sample_outputs: dict[int, list[int]] | None = None,
+        grammar: object | None = None,
     ) -> str:
         """Queue a request that `validate_request` has already accepted (the service validates
         on arrival, before it reaches the engine thread; checking again would be a second rule
@@ -172,7 +184,9 @@ class InferenceEngine:
         prompt is computed once with prefix caching on (paged mode): the first sample to be
         admitted computes it, and admission holds the others until its blocks are committed, then
         they find every full block of the prompt in the prefix cache and compute only the one
-        holding its last token. With caching off (or in the baselines) each sample computes it."""
+        holding its last token. With caching off (or in the baselines) each sample computes it.
+        `grammar` (compile_grammar's matcher) constrains every sample: each gets its own copy,
+        advanced over the tokens it already has."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else new_seed()
         if sample_outputs is None:
@@ -191,6 +205,11 @@ class InferenceEngine:
         ]
         if request_id in self._groups or any(s.request_id in self._requests for s in samples):
             raise ValueError(f"request_id {request_id!r} is already in use (or one of its samples' ids)")
+        if grammar is not None:
+            for seq in samples:
+                seq.grammar = grammar.deep_copy()
+                if not seq.grammar.consume_tokens(seq.output_token_ids):  # a continuation's tokens so far
+                    raise ValueError("output_token_ids do not match the request's structured_output")
         self._groups[request_id] = samples
         for seq in samples:
             self._requests[seq.request_id] = seq
@@ -259,6 +278,7 @@ class InferenceEngine:
             return outputs
         prepared = self.runner.prepare(batch)
         self.scheduler.plan_next(batch)  # the next step's memory call travels during this forward
+        masks = self.grammar_masks.start([s.grammar for s in batch.sampling_seqs])  # filled during the forward
         logits = self.runner.execute(prepared)
         for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples, strict=True):
             if not samples and seq.status is SequenceStatus.RUNNING:  # a chunk: not preempted meanwhile
@@ -266,7 +286,8 @@ class InferenceEngine:
         seqs = batch.sampling_seqs  # the logits' rows
         params = [s.params for s in seqs]
         eos = self.tokenizer.eot_token_id
-        tokens, failures = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs], seqs, eos)
+        allowed = self.grammar_masks.apply(logits, masks)  # logprobs stay the model's raw distribution
+        tokens, failures = sample(allowed, params, [s.seed for s in seqs], [s.num_tokens for s in seqs], seqs, eos)
         logprobs = token_logprobs(logits, params, tokens)
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
@@ -295,6 +316,8 @@ class InferenceEngine:
         token_lps = [token_lp] if token_lp is not None else []
         if seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
             seq.num_computed_tokens = seq.num_tokens
+        if seq.grammar is not None and not seq.grammar.consume_token(token):
+            raise RuntimeError(f"the sampled token {token} does not match the grammar ({seq.grammar.get_error()})")
         seq.token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
         reason = self._finish_reason(seq, token)
@@ -328,6 +351,10 @@ class InferenceEngine:
         if token == self.tokenizer.eot_token_id and not params.ignore_eos:
             return FinishReason.EOS
         output = seq.output_token_ids
+        if seq.grammar is not None and (token == self.tokenizer.eot_token_id or seq.grammar.is_stopped()):
+            # The grammar is complete: EOS was allowed only there; or nothing more can follow.
+            seq.output_text = self.tokenizer.decode(output[:-1] if token == self.tokenizer.eot_token_id else output)
+            return FinishReason.STOP
         if token in params.stop_token_ids:  # masked until min_tokens: it cannot come sooner
             seq.output_text = self.tokenizer.decode(output[:-1])  # not in the text, as EOS
             return FinishReason.STOP

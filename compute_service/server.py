@@ -70,8 +70,10 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         if self.engine.num_pending >= self.config.max_waiting + engine.config.max_num_seqs:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "compute replica queue is full; retry later")
         try:
+            # A grammar compiles off the event loop (bounded: its size is checked first, its work by fuel limits).
+            grammar = await asyncio.to_thread(engine.compile_grammar, params) if params.structured_output else None
             outputs = self.engine.submit(
-                request.request_id, prompt, params, outputs_before, sample_outputs
+                request.request_id, prompt, params, outputs_before, sample_outputs, grammar
             )  # validates, once
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

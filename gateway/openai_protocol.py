@@ -8,12 +8,13 @@ only renames the field at fault (`param_name`) so an error names the field the c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams, check_prompt_ids
+from common.sampling_params import MAX_STOP_STRINGS, Constraint, FieldError, SamplingParams, check_prompt_ids
 from gateway.api_types import ClientRequest
 from gateway.chat_template import END_OF_TURN, ChatMessage, render
 from gateway.core import GatewayCore
@@ -25,6 +26,66 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # every schema is enforced (OpenAI's strict), so true or false alike
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text (free), json_object (any JSON object), json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+def _constraint(
+    response_format: ResponseFormat | None, outputs: StructuredOutputs | None
+) -> tuple[Constraint | None, str]:
+    """The request's constraint and the field that gave it (for error messages)."""
+    if response_format is not None and response_format.type != "text" and outputs is not None:
+        raise FieldError("structured_outputs", "give response_format or structured_outputs, not both")
+    if response_format is not None and response_format.type == "json_object":
+        return Constraint("json_object"), "response_format"
+    if response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise FieldError("response_format", "response_format json_schema needs json_schema.schema")
+        return Constraint("json_schema", json.dumps(response_format.json_schema.schema_)), "response_format"
+    if outputs is None:
+        return None, ""
+    given = [
+        (kind, value)
+        for kind, value in (
+            ("json_schema", outputs.json_),
+            ("json_object", outputs.json_object or None),
+            ("regex", outputs.regex),
+            ("choice", outputs.choice),
+            ("grammar", outputs.grammar),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise FieldError(
+            "structured_outputs", "structured_outputs takes exactly one of json, json_object, regex, choice, grammar"
+        )
+    kind, value = given[0]
+    if kind == "json_object":
+        return Constraint(kind), "structured_outputs"
+    spec = value if isinstance(value, str) and kind != "choice" else json.dumps(value)
+    return Constraint(kind, spec), "structured_outputs"
 
 
 class _Common(_Strict):
@@ -46,6 +107,8 @@ class _Common(_Strict):
     repetition_penalty: float | None = None  # extension, as vLLM (HF's penalty); default 1
     min_tokens: int = 0  # extension, as vLLM
     stop_token_ids: list[int] | None = None  # extension, as vLLM
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # extension, as vLLM
 
     def refuse_unsupported(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -87,7 +150,13 @@ class _Common(_Strict):
             logit_bias=self._logit_bias(),
             min_tokens=self.min_tokens,
             stop_token_ids=list(self.stop_token_ids or []),
+            structured_output=_constraint(self.response_format, self.structured_outputs)[0],
         )
+
+    @property
+    def constraint_field(self) -> str:
+        """The field the client gave its constraint in, for an error about it."""
+        return _constraint(self.response_format, self.structured_outputs)[1]
 
     @property
     def include_usage(self) -> bool:
@@ -171,7 +240,7 @@ async def prepare_completion(body: CompletionRequest, request_id: str, core: Gat
     if body.echo and body.logprobs is not None:
         raise FieldError("echo", "echo with logprobs needs the prompt's logprobs, which this server does not compute")
     ids = await prompt_ids(body.prompt, core)
-    names = {"max_new_tokens": "max_tokens"}
+    names = {"max_new_tokens": "max_tokens", "structured_output": body.constraint_field}
     params = body.params(_default_max_tokens(body.max_tokens, ids, core.model_info.context_length), body.logprobs)
     return Prepared(ClientRequest(ids, params, request_id), ids, core.tokenizer.decode(ids) if body.echo else "", names)
 
@@ -188,6 +257,7 @@ async def prepare_chat(body: ChatCompletionRequest, request_id: str, core: Gatew
         "max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         "logprobs": "top_logprobs",
         "prompt": "messages",
+        "structured_output": body.constraint_field,
     }
     params = body.params(_default_max_tokens(limit, ids, core.model_info.context_length), logprobs, [END_OF_TURN])
     return Prepared(ClientRequest(ids, params, request_id), ids, text, names)

@@ -76,6 +76,23 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
     ({"prompt": "x", "stop_token_ids": [99999999]}, "stop_token_ids"),
     ({"prompt": "x", "stop_token_ids": list(range(17))}, "stop_token_ids"),
+    (
+        {
+            "prompt": "x",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": 3}}},
+        },
+        "response_format",
+    ),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "yaml"}}, "response_format"),
+    ({"prompt": "x", "structured_outputs": {"regex": "(("}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"choice": []}}, "structured_outputs"),
+    (
+        {"prompt": "x", "structured_outputs": {"json": {"type": "object"}}, "response_format": {"type": "json_object"}},
+        "structured_outputs",
+    ),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "unknown_field": 1}, "unknown_field"),
     ({"prompt": ""}, "prompt"),
@@ -93,6 +110,7 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 9}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, "tool_choice"),
     ({"messages": [{"role": "user", "name": "Romeo\nJULIET", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d"]}, "stop"),
 ]
@@ -113,7 +131,11 @@ def test_each_invalid_field_is_a_400_naming_it(stack, path, body, param):
     response = httpx.post(f"{stack['http']}/v1/{path}", json=body, headers=AUTH)
     error = assert_error(response, 400, param)
     assert error["type"] == "invalid_request_error"
-    assert param in error["message"] or param in ("unknown_field", "tools") and "Unrecognized" in error["message"]
+    assert (
+        param in error["message"]
+        or param in ("unknown_field", "tools", "tool_choice")
+        and "Unrecognized" in error["message"]
+    )
 
 
 def test_malformed_json_unknown_model_path_and_method(stack):

@@ -3,7 +3,11 @@ streamed and not, n=2, stop, seeds, logprobs; greedy text equal to what gRPC Gen
 
 from __future__ import annotations
 
+import json
+import re
+
 import grpc
+import jsonschema
 import openai
 import pytest
 
@@ -329,3 +333,57 @@ def test_penalties_bias_min_tokens_and_stop_token_ids_through_both_fronts(stack,
         model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logit_bias={"50256": 100}, extra_body={"min_tokens": 2}
     )
     assert biased_eos.usage.completion_tokens == 3 and biased_eos.choices[0].finish_reason == "stop"
+
+
+def test_structured_outputs_through_both_fronts(stack, client):
+    """response_format (OpenAI) and structured_outputs (vLLM) over HTTP, StructuredOutput over
+    gRPC: each output matches; the same greedy constraint gives the same text on both fronts."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 10},
+            "act": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+        "required": ["name", "act"],
+        "additionalProperties": False,
+    }
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Who speaks?"}],
+        max_tokens=64,
+        temperature=0.8,
+        seed=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "speaker", "schema": schema, "strict": True}},
+    )
+    assert chat.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    greedy = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=64, temperature=0, extra_body={"structured_outputs": {"json": schema}}
+    )
+    over_grpc = grpc_unary(
+        stack,
+        PROMPT,
+        max_new_tokens=64,
+        temperature=0,
+        structured_output=generate_pb2.StructuredOutput(json_schema=json.dumps(schema)),
+    )
+    assert greedy.choices[0].text == over_grpc.text and over_grpc.complete.finish_reason == "stop"
+    jsonschema.validate(json.loads(over_grpc.text), schema)
+    for outputs, ok in (
+        ({"regex": "[A-Z][a-z]{1,6}!"}, lambda t: re.fullmatch("[A-Z][a-z]{1,6}!", t)),
+        ({"choice": ["aye", "nay"]}, lambda t: t in ("aye", "nay")),
+        ({"grammar": 'start: "to be" | "not to be"'}, lambda t: t in ("to be", "not to be")),
+        ({"json_object": True}, lambda t: isinstance(json.loads(t), dict)),
+    ):
+        answers = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0.8, n=3, extra_body={"structured_outputs": outputs}
+        )
+        assert all(c.finish_reason == "stop" and ok(c.text) for c in answers.choices), (outputs, answers)
+    streamed = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=48,
+        stream=True,
+        extra_body={"structured_outputs": {"choice": ["aye", "nay"]}},
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) in ("aye", "nay")

@@ -1,0 +1,136 @@
+"""Structured outputs in the engine: every constrained output parses and validates (jsonschema,
+an implementation nobody here wrote) or matches its regex, choice or grammar; the constraint
+survives n > 1, preemption and a continuation from the tokens so far (token-exact); a free row
+beside constrained ones is untouched; a sample cut by max_new_tokens ends with "length"."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from bench.local_engine import LocalEngine
+from common.sampling_params import Constraint, FieldError, SamplingParams, sample_seed
+from bench.structured_schemas import SCHEMAS
+
+PROMPT = "ROMEO:\nBut soft, what light through yonder window"
+
+
+@pytest.fixture(scope="module")
+def engine() -> LocalEngine:
+    return LocalEngine(model="dummy:tiny", block_size=16, kv_budget_tokens=4096)
+
+
+def constrained(constraint: Constraint, **values) -> SamplingParams:
+    return SamplingParams(**{"max_new_tokens": 256, "temperature": 0.8, **values}, structured_output=constraint)
+
+
+def schema(name: str) -> Constraint:
+    return Constraint("json_schema", json.dumps(SCHEMAS[name]))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_sampled_output_validates_against_its_schema(engine, name):
+    params = [constrained(schema(name), seed=seed) for seed in range(3)] + [constrained(schema(name), temperature=0)]
+    for result in engine.generate([PROMPT] * len(params), params):
+        assert result.finish_reason == "stop", result.text
+        jsonschema.validate(json.loads(result.text), SCHEMAS[name])
+        assert result.text == json.dumps(json.loads(result.text), separators=(",", ":"))  # no free whitespace
+
+
+def test_regex_choice_grammar_and_any_json_object(engine):
+    cases = [
+        (
+            Constraint("regex", r"[A-Z][a-z]{2,8}, (my|thy) (lord|lady)\."),
+            lambda t: re.fullmatch(r"[A-Z][a-z]{2,8}, (my|thy) (lord|lady)\.", t),
+        ),
+        (
+            Constraint("choice", json.dumps(["Montague", "Capulet", "neither"])),
+            lambda t: t in ("Montague", "Capulet", "neither"),
+        ),
+        (
+            Constraint(
+                "grammar", 'start: expr\nexpr: NUM | expr OP NUM | "(" expr ")"\nNUM: /[0-9]{1,3}/\nOP: "+" | "*"'
+            ),
+            lambda t: re.fullmatch(r"[0-9()+*]+", t) and eval(t) is not None,
+        ),  # noqa: S307 - digits and operators only
+        (Constraint("grammar", 'root ::= "yes" | "no"'), lambda t: t in ("yes", "no")),  # GBNF
+        (Constraint("json_object"), lambda t: isinstance(json.loads(t), dict)),
+    ]
+    for constraint, ok in cases:
+        for result in engine.generate(
+            [PROMPT] * 3, [constrained(constraint, seed=s, max_new_tokens=64) for s in range(3)]
+        ):
+            assert result.finish_reason == "stop" and ok(result.text), (constraint, result.text)
+
+
+def test_n_samples_each_follow_the_grammar_and_equal_single_requests(engine):
+    c = schema("cast")
+    together = engine.generate([PROMPT], [constrained(c, seed=11, n=3)])[0]
+    assert len(together.samples) == 3
+    for i, sample in enumerate(together.samples):
+        jsonschema.validate(json.loads(sample.text), SCHEMAS["cast"])
+        alone = engine.generate([PROMPT], [constrained(c, seed=sample_seed(11, i))])[0]
+        assert alone.token_ids == sample.token_ids
+
+
+def test_a_continuation_from_the_tokens_so_far_is_token_exact(engine):
+    params = constrained(schema("matrix"), seed=5)
+    whole = engine.generate([PROMPT], [params])[0]
+    prompt = engine.encode_prompt(PROMPT)
+    for cut in (1, 4, len(whole.token_ids) - 1):
+        request_id = engine.enqueue_validated(
+            prompt, params, output_token_ids=whole.token_ids[:cut], grammar=engine.compile_grammar(params)
+        )
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished and out.group_id == request_id:
+                    assert out.sequence.output_token_ids == whole.token_ids
+
+
+def test_preemption_keeps_the_matcher_and_every_token():
+    prompts, params = [PROMPT] * 6, [constrained(schema("cast"), seed=s, max_new_tokens=160) for s in range(6)]
+    roomy = LocalEngine(model="dummy:tiny", block_size=16, kv_budget_tokens=4096)
+    tight = LocalEngine(model="dummy:tiny", block_size=16, kv_budget_tokens=320)
+    expected = [r.token_ids for r in roomy.generate(prompts, params)]
+    got = tight.generate(prompts, params)
+    assert tight.scheduler.num_preemptions > 0
+    assert [r.token_ids for r in got] == expected
+
+
+def test_a_free_row_beside_constrained_rows_is_untouched(engine):
+    free = SamplingParams(max_new_tokens=24, temperature=0.8, seed=3, ignore_eos=True)
+    alone = engine.generate([PROMPT], [free])[0]
+    mixed = engine.generate(
+        [PROMPT] * 3, [constrained(schema("person"), seed=1), free, constrained(schema("tags"), seed=2)]
+    )
+    assert mixed[1].token_ids == alone.token_ids
+
+
+def test_max_new_tokens_before_the_grammar_completes_is_length(engine):
+    result = engine.generate([PROMPT], [constrained(schema("cast"), max_new_tokens=5)])[0]
+    assert result.finish_reason == "length" and len(result.token_ids) == 5
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result.text)
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        Constraint("regex", "(("),
+        Constraint("json_schema", "{not json"),
+        Constraint("json_schema", "[1, 2]"),
+        Constraint("grammar", "start: undefined_rule"),
+        Constraint("choice", "[]"),
+        Constraint("choice", '["a", 3]'),
+        Constraint("xml", "<a/>"),
+        Constraint("regex", "a" * 70000),
+    ],
+)
+def test_an_invalid_constraint_is_refused_naming_the_field(engine, constraint):
+    with pytest.raises(FieldError) as info:
+        engine.add_request(PROMPT, constrained(constraint))
+    assert info.value.field == "structured_output" and "structured_output" in str(info.value)
+    assert not engine.has_unfinished()
