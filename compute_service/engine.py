@@ -97,7 +97,7 @@ class InferenceEngine:
             self.scheduler = Scheduler(scheduler_config, self.kv)
             self.runner = ModelRunner(self.model, self.kv_cache, config.device)
         self.stats = StepStats()
-        self.grammar_masks = GrammarMasks(self.model.config.vocab_size)
+        self.grammar_masks = GrammarMasks(self.model.config.vocab_size, self.tokenizer.eot_token_id)
         self._requests: dict[str, Sequence] = {}  # every unreported sequence, by its id
         self._groups: dict[str, list[Sequence]] = {}  # a request's samples, by the request's id
         self._ids = itertools.count()
@@ -286,9 +286,16 @@ class InferenceEngine:
         seqs = batch.sampling_seqs  # the logits' rows
         params = [s.params for s in seqs]
         eos = self.tokenizer.eot_token_id
-        allowed = self.grammar_masks.apply(logits, masks)  # logprobs stay the model's raw distribution
-        tokens, failures = sample(allowed, params, [s.seed for s in seqs], [s.num_tokens for s in seqs], seqs, eos)
-        logprobs = token_logprobs(logits, params, tokens)
+        tokens, failures = sample(
+            logits,
+            params,
+            [s.seed for s in seqs],
+            [s.num_tokens for s in seqs],
+            seqs,
+            eos,
+            lambda raw: self.grammar_masks.apply(raw, masks),
+        )
+        logprobs = token_logprobs(logits, params, tokens)  # the model's raw distribution
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
         for row, (seq, token, token_lp) in enumerate(zip(seqs, tokens, logprobs, strict=False)):

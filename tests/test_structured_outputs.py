@@ -10,12 +10,15 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from bench.local_engine import LocalEngine
-from common.sampling_params import Constraint, FieldError, SamplingParams, sample_seed
 from bench.structured_schemas import SCHEMAS
+from common.sampling_params import Constraint, FieldError, SamplingParams, sample_seed
+from compute_service.grammar_masks import GrammarMasks
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window"
+EOS = 50256
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +137,15 @@ def test_an_invalid_constraint_is_refused_naming_the_field(engine, constraint):
         engine.add_request(PROMPT, constrained(constraint))
     assert info.value.field == "structured_output" and "structured_output" in str(info.value)
     assert not engine.has_unfinished()
+
+
+def test_a_mask_that_fails_ends_its_own_row_alone(engine):
+    """A matcher that breaks (here: not a matcher at all) leaves its row only EOS; the free row
+    is untouched and a constrained one keeps its own mask."""
+    masks = GrammarMasks(engine.model.config.vocab_size, EOS)
+    good = engine.compile_grammar(constrained(Constraint("choice", '["aye", "nay"]')))
+    logits = torch.randn(3, engine.model.config.vocab_size)
+    out = masks.apply(logits, masks.start([good, None, object()]))
+    assert torch.equal(out[1], logits[1])
+    assert 1 <= int(torch.isfinite(out[0]).sum()) <= 4  # the first tokens of "aye" / "nay"
+    assert torch.isfinite(out[2]).nonzero().flatten().tolist() == [EOS]
