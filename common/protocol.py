@@ -34,6 +34,8 @@ def constraint_from_proto(message) -> Constraint | None:
     kind = message.WhichOneof("constraint")
     if kind is None:
         return None
+    if kind == "json_object" and not message.json_object:
+        return None  # json_object: false asks for nothing
     if kind == "choice":
         return Constraint(kind, json.dumps(list(message.choice.choices)))
     return Constraint(kind, "" if kind == "json_object" else getattr(message, kind))

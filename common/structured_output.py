@@ -50,7 +50,7 @@ def grammar_text(constraint: Constraint) -> str:
         return llguidance.grammar_from("grammar", spec)  # Lark as is; GBNF (`::=`) converted
     except FieldError:
         raise
-    except (ValueError, TypeError) as exc:  # bad JSON, a GBNF that does not convert
+    except (ValueError, TypeError, RecursionError) as exc:  # bad JSON (or nested past the parser), bad GBNF
         raise FieldError(FIELD, f"{FIELD}: invalid {kind}: {str(exc)[:300]}") from None
 
 
@@ -98,10 +98,10 @@ class GrammarCompiler:
         constraint.check()
         grammar = grammar_text(constraint)
         limits = llguidance.LLParserLimits(verbose_errors=False)
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer, limits=limits)
-        if error:
-            raise FieldError(FIELD, f"{FIELD}: invalid {constraint.kind}: {error[:300]}")
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=limits)
+        try:  # the constructor validates (an invalid grammar is a matcher in its error state)
+            matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=limits)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise FieldError(FIELD, f"{FIELD}: invalid {constraint.kind}: {str(exc)[:300]}") from None
         if matcher.is_error():
             raise FieldError(FIELD, f"{FIELD}: invalid {constraint.kind}: {matcher.get_error()[:300]}")
         return matcher

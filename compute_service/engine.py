@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Callable, Iterator
 
-from common.sampling_params import SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
+from common.sampling_params import FieldError, SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
 from common.structured_output import get_grammar_compiler
 from common.tokenizer import get_tokenizer
 from compute_service.baselines import RecomputeRunner, RecomputeScheduler
@@ -152,15 +152,32 @@ class InferenceEngine:
         params = params or SamplingParams()
         prompt_token_ids = self.encode_prompt(prompt)
         self.validate_request(prompt_token_ids, params)
-        return self.enqueue_validated(prompt_token_ids, params, request_id, grammar=self.compile_grammar(params))
+        return self.enqueue_validated(prompt_token_ids, params, request_id, grammars=self.compile_grammar(params))
 
-    def compile_grammar(self, params: SamplingParams) -> object | None:
-        """The request's grammar matcher, at the start of its output (None without a constraint);
-        FieldError for a constraint that does not compile. Blocking (a cached grammar takes
-        microseconds, a new one up to its fuel limits): the service calls it off the engine thread."""
+    def compile_grammar(
+        self,
+        params: SamplingParams,
+        output_token_ids: list[int] = (),
+        sample_outputs: dict[int, list[int]] | None = None,
+    ) -> dict[int, object] | None:
+        """Each sample's grammar matcher, advanced over the tokens it already has (a request
+        continued after a fault; the arguments as enqueue_validated's), by sample index; None
+        without a constraint. FieldError for a constraint that does not compile or tokens that do
+        not follow it. Blocking (a cached grammar compiles in microseconds, a new one up to its
+        fuel limits; replaying tokens costs microseconds each): the service calls it off the
+        engine thread."""
         if params.structured_output is None:
             return None
-        return get_grammar_compiler(self.model.config.vocab_size).matcher(params.structured_output)
+        compiler = get_grammar_compiler(self.model.config.vocab_size)
+        if sample_outputs is None:
+            sample_outputs = {0: list(output_token_ids)} if params.n == 1 else {i: [] for i in range(params.n)}
+        matchers = {}
+        for index, outputs in sample_outputs.items():
+            matcher = compiler.matcher(params.structured_output)
+            if not matcher.consume_tokens(list(outputs)):
+                raise FieldError("output_token_ids", "output_token_ids do not follow the request's structured_output")
+            matchers[index] = matcher
+        return matchers
 
     def enqueue_validated(
         self,
@@ -169,7 +186,7 @@ class InferenceEngine:
         request_id: str | None = None,
         output_token_ids: list[int] = (),
         sample_outputs: dict[int, list[int]] | None = None,
-        grammar: object | None = None,
+        grammars: dict[int, object] | None = None,
     ) -> str:
         """Queue a request that `validate_request` has already accepted (the service validates
         on arrival, before it reaches the engine thread; checking again would be a second rule
@@ -185,8 +202,8 @@ class InferenceEngine:
         admitted computes it, and admission holds the others until its blocks are committed, then
         they find every full block of the prompt in the prefix cache and compute only the one
         holding its last token. With caching off (or in the baselines) each sample computes it.
-        `grammar` (compile_grammar's matcher) constrains every sample: each gets its own copy,
-        advanced over the tokens it already has."""
+        `grammars` (compile_grammar's answer: each sample's matcher, advanced over the tokens it
+        already has) constrain the samples."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else new_seed()
         if sample_outputs is None:
@@ -205,11 +222,8 @@ class InferenceEngine:
         ]
         if request_id in self._groups or any(s.request_id in self._requests for s in samples):
             raise ValueError(f"request_id {request_id!r} is already in use (or one of its samples' ids)")
-        if grammar is not None:
-            for seq in samples:
-                seq.grammar = grammar.deep_copy()
-                if not seq.grammar.consume_tokens(seq.output_token_ids):  # a continuation's tokens so far
-                    raise ValueError("output_token_ids do not match the request's structured_output")
+        for seq in samples if grammars is not None else ():
+            seq.grammar = grammars[seq.index]
         self._groups[request_id] = samples
         for seq in samples:
             self._requests[seq.request_id] = seq
@@ -305,6 +319,10 @@ class InferenceEngine:
                 outputs += self._fail_request(seq, failures[row])
                 continue
             try:
+                if seq.grammar is not None and not seq.grammar.consume_token(token):
+                    error = seq.grammar.get_error() or "the grammar allowed no token here"
+                    outputs += self._fail_request(seq, f"structured_output could not be followed: {error[:300]}")
+                    continue
                 outputs.append(self._append_token(seq, token, token_lp, now))
             except Exception:  # one request's data must not end the step for the others
                 log.exception("request %s: processing its output failed; failing it alone", seq.group_id)
@@ -323,9 +341,7 @@ class InferenceEngine:
         token_lps = [token_lp] if token_lp is not None else []
         if seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
             seq.num_computed_tokens = seq.num_tokens
-        if seq.grammar is not None and not seq.grammar.consume_token(token):
-            raise RuntimeError(f"the sampled token {token} does not match the grammar ({seq.grammar.get_error()})")
-        seq.token_ids.append(token)
+        seq.token_ids.append(token)  # its grammar, if any, has consumed it (step)
         seq.first_token_time = seq.first_token_time or now
         reason = self._finish_reason(seq, token)
         if reason is not None:
@@ -358,10 +374,6 @@ class InferenceEngine:
         if token == self.tokenizer.eot_token_id and not params.ignore_eos:
             return FinishReason.EOS
         output = seq.output_token_ids
-        if seq.grammar is not None and (token == self.tokenizer.eot_token_id or seq.grammar.is_stopped()):
-            # The grammar is complete: EOS was allowed only there; or nothing more can follow.
-            seq.output_text = self.tokenizer.decode(output[:-1] if token == self.tokenizer.eot_token_id else output)
-            return FinishReason.STOP
         if token in params.stop_token_ids:  # masked until min_tokens: it cannot come sooner
             seq.output_text = self.tokenizer.decode(output[:-1])  # not in the text, as EOS
             return FinishReason.STOP
@@ -373,6 +385,10 @@ class InferenceEngine:
             if hits:
                 seq.output_text = text[: min(hits)]
                 return FinishReason.STOP
+        if seq.grammar is not None and (token == self.tokenizer.eot_token_id or seq.grammar.is_stopped()):
+            # The grammar is complete: EOS was allowed only there (ignore_eos or not), or nothing can follow.
+            seq.output_text = self.tokenizer.decode(output[:-1] if token == self.tokenizer.eot_token_id else output)
+            return FinishReason.STOP
         if len(seq.output_token_ids) >= params.max_new_tokens:
             return FinishReason.LENGTH
         return None

@@ -70,6 +70,7 @@ class GrammarMasks:
         allowed = ((words.unsqueeze(-1) >> _BITS) & 1).reshape(len(rows), -1)[:, : logits.shape[-1]].bool()
         if allowed.shape[1] < logits.shape[-1]:  # ids past the tokenizer's (a padded vocabulary): never allowed
             allowed = torch.nn.functional.pad(allowed, (0, logits.shape[-1] - allowed.shape[1]), value=False)
+        allowed = allowed.to(logits.device, non_blocking=True)
         masked = logits.float().clone()
         masked[rows] = masked[rows].masked_fill(~allowed, float("-inf"))
         return masked

@@ -42,30 +42,34 @@ def needs_processing(params: SamplingParams, history: TokenHistory) -> bool:
 
 
 def process_row(
-    row_logits: torch.Tensor, params: SamplingParams, history: TokenHistory, eos_token_id: int
+    row_logits: torch.Tensor, params: SamplingParams, history: TokenHistory, eos_token_id: int | None
 ) -> torch.Tensor:
     """One row's logits (vocab,) float32 after bias, the min-tokens mask and the penalties; a new
     tensor (the raw row stays for logprobs)."""
     logits = row_logits.clone()
     vocab = logits.numel()
+    device = logits.device
     if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-        logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+        logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=device))
     output = history.output_token_ids
-    if len(output) < params.min_tokens:  # neither EOS nor a stop token may end it yet
-        logits[[eos_token_id, *params.stop_token_ids]] = float("-inf")
+    if len(output) < params.min_tokens:  # neither EOS (unless ignored, as vLLM) nor a stop token may end it yet
+        ends = [*params.stop_token_ids, *([eos_token_id] if eos_token_id is not None and not params.ignore_eos else [])]
+        if ends:
+            logits[ends] = float("-inf")
     if params.repetition_penalty != 1.0:  # HF's: over prompt and output; shrinks a logit's magnitude
-        seen = torch.tensor(sorted({*history.prompt_token_ids, *output}), dtype=torch.long)
+        seen = torch.tensor(sorted({*history.prompt_token_ids, *output}), dtype=torch.long, device=device)
         scores = logits[seen]
         logits[seen] = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
     if (params.presence_penalty or params.frequency_penalty) and output:  # OpenAI's: over the output
-        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=device), minlength=vocab)[:vocab]
+        counts = counts.to(logits.dtype)
         logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
     return logits
 
 
 def apply_processors(
-    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory], eos_token_id: int
+    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory], eos_token_id: int | None
 ) -> torch.Tensor:
     """The batch's logits (B, vocab) with each row's processors applied: the same tensor when no
     row has any (the common case costs one check a row), else a copy with those rows replaced."""

@@ -49,7 +49,7 @@ def sample(
     seeds: list[int],
     positions: list[int],
     histories: Sequence[TokenHistory] | None = None,
-    eos_token_id: int = -1,
+    eos_token_id: int | None = None,
     grammar_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[int], dict[int, str]]:
     """One next token per row of logits (B, vocab), each row under its own params; row i's draw
@@ -66,18 +66,26 @@ def sample(
     # two vectorized reductions, ~90 us for 32 rows of 50257 (isfinite().all() takes ~1.2 ms).
     # Checked on the model's own logits: a processor's mask is -inf by design.
     finite = (torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))).tolist()
+    raw = logits
     if grammar_mask is not None:
         logits = grammar_mask(logits)
     if histories is not None:
         logits = apply_processors(logits, params, histories, eos_token_id)
     tokens = greedy_tokens(logits)  # for every row, overwritten where sampling
     failures: dict[int, str] = {}
+    if logits is not raw:  # a mask or a processor ran: a row it left no token fails alone
+        for row in (logits.amax(dim=-1) == float("-inf")).nonzero().flatten().tolist():
+            if finite[row]:
+                failures[row] = (
+                    f"no token is allowed at position {positions[row]}: structured_output, min_tokens and "
+                    "logit_bias together exclude every token"
+                )
     generator = torch.Generator()
     for row, (p, seed, position) in enumerate(zip(params, seeds, positions, strict=False)):
         if not finite[row]:
             failures[row] = f"the model's logits at position {position} are not finite (NaN or inf)"
             continue
-        if p.greedy:
+        if p.greedy or row in failures:
             continue
         probs = filtered_logits(logits[row], p).softmax(-1)
         total = float(probs.sum())

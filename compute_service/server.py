@@ -71,9 +71,11 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "compute replica queue is full; retry later")
         try:
             # A grammar compiles off the event loop (bounded: its size is checked first, its work by fuel limits).
-            grammar = await asyncio.to_thread(engine.compile_grammar, params) if params.structured_output else None
+            grammars = None
+            if params.structured_output is not None:
+                grammars = await asyncio.to_thread(engine.compile_grammar, params, outputs_before, sample_outputs)
             outputs = self.engine.submit(
-                request.request_id, prompt, params, outputs_before, sample_outputs, grammar
+                request.request_id, prompt, params, outputs_before, sample_outputs, grammars
             )  # validates, once
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

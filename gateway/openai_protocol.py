@@ -14,7 +14,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.sampling_params import MAX_STOP_STRINGS, Constraint, FieldError, SamplingParams, check_prompt_ids
+from common.sampling_params import (
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_STOP_STRINGS,
+    Constraint,
+    FieldError,
+    SamplingParams,
+    check_prompt_ids,
+)
 from gateway.api_types import ClientRequest
 from gateway.chat_template import END_OF_TURN, ChatMessage, render
 from gateway.core import GatewayCore
@@ -116,6 +123,8 @@ class _Common(_Strict):
 
     def _logit_bias(self) -> dict[int, float]:
         """OpenAI's logit_bias keys are token ids written as strings."""
+        if len(self.logit_bias or {}) > MAX_LOGIT_BIAS_TOKENS:  # bounded before each key is parsed
+            raise FieldError("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS_TOKENS} tokens")
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             if not key.isascii() or not key.isdigit() or len(key) > 10:

@@ -309,14 +309,16 @@ def test_streamed_stop_logprobs_and_chat_usage(stack, client):
 
 
 def test_penalties_bias_min_tokens_and_stop_token_ids_through_both_fronts(stack, client):
-    """Each field reaches the sampler from HTTP and gRPC alike (same greedy text), and takes effect."""
+    """Each field reaches the sampler from HTTP and gRPC alike (the same greedy text), and acts: the
+    biased token is held back by min_tokens (it is also a stop token), then wins and stops."""
     tokenizer = get_tokenizer()
-    plain = grpc_unary(stack, PROMPT, max_new_tokens=12, temperature=0, ignore_eos=True)
-    values = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.3, min_tokens=3)
     forced = tokenizer.encode(" Juliet")[0]
+    values = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.3, min_tokens=3)
     expected = grpc_unary(
-        stack, PROMPT, max_new_tokens=12, temperature=0, logit_bias={forced: 100.0}, stop_token_ids=[13], **values
+        stack, PROMPT, max_new_tokens=12, temperature=0, logit_bias={forced: 100.0}, stop_token_ids=[forced], **values
     )
+    assert list(expected.token_ids)[3:] == [forced] and forced not in list(expected.token_ids)[:3]
+    assert expected.complete.finish_reason == "stop" and expected.text == tokenizer.decode(expected.token_ids[:3])
     answer = client.completions.create(
         model=MODEL,
         prompt=PROMPT,
@@ -325,10 +327,9 @@ def test_penalties_bias_min_tokens_and_stop_token_ids_through_both_fronts(stack,
         presence_penalty=0.5,
         frequency_penalty=1.0,
         logit_bias={str(forced): 100},
-        extra_body={"repetition_penalty": 1.3, "min_tokens": 3, "stop_token_ids": [13]},
+        extra_body={"repetition_penalty": 1.3, "min_tokens": 3, "stop_token_ids": [forced]},
     )
-    assert answer.choices[0].text == expected.text != plain.text
-    assert list(expected.token_ids)[0] == forced  # the bias won the first pick
+    assert answer.choices[0].text == expected.text and answer.choices[0].finish_reason == "stop"
     biased_eos = client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logit_bias={"50256": 100}, extra_body={"min_tokens": 2}
     )
