@@ -13,6 +13,7 @@ max, mask p50 / p99 per engine, and the tokenizer build time.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
@@ -20,6 +21,7 @@ import time
 
 import numpy as np
 
+from bench.quick import add_quick_flag, apply_quick
 from bench.structured_schemas import SCHEMAS
 from common.tokenizer import get_tokenizer
 
@@ -93,7 +95,11 @@ def xgrammar_engine(tokenizer):
     return build, compile_, masks
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=6, help="array items per output")
+    add_quick_flag(ap, items=1)
+    args = apply_quick(ap.parse_args(argv))
     tokenizer = get_tokenizer()
     engines = {"llguidance": llguidance_engine}
     try:
@@ -102,7 +108,9 @@ def main() -> None:
         engines["xgrammar"] = xgrammar_engine
     except ImportError:
         print("xgrammar not importable: measuring llguidance only")
-    schemas = {n: {"type": "array", "items": s, "minItems": 6, "maxItems": 6} for n, s in SCHEMAS.items()}
+    schemas = {
+        n: {"type": "array", "items": s, "minItems": args.items, "maxItems": args.items} for n, s in SCHEMAS.items()
+    }
     _, ll_compile, _ = llguidance_engine(tokenizer)
     outputs = {n: walk(ll_compile(s), random.Random(i)) for i, (n, s) in enumerate(schemas.items())}
     print("| engine | tokenizer build (s) | compile p50 / max (ms) | mask p50 / p99 (us) |")

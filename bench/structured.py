@@ -22,6 +22,7 @@ import time
 import jsonschema
 
 from bench.local_engine import LocalEngine
+from bench.quick import add_quick_flag, apply_quick, at_most
 from bench.structured_schemas import SCHEMAS
 from common.sampling_params import Constraint, SamplingParams
 from common.structured_output import GrammarCompiler
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--items", type=int, default=6, help="array items per output (long outputs)")
     ap.add_argument("--samples", type=int, default=20, help="constrained outputs per schema at batch 8")
     ap.add_argument("--max-new-tokens", type=int, default=512)
-    args = ap.parse_args(argv)
+    add_quick_flag(ap, model="dummy:tiny", items=1, samples=8, max_new_tokens=at_most(160))
+    args = apply_quick(ap.parse_args(argv))
     engine = LocalEngine(model=args.model, kv_budget_tokens=16384)
     vocab = engine.model.config.vocab_size
     tokenizer = get_tokenizer()

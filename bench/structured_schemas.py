@@ -31,7 +31,7 @@ SCHEMAS: dict[str, dict] = {
     "enum": _obj({"mood": {"enum": ["joy", "grief", "rage"]}, "speaker": {"enum": ["ROMEO", "JULIET"]}}),
     "numbers": _obj(
         {
-            "price": {"type": "number", "minimum": 0, "maximum": 100},
+            "price": {"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.25},  # bounded digits
             "count": {"type": "integer", "minimum": -5, "maximum": 5},
         }
     ),

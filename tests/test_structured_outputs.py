@@ -40,7 +40,7 @@ def test_every_sampled_output_validates_against_its_schema(engine, name):
     for result in engine.generate([PROMPT] * len(params), params):
         assert result.finish_reason == "stop", result.text
         jsonschema.validate(json.loads(result.text), SCHEMAS[name])
-        assert result.text == json.dumps(json.loads(result.text), separators=(",", ":"))  # no free whitespace
+        assert not re.search(r"\s", re.sub(r'"(\\.|[^"\\])*"', '""', result.text))  # no whitespace outside strings
 
 
 def test_regex_choice_grammar_and_any_json_object(engine):
@@ -57,18 +57,33 @@ def test_regex_choice_grammar_and_any_json_object(engine):
             Constraint(
                 "grammar", 'start: expr\nexpr: NUM | expr OP NUM | "(" expr ")"\nNUM: /[0-9]{1,3}/\nOP: "+" | "*"'
             ),
-            lambda t: re.fullmatch(r"[0-9()+*]+", t) and eval(t) is not None,
-        ),  # noqa: S307 - digits and operators only
+            balanced_expression,
+        ),
         (Constraint("grammar", 'root ::= "yes" | "no"'), lambda t: t in ("yes", "no")),  # GBNF
         (Constraint("json_object"), lambda t: isinstance(json.loads(t), dict)),
     ]
+    # Dummy weights pick tokens almost uniformly: any JSON object would run to the length, so a
+    # greedy pick biased to "}" ends it (the constraint still decides the rest, "{" first of all).
+    close = {engine.tokenizer.encode("}")[0]: 12.0}
     for constraint, ok in cases:
-        for result in engine.generate(
-            [PROMPT] * 3, [constrained(constraint, seed=s, max_new_tokens=64) for s in range(3)]
-        ):
+        extra = dict(logit_bias=close, temperature=0) if constraint.kind == "json_object" else {}
+        params = [constrained(constraint, **{"seed": s, "max_new_tokens": 64, **extra}) for s in range(3)]
+        for result in engine.generate([PROMPT] * 3, params):
             # "stop": nothing can follow; "eos": the model ended where the grammar allows it (an
             # expression may always go on with an operator, so it ends only so).
             assert result.finish_reason in ("stop", "eos") and ok(result.text), (constraint, result.text)
+
+
+def balanced_expression(text: str) -> bool:
+    """What the expression grammar above derives: numbers of 1-3 digits joined by + or *, with
+    balanced parentheses around sub-expressions."""
+    depth = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    flat = re.sub(r"[()]", "", text)
+    return depth == 0 and re.fullmatch(r"[0-9]{1,3}([+*][0-9]{1,3})*", flat) is not None
 
 
 def test_n_samples_each_follow_the_grammar_and_equal_single_requests(engine):
@@ -98,9 +113,9 @@ def test_a_continuation_from_the_tokens_so_far_is_token_exact(engine):
 
 
 def test_preemption_keeps_the_matcher_and_every_token():
-    prompts, params = [PROMPT] * 6, [constrained(schema("cast"), seed=s, max_new_tokens=160) for s in range(6)]
+    prompts, params = [PROMPT] * 6, [constrained(schema("cast"), seed=s, max_new_tokens=100) for s in range(6)]
     roomy = LocalEngine(model="dummy:tiny", block_size=16, kv_budget_tokens=4096)
-    tight = LocalEngine(model="dummy:tiny", block_size=16, kv_budget_tokens=320)
+    tight = LocalEngine(model="dummy:tiny", block_size=16, kv_budget_tokens=128, headroom_blocks_per_seq=0)  # 8 blocks
     expected = [r.token_ids for r in roomy.generate(prompts, params)]
     got = tight.generate(prompts, params)
     assert tight.scheduler.num_preemptions > 0
@@ -151,5 +166,5 @@ def test_a_mask_that_fails_ends_its_own_row_alone(engine):
     logits = torch.randn(3, engine.model.config.vocab_size)
     out = masks.apply(logits, masks.start([good, None, object()]))
     assert torch.equal(out[1], logits[1])
-    assert 1 <= int(torch.isfinite(out[0]).sum()) <= 4  # the first tokens of "aye" / "nay"
+    assert 1 <= int(torch.isfinite(out[0]).sum()) <= 8  # the tokens that begin "aye" or "nay"
     assert torch.isfinite(out[2]).nonzero().flatten().tolist() == [EOS]
