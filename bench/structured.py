@@ -77,7 +77,7 @@ def arms(engine: LocalEngine, schema: dict, seeds: list[int], max_new_tokens: in
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dummy:gpt2")
-    ap.add_argument("--items", type=int, default=6, help="array items per output (long outputs)")
+    ap.add_argument("--items", type=int, default=10, help="array items per output (every output >= 64 tokens)")
     ap.add_argument("--samples", type=int, default=20, help="constrained outputs per schema at batch 8")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     add_quick_flag(ap, model="dummy:tiny", items=1, samples=8, max_new_tokens=at_most(160))
