@@ -46,7 +46,6 @@ class FieldError(ValueError):
 
 
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
-MAX_CONSTRAINT_CHARS = 64 * 1024  # a schema, regex or grammar's text, at most
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,13 @@ class Constraint:
     spec: str = ""
 
     def check(self) -> None:
-        """Shape and size only, what needs no grammar engine: FieldError naming the field."""
+        """Shape only, what needs no grammar engine (its size is a setting of the process that
+        compiles it: common.structured_output): FieldError naming the field."""
         name = "structured_output"
         if self.kind not in CONSTRAINT_KINDS:
             raise FieldError(name, f"{name} must be one of {', '.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
-        if not isinstance(self.spec, str) or len(self.spec) > MAX_CONSTRAINT_CHARS:
-            raise FieldError(name, f"{name}: the {self.kind} is over {MAX_CONSTRAINT_CHARS} characters")
+        if not isinstance(self.spec, str):
+            raise FieldError(name, f"{name}: the {self.kind} must be text")
         if self.kind != "json_object" and not self.spec:
             raise FieldError(name, f"{name}: the {self.kind} is empty")
 

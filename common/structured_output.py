@@ -15,14 +15,18 @@ the schema's own "x-guidance" options, if any, override that.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, TypeVar
 
 from common.sampling_params import Constraint, FieldError
 from common.tokenizer import get_tokenizer
 
+T = TypeVar("T")
 FIELD = "structured_output"  # SamplingParams' name for it (the HTTP front renames it for its client)
 MAX_CHOICES = 256
 
@@ -54,16 +58,30 @@ def grammar_text(constraint: Constraint) -> str:
         raise FieldError(FIELD, f"{FIELD}: invalid {kind}: {str(exc)[:300]}") from None
 
 
+@dataclass(frozen=True)
+class GrammarLimits:
+    """The settings `grammar_max_bytes`, `grammar_compile_timeout_s`, `grammar_cache_size` of the
+    gateway and the compute service (each process applies its own)."""
+
+    max_bytes: int = 64 * 1024  # a schema, regex or grammar's text (UTF-8), at most
+    compile_timeout_s: float = 5.0  # wall time for one compile (its work is also bounded by fuel)
+    cache_size: int = 256  # compiled grammars kept, by content
+
+
+DEFAULT_LIMITS = GrammarLimits()
+
+
 class GrammarCompiler:
     """Validates constraints and hands out matchers, one compiled grammar per distinct
-    constraint (an LRU of `cache_size`): a matcher for a request is a cheap copy of the cached one.
-    Thread-safe; the tokenizer (about a second to build) is built once, on first use."""
+    constraint (an LRU of `limits.cache_size`): a matcher for a request is a cheap copy of the
+    cached one. Thread-safe; the tokenizer (a fraction of a second to build) is built once, on
+    first use."""
 
-    def __init__(self, encoding, vocab_size: int, eos_token_id: int, cache_size: int = 256) -> None:
+    def __init__(self, encoding, vocab_size: int, eos_token_id: int, limits: GrammarLimits | None = None) -> None:
         self._encoding, self._vocab_size, self._eos = encoding, vocab_size, eos_token_id
         self._tokenizer = None
         self._cache: OrderedDict[Constraint, object] = OrderedDict()
-        self._cache_size = cache_size
+        self.limits = limits or DEFAULT_LIMITS
         self._lock = threading.Lock()
 
     @property
@@ -88,7 +106,7 @@ class GrammarCompiler:
         template = self._compile(constraint)
         with self._lock:
             self._cache[constraint] = template
-            while len(self._cache) > self._cache_size:
+            while len(self._cache) > self.limits.cache_size:
                 self._cache.popitem(last=False)
         return template.deep_copy()
 
@@ -96,6 +114,12 @@ class GrammarCompiler:
         import llguidance  # noqa: PLC0415
 
         constraint.check()
+        size = len(constraint.spec.encode("utf-8", "replace"))
+        if size > self.limits.max_bytes:
+            raise FieldError(
+                FIELD,
+                f"{FIELD}: the {constraint.kind} is {size} bytes; at most {self.limits.max_bytes} (grammar_max_bytes)",
+            )
         grammar = grammar_text(constraint)
         limits = llguidance.LLParserLimits(verbose_errors=False)
         try:  # the constructor validates (an invalid grammar is a matcher in its error state)
@@ -108,8 +132,19 @@ class GrammarCompiler:
 
 
 @lru_cache(maxsize=4)
-def get_grammar_compiler(vocab_size: int) -> GrammarCompiler:
+def get_grammar_compiler(vocab_size: int, limits: GrammarLimits | None = None) -> GrammarCompiler:
     """The process's compiler for a model with `vocab_size` logits (ids past the tokenizer's, a
-    padded vocabulary, are never allowed)."""
+    padded vocabulary, are never allowed) under `limits`."""
     tokenizer = get_tokenizer()
-    return GrammarCompiler(tokenizer.encoding, vocab_size, tokenizer.eot_token_id)
+    return GrammarCompiler(tokenizer.encoding, vocab_size, tokenizer.eot_token_id, limits or DEFAULT_LIMITS)
+
+
+async def compile_off_loop(compile_: Callable[[], T], limits: GrammarLimits) -> T:
+    """Run a compile on a worker thread, refused past `limits.compile_timeout_s` (the thread
+    finishes in the background, bounded by llguidance's fuel; its grammar is then cached)."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(compile_), limits.compile_timeout_s)
+    except TimeoutError:
+        raise FieldError(
+            FIELD, f"{FIELD}: compiling it took over {limits.compile_timeout_s:g} s (grammar_compile_timeout_s)"
+        ) from None

@@ -15,7 +15,7 @@ import time
 from typing import Callable, Iterator
 
 from common.sampling_params import FieldError, SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
-from common.structured_output import get_grammar_compiler
+from common.structured_output import GrammarLimits, get_grammar_compiler
 from common.tokenizer import get_tokenizer
 from compute_service.baselines import RecomputeRunner, RecomputeScheduler
 from compute_service.config import EngineConfig
@@ -159,16 +159,17 @@ class InferenceEngine:
         params: SamplingParams,
         output_token_ids: list[int] = (),
         sample_outputs: dict[int, list[int]] | None = None,
+        limits: GrammarLimits | None = None,
     ) -> dict[int, object] | None:
         """Each sample's grammar matcher, advanced over the tokens it already has (a request
         continued after a fault; the arguments as enqueue_validated's), by sample index; None
         without a constraint. FieldError for a constraint that does not compile or tokens that do
         not follow it. Blocking (a cached grammar compiles in microseconds, a new one up to its
         fuel limits; replaying tokens costs microseconds each): the service calls it off the
-        engine thread."""
+        engine thread. `limits`: the service's grammar settings."""
         if params.structured_output is None:
             return None
-        compiler = get_grammar_compiler(self.model.config.vocab_size)
+        compiler = get_grammar_compiler(self.model.config.vocab_size, limits)
         if sample_outputs is None:
             sample_outputs = {0: list(output_token_ids)} if params.n == 1 else {i: [] for i in range(params.n)}
         matchers = {}

@@ -89,6 +89,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
     ({"prompt": "x", "structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs"),
     ({"prompt": "x", "structured_outputs": {"choice": []}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a" * 70000}}, "structured_outputs"),  # grammar_max_bytes
     (
         {"prompt": "x", "structured_outputs": {"json": {"type": "object"}}, "response_format": {"type": "json_object"}},
         "structured_outputs",

@@ -5,8 +5,10 @@ beside constrained ones is untouched; a sample cut by max_new_tokens ends with "
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 
 import jsonschema
 import pytest
@@ -15,6 +17,7 @@ import torch
 from bench.local_engine import LocalEngine
 from bench.structured_schemas import SCHEMAS
 from common.sampling_params import Constraint, FieldError, SamplingParams, sample_seed
+from common.structured_output import GrammarLimits, compile_off_loop
 from compute_service.grammar_masks import GrammarMasks
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window"
@@ -168,3 +171,12 @@ def test_a_mask_that_fails_ends_its_own_row_alone(engine):
     assert torch.equal(out[1], logits[1])
     assert 1 <= int(torch.isfinite(out[0]).sum()) <= 8  # the tokens that begin "aye" or "nay"
     assert torch.isfinite(out[2]).nonzero().flatten().tolist() == [EOS]
+
+
+def test_a_compile_past_its_time_limit_is_refused_naming_the_field():
+    """grammar_compile_timeout_s bounds the wall time a compile may hold a request."""
+    limits = GrammarLimits(compile_timeout_s=0.05)
+    with pytest.raises(FieldError) as info:
+        asyncio.run(compile_off_loop(lambda: time.sleep(0.5), limits))
+    assert info.value.field == "structured_output" and "grammar_compile_timeout_s" in str(info.value)
+    assert asyncio.run(compile_off_loop(lambda: 7, limits)) == 7
