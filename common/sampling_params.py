@@ -24,6 +24,16 @@ MAX_TOP_K = (1 << 32) - 1  # the protos carry top_k as uint32 (any value >= the 
 # smaller one overflows to inf, and softmax turns that into NaN. The argmax is what such a
 # temperature picks anyway, bar exact ties.
 GREEDY_TEMPERATURE = 1e-5
+# The rest of OpenAI's sampling surface, with OpenAI's bounds where it states them: logit_bias
+# takes at most 300 tokens, each biased by [-100, 100]; presence and frequency penalties in
+# [-2, 2]. repetition_penalty (HF's and vLLM's extension) in (0, 2], SGLang's bound: past it
+# a model mostly emits tokens it has never seen. stop_token_ids: as many as stop strings allow
+# texts, bounded so the engine's per-token check stays O(1)-ish.
+MAX_LOGIT_BIAS_TOKENS = 300
+MAX_LOGIT_BIAS = 100.0
+MAX_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 2.0
+MAX_STOP_TOKEN_IDS = 16
 
 
 class FieldError(ValueError):
@@ -33,6 +43,31 @@ class FieldError(ValueError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(message)
         self.field = field_name
+
+
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match (structured outputs; compiled and enforced by
+    common.structured_output). `spec`: the JSON schema as JSON text (json_schema), the regex
+    (regex), the choices as a JSON list of strings (choice), Lark or GBNF text (grammar); empty for
+    json_object (any JSON object)."""
+
+    kind: str
+    spec: str = ""
+
+    def check(self) -> None:
+        """Shape only, what needs no grammar engine (its size is a setting of the process that
+        compiles it: common.structured_output): FieldError naming the field."""
+        name = "structured_output"
+        if self.kind not in CONSTRAINT_KINDS:
+            raise FieldError(name, f"{name} must be one of {', '.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise FieldError(name, f"{name}: the {self.kind} must be text")
+        if self.kind != "json_object" and not self.spec:
+            raise FieldError(name, f"{name}: the {self.kind} is empty")
 
 
 @dataclass
@@ -59,6 +94,15 @@ class SamplingParams:
     # Not a sampling parameter, but it travels with them to every process that hashes blocks.
     cache_salt: str = ""
     logprobs: int | None = None  # None = none; k = the sampled token's logprob and the top k (k <= 5)
+    # Logit processors (compute_service.logits_processors), applied before temperature / top-k /
+    # top-p and before the greedy argmax; logprobs still report the model's raw distribution.
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # HF's: a token of prompt or output has its logit / (or x) this
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids are masked, stop strings not matched, until this many
+    stop_token_ids: list[int] = field(default_factory=list)  # sampling one ends the sample (finish "stop")
+    structured_output: Constraint | None = None  # the output must match it (a grammar masks each token)
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +137,49 @@ class SamplingParams:
             raise FieldError("cache_salt", f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise FieldError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        self._validate_processors()
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, Constraint):
+                raise FieldError("structured_output", "structured_output must be a Constraint")
+            self.structured_output.check()
+
+    def _validate_processors(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise FieldError(name, f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not 0 < r <= MAX_REPETITION_PENALTY:
+            raise FieldError(
+                "repetition_penalty", f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {r!r}"
+            )
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise FieldError("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS_TOKENS} tokens")
+        for token, bias in self.logit_bias.items():
+            if not _is_token_id(token):
+                raise FieldError("logit_bias", f"logit_bias keys must be token ids, got {token!r}")
+            if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                bound = f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+                raise FieldError("logit_bias", f"logit_bias values must be in {bound}, got {bias!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            bound = f"[0, max_new_tokens={self.max_new_tokens}]"
+            raise FieldError("min_tokens", f"min_tokens must be an integer in {bound}, got {self.min_tokens!r}")
+        if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise FieldError("stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
+        if not all(_is_token_id(t) for t in self.stop_token_ids):
+            raise FieldError("stop_token_ids", "stop_token_ids must be token ids (integers >= 0)")
+
+    def token_ids_named(self) -> dict[str, list[int]]:
+        """The token ids the params name, by field: checked against the vocabulary where it is known."""
+        return {"logit_bias": list(self.logit_bias), "stop_token_ids": list(self.stop_token_ids)}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 _MASK64 = (1 << 64) - 1
@@ -156,6 +243,9 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, contex
         raise FieldError("prompt", "prompt must not be empty")
     check_prompt_ids(prompt_token_ids, context_length, vocab_size)
     params.validate()
+    for name, ids in params.token_ids_named().items():
+        if any(t >= vocab_size for t in ids):
+            raise FieldError(name, f"{name} token ids must be in [0, {vocab_size})")
     if len(prompt_token_ids) + params.max_new_tokens > context_length:
         raise FieldError(
             "max_new_tokens",

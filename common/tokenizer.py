@@ -48,6 +48,11 @@ class Tokenizer:
         # cannot fit a context, whatever it tokenizes to (checked before tokenizing).
         self.max_token_bytes = max(len(token) for token in self._enc.token_byte_values())
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding itself (the grammar engine builds its own tokenizer from it)."""
+        return self._enc
+
     def encode(self, text: str) -> list[int]:
         """Plain text to ids; "<|endoftext|>" in user text is encoded as text, not as EOT."""
         return self._enc.encode_ordinary(text)

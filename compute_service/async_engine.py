@@ -84,15 +84,17 @@ class AsyncEngine:
         params: SamplingParams,
         output_token_ids: list[int] = (),
         sample_outputs: dict[int, list[int]] | None = None,
+        grammars: dict[int, object] | None = None,
     ) -> asyncio.Queue:
         """Validate now (ValueError for the caller), queue for the engine thread, return the
-        stream (every sample's outputs, with their index)."""
+        stream (every sample's outputs, with their index). `grammars`: the engine's
+        compile_grammar(...), built by the caller off the event loop."""
         if request_id in self._streams:
             raise KeyError(request_id)
         self.engine.validate_request(prompt_token_ids, params, output_token_ids, sample_outputs)
         out: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out)
-        self._inbox.put(("add", request_id, prompt_token_ids, params, output_token_ids, sample_outputs))
+        self._inbox.put(("add", request_id, prompt_token_ids, params, output_token_ids, sample_outputs, grammars))
         self._wake.set()
         return out
 
@@ -171,11 +173,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if item[0] == "add":
-                _, request_id, prompt, params, outputs_before, sample_outputs = item
+                _, request_id, prompt, params, outputs_before, sample_outputs, grammars = item
                 if request_id not in self._streams:
                     continue  # cancelled before it reached the engine
                 try:
-                    self.engine.enqueue_validated(prompt, params, request_id, outputs_before, sample_outputs)
+                    self.engine.enqueue_validated(prompt, params, request_id, outputs_before, sample_outputs, grammars)
                 except ValueError as exc:  # the id is still in the engine (its stream just ended)
                     self._deliver_failure(request_id, str(exc))
                 except Exception:  # this request's data broke its admission: it alone fails

@@ -14,10 +14,12 @@ import logging
 import time
 from typing import Callable, Iterator
 
-from common.sampling_params import SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
+from common.sampling_params import FieldError, SamplingParams, TokenLogprobs, new_seed, sample_seed, validate_request
+from common.structured_output import GrammarLimits, get_grammar_compiler
 from common.tokenizer import get_tokenizer
 from compute_service.baselines import RecomputeRunner, RecomputeScheduler
 from compute_service.config import EngineConfig
+from compute_service.grammar_masks import GrammarMasks
 from compute_service.hugepages import move_to_hugepages
 from compute_service.kv_cache import KVCache
 from compute_service.kv_manager import KVCacheManager, Reservation
@@ -95,6 +97,7 @@ class InferenceEngine:
             self.scheduler = Scheduler(scheduler_config, self.kv)
             self.runner = ModelRunner(self.model, self.kv_cache, config.device)
         self.stats = StepStats()
+        self.grammar_masks = GrammarMasks(self.model.config.vocab_size, self.tokenizer.eot_token_id)
         self._requests: dict[str, Sequence] = {}  # every unreported sequence, by its id
         self._groups: dict[str, list[Sequence]] = {}  # a request's samples, by the request's id
         self._ids = itertools.count()
@@ -149,7 +152,33 @@ class InferenceEngine:
         params = params or SamplingParams()
         prompt_token_ids = self.encode_prompt(prompt)
         self.validate_request(prompt_token_ids, params)
-        return self.enqueue_validated(prompt_token_ids, params, request_id)
+        return self.enqueue_validated(prompt_token_ids, params, request_id, grammars=self.compile_grammar(params))
+
+    def compile_grammar(
+        self,
+        params: SamplingParams,
+        output_token_ids: list[int] = (),
+        sample_outputs: dict[int, list[int]] | None = None,
+        limits: GrammarLimits | None = None,
+    ) -> dict[int, object] | None:
+        """Each sample's grammar matcher, advanced over the tokens it already has (a request
+        continued after a fault; the arguments as enqueue_validated's), by sample index; None
+        without a constraint. FieldError for a constraint that does not compile or tokens that do
+        not follow it. Blocking (a cached grammar compiles in microseconds, a new one up to its
+        fuel limits; replaying tokens costs microseconds each): the service calls it off the
+        engine thread. `limits`: the service's grammar settings."""
+        if params.structured_output is None:
+            return None
+        compiler = get_grammar_compiler(self.model.config.vocab_size, limits)
+        if sample_outputs is None:
+            sample_outputs = {0: list(output_token_ids)} if params.n == 1 else {i: [] for i in range(params.n)}
+        matchers = {}
+        for index, outputs in sample_outputs.items():
+            matcher = compiler.matcher(params.structured_output)
+            if not matcher.consume_tokens(list(outputs)):
+                raise FieldError("output_token_ids", "output_token_ids do not follow the request's structured_output")
+            matchers[index] = matcher
+        return matchers
 
     def enqueue_validated(
         self,
@@ -158,6 +187,7 @@ class InferenceEngine:
         request_id: str | None = None,
         output_token_ids: list[int] = (),
         sample_outputs: dict[int, list[int]] | None = None,
+        grammars: dict[int, object] | None = None,
     ) -> str:
         """Queue a request that `validate_request` has already accepted (the service validates
         on arrival, before it reaches the engine thread; checking again would be a second rule
@@ -172,7 +202,9 @@ class InferenceEngine:
         prompt is computed once with prefix caching on (paged mode): the first sample to be
         admitted computes it, and admission holds the others until its blocks are committed, then
         they find every full block of the prompt in the prefix cache and compute only the one
-        holding its last token. With caching off (or in the baselines) each sample computes it."""
+        holding its last token. With caching off (or in the baselines) each sample computes it.
+        `grammars` (compile_grammar's answer: each sample's matcher, advanced over the tokens it
+        already has) constrain the samples."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else new_seed()
         if sample_outputs is None:
@@ -191,6 +223,8 @@ class InferenceEngine:
         ]
         if request_id in self._groups or any(s.request_id in self._requests for s in samples):
             raise ValueError(f"request_id {request_id!r} is already in use (or one of its samples' ids)")
+        for seq in samples if grammars is not None else ():
+            seq.grammar = grammars[seq.index]
         self._groups[request_id] = samples
         for seq in samples:
             self._requests[seq.request_id] = seq
@@ -259,14 +293,24 @@ class InferenceEngine:
             return outputs
         prepared = self.runner.prepare(batch)
         self.scheduler.plan_next(batch)  # the next step's memory call travels during this forward
+        masks = self.grammar_masks.start([s.grammar for s in batch.sampling_seqs])  # filled during the forward
         logits = self.runner.execute(prepared)
         for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples, strict=True):
             if not samples and seq.status is SequenceStatus.RUNNING:  # a chunk: not preempted meanwhile
                 seq.num_computed_tokens += num_new
         seqs = batch.sampling_seqs  # the logits' rows
         params = [s.params for s in seqs]
-        tokens, failures = sample(logits, params, [s.seed for s in seqs], [s.num_tokens for s in seqs])
-        logprobs = token_logprobs(logits, params, tokens)
+        eos = self.tokenizer.eot_token_id
+        tokens, failures = sample(
+            logits,
+            params,
+            [s.seed for s in seqs],
+            [s.num_tokens for s in seqs],
+            seqs,
+            eos,
+            lambda raw: self.grammar_masks.apply(raw, masks),
+        )
+        logprobs = token_logprobs(logits, params, tokens)  # the model's raw distribution
         now = time.perf_counter()
         self._record_stats(len(batch.seqs))
         for row, (seq, token, token_lp) in enumerate(zip(seqs, tokens, logprobs, strict=False)):
@@ -276,6 +320,10 @@ class InferenceEngine:
                 outputs += self._fail_request(seq, failures[row])
                 continue
             try:
+                if seq.grammar is not None and not seq.grammar.consume_token(token):
+                    error = seq.grammar.get_error() or "the grammar allowed no token here"
+                    outputs += self._fail_request(seq, f"structured_output could not be followed: {error[:300]}")
+                    continue
                 outputs.append(self._append_token(seq, token, token_lp, now))
             except Exception:  # one request's data must not end the step for the others
                 log.exception("request %s: processing its output failed; failing it alone", seq.group_id)
@@ -294,7 +342,7 @@ class InferenceEngine:
         token_lps = [token_lp] if token_lp is not None else []
         if seq.status is SequenceStatus.RUNNING:  # not preempted meanwhile
             seq.num_computed_tokens = seq.num_tokens
-        seq.token_ids.append(token)
+        seq.token_ids.append(token)  # its grammar, if any, has consumed it (step)
         seq.first_token_time = seq.first_token_time or now
         reason = self._finish_reason(seq, token)
         if reason is not None:
@@ -326,12 +374,22 @@ class InferenceEngine:
         params = seq.params
         if token == self.tokenizer.eot_token_id and not params.ignore_eos:
             return FinishReason.EOS
-        if params.stop:
-            text = self.tokenizer.decode(seq.output_token_ids)
-            hits = [text.find(s) for s in params.stop if s in text]
+        output = seq.output_token_ids
+        if token in params.stop_token_ids:  # masked until min_tokens: it cannot come sooner
+            seq.output_text = self.tokenizer.decode(output[:-1])  # not in the text, as EOS
+            return FinishReason.STOP
+        if params.stop and len(output) >= params.min_tokens:
+            text = self.tokenizer.decode(output)
+            # Only a stop string that ends past the first min_tokens tokens' text counts.
+            floor = len(self.tokenizer.decode(output[: params.min_tokens])) if params.min_tokens else 0
+            hits = [i for s in params.stop if (i := text.find(s, max(floor - len(s) + 1, 0))) >= 0]
             if hits:
                 seq.output_text = text[: min(hits)]
                 return FinishReason.STOP
+        if seq.grammar is not None and (token == self.tokenizer.eot_token_id or seq.grammar.is_stopped()):
+            # The grammar is complete: EOS was allowed only there (ignore_eos or not), or nothing can follow.
+            seq.output_text = self.tokenizer.decode(output[:-1] if token == self.tokenizer.eot_token_id else output)
+            return FinishReason.STOP
         if len(seq.output_token_ids) >= params.max_new_tokens:
             return FinishReason.LENGTH
         return None

@@ -49,6 +49,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     output_text: str = ""  # set when stop strings are checked or the sequence finishes
     error: str = ""  # why it ended with FinishReason.ERROR: a message for its client, no internals
+    # Structured outputs: its llguidance matcher, advanced over every output token it has (kept
+    # through preemption: the recompute changes no token); None = free text.
+    grammar: object | None = None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None

@@ -18,6 +18,7 @@ from common.grpc_auth import internal_interceptors, refuse_open_listener
 from common.grpc_server import bind, make_server, set_serving, until_stop_signal
 from common.protocol import logprobs_to_proto, sampling_params_from_proto
 from common.settings import add_arguments, from_namespace
+from common.structured_output import compile_off_loop
 from compute_service.async_engine import AsyncEngine, EngineFailure
 from compute_service.config import ComputeServiceConfig, EngineConfig
 from compute_service.engine import InferenceEngine
@@ -70,8 +71,14 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         if self.engine.num_pending >= self.config.max_waiting + engine.config.max_num_seqs:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "compute replica queue is full; retry later")
         try:
+            # A grammar compiles off the event loop (bounded: its size is checked first, its work by fuel limits).
+            grammars, limits = None, self.config.grammar_limits
+            if params.structured_output is not None:
+                grammars = await compile_off_loop(
+                    lambda: engine.compile_grammar(params, outputs_before, sample_outputs, limits), limits
+                )
             outputs = self.engine.submit(
-                request.request_id, prompt, params, outputs_before, sample_outputs
+                request.request_id, prompt, params, outputs_before, sample_outputs, grammars
             )  # validates, once
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -48,6 +48,15 @@ def stream_generate(
         )
 
 
+def _token_bias(text: str) -> tuple[int, float]:
+    """`--logit-bias 50256=-100`: a token id and the bias added to its logit."""
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt")
@@ -61,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--n", type=int, help="samples of the prompt")
     ap.add_argument("--cache-salt", help="prefix-cache namespace (requests share cached blocks only within one)")
+    ap.add_argument("--presence-penalty", type=float)
+    ap.add_argument("--frequency-penalty", type=float)
+    ap.add_argument("--repetition-penalty", type=float)
+    ap.add_argument("--min-tokens", type=int)
+    ap.add_argument("--stop-token-id", type=int, action="append", dest="stop_token_ids")
+    ap.add_argument("--logit-bias", type=_token_bias, action="append", metavar="ID=BIAS", help="e.g. 50256=-100")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument(
         "--api-key",
@@ -88,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             ignore_eos=args.ignore_eos or None,
             n=args.n,
             cache_salt=args.cache_salt,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            repetition_penalty=args.repetition_penalty,
+            min_tokens=args.min_tokens,
+            stop_token_ids=args.stop_token_ids,
+            logit_bias=dict(args.logit_bias or []) or None,
             api_key=args.api_key,
             tls_ca_file=args.tls_ca,
         ):

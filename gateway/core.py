@@ -25,6 +25,7 @@ from common.grpc_auth import internal_channel
 from common.grpc_server import CHANNEL_OPTIONS
 from common.protocol import logprobs_from_proto
 from common.sampling_params import FieldError, check_prompt_text, new_seed, validate_request
+from common.structured_output import compile_off_loop, get_grammar_compiler
 from common.text_stream import IncrementalText
 from common.tokenizer import get_tokenizer
 from gateway.api_types import ClientRequest, Completion, GatewayError, ModelInfo, TokenChunk
@@ -120,6 +121,10 @@ class GatewayCore:
             raise FieldError("prompt", "prompt must be set: give prompt text or prompt token_ids")
         prompt = await self.tokenize(prompt) if isinstance(prompt, (str, bytes)) else list(prompt)
         validate_request(prompt, request.params, info.context_length, info.vocab_size)
+        if request.params.structured_output is not None:  # a bad grammar is refused before any work is queued
+            limits = self.config.grammar_limits
+            compiler = get_grammar_compiler(info.vocab_size, limits)
+            await compile_off_loop(lambda: compiler.matcher(request.params.structured_output), limits)
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS:  # it is kept, logged and sent on: bounded like cache_salt
             raise FieldError("request_id", f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front (FastAPI on uvicorn, in the gateway's process and event loop):
-/v1/completions, /v1/chat/completions, /v1/models, /health and /metrics over the same core as
-gRPC (validation, routing, migration, metrics, cancellation).
+/v1/completions, /v1/chat/completions, /v1/models, vLLM's /tokenize and /detokenize, /health and
+/metrics over the same core as gRPC (validation, routing, migration, metrics, cancellation).
 
 Errors are OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`) with the status of
 STATUSES. A streamed request waits for its first event before answering, so anything that fails
@@ -30,19 +30,21 @@ from gateway.http_bounds import CLOSE, BodyLimit, HttpBounds
 from gateway.openai_answer import Answer, EventStreamResponse, collect, stream
 from gateway.openai_errors import OpenAIError
 from gateway.openai_protocol import ChatCompletionRequest, CompletionRequest, prepare_chat, prepare_completion
+from gateway.tokenize_api import TOKEN_PATHS, DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 log = logging.getLogger("gateway")
 
 
 class _RequireKey:
-    """ASGI middleware: a /v1/ request without a valid key is refused before its body is read;
-    a valid one's tenant goes into the scope (`scope["tenant"]`) for the routes."""
+    """ASGI middleware: a /v1/ (or /tokenize, /detokenize) request without a valid key is refused
+    before its body is read; a valid one's tenant goes into the scope (`scope["tenant"]`) for the routes."""
 
     def __init__(self, app, keys: ApiKeys) -> None:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and self.keys.enabled:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path in TOKEN_PATHS) and self.keys.enabled:
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             scope["tenant"] = self.keys.tenant(authorization)
             if scope["tenant"] is None:
@@ -176,6 +178,22 @@ def create_app(core: GatewayCore, keys: ApiKeys, bounds: HttpBounds | None = Non
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await run(request, body, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> dict:
+        model_info(body.model)
+        try:
+            return await tokenize(body, core)
+        except FieldError as exc:
+            raise OpenAIError("INVALID_ARGUMENT", str(exc), exc.field) from None
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> dict:
+        model_info(body.model)
+        try:
+            return detokenize(body, core)
+        except FieldError as exc:
+            raise OpenAIError("INVALID_ARGUMENT", str(exc), exc.field) from None
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -8,12 +8,20 @@ only renames the field at fault (`param_name`) so an error names the field the c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from common.sampling_params import MAX_STOP_STRINGS, FieldError, SamplingParams, check_prompt_ids
+from common.sampling_params import (
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_STOP_STRINGS,
+    Constraint,
+    FieldError,
+    SamplingParams,
+    check_prompt_ids,
+)
 from gateway.api_types import ClientRequest
 from gateway.chat_template import END_OF_TURN, ChatMessage, render
 from gateway.core import GatewayCore
@@ -25,6 +33,66 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # every schema is enforced (OpenAI's strict), so true or false alike
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text (free), json_object (any JSON object), json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+def _constraint(
+    response_format: ResponseFormat | None, outputs: StructuredOutputs | None
+) -> tuple[Constraint | None, str]:
+    """The request's constraint and the field that gave it (for error messages)."""
+    if response_format is not None and response_format.type != "text" and outputs is not None:
+        raise FieldError("structured_outputs", "give response_format or structured_outputs, not both")
+    if response_format is not None and response_format.type == "json_object":
+        return Constraint("json_object"), "response_format"
+    if response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise FieldError("response_format", "response_format json_schema needs json_schema.schema")
+        return Constraint("json_schema", json.dumps(response_format.json_schema.schema_)), "response_format"
+    if outputs is None:
+        return None, ""
+    given = [
+        (kind, value)
+        for kind, value in (
+            ("json_schema", outputs.json_),
+            ("json_object", outputs.json_object or None),
+            ("regex", outputs.regex),
+            ("choice", outputs.choice),
+            ("grammar", outputs.grammar),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise FieldError(
+            "structured_outputs", "structured_outputs takes exactly one of json, json_object, regex, choice, grammar"
+        )
+    kind, value = given[0]
+    if kind == "json_object":
+        return Constraint(kind), "structured_outputs"
+    spec = value if isinstance(value, str) and kind != "choice" else json.dumps(value)
+    return Constraint(kind, spec), "structured_outputs"
 
 
 class _Common(_Strict):
@@ -40,19 +108,29 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension, as vLLM
     cache_salt: str = ""  # extension, as vLLM: prefix-cache namespace
-    # OpenAI fields this server serves at their neutral value only (anything else is refused).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None  # OpenAI's default 0
+    frequency_penalty: float | None = None  # OpenAI's default 0
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias
+    repetition_penalty: float | None = None  # extension, as vLLM (HF's penalty); default 1
+    min_tokens: int = 0  # extension, as vLLM
+    stop_token_ids: list[int] | None = None  # extension, as vLLM
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # extension, as vLLM
 
     def refuse_unsupported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise FieldError(name, f"{name} is not supported by this server; only 0")
-        if self.logit_bias:
-            raise FieldError("logit_bias", "logit_bias is not supported by this server")
+
+    def _logit_bias(self) -> dict[int, float]:
+        """OpenAI's logit_bias keys are token ids written as strings."""
+        if len(self.logit_bias or {}) > MAX_LOGIT_BIAS_TOKENS:  # bounded before each key is parsed
+            raise FieldError("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS_TOKENS} tokens")
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isascii() or not key.isdigit() or len(key) > 10:
+                raise FieldError("logit_bias", f"logit_bias keys must be token ids, got {key[:20]!r}")
+            bias[int(key)] = value
+        return bias
 
     def params(self, max_new_tokens: int, logprobs: int | None, extra_stop: list[str] = ()) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -75,7 +153,19 @@ class _Common(_Strict):
             n=self.n,
             cache_salt=self.cache_salt,
             logprobs=logprobs,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self._logit_bias(),
+            min_tokens=self.min_tokens,
+            stop_token_ids=list(self.stop_token_ids or []),
+            structured_output=_constraint(self.response_format, self.structured_outputs)[0],
         )
+
+    @property
+    def constraint_field(self) -> str:
+        """The field the client gave its constraint in, for an error about it."""
+        return _constraint(self.response_format, self.structured_outputs)[1]
 
     @property
     def include_usage(self) -> bool:
@@ -159,7 +249,7 @@ async def prepare_completion(body: CompletionRequest, request_id: str, core: Gat
     if body.echo and body.logprobs is not None:
         raise FieldError("echo", "echo with logprobs needs the prompt's logprobs, which this server does not compute")
     ids = await prompt_ids(body.prompt, core)
-    names = {"max_new_tokens": "max_tokens"}
+    names = {"max_new_tokens": "max_tokens", "structured_output": body.constraint_field}
     params = body.params(_default_max_tokens(body.max_tokens, ids, core.model_info.context_length), body.logprobs)
     return Prepared(ClientRequest(ids, params, request_id), ids, core.tokenizer.decode(ids) if body.echo else "", names)
 
@@ -176,6 +266,7 @@ async def prepare_chat(body: ChatCompletionRequest, request_id: str, core: Gatew
         "max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         "logprobs": "top_logprobs",
         "prompt": "messages",
+        "structured_output": body.constraint_field,
     }
     params = body.params(_default_max_tokens(limit, ids, core.model_info.context_length), logprobs, [END_OF_TURN])
     return Prepared(ClientRequest(ids, params, request_id), ids, text, names)

@@ -19,7 +19,8 @@ COMPUTE = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "3
 
 
 @contextmanager
-def openai_stack(tmp_path, **gateway_settings):
+def openai_stack(tmp_path, compute_settings: dict | None = None, **gateway_settings):
+    """`compute_settings`: over COMPUTE (another model, a pool size)."""
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text(f"# one key a line\n{FILE_KEY}\n\n")
     memory, compute, gateway, m1, m2, http = free_ports(6)
@@ -29,7 +30,7 @@ def openai_stack(tmp_path, **gateway_settings):
         gateway,
         m1,
         m2,
-        compute_settings=COMPUTE,
+        compute_settings={**COMPUTE, **(compute_settings or {})},
         gateway_http_port=http,
         gateway_settings={"api_keys_file": str(keys_file), "api_keys": ENV_KEY, **gateway_settings},
     )

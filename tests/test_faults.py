@@ -5,6 +5,7 @@ for the same requests (greedy, seeded sampling, a request of n = 2 samples)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,10 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import grpc
+import jsonschema
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.local_engine import LocalEngine
+from common.protocol import constraint_from_proto
 from common.sampling_params import SamplingParams
 from deploy.run_local import running_stack, start_serving
 from deploy.services import free_ports, local_services
@@ -23,6 +26,13 @@ from gateway.client import stream_generate
 from rpc.internal.v1 import compute_pb2, compute_pb2_grpc, memory_pb2, memory_pb2_grpc
 from rpc.v1 import gateway_pb2_grpc, generate_pb2
 
+DIGITS_SCHEMA = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0, "maximum": 9},
+    "minItems": 80,
+    "maxItems": 80,
+}
+DIGITS = json.dumps(DIGITS_SCHEMA)
 LEASE_S = 1.5
 COMPUTE = {"model": "dummy:tiny", "kv_budget_tokens": "4096", "max_num_seqs": "32"}
 GATEWAY = {"health_poll_s": "0.2", "replica_down_after_s": "1.0", "replica_wait_s": "30"}
@@ -31,6 +41,11 @@ PARAMS = [
     dict(max_new_tokens=500, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
     dict(max_new_tokens=500, temperature=1.0, seed=3, ignore_eos=True),
     dict(max_new_tokens=500, temperature=0.8, seed=11, n=2, ignore_eos=True),
+    # Structured output: a JSON array long enough to be mid-stream at the fault (its matcher is
+    # rebuilt on the next replica from the tokens so far).
+    dict(
+        max_new_tokens=500, temperature=0.9, seed=5, structured_output=generate_pb2.StructuredOutput(json_schema=DIGITS)
+    ),
 ]
 PROMPTS = [f"Fault number {i} tells" for i in range(6)]
 
@@ -42,8 +57,14 @@ def requests():
 @pytest.fixture(scope="module")
 def expected():
     engine = LocalEngine(model="dummy:tiny", kv_budget_tokens=4096)
-    results = engine.generate([p for p, _ in requests()], [SamplingParams(**kw) for _, kw in requests()])
+    params = [SamplingParams(**{**kw, **structured(kw)}) for _, kw in requests()]
+    results = engine.generate([p for p, _ in requests()], params)
     return [[(s.token_ids, s.text) for s in (r.samples or [r])] for r in results]
+
+
+def structured(kw: dict) -> dict:
+    """The public proto's StructuredOutput as the engine's Constraint."""
+    return {"structured_output": constraint_from_proto(kw["structured_output"])} if "structured_output" in kw else {}
 
 
 @contextmanager
@@ -146,7 +167,12 @@ def test_a_replica_killed_mid_stream_changes_no_token_and_its_blocks_come_back(t
         streams = Streams(stack["gateway"])
         streams.wait_for_tokens(30)
         os.killpg(stack["procs"][1].pid, signal.SIGKILL)
-        assert streams.results() == expected
+        results = streams.results()
+        assert results == expected
+        constrained = [r for (_, kw), r in zip(requests(), results, strict=True) if "structured_output" in kw]
+        assert constrained and all(
+            jsonschema.validate(json.loads(text), DIGITS_SCHEMA) is None for ((_, text),) in constrained
+        )
         migrated = [c for c in streams.complete if c.num_migrations]
         assert migrated and all(c.replica == "compute-1" for c in migrated)
         # The dead replica's pool held blocks; its lease runs out and they are freed.

@@ -65,7 +65,35 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "logprobs": 6}, "logprobs"),
     ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"50257": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": "x"}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"prompt": "x", "stop_token_ids": [99999999]}, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": list(range(17))}, "stop_token_ids"),
+    (
+        {
+            "prompt": "x",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": 3}}},
+        },
+        "response_format",
+    ),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "yaml"}}, "response_format"),
+    ({"prompt": "x", "structured_outputs": {"regex": "(("}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"choice": []}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a" * 70000}}, "structured_outputs"),  # grammar_max_bytes
+    (
+        {"prompt": "x", "structured_outputs": {"json": {"type": "object"}}, "response_format": {"type": "json_object"}},
+        "structured_outputs",
+    ),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "unknown_field": 1}, "unknown_field"),
     ({"prompt": ""}, "prompt"),
@@ -83,6 +111,7 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 9}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, "tool_choice"),
     ({"messages": [{"role": "user", "name": "Romeo\nJULIET", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d"]}, "stop"),
 ]
@@ -103,7 +132,11 @@ def test_each_invalid_field_is_a_400_naming_it(stack, path, body, param):
     response = httpx.post(f"{stack['http']}/v1/{path}", json=body, headers=AUTH)
     error = assert_error(response, 400, param)
     assert error["type"] == "invalid_request_error"
-    assert param in error["message"] or param in ("unknown_field", "tools") and "Unrecognized" in error["message"]
+    assert (
+        param in error["message"]
+        or param in ("unknown_field", "tools", "tool_choice")
+        and "Unrecognized" in error["message"]
+    )
 
 
 def test_malformed_json_unknown_model_path_and_method(stack):
@@ -139,6 +172,29 @@ def test_api_keys_on_http_and_grpc_and_open_health_and_metrics(stack):
     with grpc.insecure_channel(stack["grpc"]) as channel:  # probes carry no key
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="rpc.v1.Gateway"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes_behind_the_key(stack):
+    url = stack["http"]
+    answer = httpx.post(f"{url}/tokenize", json={"prompt": "But soft, what light"}, headers=AUTH).json()
+    assert answer["count"] == len(answer["tokens"]) > 0 and answer["max_model_len"] > 0
+    assert answer["token_strs"] is None
+    text = httpx.post(f"{url}/detokenize", json={"tokens": answer["tokens"]}, headers=AUTH).json()
+    assert text == {"prompt": "But soft, what light"}
+    strs = httpx.post(f"{url}/tokenize", json={"prompt": "But soft", "return_token_strs": True}, headers=AUTH)
+    assert "".join(strs.json()["token_strs"]) == "But soft"
+    chat = {"messages": [{"role": "user", "content": "hello"}]}
+    assert httpx.post(f"{url}/tokenize", json=chat, headers=AUTH).json()["count"] > 1
+    for path, body, param in (
+        ("tokenize", {"prompt": "x", "messages": chat["messages"]}, "prompt"),
+        ("tokenize", {"prompt": "to be " * 100000}, "prompt"),
+        ("detokenize", {"tokens": [1, 99999999]}, "tokens"),
+        ("detokenize", {"tokens": [1] * 5000}, "tokens"),
+        ("detokenize", {"tokens": "1 2"}, "tokens"),
+    ):
+        assert_error(httpx.post(f"{url}/{path}", json=body, headers=AUTH), 400, param)
+    assert_error(httpx.post(f"{url}/tokenize", json={"prompt": "x"}), 401, None, "invalid_api_key")
+    assert_error(httpx.post(f"{url}/detokenize", json={"tokens": [1]}), 401, None, "invalid_api_key")
 
 
 def test_curl_streams_server_sent_events_ending_in_done(stack):

@@ -3,7 +3,11 @@ streamed and not, n=2, stop, seeds, logprobs; greedy text equal to what gRPC Gen
 
 from __future__ import annotations
 
+import json
+import re
+
 import grpc
+import jsonschema
 import openai
 import pytest
 
@@ -302,3 +306,90 @@ def test_streamed_stop_logprobs_and_chat_usage(stack, client):
     assert chat[-1].usage.prompt_tokens == whole_chat.usage.prompt_tokens
     assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == whole_chat.choices[0].message.content
     assert all(c.usage is None for c in chat[:-1])
+
+
+def test_penalties_bias_min_tokens_and_stop_token_ids_through_both_fronts(stack, client):
+    """Each field reaches the sampler from HTTP and gRPC alike (the same greedy text), and acts: the
+    biased token is held back by min_tokens (it is also a stop token), then wins and stops."""
+    tokenizer = get_tokenizer()
+    forced = tokenizer.encode(" Juliet")[0]
+    values = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.3, min_tokens=3)
+    expected = grpc_unary(
+        stack, PROMPT, max_new_tokens=12, temperature=0, logit_bias={forced: 100.0}, stop_token_ids=[forced], **values
+    )
+    assert list(expected.token_ids)[3:] == [forced] and forced not in list(expected.token_ids)[:3]
+    assert expected.complete.finish_reason == "stop" and expected.text == tokenizer.decode(expected.token_ids[:3])
+    answer = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        presence_penalty=0.5,
+        frequency_penalty=1.0,
+        logit_bias={str(forced): 100},
+        extra_body={"repetition_penalty": 1.3, "min_tokens": 3, "stop_token_ids": [forced]},
+    )
+    assert answer.choices[0].text == expected.text and answer.choices[0].finish_reason == "stop"
+    biased_eos = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logit_bias={"50256": 100}, extra_body={"min_tokens": 2}
+    )
+    assert biased_eos.usage.completion_tokens == 3 and biased_eos.choices[0].finish_reason == "stop"
+
+
+def test_structured_outputs_through_both_fronts(stack, client):
+    """response_format (OpenAI) and structured_outputs (vLLM) over HTTP, StructuredOutput over
+    gRPC: each output matches; the same greedy constraint gives the same text on both fronts."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 10},
+            "act": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+        "required": ["name", "act"],
+        "additionalProperties": False,
+    }
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Who speaks?"}],
+        max_tokens=64,
+        temperature=0.8,
+        seed=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "speaker", "schema": schema, "strict": True}},
+    )
+    assert chat.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    greedy = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=64, temperature=0, extra_body={"structured_outputs": {"json": schema}}
+    )
+    over_grpc = grpc_unary(
+        stack,
+        PROMPT,
+        max_new_tokens=64,
+        temperature=0,
+        structured_output=generate_pb2.StructuredOutput(json_schema=json.dumps(schema)),
+    )
+    assert greedy.choices[0].text == over_grpc.text and over_grpc.complete.finish_reason == "stop"
+    jsonschema.validate(json.loads(over_grpc.text), schema)
+    for outputs, ok in (
+        ({"regex": "[A-Z][a-z]{1,6}!"}, lambda t: re.fullmatch("[A-Z][a-z]{1,6}!", t)),
+        ({"choice": ["aye", "nay"]}, lambda t: t in ("aye", "nay")),
+        ({"grammar": 'start: "to be" | "not to be"'}, lambda t: t in ("to be", "not to be")),
+    ):
+        answers = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0.8, n=3, extra_body={"structured_outputs": outputs}
+        )
+        assert all(c.finish_reason == "stop" and ok(c.text) for c in answers.choices), (outputs, answers)
+    close = str(get_tokenizer().encode("}")[0])  # dummy weights: any JSON object would run to the length
+    for extra in ({"structured_outputs": {"json_object": True}}, {"response_format": {"type": "json_object"}}):
+        answer = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0, logit_bias={close: 12}, extra_body=extra
+        )
+        assert answer.choices[0].finish_reason == "stop" and json.loads(answer.choices[0].text) == {}
+    streamed = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=48,
+        stream=True,
+        extra_body={"structured_outputs": {"choice": ["aye", "nay"]}},
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) in ("aye", "nay")
