@@ -71,6 +71,20 @@ class GrammarLimits:
 DEFAULT_LIMITS = GrammarLimits()
 
 
+@dataclass
+class GrammarSettings:
+    """The grammar settings the gateway's and the compute service's configs share (same names,
+    each process applying its own): what one constraint may cost to compile."""
+
+    grammar_max_bytes: int = DEFAULT_LIMITS.max_bytes  # a schema, regex or grammar's text, at most
+    grammar_compile_timeout_s: float = DEFAULT_LIMITS.compile_timeout_s  # past it: refused (work is fuel-bounded too)
+    grammar_cache_size: int = DEFAULT_LIMITS.cache_size  # compiled grammars kept, by content
+
+    @property
+    def grammar_limits(self) -> GrammarLimits:
+        return GrammarLimits(self.grammar_max_bytes, self.grammar_compile_timeout_s, self.grammar_cache_size)
+
+
 class GrammarCompiler:
     """Validates constraints and hands out matchers, one compiled grammar per distinct
     constraint (an LRU of `limits.cache_size`): a matcher for a request is a cheap copy of the

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from common.structured_output import GrammarLimits
+from common.structured_output import GrammarSettings
 from compute_service.attention import ATTENTION_BACKENDS
 from compute_service.linear import LINEAR_BACKENDS
 
@@ -24,7 +24,7 @@ QUANTIZE = ("none", "int8")
 
 
 @dataclass
-class ComputeServiceConfig:
+class ComputeServiceConfig(GrammarSettings):
     env_prefix: ClassVar[str] = "COMPUTE"
     host: str = "127.0.0.1"
     port: int = 50052
@@ -41,14 +41,6 @@ class ComputeServiceConfig:
     # beyond loopback refuses unless allow_unauthenticated.
     internal_token_file: str = ""
     allow_unauthenticated: bool = False
-    # Structured outputs (common/structured_output.py): what one constraint may cost to compile.
-    grammar_max_bytes: int = 65536  # a schema, regex or grammar's text, at most
-    grammar_compile_timeout_s: float = 5.0  # compiling one past this is refused (its work is also fuel-bounded)
-    grammar_cache_size: int = 256  # compiled grammars kept, by content
-
-    @property
-    def grammar_limits(self) -> GrammarLimits:
-        return GrammarLimits(self.grammar_max_bytes, self.grammar_compile_timeout_s, self.grammar_cache_size)
 
 
 @dataclass

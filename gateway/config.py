@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from common.structured_output import GrammarLimits
+from common.structured_output import GrammarSettings
 
 
 @dataclass
-class GatewayConfig:
+class GatewayConfig(GrammarSettings):
     env_prefix: ClassVar[str] = "GATEWAY"
     host: str = "127.0.0.1"
     port: int = 50050
@@ -61,11 +61,3 @@ class GatewayConfig:
     stream_write_timeout_s: float = 30.0  # a stream whose client reads nothing for this long is ended (blocks freed)
     grpc_keepalive_s: float = 60.0  # the gateway pings an idle client connection this often (dead peers found)
     grpc_min_client_ping_s: float = 10.0  # clients pinging more often than this are disconnected
-    # Structured outputs (common/structured_output.py): what one constraint may cost to compile.
-    grammar_max_bytes: int = 65536  # a schema, regex or grammar's text, at most
-    grammar_compile_timeout_s: float = 5.0  # compiling one past this is refused (its work is also fuel-bounded)
-    grammar_cache_size: int = 256  # compiled grammars kept, by content
-
-    @property
-    def grammar_limits(self) -> GrammarLimits:
-        return GrammarLimits(self.grammar_max_bytes, self.grammar_compile_timeout_s, self.grammar_cache_size)
