@@ -390,7 +390,7 @@ class InferenceEngine:
             # The grammar is complete: EOS was allowed only there (ignore_eos or not), or nothing can follow.
             seq.output_text = self.tokenizer.decode(output[:-1] if token == self.tokenizer.eot_token_id else output)
             return FinishReason.STOP
-        if len(seq.output_token_ids) >= params.max_new_tokens:
+        if len(output) >= params.max_new_tokens:
             return FinishReason.LENGTH
         return None
 
